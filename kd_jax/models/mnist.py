@@ -1,0 +1,86 @@
+"""MNIST models of the seed experiment: MLP teacher/student and a small CNN."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def _check_input(x, expected_hw, name):
+  if x.ndim != 4 or tuple(x.shape[1:3]) != expected_hw:
+    raise ValueError(
+        f"{name} expects NHWC input of shape [B, {expected_hw[0]}, "
+        f"{expected_hw[1]}, C]; got {tuple(x.shape)}.")
+
+
+class MLP(nn.Module):
+  """Fully connected net 784-hidden...-num_classes, ReLU, optional dropout.
+
+  Features: `stages` = hidden activations, `preact_stages` = the same before
+  ReLU, `pooled` = last hidden activation (the input when there is none).
+  """
+  hidden: tuple = (512, 256)
+  num_classes: int = 10
+  dropout: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _check_input(x, (28, 28), type(self).__name__)
+    h = x.reshape((x.shape[0], -1)).astype(self.dtype)
+    stages, preacts = [], []
+    for width in self.hidden:
+      z = nn.Dense(width, dtype=self.dtype)(h)
+      preacts.append(z)
+      h = nn.relu(z)
+      stages.append(h)
+      if self.dropout > 0:
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(h)
+    feats = {"stages": stages, "preact_stages": preacts,
+             "pooled": stages[-1] if stages else h}
+    return logits, feats
+
+
+class SmallCNN(nn.Module):
+  """Two 5x5 conv layers (32, 64 ch) with max-pooling, then Dense 512 -> K.
+
+  About 99.2% test accuracy on MNIST after a few epochs.
+  """
+  num_classes: int = 10
+  dropout: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _check_input(x, (28, 28), type(self).__name__)
+    h = x.astype(self.dtype)
+    stages, preacts = [], []
+    for ch in (32, 64):
+      z = nn.Conv(ch, (5, 5), padding="SAME", dtype=self.dtype)(h)
+      preacts.append(z)
+      h = nn.relu(z)
+      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      stages.append(h)
+    h = h.reshape((h.shape[0], -1))
+    z = nn.Dense(512, dtype=self.dtype)(h)
+    pooled = nn.relu(z)
+    h = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype)(h)
+    return logits, {"stages": stages, "preact_stages": preacts,
+                    "pooled": pooled}
+
+
+def mlp_teacher(num_classes: int = 10, dtype=jnp.float32):
+  return MLP(hidden=(512, 256), num_classes=num_classes, dropout=0.5,
+             dtype=dtype)
+
+
+def mlp_student(num_classes: int = 10, dtype=jnp.float32):
+  return MLP(hidden=(128,), num_classes=num_classes, dropout=0.0, dtype=dtype)
+
+
+def cnn_teacher(num_classes: int = 10, dtype=jnp.float32):
+  return SmallCNN(num_classes=num_classes, dtype=dtype)
