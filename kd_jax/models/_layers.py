@@ -1,0 +1,115 @@
+"""Layers with PyTorch-equivalent initialization and BatchNorm settings.
+
+Shared by the CNN families so that a Flax model initialises like the
+reference PyTorch definition and a converted PyTorch checkpoint computes the
+same function:
+
+* `conv`: `nn.Conv` with explicit PyTorch-style padding (never 'SAME', which
+  pads asymmetrically for stride-2 convolutions) and Kaiming-normal fan-out
+  init (`nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')`,
+  i.e. $w \\sim \\mathcal{N}(0, 2 / (k_h k_w C_{out}))$, untruncated; the
+  CIFAR WRN/VGG `normal_(0, sqrt(2/n))` with $n = k_h k_w C_{out}$ is the same
+  distribution).
+* `batch_norm`: `nn.BatchNorm` with torch's `momentum=0.1` (Flax's `momentum`
+  is the weight of the *old* statistics, so 0.9), `eps=1e-5`, scale 1 / bias 0,
+  float32 statistics. One difference remains: torch updates `running_var` with
+  the unbiased batch variance ($\\times n/(n-1)$, $n = B H W$), Flax with the
+  biased one; normalisation itself is identical.
+* `linear`: `nn.Linear`'s default init,
+  $W, b \\sim \\mathcal{U}(-1/\\sqrt{d_{in}}, 1/\\sqrt{d_{in}})$.
+
+Layout: Flax convolutions are NHWC with HWIO kernels; PyTorch is NCHW with
+OIHW kernels (`kd_jax.models.convert` transposes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+kaiming_normal_fan_out = nn.initializers.variance_scaling(
+    2.0, "fan_out", "normal")
+"""`torch.nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu')`."""
+
+torch_linear_kernel_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform")
+"""`nn.Linear` default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+
+def torch_linear_bias_init(fan_in: int) -> Callable:
+  """`nn.Linear` default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
+         use_bias: bool = False, dtype: Dtype = jnp.float32,
+         groups: int = 1, name: Optional[str] = None,
+         kernel_init: Callable = kaiming_normal_fan_out) -> nn.Conv:
+  """`nn.Conv2d(k, stride, padding, bias)` equivalent (NHWC, HWIO kernel)."""
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+      feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=kernel_init, bias_init=nn.initializers.zeros,
+      name=name)
+
+
+def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
+               name: Optional[str] = None) -> nn.BatchNorm:
+  """`nn.BatchNorm2d` equivalent: momentum 0.1 (torch) = 0.9 (Flax), eps 1e-5."""
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5,
+      dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+      name=name)
+
+
+def linear(features: int, *, fan_in: int, dtype: Dtype = jnp.float32,
+           kernel_init: Optional[Callable] = None,
+           bias_init: Optional[Callable] = None,
+           name: Optional[str] = None) -> nn.Dense:
+  """`nn.Linear(fan_in, features)` equivalent, torch default init unless given.
+
+  Params `kernel` `[fan_in, features]` (= torch `weight.T`) and `bias`.
+  """
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=kernel_init or torch_linear_kernel_init,
+      bias_init=bias_init or torch_linear_bias_init(fan_in), name=name)
+
+
+def check_image_input(x, model: str, *, hw: Optional[Sequence[int]] = None,
+                      min_hw: int = 1, channels: int = 3) -> None:
+  """Raises ValueError unless `x` is NHWC `[B, H, W, channels]` as expected.
+
+  `hw` fixes (H, W) exactly (CIFAR models); otherwise H, W >= `min_hw`.
+  """
+  shape = tuple(getattr(x, "shape", ()))
+  if hw is not None:
+    expected = f"[B, {hw[0]}, {hw[1]}, {channels}]"
+    ok = len(shape) == 4 and shape[1:] == (hw[0], hw[1], channels)
+  else:
+    expected = (f"[B, H, W, {channels}] with H, W >= {min_hw} (e.g. "
+                f"[B, 224, 224, {channels}])")
+    ok = (len(shape) == 4 and shape[3] == channels and shape[1] >= min_hw
+          and shape[2] >= min_hw)
+  if not ok:
+    raise ValueError(
+        f"{model} expects an NHWC image batch `x` of shape {expected}; got "
+        f"{shape}. (PyTorch NCHW tensors map to NHWC via "
+        f"x.transpose(0, 2, 3, 1).)")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.number):
+    raise TypeError(f"{model}: `x` must be numeric; got {jnp.result_type(x)}.")
+
+
+def global_avg_pool(x):
+  """Mean over H, W (accumulated in float32), NHWC -> [B, C] in x's dtype."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
