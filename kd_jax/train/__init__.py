@@ -1,0 +1,60 @@
+"""Compiled, data-parallel distillation engine.
+
+API summary (details in each module's docstring and `docs/engine.md`)::
+
+  from kd_jax import train
+
+  # Loss specification: w_ce * CE + min(epoch / warmup_epochs, 1) * sum_k w_k L_k
+  objective = train.Objective(
+      ce_weight=0.7, terms=(train.Term("kd", 0.3, temperature=5.0),),
+      warmup_epochs=0)                       # or train.objective_from_config({...})
+
+  # State: step, params, batch_stats, opt_state, distiller_params,
+  # distiller_state, rng. The optimizer sees {'student': params,
+  # 'distiller': distiller_params}.
+  state = train.create_train_state(student.init(key, x), tx, rng=key)
+
+  # Steps (pure functions; apply fns return (logits, features); Linen
+  # modules are accepted directly):
+  step = train.make_distill_step(student, teacher, objective, tx,
+                                 axis_name=dp.axis_name, steps_per_epoch=...)
+  state, metrics = step(state, teacher_variables, batch)  # batch: {'image','label'}
+  train.make_train_step(model, tx)            # (state, batch) supervised
+  train.make_eval_step(model)                 # (variables|state, batch) -> loss/top1/top5/count
+  train.make_dml_step([s1, s2], objective, tx)  # (states, batch) mutual learning
+  train.make_distill_step(student, None, ...) # batch['teacher_logits'] precomputed
+  train.make_distill_step(student, [t1, t2], ..., multi_teacher="mean_logits")
+  multi = train.make_multi_step(step)         # lax.scan over [num_steps, B, ...]
+
+  # Parallelism, same step code ('single' | 'pmap' | 'jit'):
+  dp = train.DataParallel("jit")
+  fn = dp.compile(multi, stacked=True)
+  state, tv = dp.replicate(state), dp.replicate(teacher_variables)
+  state, metrics = fn(state, tv, dp.shard_batch(local_chunk, stacked=True))
+  dp.fetch(metrics)
+
+Metrics of train/distill steps: `ce`, one per KD term label, `loss`, `top1`,
+`kd_factor` (float32 scalars; `pmean`-ed under pmap).
+"""
+
+from kd_jax.train.objectives import Objective
+from kd_jax.train.objectives import Term
+from kd_jax.train.objectives import TermInputs
+from kd_jax.train.objectives import available_losses
+from kd_jax.train.objectives import objective_from_config
+from kd_jax.train.objectives import resolve_loss
+from kd_jax.train.parallel import DataParallel
+from kd_jax.train.state import TrainState
+from kd_jax.train.state import create_train_state
+from kd_jax.train.state import student_variables
+from kd_jax.train.steps import as_student_apply
+from kd_jax.train.steps import as_teacher_apply
+from kd_jax.train.steps import linen_student_apply
+from kd_jax.train.steps import linen_teacher_apply
+from kd_jax.train.steps import make_distill_step
+from kd_jax.train.steps import make_dml_step
+from kd_jax.train.steps import make_eval_step
+from kd_jax.train.steps import make_multi_step
+from kd_jax.train.steps import make_train_step
+from kd_jax.train.steps import precompute_teacher_logits
+from kd_jax.train.steps import teacher_forward

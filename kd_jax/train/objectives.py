@@ -1,0 +1,408 @@
+"""Loss specification of a distillation run: weighted CE + KD terms + warm-up.
+
+An `Objective` is a small, immutable description
+
+.. math::
+  \mathcal{L} = w_{ce}\,\mathrm{CE}(z^s, y)
+      + \lambda(e) \sum_k w_k\, \mathcal{L}_k(z^s, z^t, y, f^s, f^t; \phi_k),
+  \qquad \lambda(e) = \min(e / E_{warm}, 1)
+
+where :math:`e` is the 1-based epoch and :math:`E_{warm}` is `warmup_epochs`
+(:math:`\lambda = 1` when `warmup_epochs == 0`). This is the DKD recipe of
+mdistiller (Zhao et al., CVPR 2022), whose trainer counts epochs from 1, so
+epoch 1 of a 20-epoch warm-up gives a factor 0.05. Terms created with
+`warmup=False` are not scaled.
+
+Each KD term is either
+
+* a loss of `kd_jax.losses` named by string: `'kd'` resolves to
+  `kd_jax.losses.kd_loss` (the exact name `'kd_loss'` works as well). It is
+  called as `fn(student_logits, teacher_logits, [labels=...], [axis_name=...],
+  **hparams)` -- `labels`/`axis_name` are passed only when the function
+  accepts them -- and a per-example result is averaged over the batch
+  (the references' "batchmean"), or
+* any callable with the same convention (`Term('mine', fn=my_loss)`), or
+* a *distiller* (`Term('fitnet', distiller=obj)`), the hook for feature
+  methods: an object with
+
+  - `init(rng, inputs: TermInputs) -> (params, state)`
+  - `__call__(params, state, inputs: TermInputs) -> (loss, new_state)`
+
+  Its params live in `TrainState.distiller_params[label]` and are trained by
+  the same optimizer as the student; its state (e.g. BatchNorm statistics of
+  an adapter) in `TrainState.distiller_state[label]`.
+
+Multi-teacher "average of losses": when `teacher_logits` is a list, every
+logit term is evaluated against each teacher and combined with
+`teacher_weights` (uniform by default).
+
+Metrics (all float32 scalars): `'ce'` and one entry per term label (the *raw*
+term value, before weight and warm-up), `'loss'` (the weighted total that is
+differentiated), `'top1'` (student accuracy on the batch) and `'kd_factor'`
+(the warm-up factor).
+
+References:
+  Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network",
+  NeurIPS Deep Learning Workshop 2015.
+  Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022 (warm-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kd_jax import losses as _losses
+
+Array = Any
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+  """Everything a distiller term may look at (inside the compiled step).
+
+  `teacher_*` are constants (stop_gradient-ed); `teacher_features` is None
+  when the teacher logits were precomputed.
+  """
+  student_logits: Array
+  labels: Array
+  teacher_logits: Optional[Array] = None
+  student_features: Optional[PyTree] = None
+  teacher_features: Optional[PyTree] = None
+  train: bool = True
+  rng: Optional[Array] = None
+  axis_name: Optional[str] = None
+  epoch: Optional[Array] = None
+
+
+def available_losses() -> Tuple[str, ...]:
+  """Short names of the losses of `kd_jax.losses` usable in a `Term`."""
+  names = []
+  for attr in dir(_losses):
+    if attr.endswith("_loss") and callable(getattr(_losses, attr)):
+      names.append(attr[:-len("_loss")])
+  return tuple(sorted(names))
+
+
+def resolve_loss(name: str) -> Callable:
+  """`'kd'` or `'kd_loss'` -> `kd_jax.losses.kd_loss`; clear error otherwise."""
+  if not isinstance(name, str):
+    raise TypeError(f"loss `name` must be a string; got {type(name).__name__}.")
+  for attr in (name + "_loss", name):
+    fn = getattr(_losses, attr, None)
+    if fn is not None and callable(fn) and attr.endswith("_loss"):
+      return fn
+  raise ValueError(
+      f"unknown loss name {name!r}; valid names: "
+      f"{', '.join(available_losses())} (functions of kd_jax.losses).")
+
+
+def _accepts(fn: Callable, arg: str) -> bool:
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return False
+  params = sig.parameters
+  if arg in params:
+    return True
+  return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _check_hparams(fn: Callable, hparams: Mapping[str, Any], label: str):
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return
+  params = sig.parameters
+  if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    return
+  reserved = {"labels", "axis_name", "where"}
+  valid = [n for n, p in params.items()
+           if p.kind == inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+  for k in hparams:
+    if k not in params or k in reserved or k not in valid:
+      raise ValueError(
+          f"loss term {label!r}: unknown hyperparameter {k!r} for "
+          f"{getattr(fn, '__name__', fn)}; valid hyperparameters: "
+          f"{', '.join(valid) or '(none)'}.")
+
+
+class Term:
+  """One weighted KD term of an `Objective`.
+
+  Args:
+    name: a loss of `kd_jax.losses` (`'kd'`, `'dkd'`, ...), or any label when
+      `fn` or `distiller` is given.
+    weight: multiplies the (batch-averaged) term.
+    label: metric key / distiller-params key (defaults to `name`).
+    warmup: scale this term by the objective's warm-up factor.
+    fn: custom loss callable, used instead of looking `name` up.
+    distiller: feature-distiller object (see module docstring).
+    **hparams: keyword hyperparameters of the loss (e.g. `temperature=4.`).
+
+  >>> Term('kd', weight=0.9, temperature=4.0).label
+  'kd'
+  """
+
+  def __init__(self, name: str, weight: float = 1.0, *,
+               label: Optional[str] = None, warmup: bool = True,
+               fn: Optional[Callable] = None, distiller: Any = None,
+               **hparams):
+    if fn is not None and distiller is not None:
+      raise ValueError(f"term {name!r}: give `fn` or `distiller`, not both.")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+      raise TypeError(f"term {name!r}: `weight` must be a number; got {weight!r}.")
+    if weight < 0:
+      raise ValueError(f"term {name!r}: `weight` must be >= 0; got {weight}.")
+    self.name = name
+    self.weight = float(weight)
+    self.label = label or name
+    self.warmup = bool(warmup)
+    self.distiller = distiller
+    self.hparams = dict(hparams)
+    if distiller is not None:
+      if not (hasattr(distiller, "init") and callable(distiller)):
+        raise TypeError(
+            f"term {name!r}: `distiller` must have `init(rng, inputs)` and be "
+            f"callable as `(params, state, inputs) -> (loss, new_state)`.")
+      self.fn = None
+    else:
+      self.fn = fn if fn is not None else resolve_loss(name)
+      _check_hparams(self.fn, self.hparams, self.label)
+    self._takes_labels = self.fn is not None and _accepts(self.fn, "labels")
+    self._takes_axis = self.fn is not None and _accepts(self.fn, "axis_name")
+
+  @property
+  def is_distiller(self) -> bool:
+    return self.distiller is not None
+
+  def __repr__(self):
+    hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+    return (f"Term({self.name!r}, weight={self.weight}, label={self.label!r}"
+            f"{', ' + hp if hp else ''})")
+
+  def logit_value(self, student_logits, teacher_logits, labels, axis_name):
+    """Batch-mean value of a logit term (float32 scalar)."""
+    kwargs = dict(self.hparams)
+    if self._takes_labels:
+      kwargs["labels"] = labels
+    if self._takes_axis and axis_name is not None:
+      kwargs["axis_name"] = axis_name
+    out = self.fn(student_logits, teacher_logits, **kwargs)
+    out = jnp.asarray(out, jnp.float32)
+    return jnp.mean(out) if out.ndim else out
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  r"""Weighted hard-label CE + KD terms with a DKD-style warm-up factor.
+
+  Args:
+    ce_weight: weight of the hard-label cross-entropy (0 disables it).
+    terms: sequence of `Term` (may be empty: plain supervised training).
+    warmup_epochs: :math:`E_{warm}`; 0 means no warm-up.
+    label_smoothing: label smoothing of the CE term (optax convention).
+    teacher_weights: per-teacher weights when several teacher logits are
+      given as a list (normalized to sum to 1; uniform when None).
+
+  Call: `objective(student_logits, labels, teacher_logits=..., epoch=...,
+  ...) -> (loss, aux)` with `aux = {'metrics': {...}, 'distiller_state':
+  {...}}`.
+
+  >>> import jax.numpy as jnp
+  >>> obj = Objective(ce_weight=0.7, terms=(Term('kd', 0.3, temperature=5.),))
+  >>> s = jnp.zeros((2, 3)); y = jnp.array([0, 1])
+  >>> loss, aux = obj(s, y, teacher_logits=s)
+  >>> round(float(loss), 4), round(float(aux['metrics']['kd']), 4)
+  (0.769, 0.0)
+  """
+  ce_weight: float = 1.0
+  terms: Tuple[Term, ...] = ()
+  warmup_epochs: float = 0
+  label_smoothing: float = 0.0
+  teacher_weights: Optional[Tuple[float, ...]] = None
+
+  def __post_init__(self):
+    terms = tuple(self.terms)
+    for t in terms:
+      if not isinstance(t, Term):
+        raise TypeError(f"`terms` must hold `Term` objects; got {t!r}.")
+    labels = [t.label for t in terms]
+    reserved = {"ce", "loss", "top1", "kd_factor"}
+    for lab in labels:
+      if labels.count(lab) > 1:
+        raise ValueError(f"duplicate term label {lab!r}; pass `label=` to "
+                         "distinguish terms with the same loss.")
+      if lab in reserved:
+        raise ValueError(f"term label {lab!r} is reserved for a metric; "
+                         "pass another `label=`.")
+    object.__setattr__(self, "terms", terms)
+    if self.ce_weight < 0:
+      raise ValueError(f"`ce_weight` must be >= 0; got {self.ce_weight}.")
+    if self.warmup_epochs < 0:
+      raise ValueError(
+          f"`warmup_epochs` must be >= 0; got {self.warmup_epochs}.")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(
+          f"`label_smoothing` must be in [0, 1); got {self.label_smoothing}.")
+    if self.teacher_weights is not None:
+      w = tuple(float(v) for v in self.teacher_weights)
+      if any(v < 0 for v in w) or sum(w) <= 0:
+        raise ValueError(
+            f"`teacher_weights` must be >= 0 with a positive sum; got {w}.")
+      object.__setattr__(self, "teacher_weights", w)
+
+  @property
+  def needs_teacher(self) -> bool:
+    return bool(self.terms)
+
+  @property
+  def distiller_terms(self) -> Tuple[Term, ...]:
+    return tuple(t for t in self.terms if t.is_distiller)
+
+  def warmup_factor(self, epoch) -> Array:
+    """:math:`\\min(e / E_{warm}, 1)` for 1-based `epoch`; 1 without warm-up."""
+    if not self.warmup_epochs:
+      return jnp.ones((), jnp.float32)
+    if epoch is None:
+      raise ValueError(
+          "`epoch` is required when `warmup_epochs` > 0 (pass "
+          "`steps_per_epoch` to the step builder).")
+    e = jnp.asarray(epoch, jnp.float32)
+    return jnp.minimum(e / jnp.float32(self.warmup_epochs), 1.0)
+
+  def init_distillers(self, rng, inputs: TermInputs):
+    """Initial `(distiller_params, distiller_state)` dicts keyed by label."""
+    params, state = {}, {}
+    for i, t in enumerate(self.distiller_terms):
+      p, s = t.distiller.init(jax.random.fold_in(rng, i), inputs)
+      params[t.label] = p
+      state[t.label] = s if s is not None else {}
+    return params, state
+
+  def __call__(self, student_logits, labels, *, teacher_logits=None,
+               student_features=None, teacher_features=None, epoch=None,
+               distiller_params=None, distiller_state=None, train=True,
+               rng=None, axis_name=None):
+    s = jnp.asarray(student_logits, jnp.float32)
+    if s.ndim != 2:
+      raise ValueError(
+          f"`student_logits` must have shape [batch, num_classes]; got "
+          f"{tuple(s.shape)}.")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+      raise TypeError(
+          f"`labels` must hold integer class indices; got dtype "
+          f"{jnp.result_type(labels)}.")
+    if tuple(labels.shape) != s.shape[:1]:
+      raise ValueError(
+          f"`labels` must have shape {s.shape[:1]} (the batch of the "
+          f"student logits); got {tuple(labels.shape)}.")
+    metrics: Dict[str, Array] = {}
+    if self.label_smoothing:
+      onehot = optax.smooth_labels(
+          jax.nn.one_hot(labels, s.shape[-1]), self.label_smoothing)
+      ce = jnp.mean(optax.softmax_cross_entropy(s, onehot))
+    else:
+      ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, labels))
+    metrics["ce"] = ce
+    total = self.ce_weight * ce
+    factor = self.warmup_factor(epoch)
+
+    teachers = None
+    if teacher_logits is not None:
+      teachers = (list(teacher_logits)
+                  if isinstance(teacher_logits, (list, tuple))
+                  else [teacher_logits])
+      teachers = [jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
+                  for t in teachers]
+      for i, t in enumerate(teachers):
+        if t.shape != s.shape:
+          raise ValueError(
+              f"teacher logits {i} must have the student's shape "
+              f"{tuple(s.shape)}; got {tuple(t.shape)}.")
+      if self.teacher_weights is not None:
+        if len(self.teacher_weights) != len(teachers):
+          raise ValueError(
+              f"`teacher_weights` has {len(self.teacher_weights)} entries "
+              f"but {len(teachers)} teacher logits were given.")
+        tw = self.teacher_weights
+      else:
+        tw = (1.0,) * len(teachers)
+      tw = tuple(w / sum(tw) for w in tw)
+    if teacher_features is not None:
+      teacher_features = jax.lax.stop_gradient(teacher_features)
+
+    new_dstate = dict(distiller_state or {})
+    for ti, t in enumerate(self.terms):
+      if t.is_distiller:
+        inputs = TermInputs(
+            student_logits=s, labels=labels,
+            teacher_logits=(teachers[0] if teachers and len(teachers) == 1
+                            else teachers),
+            student_features=student_features,
+            teacher_features=teacher_features, train=train,
+            rng=(None if rng is None
+                 else jax.random.fold_in(rng, ti)),
+            axis_name=axis_name, epoch=epoch)
+        p = (distiller_params or {}).get(t.label)
+        st = (distiller_state or {}).get(t.label, {})
+        value, st_new = t.distiller(p, st, inputs)
+        value = jnp.asarray(value, jnp.float32)
+        value = jnp.mean(value) if value.ndim else value
+        new_dstate[t.label] = st_new if st_new is not None else {}
+      else:
+        if teachers is None:
+          raise ValueError(
+              f"loss term {t.label!r} needs teacher logits; got none (give a "
+              "teacher apply function or precomputed `teacher_logits`).")
+        value = sum(w * t.logit_value(s, tl, labels, axis_name)
+                    for w, tl in zip(tw, teachers))
+      metrics[t.label] = value
+      scale = t.weight * (factor if t.warmup else 1.0)
+      total = total + scale * value
+
+    metrics["loss"] = total
+    metrics["top1"] = jnp.mean(
+        (jnp.argmax(s, axis=-1) == labels).astype(jnp.float32))
+    metrics["kd_factor"] = factor
+    return total, {"metrics": metrics, "distiller_state": new_dstate}
+
+
+def objective_from_config(config: Mapping[str, Any]) -> Objective:
+  """Builds an `Objective` from a plain mapping (e.g. an ml_collections dict).
+
+  `{'ce_weight': 0.7, 'warmup_epochs': 0, 'terms': [{'name': 'kd',
+  'weight': 0.3, 'temperature': 5.0}]}`; each term mapping takes the keys
+  of `Term` (`name`, `weight`, `label`, `warmup`) plus loss hyperparameters.
+
+  >>> obj = objective_from_config({'ce_weight': 0.7, 'terms': [
+  ...     {'name': 'kd', 'weight': 0.3, 'temperature': 5.0}]})
+  >>> obj.terms[0]
+  Term('kd', weight=0.3, label='kd', temperature=5.0)
+  """
+  cfg = dict(config)
+  known = {"ce_weight", "terms", "warmup_epochs", "label_smoothing",
+           "teacher_weights"}
+  for k in cfg:
+    if k not in known:
+      raise ValueError(
+          f"unknown objective config key {k!r}; valid keys: "
+          f"{', '.join(sorted(known))}.")
+  terms = []
+  for i, tc in enumerate(cfg.pop("terms", ()) or ()):
+    tc = dict(tc)
+    if "name" not in tc:
+      raise ValueError(f"objective term {i} has no 'name' key.")
+    terms.append(Term(tc.pop("name"), tc.pop("weight", 1.0),
+                      label=tc.pop("label", None),
+                      warmup=tc.pop("warmup", True), **tc))
+  tw = cfg.pop("teacher_weights", None)
+  return Objective(terms=tuple(terms),
+                   teacher_weights=tuple(tw) if tw is not None else None,
+                   **cfg)
