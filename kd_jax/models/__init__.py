@@ -15,3 +15,22 @@ from kd_jax.models.registry import register
 register("mlp_teacher", _mnist.mlp_teacher, input_shape=(28, 28, 1))
 register("mlp_student", _mnist.mlp_student, input_shape=(28, 28, 1))
 register("cnn_teacher", _mnist.cnn_teacher, input_shape=(28, 28, 1))
+
+# --- CIFAR / ImageNet CNN families (RepDistiller / mdistiller / torchvision) --
+from kd_jax.models import resnet_cifar as _resnet_cifar  # noqa: E402
+from kd_jax.models import resnet_imagenet as _resnet_imagenet  # noqa: E402
+from kd_jax.models import vgg as _vgg  # noqa: E402
+from kd_jax.models import wrn as _wrn  # noqa: E402
+
+_CIFAR = (32, 32, 3)
+_IMAGENET = (224, 224, 3)
+for _family, _models, _shape in (
+    (_resnet_cifar, _resnet_cifar.MODELS, _CIFAR),
+    (_wrn, _wrn.MODELS, _CIFAR),
+    (_vgg, _vgg.MODELS, _CIFAR),
+    (_resnet_imagenet, _resnet_imagenet.CIFAR_MODELS, _CIFAR),
+    (_resnet_imagenet, _resnet_imagenet.IMAGENET_MODELS, _IMAGENET),
+):
+  for _name, _fn in _models.items():
+    register(_name, _fn, input_shape=_shape,
+             torch_key_map=_family.torch_key_map)
