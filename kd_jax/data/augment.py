@@ -1,0 +1,158 @@
+"""On-device (jittable) augmentation and normalization.
+
+The in-memory pipelines yield raw uint8 batches; the train step calls the
+function from `make_preprocess_fn` inside its compiled program, so random crops,
+flips and normalization are fused XLA ops instead of host NumPy work, and the
+host->device transfer stays uint8 (4x smaller than float32).
+
+Randomness comes from an explicit `jax.random` key (e.g. folded from the
+`TrainState.rng` with the step), so an augmented batch is a pure function of
+(key, batch): exact resume needs nothing beyond the checkpointed train state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_images(images, arg="images"):
+  if images.ndim != 4:
+    raise ValueError(f"`{arg}` must be a [B, H, W, C] batch; got shape "
+                     f"{tuple(images.shape)}.")
+
+
+def random_crop_flip(rng: jax.Array, images: jax.Array, *,
+                     padding: Optional[int] = 4, flip: bool = True) -> jax.Array:
+  r"""Per-example random crop with zero padding and horizontal flip.
+
+  torchvision's `RandomCrop(H, padding=p)` + `RandomHorizontalFlip()`: each
+  image is zero-padded by `p` pixels on every side and an `H x W` window is
+  taken at an offset drawn uniformly from $\{0, \dots, 2p\}^2$; then, with
+  probability 1/2, it is mirrored along the width axis. Dtype is preserved
+  (apply to uint8 before normalization, as torchvision does: padding is black).
+
+  Args:
+    rng: a `jax.random` key.
+    images: `[B, H, W, C]`, any dtype.
+    padding: zero padding `p` on each side; `None` or 0 for no crop.
+    flip: whether to apply the random horizontal flip.
+
+  Returns:
+    `[B, H, W, C]` array of the same dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.uint8).reshape(2, 4, 4, 1)
+    >>> random_crop_flip(jax.random.key(0), x, padding=1).shape
+    (2, 4, 4, 1)
+
+  References:
+    He et al., "Deep Residual Learning for Image Recognition", CVPR 2016
+    (the CIFAR recipe: 4-pixel padding, 32x32 crop, flip).
+  """
+  _check_images(images)
+  b, h, w, c = images.shape
+  k_crop, k_flip = jax.random.split(rng)
+  out = images
+  if padding:
+    if not isinstance(padding, int) or padding < 0:
+      raise ValueError(f"`padding` must be a non-negative int; got {padding!r}.")
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
+                              (0, 0)))
+    offs = jax.random.randint(k_crop, (b, 2), 0, 2 * padding + 1)
+
+    def crop(img, off):
+      return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+
+    out = jax.vmap(crop)(padded, offs)
+  if flip:
+    do_flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+    out = jnp.where(do_flip[:, None, None, None], out[:, :, ::-1, :], out)
+  return out
+
+
+def normalize(images: jax.Array, mean: Sequence[float],
+              std: Sequence[float]) -> jax.Array:
+  r"""uint8 (or `[0, 255]`-valued) images -> float32 $(x/255 - \mu_c)/\sigma_c$.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> normalize(jnp.full((1, 1, 1, 1), 255, jnp.uint8), (0.5,), (0.5,))
+    Array([[[[1.]]]], dtype=float32)
+  """
+  _check_images(images)
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  if mean.shape != (images.shape[-1],) or std.shape != (images.shape[-1],):
+    raise ValueError(
+        f"`mean`/`std` must have one value per channel ({images.shape[-1]}); "
+        f"got {mean.shape} and {std.shape}.")
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
+                       crop_padding: Optional[int] = None, flip: bool = False,
+                       separate_teacher_view: bool = False
+                       ) -> Callable[[jax.Array, Dict[str, jax.Array]],
+                                     Dict[str, jax.Array]]:
+  """Builds `preprocess(rng, batch) -> batch` for use inside a jitted step.
+
+  The returned function replaces the uint8 `batch['image']` by the augmented,
+  normalized float32 image; other keys (`label`, `index`, `mask`) pass through
+  unchanged. By default the teacher sees the same augmented view as the
+  student ("consistent teaching"); with `separate_teacher_view=True` a second,
+  independently augmented view is added as `batch['teacher_image']`. Without
+  augmentation (`crop_padding` falsy and `flip=False`, e.g. evaluation) `rng`
+  is unused and may be `None`.
+
+  Works on any leading shape `[..., B, H, W, C]` (e.g. `[n_steps, B, ...]`
+  chunks for a scanned multi-step: each step gets its own key).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> f = make_preprocess_fn(mean=(0.5,), std=(0.5,), crop_padding=2,
+    ...                        flip=True, separate_teacher_view=True)
+    >>> batch = {'image': jnp.zeros((4, 8, 8, 1), jnp.uint8),
+    ...          'label': jnp.zeros((4,), jnp.int32)}
+    >>> out = jax.jit(f)(jax.random.key(0), batch)
+    >>> out['image'].dtype, out['teacher_image'].shape
+    (dtype('float32'), (4, 8, 8, 1))
+  """
+  mean, std = tuple(mean), tuple(std)
+  augments = bool(crop_padding) or flip
+
+  def view(rng, images):
+    if augments:
+      lead = images.shape[:-4]
+      flat = images.reshape((-1,) + images.shape[-4:]) if lead else images[None]
+      keys = jax.random.split(rng, flat.shape[0])
+      flat = jax.vmap(lambda k, x: random_crop_flip(
+          k, x, padding=crop_padding, flip=flip))(keys, flat)
+      images = flat.reshape(images.shape)
+    lead = images.shape[:-3]
+    flat = images.reshape((-1,) + images.shape[-3:])
+    return normalize(flat, mean, std).reshape(lead + images.shape[-3:])
+
+  def preprocess(rng, batch):
+    if "image" not in batch:
+      raise ValueError(f"`batch` must have an 'image' entry; got keys "
+                       f"{sorted(batch)}.")
+    images = batch["image"]
+    if images.ndim < 4:
+      raise ValueError("`batch['image']` must be [..., B, H, W, C]; got shape "
+                       f"{tuple(images.shape)}.")
+    if augments and rng is None:
+      raise ValueError("`rng` is required when augmenting.")
+    out = dict(batch)
+    if separate_teacher_view:
+      k_s, k_t = jax.random.split(rng) if augments else (None, None)
+      out["image"] = view(k_s, images)
+      out["teacher_image"] = view(k_t, images)
+    else:
+      out["image"] = view(rng, images)
+    return out
+
+  return preprocess
