@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -73,31 +73,38 @@ def _shape_of(x) -> Tuple[int, ...]:
 
 
 def check_tree_matches(expected: PyTree, found: PyTree, *, what: str,
-                       max_lines: int = 10) -> None:
+                       max_lines: int = 5) -> None:
   """Raises `CheckpointError` naming every path whose presence/shape differs.
 
   `expected` and `found` are trees of anything with a `.shape` (arrays,
   `jax.ShapeDtypeStruct`, Orbax `ArrayMetadata`). Only structure and shapes
-  are compared (dtypes are cast on restore).
+  are compared (dtypes are cast on restore). The message lists up to
+  `max_lines` paths per kind of difference: shape mismatches, parameters
+  missing from the checkpoint, parameters not in the model.
   """
   exp, got = _flatten(expected), _flatten(found)
-  problems: List[str] = []
-  for p in sorted(set(exp) - set(got)):
-    problems.append(f"{p}: missing from the checkpoint (model expects shape "
-                    f"{_shape_of(exp[p])})")
-  for p in sorted(set(exp) & set(got)):
-    if _shape_of(exp[p]) != _shape_of(got[p]):
-      problems.append(f"{p}: checkpoint has shape {_shape_of(got[p])}, model "
-                      f"expects {_shape_of(exp[p])}")
-  for p in sorted(set(got) - set(exp)):
-    problems.append(f"{p}: in the checkpoint (shape {_shape_of(got[p])}) but "
-                    "not in the model")
-  if problems:
-    more = len(problems) - max_lines
-    lines = problems[:max_lines] + ([f"... and {more} more"] if more > 0 else [])
-    raise CheckpointError(
-        f"{what} does not match the configured model ({len(problems)} "
-        "mismatching parameter(s)):\n  " + "\n  ".join(lines))
+  groups = (
+      ("with a different shape", [
+          f"{p}: checkpoint has shape {_shape_of(got[p])}, model expects "
+          f"{_shape_of(exp[p])}" for p in sorted(set(exp) & set(got))
+          if _shape_of(exp[p]) != _shape_of(got[p])]),
+      ("missing from the checkpoint", [
+          f"{p}: missing from the checkpoint (model expects shape "
+          f"{_shape_of(exp[p])})" for p in sorted(set(exp) - set(got))]),
+      ("not in the model", [
+          f"{p}: in the checkpoint (shape {_shape_of(got[p])}) but not in the "
+          "model" for p in sorted(set(got) - set(exp))]),
+  )
+  if not any(lines for _, lines in groups):
+    return
+  summary = ", ".join(f"{len(lines)} {name}" for name, lines in groups if lines)
+  body = []
+  for _, lines in groups:
+    body += lines[:max_lines]
+    if len(lines) > max_lines:
+      body.append(f"... and {len(lines) - max_lines} more")
+  raise CheckpointError(f"{what} does not match the configured model "
+                        f"({summary}):\n  " + "\n  ".join(body))
 
 
 def _abstract(template: PyTree) -> PyTree:
@@ -190,12 +197,17 @@ class CheckpointManager:
     self.best_mode = best_mode
     self._save_every = save_every_steps
 
+    sign = 1.0 if best_mode == "max" else -1.0
+
+    def score(m):  # higher is better; steps saved without metrics rank last.
+      v = (m or {}).get(best_metric)
+      return -float("inf") if v is None else sign * float(v)
+
     policies = [ocp_managers.LatestN(n=keep_last)]
     if keep_best:
-      sign = 1.0 if best_mode == "max" else -1.0
       policies.append(ocp_managers.BestN(
-          get_metric_fn=lambda m: sign * float(m[best_metric]),
-          reverse=False, n=keep_best, keep_checkpoints_without_metrics=False))
+          get_metric_fn=score, reverse=False, n=keep_best,
+          keep_checkpoints_without_metrics=False))
     save_policies = [ocp_managers.PreemptionCheckpointingPolicy()]
     if save_every_steps is not None:
       save_policies.insert(0, ocp_managers.FixedIntervalPolicy(save_every_steps))
@@ -205,6 +217,8 @@ class CheckpointManager:
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
         save_decision_policy=ocp_managers.AnySavePolicy(save_policies),
         cleanup_tmp_directories=True,
+        # Orbax persists metrics (<step>/metrics/) only when best_fn is set.
+        best_fn=score, best_mode="max",
     )
     self._mgr = ocp.CheckpointManager(
         self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM))
@@ -218,7 +232,7 @@ class CheckpointManager:
     return self._mgr.latest_step()
 
   def metrics(self, step: int) -> Optional[Dict[str, Any]]:
-    return self._mgr.metrics(step)
+    return self._mgr.metrics(step) or None
 
   def best_step(self) -> Optional[int]:
     """Kept step with the best `metrics[best_metric]` (None if none has one)."""
@@ -255,6 +269,9 @@ class CheckpointManager:
         raise ValueError(f"`metrics` must contain {self.best_metric!r} "
                          f"(the keep-best metric); got {sorted(metrics)}.")
       force = True
+    # Always a dict: Orbax warns on every save without metrics when best_fn
+    # is set, and `score` ranks `{}` last.
+    metrics = dict(metrics or {})
     args = ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
         DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
@@ -297,7 +314,7 @@ class CheckpointManager:
     data_state = out[DATA_ITEM]
     return Restored(step=step, state=out[STATE_ITEM],
                     data_state=dict(data_state) if data_state else None,
-                    metrics=self._mgr.metrics(step))
+                    metrics=self._mgr.metrics(step) or None)
 
   def wait_until_finished(self) -> None:
     self._mgr.wait_until_finished()
@@ -400,7 +417,10 @@ def load_teacher_variables(path: str, expected_variables: PyTree, *,
     raise CheckpointError(f"cannot read Orbax metadata of {item!r}: "
                           f"{type(e).__name__}: {e}") from e
   if not isinstance(found, Mapping):
-    raise CheckpointError(f"{item!r} does not hold a dict of variables.")
+    raise CheckpointError(
+        f"cannot read Orbax metadata of {item!r}: expected a dict of variable "
+        f"collections, got {type(found).__name__} (corrupt or not a pytree "
+        "checkpoint).")
   abstract = _abstract(expected_variables)
   if not isinstance(abstract, Mapping):
     raise ValueError("`expected_variables` must be a dict of collections "
