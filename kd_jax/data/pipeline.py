@@ -44,7 +44,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
   Example:
     >>> p = epoch_permutation(0, 3, 10)
-    >>> sorted(p.tolist()) == list(range(10)), (p == epoch_permutation(0, 3, 10)).all()
+    >>> sorted(p.tolist()) == list(range(10)), bool((p == epoch_permutation(0, 3, 10)).all())
     (True, True)
   """
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))

@@ -75,9 +75,9 @@ def dataset_info(name: str) -> DatasetInfo:
   return DATASETS[name]
 
 
-def _cache_file(base: str, name: str, split: str, n: int) -> str:
+def _cache_file(base: str, name: str, split: str) -> str:
   safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", split)
-  return os.path.join(base, name, f"kd_jax_cache_{safe}_{n}.npz")
+  return os.path.join(base, name, f"kd_jax_cache_{safe}.npz")
 
 
 def _read_records(source, indices):
@@ -96,10 +96,9 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   Records keep TFDS's order (so example `i` is TFDS record `i`, the index
   CRD-style methods use). For `mnist` this delegates to
   `kd_jax.data.mnist.load_mnist_arrays` (same cache file). Other datasets are
-  cached as `<cache_dir or data_dir>/<name>/kd_jax_cache_<split>_<N>.npz`;
-  the record count in the name keeps a cache from ever being mistaken for a
-  different build of the split. An unwritable cache location just disables
-  caching.
+  cached as `<cache_dir or data_dir>/<name>/kd_jax_cache_<split>.npz` (the
+  cache is trusted as is: delete it after changing the TFDS data). An
+  unwritable cache location just disables caching.
 
   Args:
     name: `'mnist'`, `'cifar10'` or `'cifar100'`.
@@ -119,15 +118,15 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
     from kd_jax.data.mnist import load_mnist_arrays  # pylint: disable=g-import-not-at-top
     return load_mnist_arrays(split, data_dir=data_dir, cache_dir=cache_dir,
                              use_cache=use_cache)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
-  source = tfds.data_source(name, split=split, data_dir=data_dir)
-  n = len(source)
   base = cache_dir or data_dir
-  path = _cache_file(base, name, split, n) if (use_cache and base) else None
+  path = _cache_file(base, name, split) if (use_cache and base) else None
   if path and os.path.exists(path):
     with np.load(path) as f:
       return f["image"], f["label"]
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  n = len(source)
   images = np.empty((n,) + info.image_shape, np.uint8)
   labels = np.empty((n,), np.int32)
   chunk = 4096
