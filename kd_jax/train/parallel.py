@@ -79,9 +79,9 @@ class DataParallel:
 
   Args:
     mode: one of `'single'`, `'pmap'`, `'jit'`.
-    devices: devices to use; default: `jax.devices()` for `'jit'` (all
-      processes), `jax.local_devices()` for `'pmap'`, the first device for
-      `'single'`.
+    devices: devices to use; default: `jax.devices()` (all processes) for
+      `'jit'` and `'pmap'`, the first device for `'single'`. Each process
+      feeds the devices it owns.
     axis_name: the mesh / pmap axis name (default `'data'`).
 
   >>> dp = DataParallel("single")
@@ -102,9 +102,9 @@ class DataParallel:
       if len(devices) != 1:
         raise ValueError(
             f"mode 'single' takes one device; got {len(devices)}.")
-    elif mode == "pmap":
-      devices = list(devices) if devices is not None else jax.local_devices()
     else:
+      # pmap too: in multi-process runs `pmap(devices=...)` must list the
+      # devices of *all* processes (each process maps over its local ones).
       devices = list(devices) if devices is not None else jax.devices()
     self.devices = devices
     self.mesh = Mesh(np.asarray(devices), (axis_name,))
