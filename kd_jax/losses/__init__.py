@@ -7,3 +7,24 @@ time, computes in float32 and never differentiates through the teacher.
 
 from kd_jax.losses.logits import kd_loss
 from kd_jax.losses.logits import standardize_logits
+# Feature- and relation-based losses (issue 6).
+from kd_jax.losses.features import ab_loss
+from kd_jax.losses.features import at_loss
+from kd_jax.losses.features import attention_map
+from kd_jax.losses.features import fitnet_loss
+from kd_jax.losses.features import fsp_loss
+from kd_jax.losses.features import ft_loss
+from kd_jax.losses.features import hcl_loss
+from kd_jax.losses.features import kdsvd_loss
+from kd_jax.losses.features import nst_loss
+from kd_jax.losses.features import ofd_loss
+from kd_jax.losses.features import ofd_margin
+from kd_jax.losses.features import vid_init_log_scale
+from kd_jax.losses.features import vid_loss
+from kd_jax.losses.relations import cc_loss
+from kd_jax.losses.relations import crd_loss
+from kd_jax.losses.relations import crd_memory_update
+from kd_jax.losses.relations import crd_normalization
+from kd_jax.losses.relations import pkt_loss
+from kd_jax.losses.relations import rkd_loss
+from kd_jax.losses.relations import sp_loss
