@@ -449,7 +449,12 @@ def make_dml_step(student_applies: Sequence[Any], objective: Objective,
     raise ValueError("DML supports logit terms only (no distiller terms).")
   if not objective.terms:
     raise ValueError("DML needs at least one KD term in the objective.")
-  txs = list(tx) if isinstance(tx, (list, tuple)) else [tx] * n
+  # GradientTransformation is itself a NamedTuple: test for it first.
+  if isinstance(tx, optax.GradientTransformation) or not isinstance(
+      tx, (list, tuple)):
+    txs = [tx] * n
+  else:
+    txs = list(tx)
   if len(txs) != n:
     raise ValueError(f"got {len(txs)} optimizers for {n} students.")
   if objective.warmup_epochs and steps_per_epoch is None:
