@@ -334,3 +334,157 @@ def test_real_mnist_test_split(tmp_path):
   out = p.preprocess_fn(train=False)(None, b)
   ref = (b["image"].astype(np.float64) / 255 - 0.1307) / 0.3081
   np.testing.assert_allclose(np.asarray(out["image"]), ref, atol=1e-5)
+
+
+# --- ImageNet (grain) ----------------------------------------------------------------
+
+def _mock_imagenet(**kw):
+  kw.setdefault("process_index", 0)
+  kw.setdefault("process_count", 1)
+  kw.setdefault("image_size", 24)
+  kw.setdefault("resize_size", 28)
+  split = "train" if kw["train"] else "validation"
+  with tfds.testing.mock_data(num_examples=24,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    return data.imagenet_pipeline(split, decode_in_tfds=True, **kw)
+
+
+def test_imagenet_mock_train_batches():
+  p = _mock_imagenet(global_batch_size=8, train=True, seed=1, with_index=True)
+  assert p.steps_per_epoch == 3
+  it = p.iterator()
+  batches = [next(it) for _ in range(4)]  # crosses into epoch 1
+  b = batches[0]
+  assert b["image"].shape == (8, 24, 24, 3) and b["image"].dtype == np.uint8
+  assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
+  assert ((b["label"] >= 0) & (b["label"] < 1000)).all()
+  idx0 = np.concatenate([x["index"] for x in batches[:3]])
+  assert sorted(idx0.tolist()) == list(range(24))  # epoch 0 covers everything
+  np.testing.assert_array_equal(idx0, data.epoch_permutation(1, 0, 24))
+  labels = [p.source[int(i)]["label"] for i in b["index"]]
+  np.testing.assert_array_equal(b["label"], labels)
+  # Normalized output lies in the ImageNet-normalized pixel range.
+  out = np.asarray(jax.jit(p.preprocess_fn())(None, b)["image"])
+  mean, std = np.array(data.dataset_info("imagenet2012").mean), np.array(
+      data.dataset_info("imagenet2012").std)
+  assert out.dtype == np.float32
+  assert (out >= -mean / std - 1e-5).all() and (out <= (1 - mean) / std + 1e-5).all()
+  # Determinism: same seed -> identical stream; other seed -> different.
+  again = _mock_imagenet(global_batch_size=8, train=True, seed=1, with_index=True)
+  it2 = again.iterator()
+  for ref in batches:
+    got = next(it2)
+    np.testing.assert_array_equal(got["image"], ref["image"])
+    np.testing.assert_array_equal(got["index"], ref["index"])
+  other = next(_mock_imagenet(global_batch_size=8, train=True, seed=2,
+                              with_index=True).iterator())
+  assert not np.array_equal(other["index"], b["index"])
+  # Exact resume from a JSON position.
+  it3 = p.iterator({"epoch": 0, "step": 2})
+  np.testing.assert_array_equal(next(it3)["image"], batches[2]["image"])
+  assert it3.position == {"epoch": 1, "step": 0}
+  chunk = it3.next_chunk(1)
+  np.testing.assert_array_equal(chunk["image"][0], batches[3]["image"])
+
+
+def test_imagenet_mock_process_shards_and_eval():
+  single = _mock_imagenet(global_batch_size=8, train=True, seed=3, with_index=True)
+  shards = [_mock_imagenet(global_batch_size=8, train=True, seed=3,
+                           with_index=True, process_index=i, process_count=2)
+            for i in range(2)]
+  for step in range(3):
+    parts = [s.get_batch(0, step) for s in shards]
+    flat = np.concatenate([x["index"] for x in parts])
+    assert len(set(flat.tolist())) == 8
+    ref = single.get_batch(0, step)
+    np.testing.assert_array_equal(flat, ref["index"])
+    np.testing.assert_array_equal(
+        np.concatenate([x["image"] for x in parts]), ref["image"])
+  ev = _mock_imagenet(global_batch_size=10, train=False, with_index=True)
+  batches = list(ev.iterator(num_epochs=1))
+  assert len(batches) == 3
+  assert [int(b["mask"].sum()) for b in batches] == [10, 10, 4]
+  np.testing.assert_array_equal(
+      np.concatenate([b["index"][b["mask"]] for b in batches]), np.arange(24))
+
+
+def test_imagenet_worker_processes_match_in_process():
+  p = _mock_imagenet(global_batch_size=4, train=True, seed=0, num_workers=1,
+                     separate_teacher_view=True)
+  it = p.iterator({"epoch": 1, "step": 2})
+  try:
+    got = [next(it) for _ in range(3)]
+  finally:
+    it.close()
+  for k, g in enumerate(got):
+    e, s = divmod(p.steps_per_epoch + 2 + k, p.steps_per_epoch)
+    ref = p.get_batch(e, s)
+    np.testing.assert_array_equal(g["image"], ref["image"])
+    np.testing.assert_array_equal(g["teacher_image"], ref["teacher_image"])
+  # The teacher's own view is a different random crop of the same examples.
+  assert not np.array_equal(got[0]["image"], got[0]["teacher_image"])
+  out = p.preprocess_fn()(None, got[0])
+  assert out["teacher_image"].dtype == jnp.float32
+
+
+def test_eval_crop_is_exact_center_slice_when_no_resize():
+  from kd_jax.data import imagenet
+  img = np.random.default_rng(0).integers(0, 256, (40, 36, 3)).astype(np.uint8)
+  out = imagenet.eval_crop(img, size=32, resize_size=36)  # shorter side 36
+  np.testing.assert_array_equal(out, img[4:36, 2:34])
+  with pytest.raises(ValueError, match=r"`resize_size` \(30\) must be >= `size` \(32\)"):
+    imagenet.eval_crop(img, size=32, resize_size=30)
+
+
+def test_train_crop_full_image_is_identity_or_flip():
+  from kd_jax.data import imagenet
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+  flips = 0
+  for _ in range(20):
+    out = imagenet.train_crop(img, rng, size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    if np.array_equal(out, img[:, ::-1]):
+      flips += 1
+    else:
+      np.testing.assert_array_equal(out, img)
+  assert 0 < flips < 20
+
+
+def test_random_resized_crop_box_bounds():
+  from kd_jax.data import imagenet
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    h, w = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+    top, left, ch, cw = imagenet.random_resized_crop_box(rng, h, w)
+    assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+    assert ch > 0 and cw > 0
+  # Rounded sides: area fraction / aspect within the ranges up to rounding.
+  for _ in range(300):
+    top, left, ch, cw = imagenet.random_resized_crop_box(rng, 400, 400)
+    assert 0.08 * 400 ** 2 * 0.9 <= ch * cw <= 400 ** 2
+    assert 3 / 4 * 0.95 <= cw / ch <= 4 / 3 * 1.05
+  # Impossible requests fall back to the central crop with clamped aspect.
+  assert imagenet.random_resized_crop_box(rng, 100, 400, scale=(2.0, 3.0)) == (
+      0, 133, 100, 133)
+
+
+def test_jpeg_draft_decoding_matches_full_decode():
+  import io as io_lib
+  from PIL import Image
+  from kd_jax.data import imagenet
+  yy, xx = np.mgrid[0:480, 0:640]
+  img = np.stack([xx * 255 // 639, yy * 255 // 479, (xx + yy) * 255 // 1118],
+                 -1).astype(np.uint8)
+  buf = io_lib.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=95)
+  jpeg = buf.getvalue()
+  for seed in range(3):
+    fast = imagenet.train_crop(jpeg, np.random.default_rng(seed), size=32,
+                               jpeg_draft=True)
+    full = imagenet.train_crop(jpeg, np.random.default_rng(seed), size=32,
+                               jpeg_draft=False)
+    assert fast.shape == full.shape == (32, 32, 3)
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3.0
+  ev_fast = imagenet.eval_crop(jpeg, size=32, resize_size=36, jpeg_draft=True)
+  ev_full = imagenet.eval_crop(jpeg, size=32, resize_size=36, jpeg_draft=False)
+  assert np.abs(ev_fast.astype(int) - ev_full.astype(int)).mean() < 3.0

@@ -12,6 +12,8 @@ into the checkpoint for exact resume.
 """
 
 from kd_jax.data.augment import make_preprocess_fn, normalize, random_crop_flip
+from kd_jax.data.imagenet import (GrainBatchIterator, GrainImagePipeline,
+                                  imagenet_pipeline)
 from kd_jax.data.mnist import load_mnist_arrays, normalize_mnist
 from kd_jax.data.pipeline import (BatchIterator, InMemoryPipeline,
                                   check_position, create_pipeline,

@@ -104,7 +104,9 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
   normalized float32 image; other keys (`label`, `index`, `mask`) pass through
   unchanged. By default the teacher sees the same augmented view as the
   student ("consistent teaching"); with `separate_teacher_view=True` a second,
-  independently augmented view is added as `batch['teacher_image']`. Without
+  independently augmented view is added as `batch['teacher_image']`; a
+  `teacher_image` already in the batch (a second view made on the host, e.g.
+  by the ImageNet pipeline) is processed the same way as `image`. Without
   augmentation (`crop_padding` falsy and `flip=False`, e.g. evaluation) `rng`
   is unused and may be `None`.
 
@@ -127,7 +129,7 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
   def view(rng, images):
     if augments:
       lead = images.shape[:-4]
-      flat = images.reshape((-1,) + images.shape[-4:]) if lead else images[None]
+      flat = images.reshape((-1,) + images.shape[-4:])
       keys = jax.random.split(rng, flat.shape[0])
       flat = jax.vmap(lambda k, x: random_crop_flip(
           k, x, padding=crop_padding, flip=flip))(keys, flat)
@@ -147,10 +149,11 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
     if augments and rng is None:
       raise ValueError("`rng` is required when augmenting.")
     out = dict(batch)
-    if separate_teacher_view:
+    host_view = batch.get("teacher_image")
+    if separate_teacher_view or host_view is not None:
       k_s, k_t = jax.random.split(rng) if augments else (None, None)
       out["image"] = view(k_s, images)
-      out["teacher_image"] = view(k_t, images)
+      out["teacher_image"] = view(k_t, images if host_view is None else host_view)
     else:
       out["image"] = view(rng, images)
     return out
