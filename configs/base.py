@@ -1,0 +1,203 @@
+"""The full config schema of `experiments/main.py`, with defaults.
+
+Every config file starts from `base_config()` and overrides what its recipe
+needs; `kd_jax.train.loop.validate_config` checks the result before anything
+is compiled. Command-line overrides use the same keys, e.g.
+`--config.train.batch_size=128 --config.loss.terms.kd.temperature=2`.
+
+Keys:
+
+* `mode`: `'train'` (supervised: a teacher, or a student alone), `'distill'`
+  (student from a frozen teacher) or `'seed_experiment'` (several phases over
+  several seeds, see `configs/mnist_seed.py`).
+* `seed`: init / dropout / shuffling seed.
+* `debug`: tiny subset, a few steps, mock data (TFDS `mock_data`), small
+  images -- what CI runs for every config; see `loop.apply_debug`.
+* `data`: `name` (TFDS name: mnist, cifar10, cifar100, imagenet2012),
+  `data_dir` (TFDS data dir, '' = `$TFDS_DATA_DIR`), `cache_dir`, `mock`,
+  `train_subset` / `eval_subset` (first N examples, 0 = all), `augment`
+  (the dataset's standard train augmentation), `teacher_view` (`'same'`:
+  teacher sees the student's augmented view, `'separate'`: its own view),
+  `image_size` (ImageNet crop size), `num_workers` (ImageNet grain workers).
+* `model`: the network being trained (`name`, `num_classes`, `dtype`).
+* `teacher`: the frozen teacher of `mode='distill'`: `name`, `num_classes`,
+  `dtype`, `checkpoint` (a teacher-training workdir / Orbax checkpoint dir, or
+  a converted PyTorch checkpoint when `checkpoint_format='torch'`),
+  `precompute_logits` (run the teacher once over the train set instead of
+  every step; exact only without augmentation).
+* `loss`: `ce_weight`, `warmup_epochs` (DKD: `min(epoch / W, 1)` on KD terms,
+  1-based epochs), `label_smoothing`, `terms` (label -> {`name` (defaults to
+  the label), `weight`, loss hyperparameters}).
+* `optimizer`: `name` (sgd | adam | adamw), `learning_rate`, `momentum`,
+  `nesterov`, `weight_decay` (coupled L2 for sgd/adam as in PyTorch;
+  decoupled for adamw), `schedule` (constant | step | cosine),
+  `decay_epochs`, `decay_factor`, `warmup_epochs` (linear LR warm-up).
+* `train`: `batch_size` (global), `eval_batch_size`, `num_epochs`,
+  `num_steps` (> 0: stop after this many steps), `steps_per_call` (train
+  steps compiled into one scanned call; 1 = one jitted step per call),
+  `eval_every_epochs`, `log_every_steps`, `parallel` (none | jit | pmap),
+  `num_devices` (0 = all local devices), `progress_bar`.
+* `checkpoint`: `enabled`, `every_steps` (0 = only at epoch ends, see
+  `every_epochs`), `every_epochs`, `keep`, `keep_best`, `async_save`.
+* `report`: `paper` (what a recipe targets: source, metric, value) and free
+  notes, copied to the run's `report.json`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"
+  c.seed = 0
+  c.debug = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "mnist"
+  c.data.data_dir = ""
+  c.data.cache_dir = ""
+  c.data.mock = False
+  c.data.mock_num_examples = 64
+  c.data.train_subset = 0
+  c.data.eval_subset = 0
+  c.data.augment = True
+  c.data.teacher_view = "same"
+  c.data.image_size = 224
+  c.data.num_workers = 8
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "mlp_student"
+  c.model.num_classes = 10
+  c.model.dtype = "float32"
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.name = ""
+  c.teacher.num_classes = 10
+  c.teacher.dtype = "float32"
+  c.teacher.checkpoint = ""
+  c.teacher.checkpoint_format = "orbax"
+  c.teacher.precompute_logits = False
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ce_weight = 1.0
+  c.loss.warmup_epochs = 0
+  c.loss.label_smoothing = 0.0
+  c.loss.terms = ml_collections.ConfigDict()
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "constant"
+  c.optimizer.decay_epochs = (150, 180, 210)
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.warmup_epochs = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64
+  c.train.eval_batch_size = 500
+  c.train.num_epochs = 1
+  c.train.num_steps = 0
+  c.train.steps_per_call = 1
+  c.train.eval_every_epochs = 1
+  c.train.log_every_steps = 100
+  c.train.parallel = "none"
+  c.train.num_devices = 0
+  c.train.progress_bar = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True
+  c.checkpoint.every_steps = 0
+  c.checkpoint.every_epochs = 1
+  c.checkpoint.keep = 2
+  c.checkpoint.keep_best = True
+  c.checkpoint.async_save = True
+
+  c.report = ml_collections.ConfigDict()
+  c.report.paper = ml_collections.ConfigDict()
+  c.report.paper.source = ""
+  c.report.paper.metric = ""
+  c.report.paper.value = -1.0
+  c.report.notes = ""
+  return c
+
+
+def kd_terms(*, weight: float, temperature: float) -> ml_collections.ConfigDict:
+  """`loss.terms` with one Hinton KD term."""
+  t = ml_collections.ConfigDict()
+  t.kd = ml_collections.ConfigDict(
+      {"weight": float(weight), "temperature": float(temperature)})
+  return t
+
+
+def dkd_terms(*, alpha: float, beta: float,
+              temperature: float) -> ml_collections.ConfigDict:
+  """`loss.terms` with one DKD term (weight 1: alpha/beta are inside)."""
+  t = ml_collections.ConfigDict()
+  t.dkd = ml_collections.ConfigDict(
+      {"weight": 1.0, "alpha": float(alpha), "beta": float(beta),
+       "temperature": float(temperature)})
+  return t
+
+
+def cifar100_recipe(c: ml_collections.ConfigDict, *,
+                    lr: float) -> ml_collections.ConfigDict:
+  """The CIFAR-100 recipe of RepDistiller / mdistiller (teachers, students, KD).
+
+  SGD momentum 0.9, batch 64, 240 epochs, LR ×0.1 at epochs 150/180/210,
+  weight decay 5e-4 (coupled L2, as torch.optim.SGD), random crop (pad 4) +
+  horizontal flip, per-channel normalization.
+  """
+  c.data.name = "cifar100"
+  c.data.augment = True
+  c.model.num_classes = 100
+  c.teacher.num_classes = 100
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = lr
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.schedule = "step"
+  c.optimizer.decay_epochs = (150, 180, 210)
+  c.optimizer.decay_factor = 0.1
+  c.train.batch_size = 64
+  c.train.eval_batch_size = 500
+  c.train.num_epochs = 240
+  c.train.steps_per_call = 1
+  c.train.log_every_steps = 200
+  c.train.parallel = "jit"
+  c.checkpoint.every_epochs = 1
+  return c
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict, *, lr: float = 0.1,
+                    batch_size: int = 256, num_epochs: int = 100,
+                    decay_epochs=(30, 60, 90)) -> ml_collections.ConfigDict:
+  """ImageNet recipe of mdistiller / torchvision: SGD 0.9, wd 1e-4, step LR.
+
+  Random-resized crop 224 + flip for training, resize 256 + center crop 224
+  for evaluation, torchvision mean/std.
+  """
+  c.data.name = "imagenet2012"
+  c.data.augment = True
+  c.data.image_size = 224
+  c.data.num_workers = 16
+  c.model.num_classes = 1000
+  c.teacher.num_classes = 1000
+  c.optimizer.name = "sgd"
+  c.optimizer.learning_rate = lr
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule = "step"
+  c.optimizer.decay_epochs = tuple(decay_epochs)
+  c.optimizer.decay_factor = 0.1
+  c.train.batch_size = batch_size
+  c.train.eval_batch_size = 250
+  c.train.num_epochs = num_epochs
+  c.train.steps_per_call = 1
+  c.train.log_every_steps = 500
+  c.train.parallel = "jit"
+  c.checkpoint.every_steps = 2000
+  c.checkpoint.every_epochs = 1
+  return c

@@ -1,0 +1,245 @@
+"""Multi-phase, multi-seed experiment: teacher(s), student alone, distillation.
+
+`run(config, workdir)` for `config.mode == 'seed_experiment'` (see
+`configs/mnist_seed.py`). For every seed it runs, each in its own workdir
+`<workdir>/seed<k>/<phase>` with `kd_jax.train.loop.train_and_evaluate`:
+
+* every phase of `seed_experiment.phases` in order; a distillation phase
+  named in `seed_experiment.distill_from` loads its teacher from that teacher
+  phase's workdir (same seed, or the first seed's when the teacher phase is
+  listed in `seed_experiment.shared_phases`, which are trained once).
+
+Top-level `data`, `debug`, `checkpoint` and `train.progress_bar` /
+`train.parallel` settings are copied into every phase, so
+`--config.data.data_dir=...` applies to all of them. A phase whose
+`report.json` is complete is not rerun (the experiment resumes where it was
+stopped; an interrupted phase resumes from its own checkpoint).
+
+Results: a table of last-epoch and best-epoch test accuracy (mean ± std over
+seeds, population std) of the teacher, the student alone and the distilled
+student, the gain of distillation (paired per seed), and wall time and
+examples/s per phase -- printed, and saved as `results.md` and
+`results.json` in the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List
+
+import ml_collections
+import numpy as np
+
+from kd_jax import metrics_io
+from kd_jax.train import loop
+
+_PROPAGATE = ("data", "checkpoint")
+_PROPAGATE_TRAIN = ("progress_bar", "parallel", "num_devices")
+
+
+def phase_config(config: ml_collections.ConfigDict, phase: str,
+                 seed: int) -> ml_collections.ConfigDict:
+  """The config of one phase for one seed (shared sections copied in)."""
+  pc = ml_collections.ConfigDict(
+      config.seed_experiment.phases[phase].to_dict())
+  for sec in _PROPAGATE:
+    if sec in config:
+      pc[sec] = ml_collections.ConfigDict(config[sec].to_dict())
+  for k in _PROPAGATE_TRAIN:
+    if k in config.get("train", {}):
+      pc.train[k] = config.train[k]
+  pc.debug = bool(config.get("debug", False))
+  pc.seed = int(seed)
+  return pc
+
+
+def _complete(report_path: str, config) -> bool:
+  if not os.path.exists(report_path):
+    return False
+  try:
+    with open(report_path) as f:
+      rep = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return False
+  return rep.get("seed") == int(config.seed) and rep.get("last_top1") is not None
+
+
+def phase_order(config) -> List[str]:
+  """`seed_experiment.order` (default: the phases, teachers before students)."""
+  se = config.seed_experiment
+  order = list(se.get("order", ()) or ())
+  if not order:
+    names = list(se.phases.keys())
+    order = [p for p in names if p not in se.distill_from]
+    order += [p for p in names if p in se.distill_from]
+  return order
+
+
+def validate(config):
+  se = config.get("seed_experiment", None)
+  if se is None:
+    raise loop.ConfigError("seed_experiment", "mode 'seed_experiment' needs a "
+                           "seed_experiment section (see configs/mnist_seed.py).")
+  if not tuple(se.seeds):
+    raise loop.ConfigError("seed_experiment.seeds", "needs at least one seed.")
+  phases = phase_order(config)
+  for p in phases:
+    if p not in se.phases:
+      raise loop.ConfigError("seed_experiment.order",
+                             f"unknown phase {p!r}; phases: "
+                             f"{sorted(se.phases.keys())}.")
+  for d, t in se.distill_from.items():
+    if d not in phases:
+      raise loop.ConfigError(f"seed_experiment.distill_from.{d}",
+                             f"unknown phase {d!r}; phases: {phases}.")
+    if t not in phases or phases.index(t) > phases.index(d):
+      raise loop.ConfigError(
+          f"seed_experiment.distill_from.{d}",
+          f"teacher phase {t!r} must be a phase listed before {d!r}.")
+  for p in se.shared_phases:
+    if p not in phases:
+      raise loop.ConfigError("seed_experiment.shared_phases",
+                             f"unknown phase {p!r}; phases: {phases}.")
+  # Validate every phase config (names, class counts, batch sizes, ...).
+  for p in phases:
+    pc = loop.apply_debug(phase_config(config, p, tuple(se.seeds)[0]))
+    try:
+      loop.validate_config(pc, check_paths=p not in se.distill_from)
+    except loop.ConfigError as e:
+      raise loop.ConfigError(f"seed_experiment.phases.{p}.{e.key}",
+                             str(e).split(": ", 1)[1]) from None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Runs every phase for every seed; returns and saves the results table."""
+  config = loop.apply_debug(config)
+  validate(config)
+  se = config.seed_experiment
+  seeds = [int(s) for s in se.seeds]
+  phases = phase_order(config)
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.perf_counter()
+  reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in phases}
+  for si, seed in enumerate(seeds):
+    for p in phases:
+      shared = p in se.shared_phases
+      src_seed = seeds[0] if shared else seed
+      wd = os.path.join(workdir, f"seed{src_seed}", p)
+      pc = phase_config(config, p, src_seed)
+      if p in se.distill_from:
+        t = se.distill_from[p]
+        t_seed = seeds[0] if t in se.shared_phases else seed
+        pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
+      rp = os.path.join(wd, "report.json")
+      if shared and si > 0:
+        with open(rp) as f:
+          rep = json.load(f)
+      elif _complete(rp, pc):
+        with open(rp) as f:
+          rep = json.load(f)
+        print(f"[seed {seed}] {p}: done before, reusing {rp}")
+      else:
+        print(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
+              + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""),
+              flush=True)
+        rep = loop.train_and_evaluate(pc, wd)
+        rep.pop("_final_state", None)
+        print(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
+              f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
+              f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s",
+              flush=True)
+      reports[p].append(rep)
+  results = summarize(config, reports)
+  results["total_wall_s"] = time.perf_counter() - t0
+  md = format_markdown(config, results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(md + "\n")
+  metrics_io.write_json(os.path.join(workdir, "results.json"), results)
+  print(md)
+  return results
+
+
+def _fmt_eps(v):
+  return "n/a" if v is None else f"{v:,.0f}"
+
+
+def summarize(config, reports) -> Dict[str, Any]:
+  se = config.seed_experiment
+  out: Dict[str, Any] = {"seeds": [int(s) for s in se.seeds], "phases": {},
+                         "rows": []}
+  for p, reps in reports.items():
+    shared = p in se.shared_phases
+    uniq = reps[:1] if shared else reps
+    out["phases"][p] = {
+        "mode": uniq[0]["mode"], "model": uniq[0]["model"],
+        "teacher": uniq[0].get("teacher"), "shared_across_seeds": shared,
+        "epochs": uniq[0]["epochs"],
+        "last_top1": [r["last_top1"] for r in uniq],
+        "best_top1": [r["best_top1"] for r in uniq],
+        "wall_s": [r["wall_s"] for r in uniq],
+        "train_s": [r["train_s"] for r in uniq],
+        "examples_per_sec": [r["examples_per_sec"] for r in uniq],
+        "steady_examples_per_sec": [r["steady_examples_per_sec"]
+                                    for r in uniq],
+    }
+  student = se.get("student_phase", "")
+  for d, t in se.distill_from.items():
+    row = {"distill_phase": d, "teacher_phase": t, "student_phase": student}
+    dl = np.asarray(out["phases"][d]["last_top1"])
+    db = np.asarray(out["phases"][d]["best_top1"])
+    if student in out["phases"]:
+      sl = np.asarray(out["phases"][student]["last_top1"])
+      sb = np.asarray(out["phases"][student]["best_top1"])
+      row["gain_last"] = (dl - sl).tolist()
+      row["gain_best"] = (db - sb).tolist()
+    out["rows"].append(row)
+  return out
+
+
+def format_markdown(config, results) -> str:
+  se = config.seed_experiment
+  ph = results["phases"]
+  pct = lambda v: metrics_io.fmt_mean_std(v, scale=100.0)  # noqa: E731
+  lines = [f"Seeds: {results['seeds']} (mean ± std over seeds, std with "
+           "ddof=0; accuracy = test-set top-1 %, 'last' = after the final "
+           "epoch, 'best' = best evaluated epoch)", ""]
+  header = ["teacher", "teacher last", "teacher best", "student alone last",
+            "student alone best", "distilled last", "distilled best",
+            "gain last (paired)", "gain best (paired)"]
+  rows = []
+  student = se.get("student_phase", "")
+  for row in results["rows"]:
+    t, d = ph[row["teacher_phase"]], ph[row["distill_phase"]]
+    s = ph.get(student)
+    shared = " (1 run, shared)" if t["shared_across_seeds"] else ""
+    rows.append([
+        f"{t['model']}{shared}", pct(t["last_top1"]), pct(t["best_top1"]),
+        pct(s["last_top1"]) if s else "n/a",
+        pct(s["best_top1"]) if s else "n/a",
+        pct(d["last_top1"]), pct(d["best_top1"]),
+        pct(row.get("gain_last", [])), pct(row.get("gain_best", []))])
+  lines.append(metrics_io.markdown_table(header, rows))
+  lines += ["", "Per phase (mean over runs): wall time includes data "
+            "loading, compilation, evaluation and checkpoints; examples/s "
+            "= train examples / train-loop time (incl. compilation) and "
+            "steady-state (after the first compiled call).", ""]
+  prow = []
+  for p, v in ph.items():
+    prow.append([
+        p, v["mode"], v["model"] + (f" <- {v['teacher']}" if v["teacher"]
+                                    else ""),
+        f"{v['epochs']:g}", len(v["wall_s"]),
+        f"{np.mean(v['wall_s']):.1f}",
+        _fmt_eps(float(np.mean(v["examples_per_sec"]))),
+        _fmt_eps(float(np.mean([x for x in v["steady_examples_per_sec"]
+                                if x is not None]))
+                 if any(x is not None for x in v["steady_examples_per_sec"])
+                 else None)])
+  lines.append(metrics_io.markdown_table(
+      ["phase", "mode", "model", "epochs", "runs", "wall s", "examples/s",
+       "steady examples/s"], prow))
+  if "total_wall_s" in results:
+    lines += ["", f"Total wall time: {results['total_wall_s']:.1f} s"]
+  return "\n".join(lines)
