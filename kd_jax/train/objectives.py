@@ -79,28 +79,64 @@ class TermInputs:
   rng: Optional[Array] = None
   axis_name: Optional[str] = None
   epoch: Optional[Array] = None
+  # The (preprocessed) batch dict and the optimizer step: CRD reads the
+  # example indices (`batch['index']`) and optional pipeline negatives
+  # (`batch['contrast_idx']`); the step makes per-step sampling keys that do
+  # not depend on the device (added for issue 6).
+  batch: Optional[Mapping[str, Any]] = None
+  step: Optional[Array] = None
 
 
-def available_losses() -> Tuple[str, ...]:
-  """Short names of the losses of `kd_jax.losses` usable in a `Term`."""
-  names = []
+_LOGIT_MODULES = ("kd_jax.losses.logits", "kd_jax.losses.divergences")
+_NOT_LOSSES = ("standardize_logits", "attention_map", "ofd_margin",
+               "vid_init_log_scale", "crd_memory_update", "crd_normalization")
+
+
+def _public_losses():
+  """{short name: fn} for the loss functions exported by `kd_jax.losses`."""
+  out = {}
   for attr in dir(_losses):
-    if attr.endswith("_loss") and callable(getattr(_losses, attr)):
-      names.append(attr[:-len("_loss")])
-  return tuple(sorted(names))
+    fn = getattr(_losses, attr)
+    if attr.startswith("_") or attr in _NOT_LOSSES or not callable(fn):
+      continue
+    if not getattr(fn, "__module__", "").startswith("kd_jax.losses."):
+      continue
+    short = attr[:-len("_loss")] if attr.endswith("_loss") else attr
+    out[short] = fn
+  return out
 
 
-def resolve_loss(name: str) -> Callable:
+def available_losses(on: str = "logits") -> Tuple[str, ...]:
+  """Short names usable in a `Term`.
+
+  `on='logits'`: losses of `(student_logits, teacher_logits)`
+  (`kd_jax.losses.logits` / `.divergences`); `on='features'`: every loss of
+  `kd_jax.losses` (for `Term(..., features=key)`).
+  """
+  losses = _public_losses()
+  if on == "logits":
+    return tuple(sorted(k for k, f in losses.items()
+                        if f.__module__ in _LOGIT_MODULES))
+  return tuple(sorted(losses))
+
+
+def resolve_loss(name: str, on: str = "logits") -> Callable:
   """`'kd'` or `'kd_loss'` -> `kd_jax.losses.kd_loss`; clear error otherwise."""
   if not isinstance(name, str):
     raise TypeError(f"loss `name` must be a string; got {type(name).__name__}.")
-  for attr in (name + "_loss", name):
-    fn = getattr(_losses, attr, None)
-    if fn is not None and callable(fn) and attr.endswith("_loss"):
-      return fn
+  losses = _public_losses()
+  short = name[:-len("_loss")] if name.endswith("_loss") else name
+  valid = available_losses(on)
+  if short in valid:
+    return losses[short]
+  if short in losses:
+    raise ValueError(
+        f"loss {name!r} is not a function of (student_logits, "
+        f"teacher_logits); pass `features=<feature key>` to apply it to "
+        f"features, or use a distiller. Logit losses: {', '.join(valid)}.")
   raise ValueError(
-      f"unknown loss name {name!r}; valid names: "
-      f"{', '.join(available_losses())} (functions of kd_jax.losses).")
+      f"unknown loss name {name!r}; valid names: {', '.join(valid)} "
+      "(functions of kd_jax.losses).")
 
 
 def _accepts(fn: Callable, arg: str) -> bool:
@@ -125,6 +161,9 @@ def _check_hparams(fn: Callable, hparams: Mapping[str, Any], label: str):
   reserved = {"labels", "axis_name", "where"}
   valid = [n for n, p in params.items()
            if p.kind == inspect.Parameter.KEYWORD_ONLY and n not in reserved]
+  valid += [n for n, p in params.items()
+            if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+            and p.default is not inspect.Parameter.empty and n not in reserved]
   for k in hparams:
     if k not in params or k in reserved or k not in valid:
       raise ValueError(
@@ -144,6 +183,11 @@ class Term:
     warmup: scale this term by the objective's warm-up factor.
     fn: custom loss callable, used instead of looking `name` up.
     distiller: feature-distiller object (see module docstring).
+    features: apply the loss to `student_features[features]` and
+      `teacher_features[features]` instead of the logits (any loss of
+      `kd_jax.losses`, e.g. `Term('sp', 3000., features='pooled')`); the
+      features must already be comparable -- methods with trainable adapters
+      are distillers.
     **hparams: keyword hyperparameters of the loss (e.g. `temperature=4.`).
 
   >>> Term('kd', weight=0.9, temperature=4.0).label
@@ -153,7 +197,7 @@ class Term:
   def __init__(self, name: str, weight: float = 1.0, *,
                label: Optional[str] = None, warmup: bool = True,
                fn: Optional[Callable] = None, distiller: Any = None,
-               **hparams):
+               features: Optional[str] = None, **hparams):
     if fn is not None and distiller is not None:
       raise ValueError(f"term {name!r}: give `fn` or `distiller`, not both.")
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
@@ -165,7 +209,12 @@ class Term:
     self.label = label or name
     self.warmup = bool(warmup)
     self.distiller = distiller
+    self.features = features
     self.hparams = dict(hparams)
+    if features is not None and distiller is not None:
+      raise ValueError(
+          f"term {name!r}: `features` is for parameter-free losses; a "
+          "distiller reads the features itself.")
     if distiller is not None:
       if not (hasattr(distiller, "init") and callable(distiller)):
         raise TypeError(
@@ -173,7 +222,8 @@ class Term:
             f"callable as `(params, state, inputs) -> (loss, new_state)`.")
       self.fn = None
     else:
-      self.fn = fn if fn is not None else resolve_loss(name)
+      self.fn = fn if fn is not None else resolve_loss(
+          name, on="logits" if features is None else "features")
       _check_hparams(self.fn, self.hparams, self.label)
     self._takes_labels = self.fn is not None and _accepts(self.fn, "labels")
     self._takes_axis = self.fn is not None and _accepts(self.fn, "axis_name")
@@ -184,17 +234,18 @@ class Term:
 
   def __repr__(self):
     hp = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+    on = f", features={self.features!r}" if self.features is not None else ""
     return (f"Term({self.name!r}, weight={self.weight}, label={self.label!r}"
-            f"{', ' + hp if hp else ''})")
+            f"{on}{', ' + hp if hp else ''})")
 
-  def logit_value(self, student_logits, teacher_logits, labels, axis_name):
-    """Batch-mean value of a logit term (float32 scalar)."""
+  def value(self, student, teacher, labels, axis_name):
+    """Batch-mean value of a logit/feature term (float32 scalar)."""
     kwargs = dict(self.hparams)
     if self._takes_labels:
       kwargs["labels"] = labels
     if self._takes_axis and axis_name is not None:
       kwargs["axis_name"] = axis_name
-    out = self.fn(student_logits, teacher_logits, **kwargs)
+    out = self.fn(student, teacher, **kwargs)
     out = jnp.asarray(out, jnp.float32)
     return jnp.mean(out) if out.ndim else out
 
@@ -286,10 +337,38 @@ class Objective:
       state[t.label] = s if s is not None else {}
     return params, state
 
+  def _feature_value(self, t, student_features, teacher_features, labels,
+                     axis_name):
+    if student_features is None or teacher_features is None:
+      raise ValueError(
+          f"loss term {t.label!r} reads features[{t.features!r}] but the "
+          f"{'student' if student_features is None else 'teacher'} features "
+          "are missing (precomputed teacher logits carry no features).")
+    # Several teachers: a list with one feature dict per teacher.
+    tfs = (list(teacher_features) if isinstance(teacher_features, list)
+           else [teacher_features])
+    w = self.teacher_weights or (1.0,) * len(tfs)
+    if len(w) != len(tfs):
+      raise ValueError(f"`teacher_weights` has {len(w)} entries for "
+                       f"{len(tfs)} teachers.")
+
+    def get(feats, who):
+      if not isinstance(feats, Mapping) or t.features not in feats:
+        keys = sorted(feats) if isinstance(feats, Mapping) else type(feats)
+        raise KeyError(
+            f"loss term {t.label!r}: the {who} features have no key "
+            f"{t.features!r}; available: {keys}.")
+      return feats[t.features]
+
+    sf = get(student_features, "student")
+    return sum((wi / sum(w)) * t.value(sf, get(tf, "teacher"), labels,
+                                      axis_name)
+               for wi, tf in zip(w, tfs))
+
   def __call__(self, student_logits, labels, *, teacher_logits=None,
                student_features=None, teacher_features=None, epoch=None,
                distiller_params=None, distiller_state=None, train=True,
-               rng=None, axis_name=None):
+               rng=None, axis_name=None, batch=None, step=None):
     s = jnp.asarray(student_logits, jnp.float32)
     if s.ndim != 2:
       raise ValueError(
@@ -349,19 +428,22 @@ class Objective:
             teacher_features=teacher_features, train=train,
             rng=(None if rng is None
                  else jax.random.fold_in(rng, ti)),
-            axis_name=axis_name, epoch=epoch)
+            axis_name=axis_name, epoch=epoch, batch=batch, step=step)
         p = (distiller_params or {}).get(t.label)
         st = (distiller_state or {}).get(t.label, {})
         value, st_new = t.distiller(p, st, inputs)
         value = jnp.asarray(value, jnp.float32)
         value = jnp.mean(value) if value.ndim else value
         new_dstate[t.label] = st_new if st_new is not None else {}
+      elif t.features is not None:
+        value = self._feature_value(t, student_features, teacher_features,
+                                    labels, axis_name)
       else:
         if teachers is None:
           raise ValueError(
               f"loss term {t.label!r} needs teacher logits; got none (give a "
               "teacher apply function or precomputed `teacher_logits`).")
-        value = sum(w * t.logit_value(s, tl, labels, axis_name)
+        value = sum(w * t.value(s, tl, labels, axis_name)
                     for w, tl in zip(tw, teachers))
       metrics[t.label] = value
       scale = t.weight * (factor if t.warmup else 1.0)

@@ -136,6 +136,23 @@ def _pmean(tree, axis_name):
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _sync_distiller_state(objective, dstate, axis_name):
+  """`pmean`s each distiller's state unless the distiller keeps it in sync.
+
+  A distiller with `state_is_synced = True` promises that its new state is
+  already identical on every device (e.g. sync BatchNorm statistics, a CRD
+  memory bank updated from all-gathered embeddings); averaging it again would
+  cost an all-reduce of the whole state (CRD: 2 x N x 128 floats per step) and
+  would turn integer leaves into floats.
+  """
+  if axis_name is None:
+    return dstate
+  synced = {t.label for t in objective.distiller_terms
+            if getattr(t.distiller, "state_is_synced", False)}
+  return {k: (v if k in synced else _pmean(v, axis_name))
+          for k, v in dstate.items()}
+
+
 def _step_rng(state_rng, step, axis_name):
   key = jax.random.fold_in(state_rng, step)
   if axis_name is not None:
@@ -226,7 +243,7 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
           teacher_features=t_feats, epoch=epoch,
           distiller_params=trainable["distiller"],
           distiller_state=state.distiller_state, train=True, rng=okey,
-          axis_name=axis_name)
+          axis_name=axis_name, batch=batch, step=state.step)
       return loss, (aux, updates)
 
     trainable = state.trainable()
@@ -237,7 +254,8 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
     trainable = optax.apply_updates(trainable, upd)
     batch_stats = updates.get("batch_stats", state.batch_stats)
     batch_stats = _pmean(batch_stats, axis_name)
-    dstate = _pmean(aux["distiller_state"], axis_name)
+    dstate = _sync_distiller_state(objective, aux["distiller_state"],
+                                   axis_name)
     new_state = state.replace(
         step=state.step + 1, params=trainable["student"],
         distiller_params=trainable["distiller"], batch_stats=batch_stats,
@@ -302,7 +320,9 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
       raise ValueError(
           f"`teacher_weights` has {len(teacher_weights)} entries for "
           f"{len(teacher_apply)} teachers.")
-  if isinstance(teacher_apply, (list, tuple)) and multi_teacher == "mean_losses":
+  if isinstance(teacher_apply, (list, tuple)):
+    # mean_losses: weights of the logit terms; both modes: feature terms
+    # (`Term(features=...)`) average over the teachers' features.
     objective = dataclasses.replace(objective, teacher_weights=teacher_weights)
 
   if teacher_apply is None:
