@@ -54,24 +54,29 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, *,
     (the CIFAR recipe: 4-pixel padding, 32x32 crop, flip).
   """
   _check_images(images)
-  b, h, w, c = images.shape
+  b, h, w, _ = images.shape
+  if padding is not None and (not isinstance(padding, int) or padding < 0):
+    raise ValueError(f"`padding` must be a non-negative int; got {padding!r}.")
   k_crop, k_flip = jax.random.split(rng)
-  out = images
-  if padding:
-    if not isinstance(padding, int) or padding < 0:
-      raise ValueError(f"`padding` must be a non-negative int; got {padding!r}.")
-    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding),
-                              (0, 0)))
-    offs = jax.random.randint(k_crop, (b, 2), 0, 2 * padding + 1)
-
-    def crop(img, off):
-      return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
-
-    out = jax.vmap(crop)(padded, offs)
+  pad = padding or 0
+  rows = jnp.broadcast_to(jnp.arange(h), (b, h))
+  cols = jnp.broadcast_to(jnp.arange(w), (b, w))
+  if pad:
+    offs = jax.random.randint(k_crop, (b, 2), 0, 2 * pad + 1)
+    rows = rows + offs[:, :1]
+    cols = cols + offs[:, 1:]
   if flip:
-    do_flip = jax.random.bernoulli(k_flip, 0.5, (b,))
-    out = jnp.where(do_flip[:, None, None, None], out[:, :, ::-1, :], out)
-  return out
+    do_flip = jax.random.bernoulli(k_flip, 0.5, (b, 1))
+    cols = jnp.where(do_flip, cols[:, ::-1], cols)
+  if not pad and not flip:
+    return images
+  x = images
+  if pad:  # zero padding, as torchvision's RandomCrop(padding=p, fill=0).
+    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  # Two gathers (rows, then columns) instead of a per-example dynamic slice:
+  # cheap on every backend, and the flip is folded into the column index.
+  x = jnp.take_along_axis(x, rows[:, :, None, None], axis=1)
+  return jnp.take_along_axis(x, cols[:, None, :, None], axis=2)
 
 
 def normalize(images: jax.Array, mean: Sequence[float],
@@ -127,16 +132,10 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
   augments = bool(crop_padding) or flip
 
   def view(rng, images):
-    if augments:
-      lead = images.shape[:-4]
-      flat = images.reshape((-1,) + images.shape[-4:])
-      keys = jax.random.split(rng, flat.shape[0])
-      flat = jax.vmap(lambda k, x: random_crop_flip(
-          k, x, padding=crop_padding, flip=flip))(keys, flat)
-      images = flat.reshape(images.shape)
-    lead = images.shape[:-3]
-    flat = images.reshape((-1,) + images.shape[-3:])
-    return normalize(flat, mean, std).reshape(lead + images.shape[-3:])
+    flat = images.reshape((-1,) + images.shape[-3:])  # all leading dims
+    if augments:  # independent draws for every example of every step
+      flat = random_crop_flip(rng, flat, padding=crop_padding, flip=flip)
+    return normalize(flat, mean, std).reshape(images.shape)
 
   def preprocess(rng, batch):
     if "image" not in batch:
