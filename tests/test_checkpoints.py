@@ -254,3 +254,53 @@ def test_bad_arguments(tmp_path):
     ckpt.CheckpointManager(tmp_path, best_mode="best")
   with pytest.raises(ValueError, match="`save_every_steps` must be a positive int"):
     ckpt.CheckpointManager(tmp_path, save_every_steps=0)
+
+
+_KILL_CHILD = r"""
+import sys, time
+import numpy as np
+import jax.numpy as jnp
+from kd_jax.train import checkpoints as ckpt
+d, n = sys.argv[1], int(sys.argv[2])
+mgr = ckpt.CheckpointManager(d, async_save=True)
+mgr.save(1, {"w": jnp.full((n,), 1.0, jnp.float32)}, force=True)
+mgr.wait_until_finished()
+print("saved1", flush=True)
+mgr.save(2, {"w": jnp.full((n,), 2.0, jnp.float32)}, force=True)
+print("saving2", flush=True)
+time.sleep(120)
+"""
+
+
+def test_sigkill_while_saving_falls_back_to_previous(tmp_path):
+  """A real process SIGKILLed while its async save is in flight."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  n = 16 * 2 ** 20  # 64 MB of float32: the write takes a noticeable time
+  proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(tmp_path), str(n)],
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    assert proc.stdout.readline().strip() == "saved1"
+    t0, killed_mid_save = time.time(), False
+    while time.time() - t0 < 60:
+      names = os.listdir(tmp_path)
+      if "2" in names:  # finished before we could kill it
+        break
+      if any(x.startswith("2.orbax-checkpoint-tmp") for x in names):
+        proc.send_signal(signal.SIGKILL)
+        killed_mid_save = "2" not in os.listdir(tmp_path)
+        break
+      time.sleep(0.001)
+  finally:
+    proc.kill()
+    proc.wait()
+  with ckpt.CheckpointManager(tmp_path) as mgr:
+    r = mgr.restore({"w": jnp.zeros((n,), jnp.float32)})
+    if killed_mid_save:
+      assert mgr.all_steps() == [1] and r.step == 1
+    assert r.step in (1, 2)
+    # Whatever is loaded is a complete checkpoint of that step.
+    np.testing.assert_array_equal(np.asarray(r.state["w"][::4096]), float(r.step))
