@@ -34,3 +34,19 @@ for _family, _models, _shape in (
   for _name, _fn in _models.items():
     register(_name, _fn, input_shape=_shape,
              torch_key_map=_family.torch_key_map)
+
+# --- Mobile CNNs (RepDistiller / mdistiller) and ViTs (OFA-KD, timm) --------
+from kd_jax.models import mobilenet as _mobilenet  # noqa: E402
+from kd_jax.models import shufflenet as _shufflenet  # noqa: E402
+from kd_jax.models import vit as _vit  # noqa: E402
+
+for _family, _models, _shape in (
+    (_mobilenet, _mobilenet.CIFAR_MODELS, _CIFAR),
+    (_mobilenet, _mobilenet.IMAGENET_MODELS, _IMAGENET),
+    (_shufflenet, _shufflenet.CIFAR_MODELS, _CIFAR),
+    (_vit, _vit.CIFAR_MODELS, _CIFAR),
+    (_vit, _vit.IMAGENET_MODELS, _IMAGENET),
+):
+  for _name, _fn in _models.items():
+    register(_name, _fn, input_shape=_shape,
+             torch_key_map=_family.torch_key_map)
