@@ -128,14 +128,13 @@ def test_unfinalized_checkpoint_is_never_loaded(tmp_path):
     mgr.save(2, state2, data_state={"epoch": 0, "step": 2})
   # Simulate a process killed while writing step 3: Orbax writes into
   # `<step>.orbax-checkpoint-tmp-<timestamp>` and renames only when complete.
-  # Copy step 2's files there and truncate one of them (a half-written save).
+  # Copy step 2's files there and truncate them all (a half-written save).
   tmp_dir = os.path.join(tmp_path, "3.orbax-checkpoint-tmp-1700000000000000")
   shutil.copytree(os.path.join(tmp_path, "2"), tmp_dir)
   for root, _, files in os.walk(tmp_dir):
     for f in files:
-      if f.startswith("manifest") or root.endswith("d"):
-        with open(os.path.join(root, f), "r+b") as fh:
-          fh.truncate(3)
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(3)
   with ckpt.CheckpointManager(tmp_path, save_every_steps=1) as mgr:
     assert mgr.all_steps() == [1, 2]
     r = mgr.restore(_state(seed=0))
