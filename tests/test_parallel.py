@@ -52,8 +52,13 @@ def run_distill(mode):
   dp = train.DataParallel(mode)
   student, teacher = make_models(dp.axis_name)
   tx = optax.adam(1e-2)
-  obj = train.Objective(ce_weight=0.4,
-                        terms=(train.Term("kd", 0.6, temperature=3.0),))
+  # A per-example term (KD) and batch-level terms (DIST's intra-class
+  # correlation, SP on features) that need the global batch under pmap.
+  obj = train.Objective(
+      ce_weight=0.4,
+      terms=(train.Term("kd", 0.6, temperature=3.0),
+             train.Term("dist", 0.5, temperature=2.0),
+             train.Term("sp", 5.0, features="pooled")))
   step = train.make_distill_step(student, teacher, obj, tx,
                                  axis_name=dp.axis_name)
   one = dp.compile(step)
@@ -65,7 +70,9 @@ def run_distill(mode):
   losses = []
   for i in range(2):  # two single steps ...
     state, m = one(state, tv, dp.shard_batch({k: v[i] for k, v in data.items()}))
-    losses.append(dp.fetch(m)["loss"])
+    m = dp.fetch(m)
+    assert all(float(m[k]) > 0 for k in ("kd", "dist", "sp"))
+    losses.append(m["loss"])
   # ... then the remaining steps in one compiled scan.
   state, m = many(state, tv, dp.shard_batch({k: v[2:] for k, v in data.items()},
                                             stacked=True))

@@ -550,3 +550,56 @@ def test_clear_errors():
       {"ce_weight": 0.7, "warmup_epochs": 2,
        "terms": [{"name": "kd", "weight": 0.3, "temperature": 5.0}]})
   assert cfg.ce_weight == 0.7 and cfg.terms[0].hparams == {"temperature": 5.0}
+
+
+def np_dkd(s, t, y, alpha, beta, T):
+  n, k = s.shape
+  gt = np_onehot(y, k).astype(bool)
+  ps, pt = np_softmax(s / T), np_softmax(t / T)
+  bs = np.stack([ps[gt], ps[~gt].reshape(n, k - 1).sum(-1)], -1)
+  bt = np.stack([pt[gt], pt[~gt].reshape(n, k - 1).sum(-1)], -1)
+  tckd = (bt * (np.log(bt) - np.log(bs))).sum(-1).mean() * T * T
+  qs = np_softmax(s[~gt].reshape(n, k - 1) / T)
+  qt = np_softmax(t[~gt].reshape(n, k - 1) / T)
+  nckd = (qt * (np.log(qt) - np.log(qs))).sum(-1).mean() * T * T
+  return alpha * tckd + beta * nckd
+
+
+def test_label_aware_logit_term_and_feature_terms():
+  rs = np.random.RandomState(4)
+  s, t = rs.randn(B, K), 2 * rs.randn(B, K)
+  y = rs.randint(0, K, B).astype(np.int32)
+  fa, fb1, fb2 = rs.randn(3, B, 6)
+  obj = train.Objective(
+      ce_weight=0.0, teacher_weights=(1.0, 3.0),
+      terms=(train.Term("dkd", 0.5, alpha=1.0, beta=8.0, temperature=4.0),
+             train.Term("fitnet", 2.0, features="pooled")))
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  # One teacher: DKD gets the labels; FitNets reads features['pooled'].
+  loss, aux = obj(f32(s), y, teacher_logits=f32(t),
+                  student_features={"pooled": f32(fa)},
+                  teacher_features={"pooled": f32(fb1)})
+  dkd = np_dkd(s, t, y, 1.0, 8.0, 4.0)
+  np.testing.assert_allclose(aux["metrics"]["dkd"], dkd, rtol=RTOL)
+  np.testing.assert_allclose(aux["metrics"]["fitnet"], np.mean((fa - fb1) ** 2),
+                             rtol=RTOL)
+  np.testing.assert_allclose(loss, 0.5 * dkd + 2.0 * np.mean((fa - fb1) ** 2),
+                             rtol=RTOL)
+  # Two teachers ("mean of losses", weights 1:3) for logit and feature terms.
+  _, aux = obj(f32(s), y, teacher_logits=[f32(t), f32(-t)],
+               student_features={"pooled": f32(fa)},
+               teacher_features=[{"pooled": f32(fb1)}, {"pooled": f32(fb2)}])
+  np.testing.assert_allclose(
+      aux["metrics"]["dkd"],
+      0.25 * dkd + 0.75 * np_dkd(s, -t, y, 1.0, 8.0, 4.0), rtol=RTOL)
+  np.testing.assert_allclose(
+      aux["metrics"]["fitnet"],
+      0.25 * np.mean((fa - fb1) ** 2) + 0.75 * np.mean((fa - fb2) ** 2),
+      rtol=RTOL)
+  with pytest.raises(ValueError, match="teacher features are missing"):
+    obj(f32(s), y, teacher_logits=f32(t), student_features={"pooled": f32(fa)})
+  with pytest.raises(KeyError, match="student features have no key 'pooled'"):
+    obj(f32(s), y, teacher_logits=f32(t), student_features={"stages": []},
+        teacher_features={"pooled": f32(fb1)})
+  with pytest.raises(ValueError, match="not a function of .student_logits"):
+    train.Term("fitnet")

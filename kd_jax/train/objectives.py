@@ -347,7 +347,8 @@ class Objective:
     # Several teachers: a list with one feature dict per teacher.
     tfs = (list(teacher_features) if isinstance(teacher_features, list)
            else [teacher_features])
-    w = self.teacher_weights or (1.0,) * len(tfs)
+    w = ((1.0,) if len(tfs) == 1 else self.teacher_weights
+         or (1.0,) * len(tfs))
     if len(w) != len(tfs):
       raise ValueError(f"`teacher_weights` has {len(w)} entries for "
                        f"{len(tfs)} teachers.")
@@ -405,12 +406,12 @@ class Objective:
           raise ValueError(
               f"teacher logits {i} must have the student's shape "
               f"{tuple(s.shape)}; got {tuple(t.shape)}.")
-      if self.teacher_weights is not None:
+      if self.teacher_weights is not None and len(teachers) > 1:
         if len(self.teacher_weights) != len(teachers):
           raise ValueError(
               f"`teacher_weights` has {len(self.teacher_weights)} entries "
               f"but {len(teachers)} teacher logits were given.")
-        tw = self.teacher_weights
+        tw = self.teacher_weights  # (one combined logits array: no weights)
       else:
         tw = (1.0,) * len(teachers)
       tw = tuple(w / sum(tw) for w in tw)
