@@ -463,7 +463,8 @@ def test_bf16_inputs_computed_in_f32():
 
 def test_errors():
   x4 = jnp.ones((2, 4, 4, 3))
-  with pytest.raises(ValueError, match="`student_feat` and `teacher_feat` must have the same shape"):
+  with pytest.raises(ValueError,
+                     match="`student_feat` and `teacher_feat` must have the same shape"):
     losses.fitnet_loss(x4, jnp.ones((2, 4, 4, 2)))
   with pytest.raises(TypeError, match="`student_feat` must have a floating dtype"):
     losses.at_loss(jnp.ones((2, 4, 4, 3), jnp.int32), x4)
@@ -489,7 +490,8 @@ def test_errors():
     losses.ab_loss([x4], [x4], margin=-1.0)
   with pytest.raises(ValueError, match="at least 2 layer"):
     losses.fsp_loss([x4], [x4])
-  with pytest.raises(ValueError, match=r"`student_feats\[1\]` and `teacher_feats\[1\]` must have the same number of channels"):
+  with pytest.raises(ValueError, match=r"`student_feats\[1\]` and "
+                     r"`teacher_feats\[1\]` must have the same number of channels"):
     losses.fsp_loss([x4, x4], [x4, jnp.ones((2, 4, 4, 4))])
   with pytest.raises(ValueError, match="`k` must be an integer >= 1"):
     losses.kdsvd_loss([x4], [x4], k=0)
@@ -499,7 +501,8 @@ def test_errors():
     losses.ofd_loss([x4], [x4], [jnp.ones(3), jnp.ones(3)])
   with pytest.raises(ValueError, match="OFD pools only the teacher"):
     losses.ofd_loss([x4], [jnp.ones((2, 2, 2, 3))], [jnp.ones(3)])
-  with pytest.raises(ValueError, match=r"`student_feats\[0\]` and `teacher_feats\[0\]` must have the same shape"):
+  with pytest.raises(ValueError, match=r"`student_feats\[0\]` and "
+                     r"`teacher_feats\[0\]` must have the same shape"):
     losses.hcl_loss([x4], [jnp.ones((2, 2, 2, 3))])
   with pytest.raises(ValueError, match="`bn_scale` and `bn_bias` must have the same shape"):
     losses.ofd_margin(jnp.ones(3), jnp.ones(2))
