@@ -20,7 +20,7 @@
   average pool, Linear. 4.23M parameters with 1000 classes. PyTorch default
   init (the reference sets none).
 
-Features (NHWC; ``stages[k]`` corresponds to the reference's ``feats[k]``):
+Features (NHWC; the reference's NCHW ``[B, C, H, W]`` is ``[B, H, W, C]`` here):
 
 * ``mobilenetv2``: ``stages`` = [stem 16x16x16, after blocks[1] 16x16x12,
   after blocks[2] 8x8x16, after blocks[4] 4x4x48, after blocks[6] 2x2x160]
@@ -63,7 +63,6 @@ References:
   RepDistiller); Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022
   (megvii-research/mdistiller).
 """
-
 
 from __future__ import annotations
 
