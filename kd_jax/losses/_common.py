@@ -148,8 +148,12 @@ def all_gather_batch(x: Array, axis_name: Optional[str]) -> Array:
 
   Inside `pmap`/`shard_map` over `axis_name`, returns the global batch in
   device order, so a batch-level loss computed on it equals the 1-device value.
-  Gradients flow back to the local shard (all_gather's transpose is a
-  reduce-scatter), so each device receives d(global loss)/d(local inputs).
+  Gradients flow back to the local shard: all_gather's transpose is a
+  reduce-scatter (a *sum* over devices), and every device holds the same
+  global loss, so the gradient w.r.t. a device's shard is `num_devices` times
+  the matching slice of the 1-device gradient. A data-parallel step that
+  `pmean`s its parameter gradients (as `kd_jax.train` does) therefore gets
+  exactly the 1-device gradient of the global-batch loss.
   """
   if axis_name is None:
     return x
