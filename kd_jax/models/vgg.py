@@ -59,8 +59,10 @@ class VGG(nn.Module):
     >>> from kd_jax import models
     >>> model = models.create('vgg8', num_classes=100)
     >>> x = jnp.zeros((2, 32, 32, 3))
-    >>> variables = model.init(jax.random.key(0), x, train=False)
-    >>> logits, feats = model.apply(variables, x, train=False)
+    >>> variables = jax.eval_shape(  # shapes only; model.init for arrays
+    ...     lambda: model.init(jax.random.key(0), x, train=False))
+    >>> logits, feats = jax.eval_shape(
+    ...     lambda v: model.apply(v, x, train=False), variables)
     >>> logits.shape, [f.shape[1] for f in feats['stages']]
     ((2, 100), [32, 16, 8, 4, 4])
   """
