@@ -62,7 +62,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -187,8 +187,9 @@ class VisionTransformer(nn.Module):
     h = _layer_norm(self.dtype, "norm")(h)
     pooled = h[:, 0]
     logits = _dense(self.num_classes, self.dtype, "head")(pooled)
-    return logits.astype(jnp.float32), {"stages": stages, "preact_stages": list(stages),
-                    "pooled": pooled, "embed": embed}
+    return logits.astype(jnp.float32), {
+        "stages": stages, "preact_stages": list(stages), "pooled": pooled,
+        "embed": embed}
 
 
 def vit_tiny_patch16_224(num_classes: int = 1000, dtype=jnp.float32,
