@@ -93,6 +93,8 @@ def test_single_pmap_jit_same_loss_and_params():
     np.testing.assert_allclose(losses, ref_losses, err_msg=mode, **TOL)
     for name, tree in (("params", "params"), ("batch_stats", "batch_stats")):
       a, b = getattr(st, tree), getattr(ref, tree)
+      assert (jax.tree_util.tree_structure(a)
+              == jax.tree_util.tree_structure(b))
       for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
                               jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(
@@ -109,13 +111,31 @@ def lin_apply(variables, x, train=True, rngs=None):
   return z, {"pooled": z}
 
 
-def test_pmap_supervised_and_dml_match_single_device():
+class Adapter:
+  """Toy distiller: mean((f_s A - f_t)^2) with trainable A, counts calls."""
+
+  def init(self, rng, inputs):
+    return ({"a": 0.1 * jax.random.normal(rng, (K, K))},
+            {"calls": jnp.zeros((), jnp.int32)})
+
+  def __call__(self, params, state, inputs):
+    fs = inputs.student_features["pooled"]
+    ft = inputs.teacher_features["pooled"]
+    return (jnp.mean((fs @ params["a"] - ft) ** 2),
+            {"calls": state["calls"] + 1})
+
+
+def test_pmap_supervised_dml_and_distiller_match_single_device():
   data, _, _ = problem(num_steps=2)
   rs = np.random.RandomState(5)
-  ps = [{"params": {"w": rs.randn(D, K).astype(np.float32)}} for _ in range(2)]
+  ps = [{"params": {"w": rs.randn(D, K).astype(np.float32)}} for _ in range(3)]
   tx = optax.sgd(0.3)
   obj = train.Objective(ce_weight=1.0,
                         terms=(train.Term("kd", 1.0, temperature=1.0),))
+  dobj = train.Objective(ce_weight=1.0,
+                         terms=(train.Term("adapter", 0.5, distiller=Adapter()),))
+  dparams, dstate = dobj.init_distillers(jax.random.key(9), None)
+  teacher = lambda v, x: lin_apply(v, x)  # noqa: E731
   out = {}
   for mode in ("single", "pmap"):
     dp = train.DataParallel(mode)
@@ -124,15 +144,27 @@ def test_pmap_supervised_and_dml_match_single_device():
     dml = dp.compile(train.make_multi_step(train.make_dml_step(
         [lin_apply, lin_apply], obj, tx, axis_name=dp.axis_name)),
                      stacked=True)
-    mk = lambda v: dp.replicate(  # noqa: E731
-        train.create_train_state(v, tx, rng=jax.random.key(0)))
+    dis = dp.compile(train.make_multi_step(train.make_distill_step(
+        lin_apply, teacher, dobj, tx, axis_name=dp.axis_name)), stacked=True)
+    mk = lambda v, **kw: dp.replicate(  # noqa: E731
+        train.create_train_state(v, tx, rng=jax.random.key(0), **kw))
     batches = dp.shard_batch(data, stacked=True)
     s1, m1 = sup(mk(ps[0]), batches)
     s2, m2 = dml((mk(ps[0]), mk(ps[1])), batches)
+    s3, m3 = dis(mk(ps[0], distiller_params=dparams, distiller_state=dstate),
+                 dp.replicate(ps[2]), batches)
+    s3 = dp.fetch(s3)
+    assert int(s3.distiller_state["adapter"]["calls"]) == 2
+    assert s3.distiller_state["adapter"]["calls"].dtype == np.int32
     out[mode] = dp.fetch((s1.params, m1["loss"], [s.params for s in s2],
-                          m2["student1/loss"]))
-  for a, b in zip(jax.tree_util.tree_leaves(out["pmap"]),
-                  jax.tree_util.tree_leaves(out["single"])):
+                          m2["student1/loss"], m3["adapter"]))
+    out[mode] += (s3.params, s3.distiller_params)
+  moved = np.abs(out["single"][6]["adapter"]["a"] - dparams["adapter"]["a"])
+  assert moved.max() > 1e-4  # the adapter was trained
+  leaves_p = jax.tree_util.tree_leaves(out["pmap"])
+  leaves_s = jax.tree_util.tree_leaves(out["single"])
+  assert len(leaves_p) == len(leaves_s) == 8
+  for a, b in zip(leaves_p, leaves_s):
     np.testing.assert_allclose(a, b, **TOL)
 
 

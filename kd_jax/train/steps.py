@@ -46,15 +46,16 @@ None: the program is written for the global batch and XLA partitions it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kd_jax.train.objectives import Objective
-from kd_jax.train.objectives import TermInputs
 from kd_jax.train.state import TrainState
 from kd_jax.train.state import student_variables
 
@@ -133,7 +134,14 @@ def _check_batch(batch, keys):
 
 
 def _pmean(tree, axis_name):
-  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+  """`pmean` of the floating leaves (integer leaves, e.g. counters, are the
+  same on every device and keep their dtype)."""
+  if axis_name is None:
+    return tree
+  return jax.tree_util.tree_map(
+      lambda x: (jax.lax.pmean(x, axis_name)
+                 if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x),
+      tree)
 
 
 def _sync_distiller_state(objective, dstate, axis_name):
@@ -388,8 +396,6 @@ def make_eval_step(apply_fn, *, axis_name: Optional[str] = None,
   the number of such examples (sum over devices under `pmap`). Combine
   batches with `count`-weighted means.
   """
-  import inspect
-
   if isinstance(apply_fn, nn.Module):
     module = apply_fn
     fwd = lambda v, x: module.apply(v, x, train=False)  # noqa: E731
@@ -575,8 +581,6 @@ def precompute_teacher_logits(teacher_apply, teacher_variables, images, *,
   teacher's input. Note: with data augmentation the teacher sees different
   inputs than the student; precompute only for fixed inputs.
   """
-  import numpy as np
-
   if multi_teacher == "mean_losses":
     raise ValueError("precomputed logits support multi_teacher='mean_logits' "
                      "only.")
