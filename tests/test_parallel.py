@@ -69,13 +69,18 @@ def run_distill(mode):
   tv = dp.replicate(tv)
   losses = []
   for i in range(2):  # two single steps ...
-    state, m = one(state, tv, dp.shard_batch({k: v[i] for k, v in data.items()}))
+    batch = dp.shard_batch({k: v[i] for k, v in data.items()})
+    # Everything is already on the devices: the step moves no data (the
+    # teacher variables in particular are never copied per step).
+    with jax.transfer_guard("disallow"):
+      state, m = one(state, tv, batch)
     m = dp.fetch(m)
     assert all(float(m[k]) > 0 for k in ("kd", "dist", "sp"))
     losses.append(m["loss"])
   # ... then the remaining steps in one compiled scan.
-  state, m = many(state, tv, dp.shard_batch({k: v[2:] for k, v in data.items()},
-                                            stacked=True))
+  chunk = dp.shard_batch({k: v[2:] for k, v in data.items()}, stacked=True)
+  with jax.transfer_guard("disallow"):
+    state, m = many(state, tv, chunk)
   losses.extend(dp.fetch(m)["loss"])
   ev = dp.fetch(evaluate(state, dp.shard_batch({k: v[0] for k, v in data.items()})))
   state = dp.fetch(state)
