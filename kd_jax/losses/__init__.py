@@ -5,7 +5,14 @@ relation-based (`relations`). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 """
 
+from kd_jax.losses.divergences import forward_kl
+from kd_jax.losses.divergences import js_divergence
+from kd_jax.losses.divergences import reverse_kl
+from kd_jax.losses.divergences import total_variation
+from kd_jax.losses.logits import dist_loss
+from kd_jax.losses.logits import dkd_loss
 from kd_jax.losses.logits import kd_loss
+from kd_jax.losses.logits import ofa_loss
 from kd_jax.losses.logits import standardize_logits
 # Feature- and relation-based losses (issue 6).
 from kd_jax.losses.features import ab_loss

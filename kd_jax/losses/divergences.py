@@ -1,0 +1,354 @@
+"""Divergences between the softmax distributions of two sets of logits.
+
+General-purpose, per-example divergences for logit distillation, including
+token-level distillation of language models (`[B, T, V]` logits with a
+`[B, T]` mask). With `p = softmax(teacher_logits / T)` and
+`q = softmax(student_logits / T)`:
+
+* `forward_kl`: KL(p || q), mass-covering ("standard" KD direction).
+* `reverse_kl`: KL(q || p), mode-seeking.
+* `js_divergence`: the generalized Jensen-Shannon divergence of GKD with
+  TRL's convention (`beta=0` is `forward_kl`, `beta=1` is `reverse_kl`).
+* `total_variation`: 1/2 ||p - q||_1.
+
+None of them multiplies by `T^2` (use `kd_loss` for Hinton's scaled KD).
+
+All functions: `[..., K]` logits -> float32 loss of shape `[...]`; optional
+boolean `where` of shape `[...]` (masked entries give 0 with finite
+gradients even if their logits are NaN/inf); the teacher is a constant
+(`stop_gradient`); bfloat16/float16 inputs are computed in float32 (float64
+inputs, only possible with `jax_enable_x64`, stay float64).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+import numpy as np
+
+from kd_jax.losses import _common
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------
+# Shared preparation.
+# ---------------------------------------------------------------------------
+
+
+def _compute_dtype(*arrays):
+  """float32, or float64 when an input is float64 (x64 mode only)."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def prepare_logits_pair(student_logits, teacher_logits, *, where=None,
+                        min_classes: int = 1, temperature=None):
+  """Validates and prepares a (student, teacher) logits pair.
+
+  Checks dtypes/shapes (messages name the argument), casts to the compute
+  dtype, stops the gradient into the teacher, validates `where` and zeroes
+  masked rows *before* any computation so NaN/inf there cannot leak into the
+  value or the gradient.
+
+  Returns:
+    `(student, teacher, where)` with `where` None or a bool array `[...]`.
+  """
+  _common.check_float(student_logits, "student_logits")
+  _common.check_float(teacher_logits, "teacher_logits")
+  _common.check_rank(student_logits, "student_logits", min_ndim=1,
+                     what="([..., num_classes])")
+  _common.check_same_shape(student_logits, teacher_logits, "student_logits",
+                           "teacher_logits")
+  num_classes = jnp.shape(student_logits)[-1]
+  if num_classes < min_classes:
+    raise ValueError(
+        f"`student_logits` must have at least {min_classes} classes on the "
+        f"last axis; got shape {tuple(jnp.shape(student_logits))}.")
+  if temperature is not None:
+    _common.check_positive(temperature, "temperature")
+  dtype = _compute_dtype(student_logits, teacher_logits)
+  s = jnp.asarray(student_logits, dtype)
+  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, dtype))
+  where = _common.check_where(where, s.shape[:-1])
+  s, t = _common.mask_inputs(where, s, t)
+  return s, t, where
+
+
+def _is_zero(tangent) -> bool:
+  return isinstance(tangent, SymbolicZero)
+
+
+# ---------------------------------------------------------------------------
+# KL(softmax(v) || softmax(u)) with a fused analytic derivative.
+# ---------------------------------------------------------------------------
+
+
+def _softmax_stats(x):
+  """Returns (d, e, z): d = x - max(x), e = exp(d), z = sum(e) (keepdims).
+
+  `logsumexp(x) = max + log z`; callers keep the max separate so that log
+  probabilities `d - log z` are formed from small numbers (better float32
+  accuracy than `x - logsumexp(x)` when |x| is large).
+  """
+  m = jnp.max(x, axis=-1, keepdims=True)
+  # A row of all -inf has no valid maximum; use 0 so the row stays NaN-free.
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  d = x - m
+  e = jnp.exp(d)
+  z = jnp.sum(e, axis=-1, keepdims=True)
+  return d, e, z
+
+
+def _kl_terms(u, v):
+  """Forward pass of KL(p || q), p = softmax(v), q = softmax(u)."""
+  du, eu, zu = _softmax_stats(u)
+  dv, ev, zv = _softmax_stats(v)
+  p = ev / zv
+  # sum_c p_c (log p_c - log q_c)
+  #   = sum_c p_c ((v_c - max v) - (u_c - max u)) + log z_u - log z_v,
+  # using sum_c p_c = 1.  Entries with p_c = 0 contribute 0 (0 log 0 = 0),
+  # which also keeps positions where both logits are -inf finite.
+  log_zu = jnp.log(zu)
+  log_zv = jnp.log(zv)
+  diff = jnp.where(p > 0, dv - du, 0.0)
+  kl = jnp.sum(p * diff, axis=-1) + (log_zu - log_zv)[..., 0]
+  return kl, eu, zu, p, diff, log_zu, log_zv
+
+
+@jax.custom_jvp
+def kl_from_logits(u: Array, v: Array) -> Array:
+  r"""`KL(softmax(v) || softmax(u))` over the last axis, in log space.
+
+  No temperature, masking or validation: the building block of `kd_loss`,
+  `forward_kl` and `reverse_kl`. Custom JVP with the analytic derivatives
+
+  .. math::
+    \partial_u KL = q - p, \qquad
+    \partial_v KL = p \odot (\log p - \log q - KL),
+
+  so each softmax is computed once and reverse mode needs no extra exp.
+  """
+  return _kl_terms(u, v)[0]
+
+
+def _kl_jvp(primals, tangents):
+  u, v = primals
+  du, dv = tangents
+  kl, eu, zu, p, diff, log_zu, log_zv = _kl_terms(u, v)
+  out = jnp.zeros_like(kl)
+  if not _is_zero(du):
+    q = eu / zu
+    out = out + jnp.sum((q - p) * du, axis=-1)
+  if not _is_zero(dv):
+    # log p - log q = diff + log z_u - log z_v (0 where p = 0).
+    log_ratio = diff + (log_zu - log_zv)
+    out = out + jnp.sum(p * (log_ratio - kl[..., None]) * dv, axis=-1)
+  return kl, out
+
+
+kl_from_logits.defjvp(_kl_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------
+# Public divergences.
+# ---------------------------------------------------------------------------
+
+
+def forward_kl(student_logits, teacher_logits, *, temperature=1.0,
+               where=None) -> Array:
+  r"""Forward KL divergence `KL(p || q)` per example.
+
+  .. math::
+    \mathrm{KL}(p \| q) = \sum_c p_c (\log p_c - \log q_c), \quad
+    p = \sigma(z^t / T), \; q = \sigma(z^s / T)
+
+  This is `F.kl_div(log q, p)` summed over classes; no `T^2` factor (that is
+  `kd_loss`: `kd_loss(s, t, temperature=T) == T**2 * forward_kl(s, t,
+  temperature=T)`). Computed in log space with `0 log 0 = 0`.
+
+  Args:
+    student_logits: `[..., K]` float array.
+    teacher_logits: `[..., K]`, same shape; treated as a constant.
+    temperature: softmax temperature `T > 0`.
+    where: optional bool mask `[...]`; masked entries give 0.
+
+  Returns:
+    float32 array of shape `[...]`.
+
+  References:
+    Kullback & Leibler, "On Information and Sufficiency", Ann. Math. Stat.
+    1951; Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+    Network", NeurIPS Deep Learning Workshop 2015.
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.log(jnp.array([[0.5, 0.5]])); t = jnp.log(jnp.array([[0.9, 0.1]]))
+  >>> round(float(forward_kl(s, t)[0]), 5)  # 0.9 ln 1.8 + 0.1 ln 0.2
+  0.36806
+  """
+  s, t, where = prepare_logits_pair(student_logits, teacher_logits,
+                                    where=where, temperature=temperature)
+  kl = kl_from_logits(s / temperature, t / temperature)
+  return _common.apply_where(kl, where)
+
+
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0,
+               where=None) -> Array:
+  r"""Reverse KL divergence `KL(q || p)` per example (mode-seeking).
+
+  .. math::
+    \mathrm{KL}(q \| p) = \sum_c q_c (\log q_c - \log p_c), \quad
+    p = \sigma(z^t / T), \; q = \sigma(z^s / T)
+
+  Used by MiniLLM-style and on-policy (GKD with `beta=1`) distillation of
+  language models. No `T^2` factor.
+
+  Args:
+    student_logits: `[..., K]` float array.
+    teacher_logits: `[..., K]`, same shape; treated as a constant.
+    temperature: softmax temperature `T > 0`.
+    where: optional bool mask `[...]`; masked entries give 0.
+
+  Returns:
+    float32 array of shape `[...]`.
+
+  References:
+    Gu, Dong, Wei & Huang, "MiniLLM: Knowledge Distillation of Large Language
+    Models", ICLR 2024.
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.log(jnp.array([[0.5, 0.5]])); t = jnp.log(jnp.array([[0.9, 0.1]]))
+  >>> round(float(reverse_kl(s, t)[0]), 5)  # 0.5 ln(0.5/0.9) + 0.5 ln 5
+  0.51083
+  """
+  s, t, where = prepare_logits_pair(student_logits, teacher_logits,
+                                    where=where, temperature=temperature)
+  kl = kl_from_logits(t / temperature, s / temperature)
+  return _common.apply_where(kl, where)
+
+
+def _check_beta_unit(beta):
+  if isinstance(beta, (int, float, np.number)) and not isinstance(beta, bool):
+    if not 0.0 <= beta <= 1.0:
+      raise ValueError(f"`beta` must be in [0, 1]; got {beta}.")
+
+
+def _mixture_jsd(log_q, log_p, beta):
+  """beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, 0<beta<1."""
+  log_m = jnp.logaddexp(log_p + jnp.log(beta), log_q + jnp.log1p(-beta))
+  p = jnp.exp(log_p)
+  q = jnp.exp(log_q)
+  kl_pm = jnp.sum(jnp.where(p > 0, p * (log_p - log_m), 0.0), axis=-1)
+  kl_qm = jnp.sum(jnp.where(q > 0, q * (log_q - log_m), 0.0), axis=-1)
+  return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def js_divergence(student_logits, teacher_logits, *, beta=0.5,
+                  temperature=1.0, where=None) -> Array:
+  r"""Generalized Jensen-Shannon divergence of GKD (TRL convention).
+
+  .. math::
+    \mathrm{JSD}_\beta = \beta\,\mathrm{KL}(p \| m) + (1-\beta)\,
+    \mathrm{KL}(q \| m), \quad m = \beta p + (1-\beta) q
+
+  with `p` the teacher and `q` the student distribution at temperature `T`.
+  `log m` is computed in log space (`logaddexp`, no `log(0)`). `beta=0.5` is
+  the symmetric JSD (at most `ln 2`). No `T^2` factor.
+
+  **The endpoints are special-cased, as in TRL's `GKDTrainer`:** `beta=0`
+  returns `forward_kl` and `beta=1` returns `reverse_kl`. The mixture formula
+  itself tends to 0 at both ends, so the function is *discontinuous* at 0
+  and 1 (e.g. `beta=1e-6` gives ~`1e-6 KL`-sized values while `beta=0` gives
+  the full forward KL). Libraries disagree here; kd_jax follows TRL because
+  that is what GKD users compare against. A traced (non-Python) `beta` gets
+  the same endpoint behaviour via `jnp.where`.
+
+  Args:
+    student_logits: `[..., K]` float array.
+    teacher_logits: `[..., K]`, same shape; treated as a constant.
+    beta: interpolation weight in `[0, 1]`.
+    temperature: softmax temperature `T > 0`.
+    where: optional bool mask `[...]`; masked entries give 0.
+
+  Returns:
+    float32 array of shape `[...]`.
+
+  References:
+    Agarwal, Vieillard, Zhou, Stanczyk, Ramos, Geist & Bachem, "On-Policy
+    Distillation of Language Models: Learning from Self-Generated Mistakes"
+    (GKD), ICLR 2024; HuggingFace TRL `GKDTrainer.generalized_jsd_loss`.
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.array([[10., -10.]]); t = jnp.array([[-10., 10.]])
+  >>> round(float(js_divergence(s, t)[0]), 4)  # disjoint supports: ln 2
+  0.6931
+  >>> bool(js_divergence(s, t, beta=0.0)[0] == forward_kl(s, t)[0])
+  True
+  """
+  _check_beta_unit(beta)
+  s, t, where = prepare_logits_pair(student_logits, teacher_logits,
+                                    where=where, temperature=temperature)
+  u = s / temperature
+  v = t / temperature
+  if isinstance(beta, (int, float, np.number)) and not isinstance(beta, bool):
+    if beta == 0:
+      out = kl_from_logits(u, v)
+    elif beta == 1:
+      out = kl_from_logits(v, u)
+    else:
+      log_q = jax.nn.log_softmax(u, axis=-1)
+      log_p = jax.nn.log_softmax(v, axis=-1)
+      out = _mixture_jsd(log_q, log_p, jnp.asarray(beta, s.dtype))
+  else:
+    beta = jnp.asarray(beta, s.dtype)
+    log_q = jax.nn.log_softmax(u, axis=-1)
+    log_p = jax.nn.log_softmax(v, axis=-1)
+    tiny = jnp.finfo(s.dtype).tiny
+    safe_beta = jnp.clip(beta, tiny, 1.0 - jnp.finfo(s.dtype).eps)
+    mix = _mixture_jsd(log_q, log_p, safe_beta)
+    out = jnp.where(beta == 0, kl_from_logits(u, v),
+                    jnp.where(beta == 1, kl_from_logits(v, u), mix))
+  return _common.apply_where(out, where)
+
+
+def total_variation(student_logits, teacher_logits, *, temperature=1.0,
+                    where=None) -> Array:
+  r"""Total variation distance `1/2 ||p - q||_1` per example.
+
+  .. math::
+    \mathrm{TV}(p, q) = \tfrac12 \sum_c |p_c - q_c|, \quad
+    p = \sigma(z^t / T), \; q = \sigma(z^s / T)
+
+  Bounded in `[0, 1]`; no `T^2` factor. TV is not differentiable where
+  `p_c = q_c`; the derivative of `|x|` is taken as `sign(x)` (0 at exact
+  ties). Near `q = p` the gradient does not vanish (it is a kink, not a
+  smooth minimum), so rounding decides its sign there.
+
+  Args:
+    student_logits: `[..., K]` float array.
+    teacher_logits: `[..., K]`, same shape; treated as a constant.
+    temperature: softmax temperature `T > 0`.
+    where: optional bool mask `[...]`; masked entries give 0.
+
+  Returns:
+    float32 array of shape `[...]`.
+
+  References:
+    Wen, Li, Du & Mou, "f-Divergence Minimization for Sequence-Level
+    Knowledge Distillation", ACL 2023 (TVD for distillation).
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.log(jnp.array([[0.5, 0.5]])); t = jnp.log(jnp.array([[0.9, 0.1]]))
+  >>> round(float(total_variation(s, t)[0]), 5)
+  0.4
+  """
+  s, t, where = prepare_logits_pair(student_logits, teacher_logits,
+                                    where=where, temperature=temperature)
+  q = jax.nn.softmax(s / temperature, axis=-1)
+  p = jax.nn.softmax(t / temperature, axis=-1)
+  d = p - q
+  # |d| with derivative sign(d), i.e. 0 at exact ties (jnp.abs gives +-1).
+  tv = 0.5 * jnp.sum(d * jax.lax.stop_gradient(jnp.sign(d)), axis=-1)
+  return _common.apply_where(tv, where)
