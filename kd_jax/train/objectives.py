@@ -30,7 +30,12 @@ Each KD term is either
 
   Its params live in `TrainState.distiller_params[label]` and are trained by
   the same optimizer as the student; its state (e.g. BatchNorm statistics of
-  an adapter) in `TrainState.distiller_state[label]`.
+  an adapter) in `TrainState.distiller_state[label]`. Under `pmap` the
+  engine averages the floating leaves of that state over the devices after
+  each step, unless the distiller sets `state_is_synced = True` (its state
+  is identical on all devices by construction, e.g. a CRD memory bank
+  updated from gathered embeddings). `TermInputs.batch` is the
+  (preprocessed) batch dict, `TermInputs.step` the optimizer step.
 
 Multi-teacher "average of losses": when `teacher_logits` is a list, every
 logit term is evaluated against each teacher and combined with
