@@ -439,6 +439,29 @@ def test_forward_mode_matches_reverse_mode(name):
   np.testing.assert_allclose(jvp_out, vjp_out, rtol=1e-5)
 
 
+def test_second_order_through_custom_derivatives(x64):
+  # Hessians compose through the custom JVPs (KD vs plain autodiff; DKD vs
+  # finite differences of its gradient).
+  s, t = random_logits(34, (2, 4), scale=2.0)
+  s, t = s.astype(np.float64), t.astype(np.float64)
+  labels = np.array([1, 3])
+  h = jax.jit(jax.hessian(lambda x: jnp.sum(losses.kd_loss(
+      x, t, temperature=2.0))))(s)
+  h_plain = jax.jit(jax.hessian(lambda x: jnp.sum(plain_kd(x, t, 2.0))))(s)
+  np.testing.assert_allclose(h, h_plain, rtol=1e-8, atol=1e-12)
+  grad_dkd = jgrad(lambda x: jnp.sum(losses.dkd_loss(
+      x, jnp.asarray(t), labels, temperature=2.0)))
+  h_dkd = jax.jit(jax.hessian(lambda x: jnp.sum(losses.dkd_loss(
+      x, jnp.asarray(t), labels, temperature=2.0))))(s)
+  eps = 1e-6
+  for i in np.ndindex(s.shape):
+    d = np.zeros_like(s)
+    d[i] = eps
+    fd = (grad_dkd(s + d) - grad_dkd(s - d)) / (2 * eps)
+    np.testing.assert_allclose(h_dkd[(Ellipsis,) + i], fd, rtol=1e-5,
+                               atol=1e-8)
+
+
 @pytest.mark.parametrize("name", sorted(PER_EXAMPLE))
 def test_no_gradient_into_teacher(name):
   fn, kw = PER_EXAMPLE[name]

@@ -1,0 +1,353 @@
+r"""Benchmark of kd_jax's response-based losses (forward and forward+backward).
+
+For every loss and size, times the jitted forward (`mean(loss)`) and the
+jitted forward+backward (`value_and_grad` w.r.t. the student logits) as the
+median of many calls after warm-up, each ended by `block_until_ready`, and
+prints µs/call and the effective bandwidth: bytes of both logits read once
+divided by the time.
+
+With `--torch` it also times a straightforward PyTorch eager implementation
+of the same math (written below, following the authors' published code;
+`loss.backward()`-style autograd for the backward), side by side in the same
+run, and prints the ratio `torch time / jax time` (> 1 means kd_jax is
+faster). PyTorch is only needed for this flag (`pip install -e .[bench]`);
+kd_jax itself never imports torch.
+
+Usage:
+  python experiments/benchmark_losses.py                      # all sizes
+  python experiments/benchmark_losses.py --torch --sizes 1024x1000
+  python experiments/benchmark_losses.py --losses kd,dkd --torch
+  python experiments/benchmark_losses.py --sizes 256x100,1024x1000,8x512x32000
+
+The token-level size `[8, 512, 32000]` needs a few GB; sizes whose estimated
+working set does not fit in the available memory are skipped (reported).
+`dist` is a batch-level loss of `[B, K]` logits: token-shaped inputs are
+flattened to `[B*T, V]` (every token is a row, as in DIST's segmentation
+variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax import losses
+
+DEFAULT_SIZES = "256x100,1024x1000,8x512x32000"
+ALL_LOSSES = ("kd", "kd_std", "dkd", "dist", "ofa", "forward_kl",
+              "reverse_kl", "jsd", "tv")
+
+# Hyperparameters used for every size (the references' defaults).
+KD_T = 4.0
+DKD = dict(alpha=1.0, beta=8.0, temperature=4.0)
+DIST = dict(beta=1.0, gamma=1.0, temperature=4.0)
+OFA = dict(eps=1.5, temperature=1.0)
+JSD_BETA = 0.5
+
+
+# ---------------------------------------------------------------------------
+# JAX side.
+# ---------------------------------------------------------------------------
+
+
+def jax_losses() -> Dict[str, Callable]:
+  """name -> f(student, teacher, labels) -> scalar (the batch mean)."""
+  flat = lambda x: x.reshape(-1, x.shape[-1])
+  return {
+      "kd": lambda s, t, y: jnp.mean(losses.kd_loss(s, t, temperature=KD_T)),
+      "kd_std": lambda s, t, y: jnp.mean(losses.kd_loss(
+          s, t, temperature=2.0, standardize=True)),
+      "dkd": lambda s, t, y: jnp.mean(losses.dkd_loss(s, t, y, **DKD)),
+      "dist": lambda s, t, y: losses.dist_loss(flat(s), flat(t), **DIST),
+      "ofa": lambda s, t, y: jnp.mean(losses.ofa_loss(s, t, y, **OFA)),
+      "forward_kl": lambda s, t, y: jnp.mean(losses.forward_kl(s, t)),
+      "reverse_kl": lambda s, t, y: jnp.mean(losses.reverse_kl(s, t)),
+      "jsd": lambda s, t, y: jnp.mean(losses.js_divergence(
+          s, t, beta=JSD_BETA)),
+      "tv": lambda s, t, y: jnp.mean(losses.total_variation(s, t)),
+  }
+
+
+# ---------------------------------------------------------------------------
+# PyTorch side: straightforward eager implementations of the same math.
+# ---------------------------------------------------------------------------
+
+
+def torch_losses() -> Dict[str, Callable]:
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  def kd(s, t, y, temperature=KD_T, standardize=False):
+    # mdistiller kd_loss (+ logit-standardization variant).
+    if standardize:
+      z = lambda x: (x - x.mean(-1, keepdim=True)) / (
+          1e-7 + x.std(-1, keepdim=True))
+      s, t = z(s), z(t)
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    p = F.softmax(t / temperature, dim=-1)
+    return (F.kl_div(log_q, p, reduction="none").sum(-1).mean()
+            * temperature**2)
+
+  def dkd(s, t, y, alpha=DKD["alpha"], beta=DKD["beta"],
+          temperature=DKD["temperature"]):
+    # mdistiller dkd_loss, per token for [B, T, V] inputs.
+    s = s.reshape(-1, s.shape[-1])
+    t = t.reshape(-1, t.shape[-1])
+    y = y.reshape(-1)
+    gt_mask = torch.zeros_like(s).scatter_(1, y.unsqueeze(1), 1).bool()
+    other_mask = torch.ones_like(s).scatter_(1, y.unsqueeze(1), 0).bool()
+    ps = F.softmax(s / temperature, dim=1)
+    pt = F.softmax(t / temperature, dim=1)
+
+    def cat_mask(p):
+      return torch.cat([(p * gt_mask).sum(1, keepdim=True),
+                        (p * other_mask).sum(1, keepdim=True)], dim=1)
+
+    ps, pt = cat_mask(ps), cat_mask(pt)
+    n = s.shape[0]
+    tckd = (F.kl_div(torch.log(ps), pt, reduction="sum") * temperature**2 / n)
+    pt2 = F.softmax(t / temperature - 1000.0 * gt_mask, dim=1)
+    log_ps2 = F.log_softmax(s / temperature - 1000.0 * gt_mask, dim=1)
+    nckd = (F.kl_div(log_ps2, pt2, reduction="sum") * temperature**2 / n)
+    return alpha * tckd + beta * nckd
+
+  def dist(s, t, y, beta=DIST["beta"], gamma=DIST["gamma"],
+           tau=DIST["temperature"]):
+    # image_classification_sota DIST.
+    s = s.reshape(-1, s.shape[-1])
+    t = t.reshape(-1, t.shape[-1])
+
+    def pearson(a, b, eps=1e-8):
+      a = a - a.mean(1, keepdim=True)
+      b = b - b.mean(1, keepdim=True)
+      return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+    ys = (s / tau).softmax(dim=1)
+    yt = (t / tau).softmax(dim=1)
+    inter = tau**2 * (1 - pearson(ys, yt).mean())
+    intra = tau**2 * (1 - pearson(ys.transpose(0, 1),
+                                  yt.transpose(0, 1)).mean())
+    return beta * inter + gamma * intra
+
+  def ofa(s, t, y, eps=OFA["eps"], temperature=OFA["temperature"]):
+    # OFAKD ofa_loss.
+    ps = F.softmax(s / temperature, dim=-1)
+    pt = F.softmax(t / temperature, dim=-1)
+    onehot = F.one_hot(y, s.shape[-1]).to(s.dtype)
+    w = (pt + onehot).pow(eps) - onehot
+    return (-w * torch.log(ps)).sum(-1).mean()
+
+  def forward_kl(s, t, y):
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1),
+                    reduction="none", log_target=True).sum(-1).mean()
+
+  def reverse_kl(s, t, y):
+    return F.kl_div(F.log_softmax(t, -1), F.log_softmax(s, -1),
+                    reduction="none", log_target=True).sum(-1).mean()
+
+  def jsd(s, t, y, beta=JSD_BETA):
+    # TRL GKDTrainer.generalized_jsd_loss (per token, then mean).
+    log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
+    beta = torch.tensor(beta, dtype=s.dtype)
+    log_m = torch.logsumexp(torch.stack([log_q + torch.log(1 - beta),
+                                         log_p + torch.log(beta)]), dim=0)
+    kl_t = F.kl_div(log_m, log_p, reduction="none", log_target=True)
+    kl_s = F.kl_div(log_m, log_q, reduction="none", log_target=True)
+    return (beta * kl_t + (1 - beta) * kl_s).sum(-1).mean()
+
+  def tv(s, t, y):
+    return 0.5 * (F.softmax(t, -1) - F.softmax(s, -1)).abs().sum(-1).mean()
+
+  return {
+      "kd": kd,
+      "kd_std": lambda s, t, y: kd(s, t, y, temperature=2.0, standardize=True),
+      "dkd": dkd, "dist": dist, "ofa": ofa, "forward_kl": forward_kl,
+      "reverse_kl": reverse_kl, "jsd": jsd, "tv": tv,
+  }
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------
+
+
+def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
+                     min_runs: int, max_runs: int, budget_s: float,
+                     max_cell_s: float) -> List[float]:
+  """Median seconds per call of each `fn` (each must block until done).
+
+  The functions are called alternately (one call each per round), so a
+  change in background load affects all of them alike: on a shared machine
+  the *ratios* stay meaningful even when absolute times drift. Runs at least
+  `min_runs` rounds and `budget_s` seconds, except that slow cells (large
+  token-level sizes) stop after 3 rounds once `max_cell_s` has passed.
+  """
+  for fn in fns:
+    for i in range(warmup):
+      t0 = time.perf_counter()
+      fn()
+      if i >= 1 and time.perf_counter() - t0 > 0.5:
+        break  # slow cell: compiled and warm after 2 calls
+  times: List[List[float]] = [[] for _ in fns]
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < max_runs:
+    elapsed = time.perf_counter() - start
+    if rounds >= min_runs and elapsed >= budget_s:
+      break
+    if rounds >= 3 and elapsed >= max_cell_s:
+      break
+    for fn, ts in zip(fns, times):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+    rounds += 1
+  return [statistics.median(ts) for ts in times]
+
+
+def mem_available_bytes() -> Optional[int]:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def parse_sizes(text: str):
+  sizes = []
+  for item in text.split(","):
+    item = item.strip().lower()
+    if item:
+      sizes.append(tuple(int(d) for d in item.split("x")))
+  return sizes
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default=DEFAULT_SIZES,
+                      help="comma-separated logits shapes like 1024x1000 or "
+                      "8x512x32000 (default: %(default)s)")
+  parser.add_argument("--losses", default=",".join(ALL_LOSSES),
+                      help="comma-separated subset of " + ",".join(ALL_LOSSES))
+  parser.add_argument("--torch", action="store_true",
+                      help="also time straightforward PyTorch eager versions")
+  parser.add_argument("--torch-threads", type=int, default=None,
+                      help="torch.set_num_threads (default: torch's choice)")
+  parser.add_argument("--dtype", default="float32",
+                      choices=["float32", "bfloat16"])
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--min-runs", type=int, default=20)
+  parser.add_argument("--max-runs", type=int, default=500)
+  parser.add_argument("--budget", type=float, default=1.0,
+                      help="seconds of timed calls per cell beyond min-runs")
+  parser.add_argument("--max-cell-seconds", type=float, default=30.0,
+                      help="stop a slow cell after 3 rounds and this long")
+  parser.add_argument("--mem-factor", type=float, default=10.0,
+                      help="skip a size if mem-factor x (bytes of one logits "
+                      "array) exceeds MemAvailable")
+  args = parser.parse_args(argv)
+
+  names = [n.strip() for n in args.losses.split(",") if n.strip()]
+  unknown = sorted(set(names) - set(ALL_LOSSES))
+  if unknown:
+    parser.error(f"unknown --losses {unknown}; choose from {ALL_LOSSES}")
+  sizes = parse_sizes(args.sizes)
+  jdtype = jnp.dtype(args.dtype)
+  itemsize = jdtype.itemsize
+
+  jl = jax_losses()
+  tl = None
+  if args.torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    tl = torch_losses()
+    tdtype = getattr(torch, args.dtype)
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
+
+  print(f"# kd_jax loss benchmark | jax {jax.__version__} "
+        f"backend={jax.default_backend()} devices={jax.devices()} | "
+        f"{platform.processor() or platform.machine()} "
+        f"cpus={os.cpu_count()} | dtype={args.dtype}"
+        + (f" | torch {torch.__version__} threads={torch.get_num_threads()}"
+           if args.torch else ""))
+  print("# median of >= %d calls (>= 3 for cells slower than %.0f s) after "
+        "%d warm-up calls, jax and torch "
+        "interleaved call by call; GB/s = bytes of both logits / time; "
+        "ratio = torch time / jax time"
+        % (args.min_runs, args.max_cell_seconds, args.warmup))
+  cols = ["loss", "shape", "jax fwd µs", "GB/s", "jax fwd+bwd µs", "GB/s"]
+  if args.torch:
+    cols += ["torch fwd µs", "torch fwd+bwd µs", "fwd ratio", "fwd+bwd ratio"]
+  print("| " + " | ".join(cols) + " |")
+  print("|" + "|".join(["---"] * len(cols)) + "|")
+
+  rng = np.random.default_rng(0)
+  for shape in sizes:
+    nbytes_one = int(np.prod(shape)) * 4
+    avail = mem_available_bytes()
+    if avail is not None and args.mem_factor * nbytes_one > avail:
+      print(f"| (skipped {'x'.join(map(str, shape))}: needs ~"
+            f"{args.mem_factor * nbytes_one / 2**30:.1f} GiB, "
+            f"{avail / 2**30:.1f} GiB available) |")
+      continue
+    s_np = (3.0 * rng.standard_normal(shape, dtype=np.float32))
+    t_np = (3.0 * rng.standard_normal(shape, dtype=np.float32))
+    y_np = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
+    s = jnp.asarray(s_np, jdtype)
+    t = jnp.asarray(t_np, jdtype)
+    y = jnp.asarray(y_np)
+    gbytes = 2 * int(np.prod(shape)) * itemsize / 1e9
+    shape_str = "x".join(map(str, shape))
+    if tl is not None:
+      ts = torch.from_numpy(s_np).to(tdtype)
+      tt = torch.from_numpy(t_np).to(tdtype)
+      ty = torch.from_numpy(y_np.astype(np.int64))
+
+    for name in names:
+      f = jl[name]
+      fwd = jax.jit(f)
+      fwd_bwd = jax.jit(jax.value_and_grad(f))
+      timing = dict(warmup=args.warmup, min_runs=args.min_runs,
+                    max_runs=args.max_runs, budget_s=args.budget,
+                    max_cell_s=args.max_cell_seconds)
+      cells = [lambda: fwd(s, t, y).block_until_ready(),
+               lambda: jax.block_until_ready(fwd_bwd(s, t, y))]
+      if tl is not None:
+        g = tl[name]
+
+        def torch_fwd(g=g):
+          with torch.no_grad():
+            g(ts, tt, ty)
+
+        def torch_fwd_bwd(g=g):
+          x = ts.detach().requires_grad_(True)
+          loss = g(x, tt, ty)
+          torch.autograd.grad(loss, x)
+
+        cells += [torch_fwd, torch_fwd_bwd]
+      med = time_interleaved(cells, **timing)
+      t_fwd, t_bwd = med[0], med[1]
+      row = [name, shape_str, f"{t_fwd * 1e6:.0f}", f"{gbytes / t_fwd:.2f}",
+             f"{t_bwd * 1e6:.0f}", f"{gbytes / t_bwd:.2f}"]
+      if tl is not None:
+        tt_fwd, tt_bwd = med[2], med[3]
+        row += [f"{tt_fwd * 1e6:.0f}", f"{tt_bwd * 1e6:.0f}",
+                f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
+      print("| " + " | ".join(row) + " |", flush=True)
+    del s, t, y
+
+
+if __name__ == "__main__":
+  main()
