@@ -690,6 +690,12 @@ def test_token_shaped_inputs_with_mask(name):
   mask = np.arange(seq)[None, :] < np.array([[3], [5]])
   out = jcall(fn, s, t, labels, where=mask, **kw)
   assert out.shape == (b, seq)
+  # Padding tokens may carry an ignore index (HF's -100) in their labels.
+  ignore = np.where(mask, labels, -100)
+  np.testing.assert_allclose(jcall(fn, s, t, ignore, where=mask, **kw), out,
+                             rtol=1e-6)
+  g = jgrad(lambda x: jnp.sum(fn(x, t, ignore, where=mask, **kw)))(s)
+  assert np.all(np.isfinite(g)) and np.all(g[~mask] == 0)
   flat = jcall(fn, s.reshape(-1, v), t.reshape(-1, v), labels.reshape(-1), **kw)
   expected = np.where(mask, np.asarray(flat).reshape(b, seq), 0.0)
   np.testing.assert_allclose(out, expected, rtol=1e-6)
@@ -776,6 +782,16 @@ def test_bad_labels(fn):
     fn(s, t, np.array([0, 1, 6, 2]))
   with pytest.raises(ValueError, match=r"`labels` must be class indices"):
     fn(s, t, np.array([0, -1, 3, 2]))
+  with pytest.raises(ValueError, match=r"`labels` must be class indices"):
+    fn(s, t, np.array([0, -100, 3, 2]), where=np.array([1, 1, 0, 1], bool))
+
+
+def test_ignore_index_allowed_in_masked_rows():
+  s, t = random_logits(35, (4, 6))
+  where = np.array([True, False, True, True])
+  labels = np.array([0, -100, 3, 2])
+  out = losses.ofa_loss(s, t, labels, where=where)  # eager: concrete check
+  assert np.all(np.isfinite(out)) and out[1] == 0
 
 
 def test_bad_hyperparameters():
