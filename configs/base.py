@@ -24,7 +24,8 @@ Keys:
   `dtype`, `checkpoint` (a teacher-training workdir / Orbax checkpoint dir, or
   a converted PyTorch checkpoint when `checkpoint_format='torch'`),
   `precompute_logits` (run the teacher once over the train set instead of
-  every step; exact only without augmentation).
+  every step; exact only without augmentation), `evaluate` (report the
+  teacher's eval accuracy before distilling).
 * `loss`: `ce_weight`, `warmup_epochs` (DKD: `min(epoch / W, 1)` on KD terms,
   1-based epochs), `label_smoothing`, `terms` (label -> {`name` (defaults to
   the label), `weight`, loss hyperparameters}).
@@ -77,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.checkpoint = ""
   c.teacher.checkpoint_format = "orbax"
   c.teacher.precompute_logits = False
+  c.teacher.evaluate = True  # report the teacher's eval accuracy first
 
   c.loss = ml_collections.ConfigDict()
   c.loss.ce_weight = 1.0
@@ -119,7 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.paper = ml_collections.ConfigDict()
   c.report.paper.source = ""
   c.report.paper.metric = ""
-  c.report.paper.value = -1.0
+  c.report.paper.value = -1.0          # what this run targets (-1: none)
+  c.report.paper.teacher_value = -1.0  # the paper's teacher / student-alone
+  c.report.paper.student_value = -1.0
   c.report.notes = ""
   return c
 

@@ -86,3 +86,20 @@ IMAGENET_R34_R18 = {
 
 def lr_for_student(student: str) -> float:
   return 0.01 if student in ("mobilenetv2", "shufflenetv2") else 0.05
+
+
+def get_pair(pair: str) -> CifarPair:
+  if pair not in CIFAR100_PAIRS:
+    raise ValueError(f"unknown CIFAR-100 pair {pair!r}; choose one of "
+                     f"{', '.join(CIFAR100_PAIRS)}.")
+  return CIFAR100_PAIRS[pair]
+
+
+CIFAR100_METRIC = ("CIFAR-100 test top-1 (%), mean over runs as published "
+                   "(kd_jax reports both last- and best-epoch accuracy)")
+IMAGENET_METRIC = "ImageNet val top-1 (%), single run as published"
+
+
+def teacher_workdir(dataset: str, model: str) -> str:
+  """Default workdir of a teacher-training run (what distill configs load)."""
+  return f"workdirs/{dataset}/teacher_{model}"

@@ -185,7 +185,8 @@ def summarize(config, reports) -> Dict[str, Any]:
                                     for r in uniq],
     }
   student = se.get("student_phase", "")
-  for d, t in se.distill_from.items():
+  for d in [p for p in phase_order(config) if p in se.distill_from]:
+    t = se.distill_from[d]
     row = {"distill_phase": d, "teacher_phase": t, "student_phase": student}
     dl = np.asarray(out["phases"][d]["last_top1"])
     db = np.asarray(out["phases"][d]["best_top1"])

@@ -68,6 +68,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _AUG_TAG = 0x6175  # fold-in tag of the augmentation stream
+# Parameter initialization runs once; XLA:CPU spends seconds optimizing the
+# threefry kernels of a ResNet's init (5 s for resnet8) -- compile it without
+# backend optimizations (1 s). Results are the same integer/float ops.
+_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class ConfigError(ValueError):
@@ -90,10 +94,14 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   one scanned call, an eval on 16 examples, synchronous checkpoints, 32x32
   ImageNet crops, no progress bar. Returns `config` unchanged otherwise.
   """
-  if not config.get("debug", False):
+  if not config.get("debug", False) or config.get("debug_applied", False):
     return config
   c = ml_collections.ConfigDict(config.to_dict())
+  c.debug_applied = True
   c.data.mock = c.data.get("mock", True) if c.data.data_dir else True
+  if c.get("teacher") and c.teacher.checkpoint and not os.path.exists(
+      c.teacher.checkpoint):
+    c.teacher.checkpoint = ""  # the default teacher workdir is not there yet
   c.data.mock_num_examples = max(int(c.data.get("mock_num_examples", 64)), 32)
   c.data.train_subset = 32
   c.data.eval_subset = 16
@@ -105,6 +113,8 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.log_every_steps = 1
   c.train.progress_bar = False
   c.checkpoint.async_save = False
+  if c.get("teacher"):
+    c.teacher.evaluate = False
   if c.mode == "seed_experiment":
     c.seed_experiment.seeds = tuple(c.seed_experiment.seeds)[:1]
   return c
@@ -524,7 +534,9 @@ def _teacher_variables(config, teacher, image_shape, rng):
   if not path:
     logging.warning("debug run: distilling from a randomly initialized "
                     "teacher (no teacher.checkpoint).")
-    return _init_variables(teacher, jax.random.fold_in(rng, 7), image_shape)
+    return jax.jit(lambda r: _init_variables(teacher, r, image_shape),
+                   compiler_options=_INIT_COMPILER_OPTIONS)(
+                       jax.random.fold_in(rng, 7))
   path = os.path.abspath(path)
   ck_dir = os.path.join(path, "checkpoints")
   if config.teacher.checkpoint_format == "orbax" and os.path.isdir(ck_dir):
@@ -575,11 +587,68 @@ class _Progress:
       self._bar.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Dict[str, Any]:
+def _shape_tree(tree):
+  return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
+
+
+def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
+             state_rng, teacher_vars, precompute, spc, total_steps, timings,
+             tick):
+  """Traces init / train / eval programs with `jax.eval_shape` (no compile)."""
+  distill = config.mode == "distill"
+  st = jax.eval_shape(init_state, init_rng, state_rng)
+  n = min(spc, data.train.steps_per_epoch, total_steps)
+  idx = np.stack([data.train.local_indices(0, j) for j in range(n)])
+  batch = data.train.batch_at(idx)
+  fn = steps_lib.make_multi_step(train_step)
+  if not distill:
+    fn0 = fn
+    fn = lambda st, tv, b: fn0(st, b)  # noqa: E731
+  tv = teacher_vars
+  if distill and precompute:
+    tv = jax.ShapeDtypeStruct((data.train.num_examples,
+                               config.teacher.num_classes), jnp.float32)
+  tv = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tv)
+  eval_batch = next(iter(data.eval.epoch(0)))
+  if dp.mode == "pmap":
+    k = dp.num_devices
+
+    def split(x, axis):
+      x = np.asarray(x)
+      sh = x.shape
+      x = x.reshape(sh[:axis] + (k, sh[axis] // k) + sh[axis + 1:])
+      return np.moveaxis(x, axis, 0)
+
+    batch = jax.tree_util.tree_map(lambda x: split(x, 1), batch)
+    eval_batch = jax.tree_util.tree_map(lambda x: split(x, 0), eval_batch)
+    fn = jax.vmap(fn, in_axes=(None, None, 0), axis_name=dp._axis)  # pylint: disable=protected-access
+    eval_step = jax.vmap(eval_step, in_axes=(None, 0), axis_name=dp._axis)  # pylint: disable=protected-access
+  _, metrics = jax.eval_shape(fn, st, tv, batch)
+  eval_metrics = jax.eval_shape(eval_step, st, eval_batch)
+  tick("traced")
+  n_params = sum(int(np.prod(x.shape))
+                 for x in jax.tree_util.tree_leaves(st.params))
+  return {"dry_run": True, "mode": config.mode, "model": config.model.name,
+          "teacher": config.teacher.name if distill else None,
+          "num_params": n_params, "steps": total_steps,
+          "steps_per_epoch": data.train.steps_per_epoch,
+          "metrics": _shape_tree(metrics),
+          "eval_metrics": _shape_tree(eval_metrics), "timings": timings}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dry_run: bool = False) -> Dict[str, Any]:
   """Runs one train / distill phase; returns (and writes) its report.
 
   Resumes from `<workdir>/checkpoints` when it holds a finalized checkpoint.
+
+  `dry_run=True` does everything up to the first step -- validation, data
+  loading, model/teacher/optimizer construction, building the step, eval
+  and init programs -- and then traces them with `jax.eval_shape` on a real
+  batch instead of compiling and running them: a cheap check that a config
+  is consistent end to end. Returns `{'dry_run': True, 'metrics': {name:
+  shape}, ...}` and writes nothing but `config.json`.
   """
   t_start = time.perf_counter()
   timings: Dict[str, float] = {}
@@ -627,8 +696,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     teacher = models_lib.create(config.teacher.name,
                                 num_classes=config.teacher.num_classes,
                                 dtype=_resolve_dtype(config.teacher.dtype))
-    teacher_vars = _teacher_variables(config, teacher, data.image_shape,
-                                      teacher_rng)
+    if dry_run and not config.teacher.checkpoint:
+      teacher_vars = jax.eval_shape(
+          lambda r: _init_variables(teacher, r, data.image_shape), teacher_rng)
+    else:
+      teacher_vars = _teacher_variables(config, teacher, data.image_shape,
+                                        teacher_rng)
 
   # ---- programs ----------------------------------------------------------
   spc = int(config.train.steps_per_call)
@@ -642,7 +715,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     def init_state(init_rng, state_rng):
       variables = _init_variables(student, init_rng, data.image_shape)
       return state_lib.create_train_state(variables, tx, rng=state_rng)
-    init_state = jax.jit(init_state)
+    init_state = jax.jit(init_state, compiler_options=_INIT_COMPILER_OPTIONS)
 
     preprocess = make_train_preprocess(data, steps_per_epoch=spe,
                                        separate_teacher_view=separate)
@@ -683,10 +756,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           steps_lib.make_eval_step(teacher, axis_name=dp.axis_name,
                                    preprocess=_eval_preprocess(data)),
           stacked=False, donate_state=False)
+    eval_step = steps_lib.make_eval_step(student, axis_name=dp.axis_name,
+                                         preprocess=_eval_preprocess(data))
     progs = (init_state, compiled_multi, compiled_single, eval_fn,
-             teacher_eval_fn)
+             teacher_eval_fn, train_step, eval_step)
     _PROGRAMS[pkey] = progs
-  init_state, compiled_multi, compiled_single, eval_fn, teacher_eval_fn = progs
+  (init_state, compiled_multi, compiled_single, eval_fn, teacher_eval_fn,
+   raw_train_step, raw_eval_step) = progs
+  if dry_run:
+    return _dry_run(config, data, dp, init_state, raw_train_step,
+                    raw_eval_step, init_rng, state_rng, teacher_vars,
+                    precompute, spc, total_steps, timings, tick)
   state = init_state(init_rng, state_rng)
   key_impl = jax.random.key_impl(state.rng)
   tick("state_initialized")
