@@ -840,10 +840,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_log = start_step
   ck_every = int(ck_cfg.every_steps or 0)
   last_ck = start_step
-  train_time = 0.0
+  # Timing: the loop's wall time minus evaluation = train time (data
+  # gathering, transfers, compilation of the first call, checkpoint saves
+  # included); "steady" also excludes the first call (compilation) and the
+  # checkpoint saves. Work is dispatched asynchronously; the clocks are read
+  # after blocking on the device.
   eval_time = 0.0
+  ckpt_time = 0.0
   first_call_s = None
-  steady_steps, steady_time = 0, 0.0
+  first_steps = 0
+  t_loop = time.perf_counter()
+  t_first_end = None
+  overhead_after_first = 0.0
 
   def flush_logs(upto_step):
     nonlocal pending
@@ -862,11 +870,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     rec["lr"] = float(schedule(max(upto_step - 1, 0)))
     writer.write(upto_step, rec, split="train", epoch=upto_step / spe)
 
+  def timed_save(step, st_dev, metrics=None):
+    nonlocal ckpt_time, overhead_after_first
+    tc = time.perf_counter()
+    save(step, st_dev, metrics=metrics)
+    dt = time.perf_counter() - tc
+    ckpt_time += dt
+    if t_first_end is not None:
+      overhead_after_first += dt
+
   try:
     while step < total_steps:
       epoch, in_epoch = divmod(step, spe)
       n = min(spc, spe - in_epoch, total_steps - step)
-      t0 = time.perf_counter()
       if n == 1 and spc == 1:
         batch = data.train.get_batch(epoch, in_epoch)
         fn = compiled_single
@@ -882,16 +898,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state_dev, m = fn(state_dev, batch)
       if first_call_s is None:
         jax.block_until_ready(m)
-        first_call_s = time.perf_counter() - t0
-        t_steady = time.perf_counter()
-      else:
-        steady_steps += n
+        t_first_end = time.perf_counter()
+        first_call_s = t_first_end - t_loop
+        first_steps = n
       pending.append((n, m))
       step += n
-      dt = time.perf_counter() - t0
-      train_time += dt
-      progress.update(
-          n, ex_per_s=f"{(step - start_step) * bs / max(train_time, 1e-9):.0f}")
+      elapsed = time.perf_counter() - t_loop - eval_time
+      progress.update(n, ex_per_s=f"{(step - start_step) * bs / elapsed:.0f}")
       epoch_end = step % spe == 0 or step == total_steps
       if step - last_log >= log_every or epoch_end:
         flush_logs(step)
@@ -901,28 +914,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if (cur_epoch % max(int(config.train.eval_every_epochs), 1) == 0
             or step == total_steps):
           jax.block_until_ready(state_dev)
-          steady_time += time.perf_counter() - t_steady
           te = time.perf_counter()
-          st_host_vars = state_dev
-          ev = evaluate(eval_fn, st_host_vars)
-          eval_time += time.perf_counter() - te
-          t_steady = time.perf_counter()
+          ev = evaluate(eval_fn, state_dev)
+          dt = time.perf_counter() - te
+          eval_time += dt
+          overhead_after_first += dt
           rec = {"step": step, "epoch": step / spe, **ev}
           evals.append(rec)
           writer.write(step, ev, split="eval", epoch=step / spe)
-          save(step, state_dev, metrics={"accuracy": ev["top1"]})
+          timed_save(step, state_dev, metrics={"accuracy": ev["top1"]})
           last_ck = step
         elif ck_cfg.every_epochs and cur_epoch % int(ck_cfg.every_epochs) == 0:
-          save(step, state_dev)
+          timed_save(step, state_dev)
           last_ck = step
       elif ck_every and step // ck_every > last_ck // ck_every:
-        save(step, state_dev)
+        timed_save(step, state_dev)
         last_ck = step
     jax.block_until_ready(state_dev)
-    if first_call_s is not None and steady_steps:
-      steady_time += time.perf_counter() - t_steady
+    t_end = time.perf_counter()
     if step > last_ck:
-      save(step, state_dev)
+      timed_save(step, state_dev)
   finally:
     progress.close()
     flush_logs(step)
@@ -944,8 +955,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last = evals[-1] if evals else None
   best = max(evals, key=lambda r: r["top1"]) if evals else None
   trained = total_steps - start_step
+  train_time = (t_end - t_loop - eval_time) if trained else 0.0
+  steady_steps = trained - first_steps
+  steady_time = ((t_end - t_first_end - overhead_after_first)
+                 if t_first_end is not None else 0.0)
   steady_eps = (steady_steps * bs / steady_time
-                if steady_steps and steady_time > 0 else None)
+                if steady_steps > 0 and steady_time > 0 else None)
   report = {
       "mode": config.mode,
       "model": config.model.name,
@@ -968,6 +983,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "wall_s": time.perf_counter() - t_start,
       "train_s": train_time,
       "eval_s": eval_time,
+      "checkpoint_s": ckpt_time,
       "first_call_s": first_call_s,
       "examples_per_sec": (trained * bs / train_time if train_time else None),
       "steady_examples_per_sec": steady_eps,
