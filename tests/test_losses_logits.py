@@ -660,7 +660,7 @@ def test_huge_logits_match_log_space_reference():
 
 def test_dist_huge_logits_finite():
   s, t = _huge_logits(24, (6, 5))
-  val, g = jax.value_and_grad(losses.dist_loss)(s, t)
+  val, g = jax.jit(jax.value_and_grad(losses.dist_loss))(s, t)
   assert np.isfinite(val) and np.all(np.isfinite(g))
 
 
@@ -669,14 +669,15 @@ def test_vmap_over_extra_axis(name):
   fn, kw = PER_EXAMPLE[name]
   s, t = random_logits(25, (3, 4, 6))
   labels = random_labels(25, (3, 4), 6)
-  out = jax.vmap(lambda a, b, c: fn(a, b, c, **kw))(s, t, labels)
-  expected = np.stack([jcall(fn, s[i], t[i], labels[i], **kw) for i in range(3)])
+  out = jax.jit(jax.vmap(lambda a, b, c: fn(a, b, c, **kw)))(s, t, labels)
+  single = jax.jit(functools.partial(fn, **kw))
+  expected = np.stack([single(s[i], t[i], labels[i]) for i in range(3)])
   np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 def test_dist_vmap_over_extra_axis():
   s, t = random_logits(25, (3, 4, 6))
-  out = jax.vmap(losses.dist_loss)(s, t)
+  out = jax.jit(jax.vmap(losses.dist_loss))(s, t)
   expected = [np_dist(s[i], t[i], 1.0, 1.0, 1.0) for i in range(3)]
   assert_rel_close(out, expected)
 
