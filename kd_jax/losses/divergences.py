@@ -22,8 +22,6 @@ inputs, only possible with `jax_enable_x64`, stay float64).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
