@@ -348,7 +348,7 @@ def _toy_data(pad=4, flip=True):
   imgs = np.arange(6 * 8 * 8 * 3, dtype=np.uint8).reshape(6, 8, 8, 3)
   p = pl.InMemoryPipeline(imgs, np.arange(6), global_batch_size=2,
                           with_index=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-  return loop._Data(info=None, train=p, eval=p, image_shape=(8, 8, 3),
+  return loop._Data(info=None, train=p, eval_pipe=p, image_shape=(8, 8, 3),
                     mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=pad,
                     flip=flip), imgs
 

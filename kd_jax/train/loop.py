@@ -198,6 +198,10 @@ def validate_config(config: ml_collections.ConfigDict, *,
     if _get(config, key, "float32") not in DTYPES:
       raise ConfigError(key, f"must be one of {tuple(DTYPES)}; got "
                         f"{_get(config, key)!r}.")
+  if not info.in_memory and not _get(config, "data.augment", True):
+    raise ConfigError("data.augment", f"dataset {data_name!r} is streamed "
+                      "with its standard crops; data.augment=False is only "
+                      "supported for in-memory datasets.")
   teacher_view = _get(config, "data.teacher_view", "same")
   if teacher_view not in ("same", "separate"):
     raise ConfigError("data.teacher_view", "must be 'same' or 'separate'; got "
@@ -302,86 +306,168 @@ def _augments(config, info) -> bool:
 # Data.
 
 
+class _InMemoryTrain:
+  """Train batches gathered from in-memory arrays (MNIST / CIFAR)."""
+
+  def __init__(self, pipe: pipeline_lib.InMemoryPipeline):
+    self.pipe = pipe
+    self.steps_per_epoch = pipe.steps_per_epoch
+    self.num_examples = pipe.num_examples
+    self.images = pipe.images
+
+  def chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
+    """Stacked `[n, local_batch, ...]` batches of global steps [step, step+n)."""
+    spe = self.steps_per_epoch
+    idx = np.stack([self.pipe.local_indices(*divmod(step + j, spe))
+                    for j in range(n)])
+    return self.pipe.batch_at(idx)
+
+  def batch(self, step: int) -> Dict[str, np.ndarray]:
+    return self.pipe.get_batch(*divmod(step, self.steps_per_epoch))
+
+  def close(self):
+    pass
+
+
+class _GrainTrain:
+  """Train batches from the ImageNet grain pipeline (host crops)."""
+
+  def __init__(self, pipe):
+    self.pipe = pipe
+    self.steps_per_epoch = pipe.steps_per_epoch
+    self.num_examples = pipe.num_examples
+    self._it = None
+    self._next = None
+
+  def _seek(self, step):
+    if self._it is None or self._next != step:
+      pos = {"epoch": step // self.steps_per_epoch,
+             "step": step % self.steps_per_epoch}
+      if self._it is None:
+        self._it = self.pipe.iterator(pos)
+      else:
+        self._it.set_state(pos)
+      self._next = step
+
+  def chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
+    self._seek(step)
+    out = self._it.next_chunk(n)
+    self._next = step + n
+    return out
+
+  def batch(self, step: int) -> Dict[str, np.ndarray]:
+    self._seek(step)
+    out = next(self._it)
+    self._next = step + 1
+    return out
+
+  def close(self):
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+
 @dataclasses.dataclass
 class _Data:
   info: sources_lib.DatasetInfo
-  train: pipeline_lib.InMemoryPipeline
-  eval: pipeline_lib.InMemoryPipeline
+  train: Any                      # _InMemoryTrain | _GrainTrain
+  eval_pipe: Any
   image_shape: Tuple[int, int, int]
   mean: Tuple[float, ...]
   std: Tuple[float, ...]
-  crop_padding: Optional[int]
+  crop_padding: Optional[int]     # on-device augmentation (in-memory data)
   flip: bool
+  host_teacher_view: bool = False  # the pipeline emits `teacher_image`
+
+  def eval_batches(self):
+    if isinstance(self.eval_pipe, pipeline_lib.InMemoryPipeline):
+      yield from self.eval_pipe.epoch(0)
+      return
+    it = self.eval_pipe.iterator(num_epochs=1)
+    try:
+      yield from it
+    finally:
+      it.close()
+
+  def close(self):
+    self.train.close()
 
 
-def _mock_arrays(name: str, split: str, n: int, image_size: int):
+def _mock_arrays(name: str, split: str, n: int):
   """Arrays from TFDS `mock_data` (random records; never the network)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = sources_lib.dataset_info(name)
   with tfds.testing.mock_data(num_examples=n):
     src = tfds.data_source(name, split=split)
     recs = [src[i] for i in range(len(src))]
-  return _records_to_arrays(recs, name, image_size)
-
-
-def _records_to_arrays(recs, name, image_size):
-  info = sources_lib.dataset_info(name)
-  shape = info.image_shape or (image_size, image_size, 3)
-  images = np.zeros((len(recs),) + tuple(shape), np.uint8)
-  labels = np.zeros((len(recs),), np.int32)
-  for i, r in enumerate(recs):
-    img = np.asarray(r["image"], np.uint8)
-    if img.shape != tuple(shape):  # variable-size (ImageNet): resize
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      img = np.asarray(Image.fromarray(img.squeeze() if img.shape[-1] == 1
-                                       else img).resize(shape[:2][::-1]))
-      img = img.reshape(shape)
-    images[i] = img
-    labels[i] = int(r["label"]) % info.num_classes
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in recs])
+  labels = np.asarray([int(r["label"]) % info.num_classes for r in recs],
+                      np.int32)
   return images, labels
 
 
 def _load_data(config) -> _Data:
+  """Train/eval pipelines. Call inside `tfds.testing.mock_data` for mocks."""
   name = config.data.name
   info = sources_lib.dataset_info(name)
   data_dir = config.data.data_dir or None
   cache_dir = config.data.cache_dir or None
-  image_size = int(config.data.get("image_size", 224))
+  bs = config.train.batch_size
+  if not info.in_memory:
+    return _load_grain_data(config, info)
   if config.data.mock:
     n = int(config.data.mock_num_examples)
-    tr = _mock_arrays(name, info.train_split, n, image_size)
-    ev = _mock_arrays(name, info.eval_split, n, image_size)
-  elif info.in_memory:
+    tr = _mock_arrays(name, info.train_split, n)
+    ev = _mock_arrays(name, info.eval_split, n)
+  else:
     tr = sources_lib.load_arrays(name, info.train_split, data_dir=data_dir,
                                  cache_dir=cache_dir)
     ev = sources_lib.load_arrays(name, info.eval_split, data_dir=data_dir,
                                  cache_dir=cache_dir)
-  else:
-    raise ConfigError(
-        "data.name", f"{name!r} is not an in-memory dataset; the streaming "
-        "ImageNet pipeline is not wired into the trainer yet (debug runs use "
-        "mock data).")
   if config.data.train_subset:
     tr = (tr[0][:config.data.train_subset], tr[1][:config.data.train_subset])
   if config.data.eval_subset:
     ev = (ev[0][:config.data.eval_subset], ev[1][:config.data.eval_subset])
   augment = _augments(config, info)
-  if tr[0].shape[0] < config.train.batch_size:
-    raise ConfigError(
-        "train.batch_size", f"{config.train.batch_size} exceeds the "
-        f"{tr[0].shape[0]} training examples.")
+  if tr[0].shape[0] < bs:
+    raise ConfigError("train.batch_size", f"{bs} exceeds the "
+                      f"{tr[0].shape[0]} training examples.")
   train = pipeline_lib.InMemoryPipeline(
-      tr[0], tr[1], global_batch_size=config.train.batch_size,
-      seed=config.seed, shuffle=True, drop_remainder=True, with_index=True,
-      mean=info.mean, std=info.std)
+      tr[0], tr[1], global_batch_size=bs, seed=config.seed, shuffle=True,
+      drop_remainder=True, with_index=True, mean=info.mean, std=info.std)
   evalp = pipeline_lib.InMemoryPipeline(
       ev[0], ev[1], global_batch_size=config.train.eval_batch_size, seed=0,
       shuffle=False, drop_remainder=False, with_index=False, mean=info.mean,
       std=info.std)
-  return _Data(info=info, train=train, eval=evalp,
+  return _Data(info=info, train=_InMemoryTrain(train), eval_pipe=evalp,
                image_shape=tuple(tr[0].shape[1:]), mean=info.mean,
                std=info.std,
                crop_padding=info.crop_padding if augment else None,
                flip=info.flip and augment)
+
+
+def _load_grain_data(config, info) -> _Data:
+  """ImageNet: grain pipeline, per-record decode + crop in worker processes."""
+  from kd_jax.data import imagenet as imagenet_lib  # pylint: disable=g-import-not-at-top
+  mock = bool(config.data.mock)
+  size = int(config.data.image_size)
+  common = dict(
+      data_dir=config.data.data_dir or None, decode_in_tfds=mock,
+      image_size=size, resize_size=max(size, int(round(size * 256 / 224))),
+      num_workers=0 if mock else int(config.data.num_workers),
+      mean=info.mean, std=info.std)
+  separate = (config.mode == "distill"
+              and config.data.teacher_view == "separate")
+  train = imagenet_lib.imagenet_pipeline(
+      info.train_split, global_batch_size=config.train.batch_size, train=True,
+      seed=config.seed, with_index=True, separate_teacher_view=separate,
+      num_examples=config.data.train_subset or None, **common)
+  evalp = imagenet_lib.imagenet_pipeline(
+      info.eval_split, global_batch_size=config.train.eval_batch_size,
+      train=False, num_examples=config.data.eval_subset or None, **common)
+  return _Data(info=info, train=_GrainTrain(train), eval_pipe=evalp,
+               image_shape=(size, size, 3), mean=info.mean, std=info.std,
+               crop_padding=None, flip=False, host_teacher_view=separate)
 
 
 def make_train_preprocess(data: _Data, *, steps_per_epoch: int,
@@ -412,7 +498,9 @@ def make_train_preprocess(data: _Data, *, steps_per_epoch: int,
       keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch["index"])
     images = batch["image"]
     batch["image"] = view(keys, images)
-    if separate_teacher_view:
+    if "teacher_image" in batch:  # the host pipeline made the teacher's view
+      batch["teacher_image"] = view(None, batch["teacher_image"])
+    elif separate_teacher_view:
       tkeys = (None if keys is None
                else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
       batch["teacher_image"] = view(tkeys, images)
@@ -598,8 +686,7 @@ def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
   distill = config.mode == "distill"
   st = jax.eval_shape(init_state, init_rng, state_rng)
   n = min(spc, data.train.steps_per_epoch, total_steps)
-  idx = np.stack([data.train.local_indices(0, j) for j in range(n)])
-  batch = data.train.batch_at(idx)
+  batch = data.train.chunk(0, n)
   fn = steps_lib.make_multi_step(train_step)
   if not distill:
     fn0 = fn
@@ -610,7 +697,7 @@ def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
                                config.teacher.num_classes), jnp.float32)
   tv = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tv)
-  eval_batch = next(iter(data.eval.epoch(0)))
+  eval_batch = next(iter(data.eval_batches()))
   if dp.mode == "pmap":
     k = dp.num_devices
 
@@ -664,10 +751,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  with contextlib.ExitStack() as stack:
+    if (config.data.mock
+        and not sources_lib.dataset_info(config.data.name).in_memory):
+      # Streaming pipelines read records lazily: keep the mock active.
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      stack.enter_context(tfds.testing.mock_data(
+          num_examples=int(config.data.mock_num_examples)))
+    data = _load_data(config)
+    stack.callback(data.close)
+    tick("data_loaded")
+    return _run(config, workdir, data, dry_run=dry_run, timings=timings,
+                tick=tick, t_start=t_start)
 
+
+def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
+  """The body of `train_and_evaluate` once the data are loaded."""
   distill = config.mode == "distill"
-  data = _load_data(config)
-  tick("data_loaded")
   spe = data.train.steps_per_epoch
   total_steps = (int(config.train.num_steps) if config.train.num_steps
                  else int(config.train.num_epochs) * spe)
@@ -773,7 +873,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def evaluate(fn, variables_dev):
     outs = []
-    for b in data.eval.epoch(0):
+    for b in data.eval_batches():
       outs.append(fn(variables_dev, dp.shard_batch(b)))
     return _weighted_eval([dp.fetch(o) for o in outs])
 
@@ -785,7 +885,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       teacher_acc = evaluate(teacher_eval_fn, tv_dev)["top1"]
     if precompute:
       logits = steps_lib.precompute_teacher_logits(
-          teacher, teacher_vars, data.train.images,
+          teacher, teacher_vars, data.train.images,  # in-memory (validated)
           batch_size=max(config.train.eval_batch_size, 256),
           preprocess=lambda x: augment_lib.normalize(x, data.mean, data.std))
       tv_dev = dp.replicate(jnp.asarray(logits, jnp.float32))
@@ -884,12 +984,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       epoch, in_epoch = divmod(step, spe)
       n = min(spc, spe - in_epoch, total_steps - step)
       if n == 1 and spc == 1:
-        batch = data.train.get_batch(epoch, in_epoch)
+        batch = data.train.batch(step)
         fn = compiled_single
       else:
-        idx = np.stack([data.train.local_indices(epoch, in_epoch + j)
-                        for j in range(n)])
-        batch = data.train.batch_at(idx)
+        batch = data.train.chunk(step, n)
         fn = compiled_multi
       batch = dp.shard_batch(batch, stacked=fn is compiled_multi)
       if distill:
