@@ -559,3 +559,29 @@ def test_single_pmap_jit_same_result():
         np.testing.assert_allclose(
             x, y, rtol=1e-4, atol=1e-5,
             err_msg=f"{mode} {what}{jax.tree_util.keystr(path)}")
+
+
+# ------------------------------------------------------------- configs --
+
+@pytest.mark.parametrize("method", sorted(D.available()))
+def test_cifar100_configs_build_their_terms(method):
+  import importlib
+  c = importlib.import_module(f"configs.cifar100_{method}").get_config(
+      "resnet32x4-resnet8x4")
+  assert c.mode == "distill" and c.model.name == "resnet8x4"
+  dist = {k: v for k, v in c.loss.terms.items() if D.is_distiller_term(v)}
+  assert len(dist) == 1
+  (label, tc), = dist.items()
+  t = D.term_from_config(label, tc.to_dict(), placeholders=True)
+  assert isinstance(t.distiller, D.Distiller) and t.weight > 0
+  published = {"at": 1000.0, "sp": 3000.0, "pkt": 30000.0, "nst": 50.0,
+               "fitnet": 100.0, "crd": 0.8, "cc": 0.02, "vid": 1.0,
+               "ft": 200.0, "rkd": 1.0}
+  if method in published:
+    assert t.weight == published[method]
+  if method == "crd":
+    t = D.term_from_config(label, tc.to_dict(), num_data=50000,
+                           dataset_labels=np.arange(50000) % 100)
+    assert t.distiller.num_negatives == 16384 and not t.distiller.replace
+    with pytest.raises(ValueError, match="training-set size"):
+      D.term_from_config(label, tc.to_dict())

@@ -14,7 +14,7 @@ ATDistiller(feature_key='stages', layers='1:', teacher_layers='1:', p=2)
 True
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
@@ -92,8 +92,88 @@ def create(name: str, **kwargs) -> Distiller:
                      f"{', '.join(sorted(set(valid)))}.") from None
 
 
+def term_from_config(label: str, config: Mapping[str, Any], *,
+                     num_data: Optional[int] = None,
+                     dataset_labels: Any = None,
+                     teacher_variables: Any = None,
+                     placeholders: bool = False):
+  """A distiller `kd_jax.train.Term` from a config entry (`loss.terms.<label>`).
+
+  The entry names the method with `distiller` (not `name`, which stays the
+  key of logit losses: `'ofa'` is both a logit loss and a distiller); `weight`
+  and `warmup` are the term's, everything else goes to the constructor, e.g.
+  `{'distiller': 'at', 'weight': 1000.0, 'p': 2}`. Run-time information the
+  config cannot hold is injected here:
+
+  * CRD: `num_data` (training-set size, required) and, unless the entry says
+    `class_negatives=False`, `dataset_labels` (RepDistiller's negatives from
+    the other classes);
+  * OFD with `teacher_bn='auto'`: the teacher's BN-before-ReLU parameters,
+    `bn_before_relu(teacher_variables)`.
+
+  `placeholders=True` builds the term without that information (dummy CRD
+  size, OFD margins from data) -- to validate a config before the data and
+  the teacher are loaded.
+
+  >>> t = term_from_config("at", {"distiller": "at", "weight": 1000.0})
+  >>> t.label, t.weight, type(t.distiller).__name__
+  ('at', 1000.0, 'ATDistiller')
+  """
+  from kd_jax.train import objectives as _objectives  # pylint: disable=g-import-not-at-top
+  cfg = dict(config)
+  if "distiller" not in cfg:
+    raise ValueError(
+        f"loss.terms.{label}: a distiller term needs a 'distiller' key naming "
+        f"the method (one of {', '.join(available())}).")
+  name = cfg.pop("distiller")
+  weight = float(cfg.pop("weight", 1.0))
+  warmup = bool(cfg.pop("warmup", True))
+  if placeholders:
+    num_data = num_data if num_data is not None else 2
+    if name == "crd" and dataset_labels is None:
+      cfg.pop("class_negatives", None)
+      cfg["class_negatives"] = False
+      cfg.pop("num_negatives", None)
+      cfg["num_negatives"] = 1
+    if name == "ofd" and teacher_variables is None and (
+        cfg.get("teacher_bn") == "auto"):
+      cfg.pop("teacher_bn")
+  if name == "crd":
+    class_negatives = bool(cfg.pop("class_negatives", True))
+    if "num_data" not in cfg:
+      if num_data is None:
+        raise ValueError(f"loss.terms.{label}: CRD needs the training-set "
+                         "size (`num_data`).")
+      cfg["num_data"] = int(num_data)
+    if class_negatives and "dataset_labels" not in cfg:
+      if dataset_labels is None:
+        raise ValueError(f"loss.terms.{label}: CRD with class_negatives=True "
+                         "needs the training labels (`dataset_labels`).")
+      cfg["dataset_labels"] = dataset_labels
+  if name == "ofd" and cfg.get("teacher_bn") == "auto":
+    if teacher_variables is None:
+      raise ValueError(f"loss.terms.{label}: OFD with teacher_bn='auto' needs "
+                       "the teacher variables.")
+    cfg["teacher_bn"] = bn_before_relu(teacher_variables)
+  for k, v in list(cfg.items()):  # ConfigDict tuples/lists -> tuples
+    if isinstance(v, list):
+      cfg[k] = tuple(v)
+  try:
+    d = create(name, **cfg)
+  except ValueError as e:
+    raise ValueError(f"loss.terms.{label}: {e}") from None
+  return _objectives.Term(label, weight, label=label, warmup=warmup,
+                          distiller=d)
+
+
+def is_distiller_term(config: Mapping[str, Any]) -> bool:
+  """Whether a `loss.terms.<label>` entry describes a distiller term."""
+  return "distiller" in config
+
+
 __all__ = [
     "Distiller", "PretrainStage", "adapters", "available", "create",
+    "term_from_config", "is_distiller_term",
     "init_distillers", "make_term_inputs", "parse_layers",
     "run_pretrain_stage", "select_features", "sample_negatives",
     "bn_before_relu", "FitNetDistiller", "ATDistiller", "NSTDistiller",
