@@ -585,3 +585,27 @@ def test_cifar100_configs_build_their_terms(method):
     assert t.distiller.num_negatives == 16384 and not t.distiller.replace
     with pytest.raises(ValueError, match="training-set size"):
       D.term_from_config(label, tc.to_dict())
+
+
+def test_kdsvd_gradients_stay_finite_for_rank_deficient_maps():
+  # Rows repeat (as at blank image borders): repeated zero singular values,
+  # where the SVD's gradient is undefined.
+  rs = np.random.RandomState(6)
+  base = rs.randn(2, 2, 1, 4).astype(np.float32)
+  fs = [jnp.asarray(rs.randn(2, 4, 4, 4), jnp.float32),
+        jnp.asarray(np.repeat(base, 2, axis=2))]          # rank <= 2 of 4
+  ft = [jnp.asarray(rs.randn(2, 4, 4, 4), jnp.float32),
+        jnp.asarray(rs.randn(2, 2, 2, 4), jnp.float32)]
+
+  def loss(f, **kw):
+    inp = _inputs({"stages": f, "pooled": f[0].mean((1, 2))},
+                  {"stages": ft, "pooled": ft[0].mean((1, 2))})
+    return D.KDSVDDistiller(layers=None, per_example=False, **kw)(
+        {}, {}, inp)[0]
+
+  raw = jax.grad(lambda f: loss(f, finite_grads=False))(fs)
+  safe = jax.grad(loss)(fs)
+  assert not all(bool(jnp.isfinite(g).all()) for g in raw)
+  assert all(bool(jnp.isfinite(g).all()) for g in safe)
+  np.testing.assert_allclose(float(loss(fs)),
+                             float(loss(fs, finite_grads=False)))

@@ -17,6 +17,23 @@ from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 
 
+@jax.custom_vjp
+def _finite_grad(x):
+  """Identity whose backward pass replaces non-finite cotangents by 0."""
+  return x
+
+
+def _finite_grad_fwd(x):
+  return x, None
+
+
+def _finite_grad_bwd(_, g):
+  return (jnp.where(jnp.isfinite(g), g, jnp.zeros_like(g)),)
+
+
+_finite_grad.defvjp(_finite_grad_fwd, _finite_grad_bwd)
+
+
 class _Layerwise(Distiller):
   """Shared selection logic: `feature_key` + student/teacher layer lists."""
 
@@ -88,6 +105,14 @@ class KDSVDDistiller(_Layerwise):
   (channels must match layer by layer; see `kdsvd_loss` for the sign
   convention of the teacher's singular vectors).
 
+  `finite_grads` (default True) zeroes non-finite gradient entries flowing
+  back into the student features: the SVD's gradient is undefined (inf/NaN)
+  when a feature matrix has repeated singular values -- e.g. rank-deficient
+  maps whose rows repeat (blank image borders); the reference (torch
+  `svd` backward) then produces NaN and training diverges. With the
+  safeguard such examples simply contribute no KDSVD gradient. The loss
+  value is unchanged.
+
   `per_example` evaluates the loss one example at a time (`lax.map`; the
   loss is a sum of per-example terms divided by `B`, so the value is the
   same). Default: on the CPU backend only, where jaxlib's *batched* LAPACK
@@ -97,13 +122,17 @@ class KDSVDDistiller(_Layerwise):
   """
   name = "kdsvd"
 
-  def __init__(self, *, k: int = 1, per_example=None, **kwargs):
+  def __init__(self, *, k: int = 1, per_example=None,
+               finite_grads: bool = True, **kwargs):
     super().__init__(**kwargs)
     self.k = k
     self.per_example = per_example
+    self.finite_grads = finite_grads
 
   def __call__(self, params, state, inputs):
     s, t = self._pairs(inputs)
+    if self.finite_grads:
+      s = [_finite_grad(jnp.asarray(x, jnp.float32)) for x in s]
     per_example = (jax.default_backend() == "cpu" if self.per_example is None
                    else self.per_example)
     if not per_example:
