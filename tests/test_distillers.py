@@ -278,6 +278,15 @@ def test_patch_merging_order_and_ofa_branch_structure():
   assert "proj" in br["stage3"] and not any(
       k.startswith("down") for k in br["stage3"])
   assert br["stage1"]["head"]["kernel"].shape == (16, K)  # max(8, 16) -> K
+  # ViT branch: 4x4 patch grid merged once to 2x2, class token kept.
+  vit = adapters.ViTBranch(num_blocks=1, feature_dim=8, num_classes=K,
+                           final_grid=2)
+  tokens = rs.randn(2, 17, 6).astype(np.float32)
+  out, v = vit.init_with_output(jax.random.PRNGKey(0), tokens)
+  assert out.shape == (2, K)
+  assert sorted(v["params"]) == ["block0", "head", "merge0", "token_proj"]
+  assert v["params"]["merge0"]["reduction"]["kernel"].shape == (24, 8)
+  assert "bias" not in v["params"]["block0"]["qkv"]  # timm Block default
 
 
 # ----------------------------------------------------- wiring vs NumPy --
@@ -609,3 +618,30 @@ def test_kdsvd_gradients_stay_finite_for_rank_deficient_maps():
   assert all(bool(jnp.isfinite(g).all()) for g in safe)
   np.testing.assert_allclose(float(loss(fs)),
                              float(loss(fs, finite_grads=False)))
+
+
+def test_ofa_vit_branches_train_a_vit_student():
+  from kd_jax.models import vit
+  student = vit.VisionTransformer(img_size=8, patch_size=2, embed_dim=8,
+                                  depth=4, num_heads=2, num_classes=K)
+  x = dict(X, image=np.repeat(X["image"], 3, axis=-1))
+  tv = TEACHER.init(jax.random.PRNGKey(1), x["image"])
+  sv = student.init(jax.random.PRNGKey(2), x["image"])
+  d = D.OFADistiller(stages=(1, 2, 3, 4), layers=(0, 1, 2, 3), branch="vit")
+  obj = train.Objective(ce_weight=0.0,
+                        terms=(train.Term("ofa", 1.0, distiller=d),))
+  dp, ds = D.init_distillers(obj, jax.random.PRNGKey(3), student_apply=student,
+                             teacher_apply=TEACHER, student_variables=sv,
+                             teacher_variables=tv, batch=x)
+  # 4x4 patch grid (< 7x7: no merging); max(4 - s, 1) blocks per stage.
+  assert [len([k for k in dp["ofa"][f"stage{s}"] if k.startswith("block")])
+          for s in (1, 2, 3, 4)] == [3, 2, 1, 1]
+  tx = optax.adam(3e-3)
+  state = train.create_train_state(sv, tx, rng=jax.random.PRNGKey(4),
+                                   distiller_params=dp, distiller_state=ds)
+  step = jax.jit(train.make_distill_step(student, TEACHER, obj, tx))
+  vals = []
+  for _ in range(4):
+    state, m = step(state, tv, x)
+    vals.append(float(m["ofa"]))
+  assert vals[-1] < vals[0], vals

@@ -503,7 +503,10 @@ class ViTBranch(nn.Module):
   Patch tokens are merged `merge_num` times (first to `feature_dim`, GELU on
   all but the last merge), class tokens pass through; then `num_blocks`
   transformer blocks (4 heads), the first class token (or the token mean when
-  `num_tokens == 0`) and a Linear to `num_classes`.
+  `num_tokens == 0`) and a Linear to `num_classes`. When merging changes the
+  width (`feature_dim` != the token width) the class tokens get a linear
+  projection (`token_proj`; OFAKD has no such case: its DeiT students keep
+  the width).
   """
   num_blocks: int
   feature_dim: int
@@ -528,6 +531,12 @@ class ViTBranch(nn.Module):
       patches = PatchMerging((g, g), self.feature_dim,
                              gelu=(i != merge_num - 1), name=f"merge{i}")(
                                  patches)
+    if t and tokens.shape[-1] != patches.shape[-1]:
+      # OFAKD passes class tokens through unchanged, which only works when
+      # the merged width equals the token width (as for DeiT students);
+      # otherwise they are projected linearly (kd_jax generalization).
+      tokens = _ofa_linear(patches.shape[-1], "token_proj",
+                           use_bias=False)(tokens)
     x = jnp.concatenate([tokens, patches], axis=1) if t else patches
     for i in range(self.num_blocks):
       x = TransformerBlock(4, name=f"block{i}")(x)
