@@ -405,3 +405,19 @@ def test_metrics_writer_resume_plot_and_stats(tmp_path):
   assert m == pytest.approx(sum(vals) / 3)
   assert s == pytest.approx((sum((v - m) ** 2 for v in vals) / 3) ** 0.5)
   assert metrics_io.fmt_mean_std(vals, scale=100) == f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def test_parallel_modes_agree(tmp_path):
+  """The trainer in 'none', 'jit' (8-device sharding) and 'pmap' modes ends
+  with the same student (no dropout, so the runs are comparable)."""
+  finals = {}
+  for mode in ("none", "jit", "pmap"):
+    c = _debug("mnist", "student", **{"train.parallel": mode})
+    rep = loop.train_and_evaluate(c, str(tmp_path / mode))
+    assert rep["num_devices"] == (1 if mode == "none" else 8)
+    finals[mode] = rep["_final_state"].params
+  for mode in ("jit", "pmap"):
+    for a, b in zip(jax.tree_util.tree_leaves(finals["none"]),
+                    jax.tree_util.tree_leaves(finals[mode])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=1e-6)

@@ -570,6 +570,16 @@ def _state_to_tree(host_state: state_lib.TrainState) -> Dict[str, Any]:
   return {f: getattr(host_state, f) for f in _STATE_FIELDS}
 
 
+def _to_host(tree):
+  """An un-replicated device pytree -> NumPy (PRNG keys as key data)."""
+  def get(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype,
+                                                   jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    return np.asarray(x)
+  return jax.tree_util.tree_map(get, tree)
+
+
 def _tree_to_state(tree: Mapping[str, Any], impl) -> state_lib.TrainState:
   d = dict(tree)
   d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
@@ -901,7 +911,7 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
         save_every_steps=None, keep_last=int(ck_cfg.keep),
         keep_best=1 if ck_cfg.keep_best else 0, best_metric="accuracy",
         async_save=bool(ck_cfg.async_save))
-    template = _state_to_tree(dp.fetch(state))
+    template = _state_to_tree(_to_host(state))
     restored = mgr.restore(template)
     if restored is not None:
       state = _tree_to_state(jax.device_get(restored.state), key_impl)
