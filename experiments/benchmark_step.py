@@ -173,11 +173,14 @@ def _mnist_arrays():
   return (x, y, x[:10000], y[:10000]), "random data (no TFDS_DATA_DIR)"
 
 
-def torch_distill_phase(x, y, xt, yt, epochs: int, seed: int = 0):
+def torch_distill_phase(x, y, xt, yt, epochs: int, seed: int = 0,
+                        threads: int = 0):
   """The seed recipe's distillation phase in plain PyTorch eager."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  if threads:
+    torch.set_num_threads(threads)
   torch.manual_seed(seed)
   teacher = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(),
                           nn.Dropout(0.5), nn.Linear(512, 256), nn.ReLU(),
@@ -244,14 +247,15 @@ def jax_distill_phase(epochs: int, data_dir, workdir: str):
   return rep
 
 
-def part2(epochs: int, repeats: int):
+def part2(epochs: int, repeats: int, torch_threads: int = 0):
   (x, y, xt, yt), what = _mnist_arrays()
   data_dir = os.environ.get("TFDS_DATA_DIR") if what == "real MNIST" else None
   print(f"\n## MNIST seed recipe, distillation phase ({epochs} epochs, batch "
         f"64, {what}): kd_jax trainer vs PyTorch eager\n")
   tor, jx = [], []
   for r in range(repeats):
-    tor.append(torch_distill_phase(x, y, xt, yt, epochs, seed=r))
+    tor.append(torch_distill_phase(x, y, xt, yt, epochs, seed=r,
+                                   threads=torch_threads))
     with tempfile.TemporaryDirectory() as wd:
       from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
       loop.clear_program_cache()  # count compilation every repeat
@@ -292,6 +296,10 @@ def main(argv=None):
                   help="also run part 2 (MNIST phase vs PyTorch eager)")
   ap.add_argument("--epochs", type=int, default=5)
   ap.add_argument("--repeats", type=int, default=1)
+  ap.add_argument("--torch-threads", type=int, default=0,
+                  help="torch.set_num_threads (0: PyTorch's default). On a "
+                       "machine shared with other jobs, PyTorch's default "
+                       "intra-op threads can slow down by 10x or more.")
   ap.add_argument("--skip-steps", action="store_true",
                   help="skip part 1")
   args = ap.parse_args(argv)
@@ -305,7 +313,7 @@ def main(argv=None):
         ap.error(f"unknown pair {p!r}; choose from {', '.join(PAIRS)}")
     part1(pairs, args.rounds, args.scan, args.conv_rounds, args.scan_convs)
   if args.torch:
-    part2(args.epochs, args.repeats)
+    part2(args.epochs, args.repeats, args.torch_threads)
 
 
 if __name__ == "__main__":
