@@ -19,7 +19,12 @@ stages (the CNNs have no stem stage to skip); CRD uses 4096 negatives.
 from __future__ import annotations
 
 import argparse
+import os
 import time
+
+# KDSVD runs many tiny LAPACK SVDs; OpenBLAS's own thread pool then spins
+# against XLA's (minutes per step on a 2-core machine). One BLAS thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import flax.linen as nn
 import jax
