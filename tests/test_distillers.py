@@ -108,7 +108,7 @@ def test_round_trip_and_training_steps(name):
                                    distiller_params=dp, distiller_state=ds)
   step = jax.jit(train.make_distill_step(st, TEACHER, obj, tx))
   vals = []
-  for _ in range(1 if name in STAGED else 5):
+  for _ in range(1 if name in STAGED else 4):
     state, m = step(state, TV, X)
     vals.append(float(m[name]))
   assert np.all(np.isfinite(vals))
@@ -623,11 +623,11 @@ def test_kdsvd_gradients_stay_finite_for_rank_deficient_maps():
 def test_ofa_vit_branches_train_a_vit_student():
   from kd_jax.models import vit
   student = vit.VisionTransformer(img_size=8, patch_size=2, embed_dim=8,
-                                  depth=4, num_heads=2, num_classes=K)
+                                  depth=2, num_heads=2, num_classes=K)
   x = dict(X, image=np.repeat(X["image"], 3, axis=-1))
   tv = TEACHER.init(jax.random.PRNGKey(1), x["image"])
   sv = student.init(jax.random.PRNGKey(2), x["image"])
-  d = D.OFADistiller(stages=(1, 2, 3, 4), layers=(0, 1, 2, 3), branch="vit")
+  d = D.OFADistiller(stages=(1, 3), layers=(0, 1), branch="vit")
   obj = train.Objective(ce_weight=0.0,
                         terms=(train.Term("ofa", 1.0, distiller=d),))
   dp, ds = D.init_distillers(obj, jax.random.PRNGKey(3), student_apply=student,
@@ -635,13 +635,13 @@ def test_ofa_vit_branches_train_a_vit_student():
                              teacher_variables=tv, batch=x)
   # 4x4 patch grid (< 7x7: no merging); max(4 - s, 1) blocks per stage.
   assert [len([k for k in dp["ofa"][f"stage{s}"] if k.startswith("block")])
-          for s in (1, 2, 3, 4)] == [3, 2, 1, 1]
+          for s in (1, 3)] == [3, 1]
   tx = optax.adam(3e-3)
   state = train.create_train_state(sv, tx, rng=jax.random.PRNGKey(4),
                                    distiller_params=dp, distiller_state=ds)
   step = jax.jit(train.make_distill_step(student, TEACHER, obj, tx))
   vals = []
-  for _ in range(4):
+  for _ in range(3):
     state, m = step(state, tv, x)
     vals.append(float(m["ofa"]))
   assert vals[-1] < vals[0], vals
