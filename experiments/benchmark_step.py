@@ -276,7 +276,10 @@ def part2(epochs: int, repeats: int, torch_threads: int = 0):
         "per scanned call |")
   print(f"| kd_jax trainer, steady state | {j_steady:,.0f} | | | after the "
         "first (compiling) call |")
-  print(f"\nkd_jax / PyTorch: {j_eps / t_eps:.2f}x (incl. compilation), "
+  print("\nEvery repeat (examples/s; interleaved PyTorch, kd_jax): " + ", ".join(
+      f"({t['examples_per_sec']:,.0f}, {j['examples_per_sec']:,.0f} / steady "
+      f"{j['steady_examples_per_sec']:,.0f})" for t, j in zip(tor, jx)))
+  print(f"\nkd_jax / PyTorch (medians): {j_eps / t_eps:.2f}x (incl. compilation), "
         f"{j_steady / t_eps:.2f}x (steady); target >= 3x.")
   return j_eps / t_eps
 
