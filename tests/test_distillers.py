@@ -12,7 +12,6 @@ import pytest
 from kd_jax import distillers as D
 from kd_jax import train
 from kd_jax.distillers import adapters
-from kd_jax.losses import relations
 
 B, HW, K = 8, 8, 5  # batch, input size, classes
 

@@ -28,7 +28,7 @@ Initialization (PyTorch defaults unless the reference re-initializes):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax

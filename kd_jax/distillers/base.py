@@ -29,7 +29,7 @@ conversion of the stage's parameters into the main distiller's
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax

@@ -31,8 +31,6 @@ from kd_jax import losses
 from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
 
 
 def _as_map(x):
