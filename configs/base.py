@@ -27,8 +27,10 @@ Keys:
   every step; exact only without augmentation), `evaluate` (report the
   teacher's eval accuracy before distilling).
 * `loss`: `ce_weight`, `warmup_epochs` (DKD: `min(epoch / W, 1)` on KD terms,
-  1-based epochs), `label_smoothing`, `terms` (label -> {`name` (defaults to
-  the label), `weight`, loss hyperparameters}).
+  1-based epochs), `label_smoothing`, `terms` (label -> {`name` (a loss of
+  `kd_jax.losses`, defaults to the label), `weight`, loss hyperparameters},
+  or {`distiller` (a method of `kd_jax.distillers`), `weight`, constructor
+  arguments} for feature/relation methods).
 * `optimizer`: `name` (sgd | adam | adamw), `learning_rate`, `momentum`,
   `nesterov`, `weight_decay` (coupled L2 for sgd/adam as in PyTorch;
   decoupled for adamw), `schedule` (constant | step | cosine),
@@ -37,7 +39,9 @@ Keys:
   `num_steps` (> 0: stop after this many steps), `steps_per_call` (train
   steps compiled into one scanned call; 1 = one jitted step per call),
   `eval_every_epochs`, `log_every_steps`, `parallel` (none | jit | pmap),
-  `num_devices` (0 = all local devices), `progress_bar`.
+  `num_devices` (0 = all local devices), `progress_bar`,
+  `pretrain_max_steps` (cap on the steps of a distiller's initialization
+  stage -- AB / FT / FSP; 0 = the stage's own `epochs`).
 * `checkpoint`: `enabled`, `every_steps` (0 = only at epoch ends, see
   `every_epochs`), `every_epochs`, `keep`, `keep_best`, `async_save`.
 * `report`: `paper` (what a recipe targets: source, metric, value) and free
@@ -108,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.parallel = "none"
   c.train.num_devices = 0
   c.train.progress_bar = True
+  c.train.pretrain_max_steps = 0  # cap on distiller init stages (0: none)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True

@@ -44,7 +44,15 @@ def _all_configs():
             ("imagenet_teacher", "resnet18")]
   specs += [("mnist", p) for p in
             ("teacher", "cnn_teacher", "student", "distill", "distill_cnn")]
+  # Feature / relation methods (configs/feature_methods.py), on the pair
+  # with the cheapest networks to trace.
+  specs += [(f"cifar100_{m}", "vgg13-vgg8") for m in _feature_methods()]
   return specs
+
+
+def _feature_methods():
+  from configs import feature_methods
+  return sorted(feature_methods.METHODS) + ["ofa"]
 
 
 def _config(mod, arg=None):
@@ -67,7 +75,7 @@ def _debug(mod, arg=None, **overrides):
 def test_every_config_file_is_covered():
   files = {os.path.basename(f)[:-3]
            for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-  files -= {"__init__", "base", "recipes", "mnist_seed"}
+  files -= {"__init__", "base", "recipes", "mnist_seed", "feature_methods"}
   assert files == {m for m, _ in _all_configs()}
 
 
@@ -80,6 +88,8 @@ def test_config_dry_run(mod, arg, tmp_path):
   expected = {"ce", "loss", "top1", "kd_factor"}
   if c.mode == "distill":
     expected |= set(c.loss.terms.keys())
+    if any("distiller" in t for t in c.loss.terms.values()):
+      assert out["num_distiller_params"] >= 0
   assert set(out["metrics"]) == expected
   assert set(out["eval_metrics"]) == {"loss", "top1", "top5", "count"}
   if not mod.startswith("mnist"):
@@ -89,13 +99,15 @@ def test_config_dry_run(mod, arg, tmp_path):
 def _real_run_specs():
   """What runs for real: all configs with KD_JAX_SMOKE_ALL=1 (slow), else one
   CIFAR-100 DKD config (BatchNorm, augmentation, warm-up, SGD + step LR,
-  8-device jit sharding) with its networks swapped for the smallest CIFAR
-  ResNets to keep the compile short; the MNIST configs run in the tests
-  below."""
+  8-device jit sharding) and one feature-distiller config with an init stage
+  (FT), their networks swapped for the smallest CIFAR ResNets to keep the
+  compile short; the MNIST configs run in the tests below."""
   if os.environ.get("KD_JAX_SMOKE_ALL"):
     return [(m, a, {}) for m, a in _all_configs()]
-  return [("cifar100_dkd", "resnet56-resnet20",
-           {"model.name": "resnet8", "teacher.name": "resnet14"})]
+  small = {"model.name": "resnet8", "teacher.name": "resnet14"}
+  return [("cifar100_dkd", "resnet56-resnet20", small),
+          # a feature distiller with an initialization stage (FT paraphraser)
+          ("cifar100_ft", "resnet56-resnet20", small)]
 
 
 @pytest.mark.parametrize("mod,arg,overrides", _real_run_specs(),
@@ -110,6 +122,10 @@ def test_config_debug_run(mod, arg, overrides, tmp_path):
   assert (tmp_path / "curves.png").stat().st_size > 0
   assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
   assert json.loads((tmp_path / "report.json").read_text())["steps"] == 2
+  stage = getattr(getattr(c.loss.terms, "ft", None), "pretrain_epochs", 0)
+  if stage:  # the init stage ran (1 step in debug) and was logged
+    assert rep["pretrain"]["ft"]["steps"] == 1
+    assert any(r["split"] == "pretrain" for r in recs)
 
 
 def test_mnist_teacher_then_distill_loads_teacher(tmp_path):

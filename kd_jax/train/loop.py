@@ -111,6 +111,7 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.num_steps = 2
   c.train.steps_per_call = min(int(c.train.get("steps_per_call", 1)), 2)
   c.train.log_every_steps = 1
+  c.train.pretrain_max_steps = 1
   c.train.progress_bar = False
   c.checkpoint.async_save = False
   if c.get("teacher"):
@@ -138,12 +139,35 @@ def _num_devices(config) -> int:
   return n if n > 0 else avail
 
 
-def objective_from_loss_config(loss_cfg) -> objectives_lib.Objective:
-  """`config.loss` -> `kd_jax.train.Objective` (errors name the config key)."""
+def objective_from_loss_config(loss_cfg, *, num_data: Optional[int] = None,
+                               dataset_labels=None, teacher_variables=None,
+                               placeholders: bool = True
+                               ) -> objectives_lib.Objective:
+  """`config.loss` -> `kd_jax.train.Objective` (errors name the config key).
+
+  Logit terms name a loss of `kd_jax.losses` (`name`, default the label);
+  feature/relation terms name a distiller (`distiller`, see
+  `kd_jax.distillers.term_from_config`), which may need run-time information:
+  the training-set size and labels (CRD) and the teacher's variables (OFD).
+  With `placeholders=True` (validation) dummies stand in for those.
+  """
+  from kd_jax import distillers as distillers_lib  # pylint: disable=g-import-not-at-top
   terms = []
   term_cfgs = loss_cfg.get("terms", None) or {}
   for label in term_cfgs:
     tc = dict(term_cfgs[label])
+    if distillers_lib.is_distiller_term(tc):
+      try:
+        terms.append(distillers_lib.term_from_config(
+            label, tc, num_data=num_data, dataset_labels=dataset_labels,
+            teacher_variables=teacher_variables, placeholders=placeholders))
+      except (ValueError, TypeError) as e:
+        msg = str(e)
+        prefix = f"loss.terms.{label}: "
+        raise ConfigError(f"loss.terms.{label}",
+                          msg[len(prefix):] if msg.startswith(prefix)
+                          else msg) from None
+      continue
     name = tc.pop("name", label)
     weight = tc.pop("weight", 1.0)
     warmup = tc.pop("warmup", True)
@@ -215,9 +239,13 @@ def validate_config(config: ml_collections.ConfigDict, *,
     if not objective.terms:
       raise ConfigError("loss.terms", "mode 'distill' needs at least one KD "
                         "term (e.g. {'kd': {'weight': 0.9, 'temperature': 4}}).")
-    if objective.distiller_terms:
-      raise ConfigError("loss.terms", "feature distillers are not supported "
-                        "by experiments/main.py yet; use logit terms.")
+    if objective.distiller_terms and (
+        _get(config, "teacher.precompute_logits", False)
+        or teacher_view == "separate"):
+      raise ConfigError(
+          "loss.terms", "feature/relation distiller terms need the teacher's "
+          "features every step: incompatible with "
+          "teacher.precompute_logits / data.teacher_view='separate'.")
     tname = _get(config, "teacher.name")
     if tname not in avail:
       raise ConfigError("teacher.name", f"unknown model name {tname!r}; valid "
@@ -314,6 +342,7 @@ class _InMemoryTrain:
     self.steps_per_epoch = pipe.steps_per_epoch
     self.num_examples = pipe.num_examples
     self.images = pipe.images
+    self.labels = pipe.labels
 
   def chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
     """Stacked `[n, local_batch, ...]` batches of global steps [step, step+n)."""
@@ -336,6 +365,7 @@ class _GrainTrain:
     self.pipe = pipe
     self.steps_per_epoch = pipe.steps_per_epoch
     self.num_examples = pipe.num_examples
+    self.labels = None  # not in memory (CRD's class negatives need them)
     self._it = None
     self._next = None
 
@@ -479,34 +509,54 @@ def make_train_preprocess(data: _Data, *, steps_per_epoch: int,
   pure function of the example, the epoch and the run's RNG -- independent
   of the device count, the chunking and of resumes.
   """
+  def preprocess(state, batch):
+    epoch = state.step // steps_per_epoch
+    return _augment_batch(data, jax.random.fold_in(state.rng, _AUG_TAG),
+                          epoch, batch, separate_teacher_view)
+
+  return preprocess
+
+
+def make_stage_preprocess(data: _Data, rng) -> Callable:
+  """`fn(batch) -> batch` for a distiller's pretrain stage: the batch carries
+  its epoch as `aug_epoch` (int32 `[B]`); keys as in `make_train_preprocess`
+  from `rng`."""
+
+  def preprocess(batch):
+    batch = dict(batch)
+    epoch = batch.pop("aug_epoch")[0]
+    return _augment_batch(data, rng, epoch, batch, False)
+
+  return preprocess
+
+
+def _augment_batch(data: _Data, rng, epoch, batch, separate_teacher_view):
+  """Per-example crop/flip (keys `fold_in(fold_in(rng, epoch), index)`) and
+  normalization of `batch['image']` (and of a host-made `teacher_image`)."""
   mean, std = data.mean, data.std
   pad, flip = data.crop_padding, data.flip
   augments = bool(pad) or flip
 
   def view(keys, images):
-    if augments:
+    if augments and keys is not None:
       images = jax.vmap(lambda k, x: augment_lib.random_crop_flip(
           k, x[None], padding=pad, flip=flip)[0])(keys, images)
     return augment_lib.normalize(images, mean, std)
 
-  def preprocess(state, batch):
-    batch = dict(batch)
-    keys = None
-    if augments:
-      epoch = state.step // steps_per_epoch
-      base = jax.random.fold_in(jax.random.fold_in(state.rng, _AUG_TAG), epoch)
-      keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch["index"])
-    images = batch["image"]
-    batch["image"] = view(keys, images)
-    if "teacher_image" in batch:  # the host pipeline made the teacher's view
-      batch["teacher_image"] = view(None, batch["teacher_image"])
-    elif separate_teacher_view:
-      tkeys = (None if keys is None
-               else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
-      batch["teacher_image"] = view(tkeys, images)
-    return batch
-
-  return preprocess
+  batch = dict(batch)
+  keys = None
+  if augments:
+    base = jax.random.fold_in(rng, epoch)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(batch["index"])
+  images = batch["image"]
+  batch["image"] = view(keys, images)
+  if "teacher_image" in batch:  # the host pipeline made the teacher's view
+    batch["teacher_image"] = view(None, batch["teacher_image"])
+  elif separate_teacher_view:
+    tkeys = (None if keys is None
+             else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
+    batch["teacher_image"] = view(tkeys, images)
+  return batch
 
 
 def _eval_preprocess(data: _Data) -> Callable:
@@ -685,6 +735,100 @@ class _Progress:
       self._bar.close()
 
 
+def _distiller_init_fn(objective, student, teacher, teacher_vars, tx, data,
+                       *, jit: bool = True):
+  """`init_state(init_rng, state_rng)` for objectives with distiller terms:
+  the student's variables, then the distillers' params/state from a first
+  (normalized, un-augmented) batch through both networks."""
+  from kd_jax import distillers as distillers_lib  # pylint: disable=g-import-not-at-top
+  def maybe_jit(f):  # (no jit when traced by a dry run's eval_shape)
+    return (jax.jit(f, compiler_options=_INIT_COMPILER_OPTIONS) if jit
+            else f)
+  init_vars = maybe_jit(lambda r: _init_variables(student, r,
+                                                  data.image_shape))
+
+  def dinit(v, tv, batch, r):
+    return distillers_lib.init_distillers(
+        objective, r, student_apply=student, teacher_apply=teacher,
+        student_variables=v, teacher_variables=tv, batch=batch,
+        preprocess=_eval_preprocess(data))
+  dinit = maybe_jit(dinit)
+
+  def make_state(v, dparams, dstate, r):
+    return state_lib.create_train_state(v, tx, rng=r, distiller_params=dparams,
+                                        distiller_state=dstate)
+  make_state = maybe_jit(make_state)
+
+  def init_state(init_rng, state_rng, tvars=None):
+    v = init_vars(init_rng)
+    first = {k: val for k, val in data.train.batch(0).items()
+             if k != "teacher_image"}
+    dparams, dstate = dinit(v, teacher_vars if tvars is None else tvars,
+                            first, jax.random.fold_in(init_rng, 99))
+    return make_state(v, dparams, dstate, state_rng)
+
+  init_state.takes_teacher_vars = True
+  return init_state
+
+
+def _run_pretrain_stages(config, data, objective, student, teacher,
+                         teacher_vars, state, spe, writer):
+  """Runs the initialization stage of every distiller that has one (AB, FT,
+  FSP, optionally FitNets) before the main training, on one device; returns
+  the updated state and `{label: {'steps', 'first_loss', 'last_loss'}}`.
+
+  Stage `s` uses the train batches of global steps `0..epochs*spe-1` (capped
+  by `train.pretrain_max_steps` when > 0), the run's augmentation, and the
+  configured optimizer with a constant LR (`stage.learning_rate` or
+  `optimizer.learning_rate`). Not checkpointed: a run killed during a stage
+  redoes it; a resumed run (step > 0) skips it (its result is in the state).
+  """
+  from kd_jax import distillers as distillers_lib  # pylint: disable=g-import-not-at-top
+  info = {}
+  for i, term in enumerate(objective.distiller_terms):
+    stage = getattr(term.distiller, "pretrain", None)
+    if stage is None or not stage.epochs:
+      continue
+    n = int(stage.epochs) * spe
+    cap = int(config.train.get("pretrain_max_steps", 0) or 0)
+    if cap:
+      n = min(n, cap)
+    ocfg = ml_collections.ConfigDict(config.optimizer.to_dict())
+    ocfg.learning_rate = float(stage.learning_rate
+                               or config.optimizer.learning_rate)
+    ocfg.schedule, ocfg.warmup_epochs = "constant", 0
+    stx, _ = make_optimizer(ocfg, steps_per_epoch=spe, total_steps=n)
+    key = jax.random.fold_in(state.rng, 0x5747 + i)
+
+    def batches():
+      for g in range(n):
+        b = {k: v for k, v in data.train.batch(g).items()
+             if k != "teacher_image"}
+        b["aug_epoch"] = np.full(b["label"].shape, g // spe, np.int32)
+        yield b
+
+    sv, mp, ms, losses = distillers_lib.run_pretrain_stage(
+        stage, term.label, student_apply=student, teacher_apply=teacher,
+        student_variables=state.variables, teacher_variables=teacher_vars,
+        distiller_params=state.distiller_params[term.label],
+        distiller_state=state.distiller_state[term.label], tx=stx,
+        batches=batches(), rng=key,
+        preprocess=make_stage_preprocess(data, jax.random.fold_in(key, 1)))
+    state = state.replace(
+        params=sv["params"], batch_stats=sv.get("batch_stats",
+                                                state.batch_stats),
+        distiller_params={**state.distiller_params, term.label: mp},
+        distiller_state={**state.distiller_state, term.label: ms})
+    every = max(1, n // 20)
+    for j in range(0, n, every):
+      writer.write(0, {f"{term.label}_stage": float(np.mean(
+          losses[j:j + every]))}, split="pretrain", epoch=(j + every) / spe)
+    info[term.label] = {"steps": n, "first_loss": float(losses[0]),
+                        "last_loss": float(losses[-1]),
+                        "description": stage.description}
+  return state, info
+
+
 def _shape_tree(tree):
   return jax.tree_util.tree_map(lambda x: tuple(x.shape), tree)
 
@@ -694,7 +838,12 @@ def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
              tick):
   """Traces init / train / eval programs with `jax.eval_shape` (no compile)."""
   distill = config.mode == "distill"
-  st = jax.eval_shape(init_state, init_rng, state_rng)
+  abstract_tv = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), teacher_vars)
+  if distill and getattr(init_state, "takes_teacher_vars", False):
+    st = jax.eval_shape(init_state, init_rng, state_rng, abstract_tv)
+  else:
+    st = jax.eval_shape(init_state, init_rng, state_rng)
   n = min(spc, data.train.steps_per_epoch, total_steps)
   batch = data.train.chunk(0, n)
   fn = steps_lib.make_multi_step(train_step)
@@ -726,9 +875,12 @@ def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
   tick("traced")
   n_params = sum(int(np.prod(x.shape))
                  for x in jax.tree_util.tree_leaves(st.params))
+  n_dparams = sum(int(np.prod(x.shape))
+                  for x in jax.tree_util.tree_leaves(st.distiller_params))
   return {"dry_run": True, "mode": config.mode, "model": config.model.name,
           "teacher": config.teacher.name if distill else None,
-          "num_params": n_params, "steps": total_steps,
+          "num_params": n_params, "num_distiller_params": n_dparams,
+          "steps": total_steps,
           "steps_per_epoch": data.train.steps_per_epoch,
           "metrics": _shape_tree(metrics),
           "eval_metrics": _shape_tree(eval_metrics), "timings": timings}
@@ -794,7 +946,7 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
                               dtype=_resolve_dtype(config.model.dtype))
   rng = jax.random.key(int(config.seed))
   init_rng, state_rng, teacher_rng = jax.random.split(rng, 3)
-  objective = objective_from_loss_config(config.loss)
+  has_distillers = bool(objective_from_loss_config(config.loss).distiller_terms)
   tx, schedule = make_optimizer(config.optimizer, steps_per_epoch=spe,
                                 total_steps=total_steps)
 
@@ -812,6 +964,16 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
     else:
       teacher_vars = _teacher_variables(config, teacher, data.image_shape,
                                         teacher_rng)
+  # Distiller terms get what only the run knows (CRD: the training-set size
+  # and labels; OFD: the teacher's BN parameters).
+  # (A dry run has abstract teacher variables: OFD then estimates its margins
+  # from data instead of the teacher's BN parameters.)
+  abstract_teacher = dry_run and not config.teacher.checkpoint
+  objective = objective_from_loss_config(
+      config.loss, num_data=data.train.num_examples,
+      dataset_labels=data.train.labels,
+      teacher_variables=None if abstract_teacher else teacher_vars,
+      placeholders=abstract_teacher)
 
   # ---- programs ----------------------------------------------------------
   spc = int(config.train.steps_per_call)
@@ -820,12 +982,21 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
                                "shape": data.image_shape,
                                "pad": data.crop_padding, "flip": data.flip,
                                "spc": spc, "ndev": dp.num_devices})
-  progs = _PROGRAMS.get(pkey)
+  if has_distillers:
+    # Their constants (CRD labels, OFD margins) depend on the data and the
+    # teacher: do not share programs between runs.
+    pkey = None
+  progs = _PROGRAMS.get(pkey) if pkey is not None else None
   if progs is None:
-    def init_state(init_rng, state_rng):
-      variables = _init_variables(student, init_rng, data.image_shape)
-      return state_lib.create_train_state(variables, tx, rng=state_rng)
-    init_state = jax.jit(init_state, compiler_options=_INIT_COMPILER_OPTIONS)
+    if not has_distillers:
+      def init_state(init_rng, state_rng):
+        variables = _init_variables(student, init_rng, data.image_shape)
+        return state_lib.create_train_state(variables, tx, rng=state_rng)
+      init_state = jax.jit(init_state, compiler_options=_INIT_COMPILER_OPTIONS)
+    else:
+      init_state = _distiller_init_fn(objective, student, teacher,
+                                      teacher_vars, tx, data,
+                                      jit=not dry_run)
 
     preprocess = make_train_preprocess(data, steps_per_epoch=spe,
                                        separate_teacher_view=separate)
@@ -870,7 +1041,8 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
                                          preprocess=_eval_preprocess(data))
     progs = (init_state, compiled_multi, compiled_single, eval_fn,
              teacher_eval_fn, train_step, eval_step)
-    _PROGRAMS[pkey] = progs
+    if pkey is not None:
+      _PROGRAMS[pkey] = progs
   (init_state, compiled_multi, compiled_single, eval_fn, teacher_eval_fn,
    raw_train_step, raw_eval_step) = progs
   if dry_run:
@@ -924,6 +1096,13 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
   writer = metrics_io.MetricsWriter(
       workdir, tensorboard=True,
       resume_step=start_step if start_step else None)
+  pretrain_info = {}
+  if has_distillers and start_step == 0:
+    state, pretrain_info = _run_pretrain_stages(
+        config, data, objective, student, teacher, teacher_vars, state, spe,
+        writer)
+    if pretrain_info:
+      tick("pretrain_done")
   prior = [r for r in metrics_io.read_jsonl(writer.path)
            if r.get("split") == "eval"]
   evals: List[Dict[str, Any]] = list(prior)
@@ -1095,6 +1274,7 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
       "first_call_s": first_call_s,
       "examples_per_sec": (trained * bs / train_time if train_time else None),
       "steady_examples_per_sec": steady_eps,
+      "pretrain": pretrain_info or None,
       "paper": config.report.paper.to_dict(),
       "notes": config.report.notes,
       "convention": "last_top1: after the final epoch; best_top1: max over "
