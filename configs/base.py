@@ -18,7 +18,10 @@ Keys:
   `train_subset` / `eval_subset` (first N examples, 0 = all), `augment`
   (the dataset's standard train augmentation), `teacher_view` (`'same'`:
   teacher sees the student's augmented view, `'separate'`: its own view),
-  `image_size` (ImageNet crop size), `num_workers` (ImageNet grain workers).
+  `image_size` (ImageNet crop size), `num_workers` (ImageNet grain workers),
+  `on_device` (in-memory datasets: put the training split on the devices
+  once and send only example indices per chunk; the gather runs in the
+  compiled step).
 * `model`: the network being trained (`name`, `num_classes`, `dtype`).
 * `teacher`: the frozen teacher of `mode='distill'`: `name`, `num_classes`,
   `dtype`, `checkpoint` (a teacher-training workdir / Orbax checkpoint dir, or
@@ -69,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.teacher_view = "same"
   c.data.image_size = 224
   c.data.num_workers = 8
+  c.data.on_device = True  # in-memory datasets: whole split on device
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp_student"

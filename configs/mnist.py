@@ -31,7 +31,7 @@ def mnist_recipe(c):
   c.train.batch_size = 64
   c.train.eval_batch_size = 1000
   c.train.num_epochs = 5
-  c.train.steps_per_call = 128
+  c.train.steps_per_call = 1024  # >= steps per epoch: one call per epoch
   c.train.log_every_steps = 300
   c.train.parallel = "none"
   c.checkpoint.every_epochs = 1

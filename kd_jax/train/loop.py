@@ -354,6 +354,17 @@ class _InMemoryTrain:
   def batch(self, step: int) -> Dict[str, np.ndarray]:
     return self.pipe.get_batch(*divmod(step, self.steps_per_epoch))
 
+  def index_chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
+    """Only the example indices `[n, local_batch]` (data on device)."""
+    spe = self.steps_per_epoch
+    idx = np.stack([self.pipe.local_indices(*divmod(step + j, spe))
+                    for j in range(n)])
+    return {"index": idx.astype(np.int32)}
+
+  def index_batch(self, step: int) -> Dict[str, np.ndarray]:
+    return {"index": self.pipe.local_indices(
+        *divmod(step, self.steps_per_epoch)).astype(np.int32)}
+
   def close(self):
     pass
 
@@ -835,7 +846,7 @@ def _shape_tree(tree):
 
 def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
              state_rng, teacher_vars, precompute, spc, total_steps, timings,
-             tick):
+             tick, on_device):
   """Traces init / train / eval programs with `jax.eval_shape` (no compile)."""
   distill = config.mode == "distill"
   abstract_tv = jax.tree_util.tree_map(
@@ -845,17 +856,21 @@ def _dry_run(config, data, dp, init_state, train_step, eval_step, init_rng,
   else:
     st = jax.eval_shape(init_state, init_rng, state_rng)
   n = min(spc, data.train.steps_per_epoch, total_steps)
-  batch = data.train.chunk(0, n)
   fn = steps_lib.make_multi_step(train_step)
-  if not distill:
-    fn0 = fn
-    fn = lambda st, tv, b: fn0(st, b)  # noqa: E731
-  tv = teacher_vars
-  if distill and precompute:
-    tv = jax.ShapeDtypeStruct((data.train.num_examples,
-                               config.teacher.num_classes), jnp.float32)
+  consts = {}
+  if distill:
+    tv = teacher_vars
+    if precompute:
+      tv = jax.ShapeDtypeStruct((data.train.num_examples,
+                                 config.teacher.num_classes), jnp.float32)
+    consts["teacher"] = tv
+  if on_device:
+    consts["data"] = {"image": data.train.images, "label": data.train.labels}
+    batch = data.train.index_chunk(0, n)
+  else:
+    batch = data.train.chunk(0, n)
   tv = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tv)
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), consts)
   eval_batch = next(iter(data.eval_batches()))
   if dp.mode == "pmap":
     k = dp.num_devices
@@ -977,11 +992,16 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
 
   # ---- programs ----------------------------------------------------------
   spc = int(config.train.steps_per_call)
+  # In-memory datasets are put on device once; the host then sends only the
+  # example indices of each chunk and the gather runs inside the program.
+  on_device = (bool(config.data.get("on_device", True))
+               and isinstance(data.train, _InMemoryTrain))
   pkey = _program_key(config, {"spe": spe, "total": total_steps,
                                "precompute": precompute,
                                "shape": data.image_shape,
                                "pad": data.crop_padding, "flip": data.flip,
-                               "spc": spc, "ndev": dp.num_devices})
+                               "spc": spc, "ndev": dp.num_devices,
+                               "on_device": on_device})
   if has_distillers:
     # Their constants (CRD labels, OFD margins) depend on the data and the
     # teacher: do not share programs between runs.
@@ -1006,23 +1026,31 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
           student, inner_teacher, objective, tx, axis_name=dp.axis_name,
           steps_per_epoch=spe)
 
-      def train_step(st, tv, batch):
-        batch = preprocess(st, batch)
-        if precompute:
-          batch["teacher_logits"] = tv[batch["index"]]
-          tv = None
-        elif separate:
-          logits, _ = steps_lib.teacher_forward(teacher, tv,
-                                                batch.pop("teacher_image"))
-          batch["teacher_logits"] = logits
-          tv = None
-        return inner(st, tv, batch)
     else:
-      inner = steps_lib.make_train_step(student, tx, objective=objective,
-                                        axis_name=dp.axis_name)
+      inner_train = steps_lib.make_train_step(
+          student, tx, objective=objective, axis_name=dp.axis_name)
 
-      def train_step(st, batch):
-        return inner(st, preprocess(st, batch))
+    def train_step(st, consts, batch):
+      """`consts`: {'teacher': variables | logits table, 'data': the
+      device-resident dataset} (replicated); `batch`: host data, or just
+      the example indices when the dataset lives on device."""
+      if "data" in consts:
+        idx = batch["index"]
+        batch = {"image": consts["data"]["image"][idx],
+                 "label": consts["data"]["label"][idx], "index": idx}
+      batch = preprocess(st, batch)
+      if not distill:
+        return inner_train(st, batch)
+      tv = consts["teacher"]
+      if precompute:
+        batch["teacher_logits"] = tv[batch["index"]]
+        tv = None
+      elif separate:
+        logits, _ = steps_lib.teacher_forward(teacher, tv,
+                                              batch.pop("teacher_image"))
+        batch["teacher_logits"] = logits
+        tv = None
+      return inner(st, tv, batch)
 
     compiled_multi = dp.compile(steps_lib.make_multi_step(train_step),
                                 stacked=True)
@@ -1048,7 +1076,8 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
   if dry_run:
     return _dry_run(config, data, dp, init_state, raw_train_step,
                     raw_eval_step, init_rng, state_rng, teacher_vars,
-                    precompute, spc, total_steps, timings, tick)
+                    precompute, spc, total_steps, timings, tick,
+                    on_device)
   state = init_state(init_rng, state_rng)
   key_impl = jax.random.key_impl(state.rng)
   tick("state_initialized")
@@ -1059,8 +1088,12 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
       outs.append(fn(variables_dev, dp.shard_batch(b)))
     return _weighted_eval([dp.fetch(o) for o in outs])
 
-  # ---- teacher on device (once) ------------------------------------------
+  # ---- teacher (and the dataset) on device, once ------------------------
   tv_dev = None
+  data_dev = None
+  if on_device:
+    data_dev = dp.replicate({"image": data.train.images,
+                             "label": data.train.labels})
   if distill:
     tv_dev = dp.replicate(teacher_vars)
     if config.teacher.get("evaluate", True):
@@ -1109,6 +1142,11 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
 
   state_dev = dp.replicate(state)
   del state
+  consts_dev = {}
+  if distill:
+    consts_dev["teacher"] = tv_dev
+  if on_device:
+    consts_dev["data"] = data_dev
   tick("train_start")
 
   def save(step, st_dev, metrics=None, force=True):
@@ -1124,7 +1162,7 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
   progress = _Progress(bool(config.train.progress_bar), total_steps,
                        start_step, f"{config.mode} {config.model.name}")
   step = start_step
-  pending: List[Tuple[int, Any]] = []    # (n_steps, device metrics)
+  pending: List[Tuple[int, Any, int]] = []  # (n_steps, metrics, end step)
   log_every = max(int(config.train.log_every_steps), 1)
   last_log = start_step
   ck_every = int(ck_cfg.every_steps or 0)
@@ -1142,12 +1180,18 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
   t_first_end = None
   overhead_after_first = 0.0
 
-  def flush_logs(upto_step):
+  def flush_logs(keep_last: bool = False):
+    """Writes the mean train metrics of the pending chunks. With `keep_last`
+    the most recently dispatched chunk stays pending, so fetching the others
+    does not idle the device (the host waits for chunk k-1 while chunk k
+    runs)."""
     nonlocal pending
-    if not pending:
+    todo = pending[:-1] if keep_last else pending
+    if not todo:
       return
-    ms = [(n, dp.fetch(m)) for n, m in pending]
-    pending = []
+    pending = pending[len(todo):]
+    upto_step = todo[-1][2]
+    ms = [(n, dp.fetch(m)) for n, m, _ in todo]
     agg: Dict[str, float] = {}
     tot = 0
     for n, m in ms:
@@ -1173,29 +1217,31 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
       epoch, in_epoch = divmod(step, spe)
       n = min(spc, spe - in_epoch, total_steps - step)
       if n == 1 and spc == 1:
-        batch = data.train.batch(step)
+        batch = (data.train.index_batch(step) if on_device
+                 else data.train.batch(step))
         fn = compiled_single
       else:
-        batch = data.train.chunk(step, n)
+        batch = (data.train.index_chunk(step, n) if on_device
+                 else data.train.chunk(step, n))
         fn = compiled_multi
       batch = dp.shard_batch(batch, stacked=fn is compiled_multi)
-      if distill:
-        state_dev, m = fn(state_dev, tv_dev, batch)
-      else:
-        state_dev, m = fn(state_dev, batch)
+      state_dev, m = fn(state_dev, consts_dev, batch)
       if first_call_s is None:
         jax.block_until_ready(m)
         t_first_end = time.perf_counter()
         first_call_s = t_first_end - t_loop
         first_steps = n
-      pending.append((n, m))
       step += n
+      pending.append((n, m, step))
       elapsed = time.perf_counter() - t_loop - eval_time
       progress.update(n, ex_per_s=f"{(step - start_step) * bs / elapsed:.0f}")
       epoch_end = step % spe == 0 or step == total_steps
-      if step - last_log >= log_every or epoch_end:
-        flush_logs(step)
+      if epoch_end:
+        flush_logs()
         last_log = step
+      elif step - last_log >= log_every and len(pending) > 1:
+        flush_logs(keep_last=True)
+        last_log = pending[0][2] - pending[0][0]
       if epoch_end:
         cur_epoch = math.ceil(step / spe)
         if (cur_epoch % max(int(config.train.eval_every_epochs), 1) == 0
@@ -1223,7 +1269,7 @@ def _run(config, workdir, data, *, dry_run, timings, tick, t_start):
       timed_save(step, state_dev)
   finally:
     progress.close()
-    flush_logs(step)
+    flush_logs()
     writer.close()
     if mgr is not None:
       mgr.close()
