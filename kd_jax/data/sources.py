@@ -94,8 +94,7 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   """Decodes a whole TFDS split to `(images uint8 [N,H,W,C], labels int32 [N])`.
 
   Records keep TFDS's order (so example `i` is TFDS record `i`, the index
-  CRD-style methods use). For `mnist` this delegates to
-  `kd_jax.data.mnist.load_mnist_arrays` (same cache file). Other datasets are
+  CRD-style methods use). Every dataset is
   cached as `<cache_dir or data_dir>/<name>/kd_jax_cache_<split>.npz` (the
   cache is trusted as is: delete it after changing the TFDS data). An
   unwritable cache location just disables caching.
@@ -114,10 +113,6 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   if not info.in_memory:
     raise ValueError(f"dataset {name!r} does not fit in memory; use "
                      "`kd_jax.data.imagenet_pipeline` instead.")
-  if name == "mnist" and split in ("train", "test"):
-    from kd_jax.data.mnist import load_mnist_arrays  # pylint: disable=g-import-not-at-top
-    return load_mnist_arrays(split, data_dir=data_dir, cache_dir=cache_dir,
-                             use_cache=use_cache)
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")
   base = cache_dir or data_dir
   path = _cache_file(base, name, split) if (use_cache and base) else None
