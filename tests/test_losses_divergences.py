@@ -17,8 +17,7 @@ import pytest
 
 from kd_jax import losses
 
-RTOL = 1e-5
-EPS32 = float(np.finfo(np.float32).eps)
+from loss_testing import EPS32, RTOL, assert_close_to_reference, jcall, jgrad, random_logits  # noqa: F401
 
 
 # ---------------------------------------------------------------------------
@@ -76,32 +75,6 @@ def np_total_variation(s, t, temperature, dtype=np.float64):
   q = np.exp(np_log_softmax(s / dtype(temperature)))
   p = np.exp(np_log_softmax(t / dtype(temperature)))
   return dtype(0.5) * np.abs(p - q).sum(-1)
-
-
-def assert_close_to_reference(actual, ref_fn, rtol=RTOL):
-  ref64 = np.asarray(ref_fn(np.float64), np.float64)
-  ref32 = np.asarray(ref_fn(np.float32), np.float64)
-  atol = max(3 * np.max(np.abs(ref32 - ref64)), EPS32)
-  actual = np.asarray(actual, np.float64)
-  assert actual.shape == ref64.shape, (actual.shape, ref64.shape)
-  np.testing.assert_allclose(actual, ref64, rtol=rtol, atol=atol)
-
-
-
-def jcall(fn, *args, **kwargs):
-  """Calls `fn` under jit (one compile instead of op-by-op dispatch)."""
-  return jax.jit(functools.partial(fn, **kwargs))(*args)
-
-
-def jgrad(f, *args, **kwargs):
-  return jax.jit(jax.grad(f, *args, **kwargs))
-
-
-def random_logits(seed, shape, scale=3.0):
-  rng = np.random.default_rng(seed)
-  s = (scale * rng.standard_normal(shape)).astype(np.float32)
-  t = (scale * rng.standard_normal(shape)).astype(np.float32)
-  return s, t
 
 
 FUNCS = {
