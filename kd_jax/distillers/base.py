@@ -28,6 +28,7 @@ conversion of the stage's parameters into the main distiller's
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -163,7 +164,7 @@ def _float32(x):
 
 # -------------------------------------------------------------- protocol --
 
-class Distiller:
+class Distiller(abc.ABC):
   """Base class of kd_jax distillers (a pure `init` / `__call__` pair).
 
   Subclasses set `name` and implement `init` and `__call__`; adapters are
@@ -175,11 +176,13 @@ class Distiller:
   state_is_synced: bool = True
   pretrain: Optional["PretrainStage"] = None
 
+  @abc.abstractmethod
   def init(self, rng, inputs: TermInputs) -> Tuple[PyTree, PyTree]:
-    raise NotImplementedError
+    """Returns `(params, state)` of the adapters for these inputs."""
 
+  @abc.abstractmethod
   def __call__(self, params, state, inputs: TermInputs):
-    raise NotImplementedError
+    """Returns `(loss, new_state)`."""
 
   def __repr__(self):
     fields = {k: v for k, v in vars(self).items() if not k.startswith("_")
