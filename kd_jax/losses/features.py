@@ -77,6 +77,16 @@ def _pool_pair(s, t, name_s, name_t):
   return s, t
 
 
+def _feature_pair(student, teacher, name_s, name_t):
+  """Validates two NHWC maps; f32 student, stop-gradient f32 teacher, pooled."""
+  s = _f32(student, name_s)
+  t = _teacher(teacher, name_t)
+  _check_nhwc(s, name_s)
+  _check_nhwc(t, name_t)
+  _check_batch(s, t, name_s, name_t)
+  return _pool_pair(s, t, name_s, name_t)
+
+
 def _check_groups(student, teacher, name_s, name_t, *, min_len=1):
   for v, n in ((student, name_s), (teacher, name_t)):
     if not isinstance(v, (list, tuple)):
@@ -184,13 +194,9 @@ def at_loss(student_feat, teacher_feat, *, p=2):
   >>> float(at_loss(x, x))
   0.0
   """
-  s = _f32(student_feat, "student_feat")
-  t = _teacher(teacher_feat, "teacher_feat")
-  _check_nhwc(s, "student_feat")
-  _check_nhwc(t, "teacher_feat")
-  _check_batch(s, t, "student_feat", "teacher_feat")
   _common.check_positive(p, "p")
-  s, t = _pool_pair(s, t, "student_feat", "teacher_feat")
+  s, t = _feature_pair(student_feat, teacher_feat, "student_feat",
+                       "teacher_feat")
   return jnp.mean((attention_map(s, p=p) - attention_map(t, p=p)) ** 2)
 
 
@@ -232,12 +238,8 @@ def nst_loss(student_feat, teacher_feat):
   >>> abs(float(nst_loss(x, x))) < 1e-6
   True
   """
-  s = _f32(student_feat, "student_feat")
-  t = _teacher(teacher_feat, "teacher_feat")
-  _check_nhwc(s, "student_feat")
-  _check_nhwc(t, "teacher_feat")
-  _check_batch(s, t, "student_feat", "teacher_feat")
-  s, t = _pool_pair(s, t, "student_feat", "teacher_feat")
+  s, t = _feature_pair(student_feat, teacher_feat, "student_feat",
+                       "teacher_feat")
   b, h, w = s.shape[:3]
   us = _common.l2_normalize(s.reshape(b, h * w, s.shape[-1]), axis=1)
   ut = _common.l2_normalize(t.reshape(b, h * w, t.shape[-1]), axis=1)
@@ -419,14 +421,10 @@ def ft_loss(student_factor, teacher_factor, *, p1=2, p2=1):
   >>> float(ft_loss(x, x))
   0.0
   """
-  s = _f32(student_factor, "student_factor")
-  t = _teacher(teacher_factor, "teacher_factor")
-  _check_nhwc(s, "student_factor")
-  _check_nhwc(t, "teacher_factor")
-  _check_batch(s, t, "student_factor", "teacher_factor")
   _common.check_positive(p1, "p1")
   _common.check_positive(p2, "p2")
-  s, t = _pool_pair(s, t, "student_factor", "teacher_factor")
+  s, t = _feature_pair(student_factor, teacher_factor, "student_factor",
+                       "teacher_factor")
   d = attention_map(s, p=p1) - attention_map(t, p=p1)
   if p2 == 1:
     return jnp.mean(jnp.abs(d))
