@@ -20,12 +20,29 @@ over several seeds, `configs/mnist_seed.py`). Examples::
     python -m experiments.main --config=configs/cifar100_kd.py --config.debug=True \
         --workdir=/tmp/smoke
 
+Several processes (one per host, or locally for testing), e.g. two local
+processes sharing one workdir::
+
+    python -m experiments.main --config=... --workdir=wd \
+        --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0 &
+    python -m experiments.main --config=... --workdir=wd \
+        --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=1
+
+(`--distributed` alone lets `jax.distributed.initialize()` find the
+coordinator in a cluster's environment; on CPU the gloo collectives are
+selected automatically.) Only process 0 writes reports, metrics and plots.
+
 Rerunning a command with the same `--workdir` resumes from the latest
 checkpoint. Outputs in the workdir: `config.json`, `metrics.jsonl`,
 TensorBoard events (`tensorboard/`), `curves.png`, `report.json`,
 `checkpoints/`; a seed experiment adds `results.md` / `results.json`.
+Errors in the command line or the config print one line and exit with
+status 2.
 """
 
+import difflib
+import importlib.util
+import os
 import sys
 
 from absl import app
@@ -39,10 +56,78 @@ flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, "
                     "plots, report); reusing it resumes the run.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
                   "first (multi-host runs; coordinator from the environment).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
+                    "(multi-process runs; implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
 config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/<name>.py or configs/<name>.py:<arg>.",
     lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(msg: str):
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _config_arg(argv):
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      return a[len("--config="):]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_kd_jax_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg) if arg else mod.get_config()
+
+
+def _unknown_key_message(flag: str, argv) -> str:
+  """`config.a.b: unknown key; did you mean ...?` for a bad override."""
+  key = flag[len("config."):]
+  try:
+    node = _load_config(_config_arg(argv))
+  except Exception:  # pylint: disable=broad-except
+    return f"unknown command line flag --{flag}."
+  parts, done = key.split("."), []
+  for part in parts:
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+      where = "config" + "".join("." + p for p in done + [part])
+      hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
+              else f"valid keys: {', '.join(sorted(keys)) or '(none)'}.")
+      return f"{where}: unknown key; {hint}"
+    done.append(part)
+    node = node[part]
+  return f"invalid command line flag --{flag}."
+
+
+def parse_flags(argv):
+  """absl flag parsing with one-line errors (exit 2); the config file is
+  checked before anything imports JAX."""
+  spec = _config_arg(argv)
+  if spec is not None:
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+      _fail(f"--config: config file {path!r} not found.")
+  try:
+    return FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    if e.flagname.startswith("config."):
+      _fail(_unknown_key_message(e.flagname, argv))
+    _fail(str(e))
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+  except Exception as e:  # pylint: disable=broad-except  (config file errors)
+    cause = e.__cause__ or e
+    _fail(f"--config: cannot load {spec!r}: {type(cause).__name__}: {cause}")
 
 
 def _summary(report) -> str:
@@ -60,27 +145,45 @@ def _summary(report) -> str:
   return " ".join(parts)
 
 
+def _init_distributed():
+  import jax  # pylint: disable=g-import-not-at-top
+  multi = FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1
+  if not (FLAGS.distributed or multi):
+    return
+  # Harmless on GPU/TPU; CPU processes need a collectives implementation.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kw = {k: getattr(FLAGS, k) for k in ("coordinator_address",
+                                       "num_processes", "process_id")
+        if getattr(FLAGS, k) is not None}
+  jax.distributed.initialize(**kw)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed:
-    jax.distributed.initialize()
-  from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  _init_distributed()
+  from kd_jax import trainer  # pylint: disable=g-import-not-at-top
+  from kd_jax.data import sources  # pylint: disable=g-import-not-at-top
   from experiments import seed_experiment  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   try:
-    if config.mode == "seed_experiment":
+    if config.get("mode", None) == "seed_experiment":
       seed_experiment.run(config, FLAGS.workdir)
     else:
-      report = loop.train_and_evaluate(config, FLAGS.workdir)
-      print(_summary(report), flush=True)
-  except loop.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+      report = trainer.train_and_evaluate(config, FLAGS.workdir)
+      if report.get("num_processes", 1) == 1 or _is_main():
+        print(_summary(report), flush=True)
+  except (trainer.ConfigError, trainer.CheckpointRestoreError,
+          sources.DatasetNotFoundError) as e:
+    _fail(str(e))
+
+
+def _is_main() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

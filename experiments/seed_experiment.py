@@ -2,7 +2,7 @@
 
 `run(config, workdir)` for `config.mode == 'seed_experiment'` (see
 `configs/mnist_seed.py`). For every seed it runs, each in its own workdir
-`<workdir>/seed<k>/<phase>` with `kd_jax.train.loop.train_and_evaluate`:
+`<workdir>/seed<k>/<phase>` with `kd_jax.trainer.train_and_evaluate`:
 
 * every phase of `seed_experiment.phases` in order; a distillation phase
   named in `seed_experiment.distill_from` loads its teacher from that teacher
@@ -11,9 +11,12 @@
 
 Top-level `data`, `debug`, `checkpoint` and `train.progress_bar` /
 `train.parallel` settings are copied into every phase, so
-`--config.data.data_dir=...` applies to all of them. A phase whose
-`report.json` is complete is not rerun (the experiment resumes where it was
-stopped; an interrupted phase resumes from its own checkpoint).
+`--config.data.data_dir=...` applies to all of them. A finished phase is
+reused only when its stored `config.json` equals the phase's current config
+and the phases it depends on (its teacher) were reused too; otherwise it runs
+again (its old workdir is moved aside to `<phase>.old-<time>`, nothing is
+deleted) and the reason is printed. An interrupted phase with the current
+config resumes from its own checkpoint.
 
 Results: a table of last-epoch and best-epoch test accuracy (mean ± std over
 seeds, population std) of the teacher, the student alone and the distilled
@@ -25,6 +28,7 @@ examples/s per phase -- printed, and saved as `results.md` and
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Dict, List
@@ -33,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from kd_jax import metrics_io
-from kd_jax.train import loop
+from kd_jax import trainer
 
 _PROPAGATE = ("data", "checkpoint")
 _PROPAGATE_TRAIN = ("progress_bar", "parallel", "num_devices")
@@ -55,17 +59,6 @@ def phase_config(config: ml_collections.ConfigDict, phase: str,
   return pc
 
 
-def _complete(report_path: str, config) -> bool:
-  if not os.path.exists(report_path):
-    return False
-  try:
-    with open(report_path) as f:
-      rep = json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return False
-  return rep.get("seed") == int(config.seed) and rep.get("last_top1") is not None
-
-
 def phase_order(config) -> List[str]:
   """`seed_experiment.order` (default: the phases, teachers before students)."""
   se = config.seed_experiment
@@ -80,41 +73,144 @@ def phase_order(config) -> List[str]:
 def validate(config):
   se = config.get("seed_experiment", None)
   if se is None:
-    raise loop.ConfigError("seed_experiment", "mode 'seed_experiment' needs a "
+    raise trainer.ConfigError("seed_experiment", "mode 'seed_experiment' needs a "
                            "seed_experiment section (see configs/mnist_seed.py).")
   if not tuple(se.seeds):
-    raise loop.ConfigError("seed_experiment.seeds", "needs at least one seed.")
+    raise trainer.ConfigError("seed_experiment.seeds", "needs at least one seed.")
   phases = phase_order(config)
   for p in phases:
     if p not in se.phases:
-      raise loop.ConfigError("seed_experiment.order",
+      raise trainer.ConfigError("seed_experiment.order",
                              f"unknown phase {p!r}; phases: "
                              f"{sorted(se.phases.keys())}.")
   for d, t in se.distill_from.items():
     if d not in phases:
-      raise loop.ConfigError(f"seed_experiment.distill_from.{d}",
+      raise trainer.ConfigError(f"seed_experiment.distill_from.{d}",
                              f"unknown phase {d!r}; phases: {phases}.")
     if t not in phases or phases.index(t) > phases.index(d):
-      raise loop.ConfigError(
+      raise trainer.ConfigError(
           f"seed_experiment.distill_from.{d}",
           f"teacher phase {t!r} must be a phase listed before {d!r}.")
   for p in se.shared_phases:
     if p not in phases:
-      raise loop.ConfigError("seed_experiment.shared_phases",
+      raise trainer.ConfigError("seed_experiment.shared_phases",
                              f"unknown phase {p!r}; phases: {phases}.")
   # Validate every phase config (names, class counts, batch sizes, ...).
   for p in phases:
-    pc = loop.apply_debug(phase_config(config, p, tuple(se.seeds)[0]))
+    pc = trainer.apply_debug(phase_config(config, p, tuple(se.seeds)[0]))
     try:
-      loop.validate_config(pc, check_paths=p not in se.distill_from)
-    except loop.ConfigError as e:
-      raise loop.ConfigError(f"seed_experiment.phases.{p}.{e.key}",
+      trainer.parse(pc, check_paths=p not in se.distill_from)
+    except trainer.ConfigError as e:
+      raise trainer.ConfigError(f"seed_experiment.phases.{p}.{e.key}",
                              str(e).split(": ", 1)[1]) from None
 
 
+def _stored_config(wd: str):
+  try:
+    with open(os.path.join(wd, "config.json")) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _config_diff(old, new, prefix="") -> List[str]:
+  """Dotted keys whose values differ between two config dicts."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+  return out
+
+
+_COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
+
+
+def _comparable(cfg_json):
+  d = json.loads(json.dumps(cfg_json))
+  for sec, key in _COSMETIC:
+    d.get(sec, {}).pop(key, None)
+  return d
+
+
+def reuse_decision(wd: str, pc, deps_reused: bool):
+  """(reuse, why-not): a finished phase is reused only when its stored
+  config equals the current one and the phases it depends on were reused.
+  `why-not` is None for a fresh or an interrupted-but-current phase (which
+  then runs / resumes from its checkpoint in place), else the reason its
+  old workdir is stale."""
+  if not os.path.isdir(wd):
+    return False, None
+  try:
+    with open(os.path.join(wd, "report.json")) as f:
+      finished = json.load(f).get("last_top1") is not None
+  except (OSError, json.JSONDecodeError):
+    finished = False
+  stored = _stored_config(wd)
+  if stored is None:
+    return False, ("its stored config.json is missing" if finished else None)
+  current = json.loads(trainer.apply_debug(pc).to_json_best_effort())
+  diff = _config_diff(_comparable(stored), _comparable(current))
+  if diff:
+    return False, "its config changed (" + "; ".join(diff[:3]) + (
+        "; ..." if len(diff) > 3 else "") + ")"
+  if not deps_reused:
+    return False, "its teacher phase was run again"
+  return finished, None
+
+
+def _set_aside(wd: str) -> str:
+  """Moves a stale phase workdir aside (nothing is deleted)."""
+  dest = f"{wd}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+  os.replace(wd, dest)
+  return dest
+
+
+def _run_phase(config, workdir, p, seed, seeds, reused):
+  """Runs (or reuses) phase `p` of `seed`; returns (report, reused)."""
+  se = config.seed_experiment
+  src_seed = seeds[0] if p in se.shared_phases else seed
+  wd = os.path.join(workdir, f"seed{src_seed}", p)
+  pc = phase_config(config, p, src_seed)
+  deps_ok = True
+  if p in se.distill_from:
+    t = se.distill_from[p]
+    t_seed = seeds[0] if t in se.shared_phases else seed
+    pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
+    deps_ok = reused.get((t, t_seed), False)
+  key = (p, src_seed)
+  if key in reused:  # a shared phase, done for an earlier seed
+    with open(os.path.join(wd, "report.json")) as f:
+      return json.load(f), reused[key]
+  ok, why = reuse_decision(wd, pc, deps_ok)
+  if ok:
+    print(f"[seed {seed}] {p}: done before with the same config, reusing "
+          f"{wd}", flush=True)
+    with open(os.path.join(wd, "report.json")) as f:
+      return json.load(f), True
+  if why is not None:
+    print(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
+          f"{_set_aside(wd)}", flush=True)
+  print(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
+        + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""),
+        flush=True)
+  rep = trainer.train_and_evaluate(pc, wd)
+  rep.pop("_final_state", None)
+  print(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
+        f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
+        f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s", flush=True)
+  return rep, False
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Runs every phase for every seed; returns and saves the results table."""
-  config = loop.apply_debug(config)
+  """Runs every phase for every seed; returns and saves the results table.
+
+  In multi-process runs every process runs every phase; only process 0
+  prints and writes the tables.
+  """
+  config = trainer.apply_debug(config)
   validate(config)
   se = config.seed_experiment
   seeds = [int(s) for s in se.seeds]
@@ -122,43 +218,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in phases}
-  for si, seed in enumerate(seeds):
+  reused: Dict[Any, bool] = {}
+  for seed in seeds:
     for p in phases:
-      shared = p in se.shared_phases
-      src_seed = seeds[0] if shared else seed
-      wd = os.path.join(workdir, f"seed{src_seed}", p)
-      pc = phase_config(config, p, src_seed)
-      if p in se.distill_from:
-        t = se.distill_from[p]
-        t_seed = seeds[0] if t in se.shared_phases else seed
-        pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
-      rp = os.path.join(wd, "report.json")
-      if shared and si > 0:
-        with open(rp) as f:
-          rep = json.load(f)
-      elif _complete(rp, pc):
-        with open(rp) as f:
-          rep = json.load(f)
-        print(f"[seed {seed}] {p}: done before, reusing {rp}")
-      else:
-        print(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
-              + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""),
-              flush=True)
-        rep = loop.train_and_evaluate(pc, wd)
-        rep.pop("_final_state", None)
-        print(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
-              f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
-              f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s",
-              flush=True)
+      rep, was_reused = _run_phase(config, workdir, p, seed, seeds, reused)
+      src_seed = seeds[0] if p in se.shared_phases else seed
+      reused[(p, src_seed)] = was_reused
       reports[p].append(rep)
   results = summarize(config, reports)
   results["total_wall_s"] = time.perf_counter() - t0
   md = format_markdown(config, results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(md + "\n")
-  metrics_io.write_json(os.path.join(workdir, "results.json"), results)
-  print(md)
+  if _is_main():
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(md + "\n")
+    metrics_io.write_json(os.path.join(workdir, "results.json"), results)
+    print(md)
   return results
+
+
+def _is_main() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
 
 
 def _fmt_eps(v):

@@ -28,7 +28,9 @@ import pytest
 
 from configs import recipes
 from kd_jax import metrics_io
-from kd_jax.train import loop
+from kd_jax import trainer
+from kd_jax.train import state as state_lib
+from kd_jax.trainer import feeds as feeds_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +85,7 @@ def test_every_config_file_is_covered():
                          ids=[f"{m}:{a}" for m, a in _all_configs()])
 def test_config_dry_run(mod, arg, tmp_path):
   c = _debug(mod, arg)
-  out = loop.train_and_evaluate(c, str(tmp_path), dry_run=True)
+  out = trainer.train_and_evaluate(c, str(tmp_path), dry_run=True)
   assert out["dry_run"] and out["num_params"] > 0
   expected = {"ce", "loss", "top1", "kd_factor"}
   if c.mode == "distill":
@@ -114,7 +116,7 @@ def _real_run_specs():
                          ids=[f"{m}:{a}" for m, a, _ in _real_run_specs()])
 def test_config_debug_run(mod, arg, overrides, tmp_path):
   c = _debug(mod, arg, **overrides)
-  rep = loop.train_and_evaluate(c, str(tmp_path))
+  rep = trainer.train_and_evaluate(c, str(tmp_path))
   assert rep["steps"] == 2 and 0.0 <= rep["last_top1"] <= 1.0
   recs = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
   train = [r for r in recs if r["split"] == "train"]
@@ -132,11 +134,11 @@ def test_mnist_teacher_then_distill_loads_teacher(tmp_path):
   """Teacher run -> distill run reading it; outputs and report contents."""
   t_dir, d_dir = str(tmp_path / "t"), str(tmp_path / "d")
   t = _debug("mnist", "teacher")
-  t_rep = loop.train_and_evaluate(t, t_dir)
-  cfg = loop.apply_debug(_debug("mnist", "distill",
+  t_rep = trainer.train_and_evaluate(t, t_dir)
+  cfg = trainer.apply_debug(_debug("mnist", "distill",
                                 **{"teacher.checkpoint": t_dir}))
   cfg.teacher.evaluate = True  # (debug turns it off)
-  d_rep = loop.train_and_evaluate(cfg, d_dir)
+  d_rep = trainer.train_and_evaluate(cfg, d_dir)
   # The teacher evaluated inside the distill run is the trained teacher.
   assert d_rep["teacher_top1"] == pytest.approx(t_rep["last_top1"], abs=1e-6)
   assert d_rep["teacher"] == "mlp_teacher" and d_rep["mode"] == "distill"
@@ -146,10 +148,10 @@ def test_mnist_teacher_then_distill_loads_teacher(tmp_path):
   # A teacher checkpoint of another architecture is refused, naming the key
   # and a mismatching parameter, before anything is compiled.
   bad = _debug("mnist", "distill_cnn", **{"teacher.checkpoint": t_dir})
-  with pytest.raises(loop.ConfigError, match=r"(?s)config\.teacher\.checkpoint"
+  with pytest.raises(trainer.ConfigError, match=r"(?s)config\.teacher\.checkpoint"
                      r".*params/Conv_0/kernel: missing from the checkpoint "
                      r"\(model expects shape \(5, 5, 1, 32\)\)"):
-    loop.train_and_evaluate(bad, str(tmp_path / "bad"))
+    trainer.train_and_evaluate(bad, str(tmp_path / "bad"))
 
 
 def test_seed_experiment_debug(tmp_path):
@@ -222,30 +224,30 @@ def test_validation_errors_name_the_key(overrides, pattern, tmp_path):
   assert len(jax.devices()) == 8  # conftest: 8 simulated CPU devices
   c = _mnist_distill(**overrides)
   wd = tmp_path / "wd"
-  with pytest.raises(loop.ConfigError, match=pattern):
-    loop.train_and_evaluate(c, str(wd))
+  with pytest.raises(trainer.ConfigError, match=pattern):
+    trainer.train_and_evaluate(c, str(wd))
   assert not wd.exists()  # failed before writing (and compiling) anything
 
 
 def test_validation_train_mode_rejects_kd_terms():
   c = _config("mnist", "student")
   c.loss.terms = _config("mnist", "distill").loss.terms
-  with pytest.raises(loop.ConfigError, match=r"config\.loss\.terms: mode "
+  with pytest.raises(trainer.ConfigError, match=r"config\.loss\.terms: mode "
                      r"'train' is supervised"):
-    loop.validate_config(c)
+    trainer.parse(c)
 
 
 def test_seed_experiment_validation():
   from experiments import seed_experiment
   c = _config("mnist_seed")
   c.seed_experiment.phases.distill_mlp.model.name = "mlp_studnet"
-  with pytest.raises(loop.ConfigError, match=r"config\.seed_experiment\.phases"
+  with pytest.raises(trainer.ConfigError, match=r"config\.seed_experiment\.phases"
                      r"\.distill_mlp\.model\.name: unknown model name"):
     seed_experiment.validate(c)
   c = _config("mnist_seed")
   c.seed_experiment.order = ("student", "distill_mlp", "teacher_mlp",
                              "teacher_cnn", "distill_cnn")
-  with pytest.raises(loop.ConfigError, match=r"distill_from\.distill_mlp: "
+  with pytest.raises(trainer.ConfigError, match=r"distill_from\.distill_mlp: "
                      r"teacher phase 'teacher_mlp' must be a phase listed "
                      r"before"):
     seed_experiment.validate(c)
@@ -329,7 +331,7 @@ def test_cli_config_error_exit_code(tmp_path):
 def test_step_schedule_matches_mdistiller_rule():
   c = _config("cifar100_kd", "resnet56-resnet20")
   spe = 7
-  _, sched = loop.make_optimizer(c.optimizer, steps_per_epoch=spe,
+  _, sched = trainer.make_optimizer(c.optimizer, steps_per_epoch=spe,
                                  total_steps=240 * spe)
   for epoch in (1, 150, 151, 180, 181, 210, 211, 240):  # 1-based epochs
     lr = 0.05 * 0.1 ** sum(epoch > d for d in (150, 180, 210))
@@ -343,7 +345,7 @@ def test_sgd_coupled_weight_decay_matches_torch_formula():
       name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False,
       weight_decay=5e-4, schedule="constant", decay_epochs=(),
       decay_factor=0.1, warmup_epochs=0))
-  tx, _ = loop.make_optimizer(cfg, steps_per_epoch=1, total_steps=3)
+  tx, _ = trainer.make_optimizer(cfg, steps_per_epoch=1, total_steps=3)
   rng = np.random.default_rng(0)
   p = rng.normal(size=5)
   grads = [rng.normal(size=5) for _ in range(3)]
@@ -364,15 +366,15 @@ def _toy_data(pad=4, flip=True):
   imgs = np.arange(6 * 8 * 8 * 3, dtype=np.uint8).reshape(6, 8, 8, 3)
   p = pl.InMemoryPipeline(imgs, np.arange(6), global_batch_size=2,
                           with_index=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-  return loop._Data(info=None, train=p, eval_pipe=p, image_shape=(8, 8, 3),
+  return feeds_lib.Data(info=None, train=p, eval_pipe=p, image_shape=(8, 8, 3),
                     mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=pad,
                     flip=flip), imgs
 
 
 def test_augmentation_is_per_example_and_per_epoch():
   data, imgs = _toy_data()
-  pre = loop.make_train_preprocess(data, steps_per_epoch=3)
-  st = lambda step: loop.state_lib.TrainState(  # noqa: E731
+  pre = feeds_lib.make_train_preprocess(data, steps_per_epoch=3)
+  st = lambda step: state_lib.TrainState(  # noqa: E731
       step=jnp.int32(step), params={}, batch_stats={}, opt_state=(),
       distiller_params={}, distiller_state={}, rng=jax.random.key(0))
   a = pre(st(0), {"image": imgs[[1, 4]], "index": np.array([1, 4]),
@@ -429,7 +431,7 @@ def test_parallel_modes_agree(tmp_path):
   finals = {}
   for mode in ("none", "jit", "pmap"):
     c = _debug("mnist", "student", **{"train.parallel": mode})
-    rep = loop.train_and_evaluate(c, str(tmp_path / mode))
+    rep = trainer.train_and_evaluate(c, str(tmp_path / mode))
     assert rep["num_devices"] == (1 if mode == "none" else 8)
     finals[mode] = rep["_final_state"].params
   for mode in ("jit", "pmap"):

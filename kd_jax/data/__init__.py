@@ -11,11 +11,13 @@ Both expose an iterator whose position `{'epoch', 'step'}` is JSON and goes
 into the checkpoint for exact resume.
 """
 
-from kd_jax.data.augment import make_preprocess_fn, normalize, random_crop_flip
+from kd_jax.data.augment import (AUG_TAG, augment_batch, make_preprocess_fn,
+                                 normalize, random_crop_flip)
 from kd_jax.data.imagenet import (GrainBatchIterator, GrainImagePipeline,
                                   imagenet_pipeline)
 from kd_jax.data.mnist import load_mnist_arrays, normalize_mnist
 from kd_jax.data.pipeline import (BatchIterator, InMemoryPipeline,
                                   check_position, create_pipeline,
                                   epoch_permutation)
-from kd_jax.data.sources import DATASETS, DatasetInfo, dataset_info, load_arrays
+from kd_jax.data.sources import (DATASETS, DatasetInfo, DatasetNotFoundError,
+                                 dataset_info, load_arrays)

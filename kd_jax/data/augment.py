@@ -98,6 +98,72 @@ def normalize(images: jax.Array, mean: Sequence[float],
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
+AUG_TAG = 0x6175  # fold-in tag of a run's augmentation stream
+
+
+def example_keys(rng: jax.Array, index: jax.Array) -> jax.Array:
+  """Per-example keys `fold_in(rng, index[i])` (`index`: int `[B]`)."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
+
+
+def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
+                  mean: Sequence[float], std: Sequence[float],
+                  crop_padding: Optional[int] = None, flip: bool = False,
+                  separate_teacher_view: bool = False,
+                  strong_augment: Optional[Callable] = None
+                  ) -> Dict[str, jax.Array]:
+  r"""Per-example augmentation + normalization of a `[B, H, W, C]` batch.
+
+  Example `i` is cropped/flipped with the key
+  $k_i = \mathrm{fold\_in}(\text{rng}, \text{index}_i)$, where `index` is
+  `batch['index']` (the example's position in the dataset) -- so an
+  example's view depends only on `rng` and the example, not on the batch it
+  lands in, the number of devices or where a run was resumed. A run derives
+  `rng = fold_in(fold_in(run_rng, AUG_TAG), epoch)`: a new view every epoch.
+
+  * `separate_teacher_view`: a second view, keys `fold_in(k_i, 1)`, as
+    `batch['teacher_image']`; a `teacher_image` already in the batch (made
+    on the host, e.g. by the ImageNet pipeline) is only normalized;
+  * `strong_augment(key, images[1, H, W, C])`: a strong view of the same
+    (un-augmented) images, keys `fold_in(k_i, 2)`, as `batch['image_strong']`
+    (weak/strong pairs, e.g. MLKD).
+
+  Without augmentation (`crop_padding` falsy, `flip=False`, no strong view)
+  `rng` is unused and may be `None`, and `index` is not needed.
+  """
+  if "image" not in batch:
+    raise ValueError(f"`batch` must have an 'image' entry; got keys "
+                     f"{sorted(batch)}.")
+  _check_images(batch["image"], "batch['image']")
+  augments = bool(crop_padding) or flip
+  keyed = augments or strong_augment is not None
+  if keyed and (rng is None or "index" not in batch):
+    raise ValueError("augmentation needs `rng` and `batch['index']` (the "
+                     "examples' dataset indices: per-example keys).")
+
+  def view(keys, images):
+    if augments and keys is not None:
+      images = jax.vmap(lambda k, x: random_crop_flip(
+          k, x[None], padding=crop_padding, flip=flip)[0])(keys, images)
+    return normalize(images, mean, std)
+
+  out = dict(batch)
+  keys = example_keys(rng, batch["index"]) if keyed else None
+  images = batch["image"]
+  out["image"] = view(keys, images)
+  if "teacher_image" in batch:  # the host pipeline made the teacher's view
+    out["teacher_image"] = view(None, batch["teacher_image"])
+  elif separate_teacher_view:
+    tkeys = (None if keys is None
+             else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
+    out["teacher_image"] = view(tkeys, images)
+  if strong_augment is not None:
+    skeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
+    strong = jax.vmap(lambda k, x: strong_augment(k, x[None])[0])(skeys, images)
+    out["image_strong"] = normalize(strong, mean, std)
+  return out
+
+
 def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
                        crop_padding: Optional[int] = None, flip: bool = False,
                        separate_teacher_view: bool = False
@@ -105,18 +171,14 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
                                      Dict[str, jax.Array]]:
   """Builds `preprocess(rng, batch) -> batch` for use inside a jitted step.
 
-  The returned function replaces the uint8 `batch['image']` by the augmented,
-  normalized float32 image; other keys (`label`, `index`, `mask`) pass through
-  unchanged. By default the teacher sees the same augmented view as the
-  student ("consistent teaching"); with `separate_teacher_view=True` a second,
-  independently augmented view is added as `batch['teacher_image']`; a
-  `teacher_image` already in the batch (a second view made on the host, e.g.
-  by the ImageNet pipeline) is processed the same way as `image`. Without
-  augmentation (`crop_padding` falsy and `flip=False`, e.g. evaluation) `rng`
-  is unused and may be `None`.
-
-  Works on any leading shape `[..., B, H, W, C]` (e.g. `[n_steps, B, ...]`
-  chunks for a scanned multi-step: each step gets its own key).
+  `augment_batch` (per-example keys) over any leading shape
+  `[..., B, H, W, C]` (e.g. `[n_steps, B, ...]` chunks for a scanned
+  multi-step). The examples' keys come from `batch['index']` when present
+  (the pipelines' `with_index=True`), else from their position in the
+  flattened batch. Other keys (`label`, `index`, `mask`) pass through. By
+  default the teacher sees the student's view ("consistent teaching");
+  `separate_teacher_view=True` adds an independent `batch['teacher_image']`.
+  Without augmentation `rng` is unused and may be `None`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -131,12 +193,6 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
   mean, std = tuple(mean), tuple(std)
   augments = bool(crop_padding) or flip
 
-  def view(rng, images):
-    flat = images.reshape((-1,) + images.shape[-3:])  # all leading dims
-    if augments:  # independent draws for every example of every step
-      flat = random_crop_flip(rng, flat, padding=crop_padding, flip=flip)
-    return normalize(flat, mean, std).reshape(images.shape)
-
   def preprocess(rng, batch):
     if "image" not in batch:
       raise ValueError(f"`batch` must have an 'image' entry; got keys "
@@ -147,14 +203,21 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
                        f"{tuple(images.shape)}.")
     if augments and rng is None:
       raise ValueError("`rng` is required when augmenting.")
-    out = dict(batch)
-    host_view = batch.get("teacher_image")
-    if separate_teacher_view or host_view is not None:
-      k_s, k_t = jax.random.split(rng) if augments else (None, None)
-      out["image"] = view(k_s, images)
-      out["teacher_image"] = view(k_t, images if host_view is None else host_view)
+    lead = images.shape[:-3]
+    flat = {k: v.reshape((-1,) + v.shape[len(lead):]) for k, v in batch.items()
+            if k in ("image", "teacher_image")}
+    n = flat["image"].shape[0]
+    if "index" in batch:
+      flat["index"] = jnp.reshape(batch["index"], (-1,))
     else:
-      out["image"] = view(rng, images)
-    return out
+      flat["index"] = jnp.arange(n, dtype=jnp.int32)
+    out = augment_batch(rng if augments else None, flat, mean=mean, std=std,
+                        crop_padding=crop_padding, flip=flip,
+                        separate_teacher_view=separate_teacher_view)
+    res = dict(batch)
+    for k in ("image", "teacher_image"):
+      if k in out:
+        res[k] = out[k].reshape(lead + out[k].shape[1:])
+    return res
 
   return preprocess

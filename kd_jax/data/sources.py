@@ -88,6 +88,40 @@ def _read_records(source, indices):
     return [source[i] for i in indices]
 
 
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset that is not in the TFDS data dir and could not be prepared."""
+
+
+def _is_prepared(name: str, data_dir: Optional[str]) -> bool:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def _data_source(name: str, split: str, data_dir: Optional[str]):
+  """`tfds.data_source`, with a `DatasetNotFoundError` naming the dataset,
+  the folder searched and how to prepare it when it is absent and TFDS
+  cannot prepare it (no network, missing download dependencies)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_prepared(name, data_dir):
+      raise
+    folder = data_dir or tfds.core.constants.DATA_DIR
+    cause = (str(e).strip().splitlines() or [""])[0]
+    raise DatasetNotFoundError(
+        f"dataset {name!r} not found in folder {folder!r} and TFDS could not "
+        f"prepare it ({type(e).__name__}: {cause}). Prepare it on a machine "
+        f"with network access with `tfds build {name} --data_dir={folder}` "
+        "(or `python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('{name}', data_dir='{folder}').download_and_prepare()"
+        "\"`), or point TFDS_DATA_DIR / --config.data.data_dir at a folder "
+        "that holds it.") from None
+
+
 def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
                 cache_dir: Optional[str] = None, use_cache: bool = True
                 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -119,8 +153,7 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   if path and os.path.exists(path):
     with np.load(path) as f:
       return f["image"], f["label"]
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  source = _data_source(name, split, data_dir)
   n = len(source)
   images = np.empty((n,) + info.image_shape, np.uint8)
   labels = np.empty((n,), np.int32)

@@ -123,6 +123,19 @@ class DataParallel:
     return self._axis if self.mode == "pmap" else None
 
   @property
+  def axis(self) -> str:
+    """The mesh / pmap axis name (in every mode)."""
+    return self._axis
+
+  @property
+  def local_sharding(self) -> jax.sharding.SingleDeviceSharding:
+    """This process's first device of `devices`: where host values (e.g. a
+    teacher checkpoint) are loaded before `replicate` places them."""
+    pid = jax.process_index()
+    dev = next(d for d in self.devices if d.process_index == pid)
+    return jax.sharding.SingleDeviceSharding(dev)
+
+  @property
   def num_devices(self) -> int:
     """Devices the global batch is split over."""
     return len(self.devices)
@@ -186,9 +199,14 @@ class DataParallel:
       return jax.tree_util.tree_map(lambda x: x[0], tree)
     return tree
 
-  def fetch(self, tree: PyTree) -> PyTree:
-    """Device outputs (metrics, params) -> host NumPy (unreplicated)."""
-    tree = self.unreplicate(tree)
+  def fetch(self, tree: PyTree, *, replicated: bool = True) -> PyTree:
+    """Device outputs (metrics, params) -> host NumPy (unreplicated).
+
+    PRNG keys become their key data. `replicated=False` for a tree that was
+    not placed by `replicate` (e.g. a freshly initialized state).
+    """
+    if replicated:
+      tree = self.unreplicate(tree)
 
     def get(x):
       if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):

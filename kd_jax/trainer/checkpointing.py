@@ -1,0 +1,79 @@
+"""A run's checkpoints: train state <-> Orbax tree, resume with fallback.
+
+`restore_newest(mgr, template)` wraps `CheckpointManager.restore`: when the
+newest finalized step cannot be restored (a truncated array file, a damaged
+`_METADATA`, ...) it warns naming the step and the cause and falls back to
+the next newest step that restores; it deletes nothing. When no step
+restores, one `CheckpointRestoreError` names the directory and every cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax.train import checkpoints as ckpt_lib
+from kd_jax.train import state as state_lib
+
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state",
+                "distiller_params", "distiller_state", "rng")
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of a run's checkpoint directory can be restored."""
+
+
+def state_to_tree(host_state: state_lib.TrainState) -> Dict[str, Any]:
+  return {f: getattr(host_state, f) for f in STATE_FIELDS}
+
+
+def tree_to_state(tree: Mapping[str, Any], impl) -> state_lib.TrainState:
+  d = dict(tree)
+  d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
+  return state_lib.TrainState(**d)
+
+
+def _cause(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+
+
+def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
+                   ) -> Optional[ckpt_lib.Restored]:
+  """The newest finalized step of `mgr` that restores into `template`.
+
+  Returns None on a fresh run (no finalized step). A step that fails is
+  reported with `logging.warning` (step, cause) and skipped; nothing is
+  deleted. Raises `CheckpointRestoreError` (the directory and each step's
+  cause) when steps exist but none restores.
+  """
+  failures = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      return mgr.restore(template, step=step)
+    except Exception as e:  # pylint: disable=broad-except
+      failures.append((step, _cause(e)))
+      logging.warning("checkpoint step %d in %s cannot be restored (%s); "
+                      "trying an older step.", step, mgr.directory,
+                      failures[-1][1])
+  if failures:
+    causes = "; ".join(f"step {s}: {c}" for s, c in failures)
+    raise CheckpointRestoreError(
+        f"no checkpoint in {mgr.directory} can be restored ({causes}). Move "
+        "the directory away to start the run afresh.")
+  return None
+
+
+def open_manager(ck_cfg, workdir: str) -> Optional[ckpt_lib.CheckpointManager]:
+  """The run's `CheckpointManager` (None when checkpoints are disabled)."""
+  if not ck_cfg.enabled:
+    return None
+  return ckpt_lib.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      save_every_steps=None, keep_last=int(ck_cfg.keep),
+      keep_best=1 if ck_cfg.keep_best else 0, best_metric="accuracy",
+      async_save=bool(ck_cfg.async_save))

@@ -1,0 +1,302 @@
+"""Batches: the datasets of a run and what the compiled step receives.
+
+* In-memory datasets (MNIST / CIFAR): decoded once (`kd_jax.data`); batches
+  of global steps are gathered on the host in chunks of
+  `train.steps_per_call`, or -- with `data.on_device` -- the split is put on
+  the devices once and the host sends only the example indices.
+* ImageNet: the grain pipeline (host crops in worker processes).
+
+On device, `kd_jax.data.augment.augment_batch` augments with per-example keys
+`fold_in(fold_in(fold_in(rng, AUG_TAG), epoch), example_index)`, so a batch's
+views do not depend on the number of devices or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+from kd_jax.data import augment as augment_lib
+from kd_jax.data import pipeline as pipeline_lib
+from kd_jax.data import sources as sources_lib
+from kd_jax.train import steps as steps_lib
+from kd_jax.trainer import config as config_lib
+
+
+class InMemoryFeed:
+  """Train batches gathered from in-memory arrays (MNIST / CIFAR)."""
+
+  def __init__(self, pipe: pipeline_lib.InMemoryPipeline):
+    self.pipe = pipe
+    self.steps_per_epoch = pipe.steps_per_epoch
+    self.num_examples = pipe.num_examples
+    self.images = pipe.images
+    self.labels = pipe.labels
+
+  def _indices(self, step: int, n: int) -> np.ndarray:
+    spe = self.steps_per_epoch
+    return np.stack([self.pipe.local_indices(*divmod(step + j, spe))
+                     for j in range(n)])
+
+  def chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
+    """Stacked `[n, local_batch, ...]` batches of global steps [step, step+n)."""
+    return self.pipe.batch_at(self._indices(step, n))
+
+  def batch(self, step: int) -> Dict[str, np.ndarray]:
+    return self.pipe.get_batch(*divmod(step, self.steps_per_epoch))
+
+  def index_chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
+    """Only the example indices `[n, local_batch]` (data on device)."""
+    return {"index": self._indices(step, n).astype(np.int32)}
+
+  def index_batch(self, step: int) -> Dict[str, np.ndarray]:
+    return {"index": self.pipe.local_indices(
+        *divmod(step, self.steps_per_epoch)).astype(np.int32)}
+
+  def close(self):
+    pass
+
+
+class GrainFeed:
+  """Train batches from the ImageNet grain pipeline (host crops)."""
+
+  def __init__(self, pipe):
+    self.pipe = pipe
+    self.steps_per_epoch = pipe.steps_per_epoch
+    self.num_examples = pipe.num_examples
+    self.labels = None  # not in memory (CRD's class negatives need them)
+    self._it = None
+    self._next = None
+
+  def _seek(self, step):
+    if self._it is None or self._next != step:
+      pos = {"epoch": step // self.steps_per_epoch,
+             "step": step % self.steps_per_epoch}
+      if self._it is None:
+        self._it = self.pipe.iterator(pos)
+      else:
+        self._it.set_state(pos)
+      self._next = step
+
+  def chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
+    self._seek(step)
+    out = self._it.next_chunk(n)
+    self._next = step + n
+    return out
+
+  def batch(self, step: int) -> Dict[str, np.ndarray]:
+    self._seek(step)
+    out = next(self._it)
+    self._next = step + 1
+    return out
+
+  def close(self):
+    if self._it is not None:
+      self._it.close()
+      self._it = None
+
+
+@dataclasses.dataclass
+class Data:
+  """A run's datasets and how its images are augmented / normalized."""
+  info: Any                        # sources.DatasetInfo
+  train: Any                       # InMemoryFeed | GrainFeed
+  eval_pipe: Any
+  image_shape: Tuple[int, int, int]
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+  crop_padding: Optional[int]      # on-device augmentation (in-memory data)
+  flip: bool
+  host_teacher_view: bool = False  # the pipeline emits `teacher_image`
+
+  def eval_batches(self):
+    if isinstance(self.eval_pipe, pipeline_lib.InMemoryPipeline):
+      yield from self.eval_pipe.epoch(0)
+      return
+    it = self.eval_pipe.iterator(num_epochs=1)
+    try:
+      yield from it
+    finally:
+      it.close()
+
+  def first_batch(self) -> Dict[str, np.ndarray]:
+    """The first train batch without a host-made teacher view."""
+    return {k: v for k, v in self.train.batch(0).items()
+            if k != "teacher_image"}
+
+  def close(self):
+    self.train.close()
+
+
+def _mock_arrays(name: str, split: str, n: int):
+  """Arrays from TFDS `mock_data` (random records; never the network)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = sources_lib.dataset_info(name)
+  with tfds.testing.mock_data(num_examples=n):
+    src = tfds.data_source(name, split=split)
+    recs = [src[i] for i in range(len(src))]
+  images = np.stack([np.asarray(r["image"], np.uint8) for r in recs])
+  labels = np.asarray([int(r["label"]) % info.num_classes for r in recs],
+                      np.int32)
+  return images, labels
+
+
+def load_data(rc: config_lib.RunConfig) -> Data:
+  """Train/eval data of a run (TFDS mock data when `data.mock`)."""
+  info = sources_lib.dataset_info(rc.data.name)
+  if not info.in_memory:
+    return _load_grain_data(rc, info)
+  d = rc.data
+  if d.mock:
+    tr = _mock_arrays(d.name, info.train_split, int(d.mock_num_examples))
+    ev = _mock_arrays(d.name, info.eval_split, int(d.mock_num_examples))
+  else:
+    kw = dict(data_dir=d.data_dir or None, cache_dir=d.cache_dir or None)
+    tr = sources_lib.load_arrays(d.name, info.train_split, **kw)
+    ev = sources_lib.load_arrays(d.name, info.eval_split, **kw)
+  if d.train_subset:
+    tr = (tr[0][:d.train_subset], tr[1][:d.train_subset])
+  if d.eval_subset:
+    ev = (ev[0][:d.eval_subset], ev[1][:d.eval_subset])
+  bs = rc.train.batch_size
+  if tr[0].shape[0] < bs:
+    raise config_lib.ConfigError("train.batch_size", f"{bs} exceeds the "
+                                 f"{tr[0].shape[0]} training examples.")
+  train = pipeline_lib.InMemoryPipeline(
+      tr[0], tr[1], global_batch_size=bs, seed=rc.seed, shuffle=True,
+      drop_remainder=True, with_index=True, mean=info.mean, std=info.std)
+  evalp = pipeline_lib.InMemoryPipeline(
+      ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
+      shuffle=False, drop_remainder=False, with_index=False, mean=info.mean,
+      std=info.std)
+  augment = config_lib.augments(rc)
+  return Data(info=info, train=InMemoryFeed(train), eval_pipe=evalp,
+              image_shape=tuple(tr[0].shape[1:]), mean=info.mean,
+              std=info.std, crop_padding=info.crop_padding if augment else None,
+              flip=info.flip and augment)
+
+
+def _load_grain_data(rc: config_lib.RunConfig, info) -> Data:
+  """ImageNet: grain pipeline, per-record decode + crop in worker processes."""
+  from kd_jax.data import imagenet as imagenet_lib  # pylint: disable=g-import-not-at-top
+  d = rc.data
+  size = int(d.image_size)
+  common = dict(
+      data_dir=d.data_dir or None, decode_in_tfds=bool(d.mock),
+      image_size=size, resize_size=max(size, int(round(size * 256 / 224))),
+      num_workers=0 if d.mock else int(d.num_workers),
+      mean=info.mean, std=info.std)
+  separate = rc.distill and d.teacher_view == "separate"
+  train = imagenet_lib.imagenet_pipeline(
+      info.train_split, global_batch_size=rc.train.batch_size, train=True,
+      seed=rc.seed, with_index=True, separate_teacher_view=separate,
+      num_examples=d.train_subset or None, **common)
+  evalp = imagenet_lib.imagenet_pipeline(
+      info.eval_split, global_batch_size=rc.train.eval_batch_size,
+      train=False, num_examples=d.eval_subset or None, **common)
+  return Data(info=info, train=GrainFeed(train), eval_pipe=evalp,
+              image_shape=(size, size, 3), mean=info.mean, std=info.std,
+              crop_padding=None, flip=False, host_teacher_view=separate)
+
+
+# ---------------------------------------------------------------------------
+# On-device preprocessing.
+
+
+def strong_augment_fn(label: str) -> Callable:
+  """`kd_jax.data.strong_augment.strong_augment`, or a `ConfigError` naming
+  the term that asked for a strong view when it is not available."""
+  try:
+    mod = importlib.import_module("kd_jax.data.strong_augment")
+  except ImportError:
+    mod = None
+  fn = getattr(mod, "strong_augment", None)
+  if fn is None:
+    raise config_lib.ConfigError(
+        f"loss.terms.{label}", "this method needs a strong augmentation view "
+        "(views=('strong',)), but kd_jax.data.strong_augment.strong_augment "
+        "is not available.")
+  return fn
+
+
+def _augment(data: Data, rng, epoch, batch, separate_teacher_view: bool,
+             strong: Optional[Callable]):
+  return augment_lib.augment_batch(
+      jax.random.fold_in(rng, epoch), batch, mean=data.mean, std=data.std,
+      crop_padding=data.crop_padding, flip=data.flip,
+      separate_teacher_view=separate_teacher_view, strong_augment=strong)
+
+
+def make_train_preprocess(data: Data, *, steps_per_epoch: int,
+                          separate_teacher_view: bool = False,
+                          strong: Optional[Callable] = None) -> Callable:
+  """`fn(state, batch) -> batch`: augmentation + normalization on device,
+  keys from `fold_in(state.rng, AUG_TAG)` and the epoch
+  `state.step // steps_per_epoch` (see `kd_jax.data.augment.augment_batch`)."""
+  def preprocess(state, batch):
+    epoch = state.step // steps_per_epoch
+    rng = jax.random.fold_in(state.rng, augment_lib.AUG_TAG)
+    return _augment(data, rng, epoch, batch, separate_teacher_view, strong)
+
+  return preprocess
+
+
+def make_stage_preprocess(data: Data, rng) -> Callable:
+  """`fn(batch) -> batch` for a distiller's pretrain stage: the batch carries
+  its epoch as `aug_epoch` (int32 `[B]`); keys from `rng` as in
+  `make_train_preprocess`."""
+  def preprocess(batch):
+    batch = dict(batch)
+    epoch = batch.pop("aug_epoch")[0]
+    return _augment(data, rng, epoch, batch, False, None)
+
+  return preprocess
+
+
+def eval_preprocess(data: Data) -> Callable:
+  """`fn(batch) -> batch`: normalization only."""
+  def preprocess(batch):
+    batch = dict(batch)
+    batch["image"] = augment_lib.normalize(batch["image"], data.mean, data.std)
+    return batch
+  return preprocess
+
+
+def make_step_batch(data: Data, *, steps_per_epoch: int, teacher_apply,
+                    precomputed_logits: bool, separate_teacher_view: bool,
+                    strong: Optional[Callable] = None) -> Callable:
+  """`fn(state, consts, batch) -> (batch, teacher_variables | None)`: the
+  batch the engine's step sees.
+
+  `consts` (replicated): `'data'` the device-resident dataset (then `batch`
+  holds only example indices), `'teacher'` the teacher's variables -- or, with
+  precomputed logits, the `[num_examples, classes]` logits table. The teacher
+  logits of precomputed tables and of a separate teacher view go into
+  `batch['teacher_logits']` (the step is then built with
+  `make_distill_step(teacher_apply=None)`).
+  """
+  preprocess = make_train_preprocess(
+      data, steps_per_epoch=steps_per_epoch,
+      separate_teacher_view=separate_teacher_view, strong=strong)
+
+  def step_batch(state, consts, batch):
+    if "data" in consts:
+      idx = batch["index"]
+      batch = {"image": consts["data"]["image"][idx],
+               "label": consts["data"]["label"][idx], "index": idx}
+    batch = preprocess(state, batch)
+    tv = consts.get("teacher")
+    if precomputed_logits:
+      batch["teacher_logits"] = tv[batch["index"]]
+      tv = None
+    elif separate_teacher_view:
+      batch["teacher_logits"], _ = steps_lib.teacher_forward(
+          teacher_apply, tv, batch.pop("teacher_image"))
+      tv = None
+    return batch, tv
+
+  return step_batch

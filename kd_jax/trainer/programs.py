@@ -1,0 +1,481 @@
+"""The compiled programs of a run: init, train step, eval, dry run, pretrain
+stages -- and the optimizer and teacher they need.
+
+Programs are memoized across the phases / seeds of one process
+(`program_key`): they do not depend on the seed, which only enters through
+the state and the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kd_jax import distillers as distillers_lib
+from kd_jax import models as models_lib
+from kd_jax.data import augment as augment_lib
+from kd_jax.train import checkpoints as ckpt_lib
+from kd_jax.train import objectives as objectives_lib
+from kd_jax.train import parallel as parallel_lib
+from kd_jax.train import state as state_lib
+from kd_jax.train import steps as steps_lib
+from kd_jax.trainer import config as config_lib
+from kd_jax.trainer import feeds as feeds_lib
+
+PyTree = Any
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Parameter initialization runs once; XLA:CPU spends seconds optimizing the
+# threefry kernels of a ResNet's init (5 s for resnet8) -- compile it without
+# backend optimizations (1 s). Results are the same integer/float ops.
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+# ---------------------------------------------------------------------------
+# Optimizer.
+
+
+def _sgd(opt, sched):
+  return optax.sgd(sched, momentum=float(opt.momentum) or None,
+                   nesterov=bool(opt.nesterov))
+
+
+def _adam(opt, sched):
+  del opt
+  return optax.adam(sched)
+
+
+def _adamw(opt, sched):
+  return optax.adamw(sched, weight_decay=float(opt.weight_decay or 0.0))
+
+
+# `optimizer.name` -> (builder(opt_config, schedule), weight decay handled
+# inside the builder). Add a method's optimizer (e.g. a trainer that splits
+# task and distillation gradients) here and in `config_lib.OPTIMIZERS`.
+OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
+    "sgd": (_sgd, False),
+    "adam": (_adam, False),
+    "adamw": (_adamw, True),
+}
+
+
+def make_schedule(opt: config_lib.OptimizerConfig, *, steps_per_epoch: int,
+                  total_steps: int) -> Callable:
+  """LR schedule in steps: `constant`; `step` (LR × `decay_factor` after each
+  of `decay_epochs`: mdistiller's `adjust_learning_rate`, epoch e (1-based)
+  uses `lr * factor ** #{d : e > d}`); `cosine` (to 0 over the run); an
+  optional linear warm-up over `warmup_epochs`."""
+  lr = float(opt.learning_rate)
+  if opt.schedule == "constant":
+    sched = optax.constant_schedule(lr)
+  elif opt.schedule == "step":
+    bounds = {int(e) * steps_per_epoch: float(opt.decay_factor)
+              for e in opt.decay_epochs}
+    sched = optax.piecewise_constant_schedule(lr, bounds)
+  else:
+    sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  warm = int(round(float(opt.warmup_epochs or 0) * steps_per_epoch))
+  if warm > 0:
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warm), sched], [warm])
+  return sched
+
+
+def make_optimizer(opt, *, steps_per_epoch: int, total_steps: int
+                   ) -> Tuple[optax.GradientTransformation, Callable]:
+  """optax transformation + LR schedule from `config.optimizer` (an
+  `OptimizerConfig` or a mapping with its keys).
+
+  Weight decay is PyTorch's coupled L2 (`grad += wd * param`) for sgd/adam,
+  decoupled for adamw.
+  """
+  if not isinstance(opt, config_lib.OptimizerConfig):
+    opt = config_lib._section({"optimizer": opt}, "optimizer")  # pylint: disable=protected-access
+  sched = make_schedule(opt, steps_per_epoch=steps_per_epoch,
+                        total_steps=total_steps)
+  build, decay_inside = OPTIMIZERS[opt.name]
+  tx = build(opt, sched)
+  wd = float(opt.weight_decay or 0.0)
+  if wd and not decay_inside:
+    tx = optax.chain(optax.add_decayed_weights(wd), tx)
+  return tx, sched
+
+
+# ---------------------------------------------------------------------------
+# Models and the teacher.
+
+
+def create_models(rc: config_lib.RunConfig):
+  """(student, teacher | None) Linen modules."""
+  student = models_lib.create(rc.model.name, num_classes=rc.model.num_classes,
+                              dtype=DTYPES[rc.model.dtype])
+  teacher = None
+  if rc.distill:
+    teacher = models_lib.create(rc.teacher.name,
+                                num_classes=rc.teacher.num_classes,
+                                dtype=DTYPES[rc.teacher.dtype])
+  return student, teacher
+
+
+def init_variables(model, rng, image_shape):
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  return model.init({"params": rng, "dropout": jax.random.fold_in(rng, 1)},
+                    x, train=False)
+
+
+def teacher_variables(rc: config_lib.RunConfig, teacher, image_shape, rng,
+                      dp: parallel_lib.DataParallel, *, abstract: bool = False):
+  """The teacher's variables on this process's first device of `dp` (then
+  `dp.replicate` places them everywhere): from `teacher.checkpoint` (a
+  teacher run's workdir, an Orbax dir, or a converted PyTorch file), or
+  randomly initialized in debug runs without a checkpoint. `abstract=True`
+  (dry runs without a checkpoint): shapes only."""
+  init = lambda r: init_variables(teacher, r, image_shape)  # noqa: E731
+  path = rc.teacher.checkpoint
+  if abstract and not path:
+    return jax.eval_shape(init, rng)
+  if not path:
+    logging.warning("debug run: distilling from a randomly initialized "
+                    "teacher (no teacher.checkpoint).")
+    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)(
+        jax.random.fold_in(rng, 7))
+  shapes = jax.eval_shape(init, rng)
+  try:
+    return _load_teacher(rc, os.path.abspath(path), shapes, dp)
+  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+    raise config_lib.ConfigError("teacher.checkpoint", str(e)) from None
+
+
+def _load_teacher(rc, path, shapes, dp):
+  ck_dir = os.path.join(path, "checkpoints")
+  fmt = rc.teacher.checkpoint_format
+  if fmt == "orbax" and os.path.isdir(ck_dir):
+    path = ck_dir  # a teacher-training run's workdir
+  if fmt == "torch":
+    # A .pth / .npz state_dict of the reference PyTorch definition.
+    from kd_jax.models import convert  # pylint: disable=g-import-not-at-top
+    sd = convert.unwrap_state_dict(convert.load_torch_checkpoint(path))
+    tv = convert.from_torch_state_dict(rc.teacher.name, sd,
+                                       num_classes=rc.teacher.num_classes)
+    ckpt_lib.check_tree_matches(shapes, tv,
+                                what=f"converted teacher {path!r}")
+    return tv
+  return ckpt_lib.load_teacher_variables(path, shapes,
+                                         sharding=dp.local_sharding)
+
+
+# ---------------------------------------------------------------------------
+# State initialization.
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentInit:
+  """`init(init_rng, state_rng)`: the student's variables + optimizer state."""
+  student: Any
+  tx: Any
+  image_shape: Tuple[int, ...]
+  takes_teacher_variables = False
+
+  def build(self, jit: bool = True) -> Callable:
+    def init_state(init_rng, state_rng):
+      variables = init_variables(self.student, init_rng, self.image_shape)
+      return state_lib.create_train_state(variables, self.tx, rng=state_rng)
+    return (jax.jit(init_state, compiler_options=INIT_COMPILER_OPTIONS)
+            if jit else init_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillerInit:
+  """`init(init_rng, state_rng, teacher_variables=None)` for objectives with
+  distiller terms: the student's variables, then the distillers' params /
+  state from a first (normalized, un-augmented) batch through both networks."""
+  objective: Any
+  student: Any
+  teacher: Any
+  teacher_vars: Any
+  tx: Any
+  data: Any
+  takes_teacher_variables = True
+
+  def build(self, jit: bool = True) -> Callable:
+    def maybe_jit(f):  # (no jit when traced by a dry run's eval_shape)
+      return jax.jit(f, compiler_options=INIT_COMPILER_OPTIONS) if jit else f
+    init_vars = maybe_jit(lambda r: init_variables(
+        self.student, r, self.data.image_shape))
+    dinit = maybe_jit(lambda v, tv, batch, r: distillers_lib.init_distillers(
+        self.objective, r, student_apply=self.student,
+        teacher_apply=self.teacher, student_variables=v, teacher_variables=tv,
+        batch=batch, preprocess=feeds_lib.eval_preprocess(self.data)))
+    make_state = maybe_jit(
+        lambda v, dparams, dstate, r: state_lib.create_train_state(
+            v, self.tx, rng=r, distiller_params=dparams,
+            distiller_state=dstate))
+
+    def init_state(init_rng, state_rng, tvars=None):
+      v = init_vars(init_rng)
+      dparams, dstate = dinit(v, self.teacher_vars if tvars is None else tvars,
+                              self.data.first_batch(),
+                              jax.random.fold_in(init_rng, 99))
+      return make_state(v, dparams, dstate, state_rng)
+    return init_state
+
+
+# ---------------------------------------------------------------------------
+# The programs.
+
+
+@dataclasses.dataclass
+class Programs:
+  """What a run compiles; `train_step` / `eval_step` are the raw (traceable)
+  functions, the others are compiled by the run's `DataParallel`."""
+  init: Any                   # StudentInit | DistillerInit
+  init_state: Callable
+  multi: Callable             # [n, B] chunks (lax.scan)
+  single: Callable            # one step
+  evaluate: Callable
+  teacher_evaluate: Optional[Callable]
+  train_step: Callable
+  eval_step: Callable
+
+
+_CACHE: Dict[str, Programs] = {}
+
+
+def clear_program_cache():
+  _CACHE.clear()
+
+
+def views(objective: objectives_lib.Objective) -> Dict[str, str]:
+  """{view: label of the first term asking for it} (a distiller's `views`)."""
+  out = {}
+  for t in objective.distiller_terms:
+    for v in getattr(t.distiller, "views", ()) or ():
+      out.setdefault(v, t.label)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+  """What the programs of a run are built from."""
+  rc: config_lib.RunConfig
+  data: Any
+  dp: parallel_lib.DataParallel
+  student: Any
+  teacher: Any
+  teacher_vars: Any
+  objective: Any
+  tx: Any
+  steps_per_epoch: int
+  precompute: bool
+  separate: bool
+  dry_run: bool = False
+
+
+def build_programs(spec: ProgramSpec, cache_key: Optional[str]) -> Programs:
+  """The run's programs (memoized under `cache_key` when not None)."""
+  progs = _CACHE.get(cache_key) if cache_key is not None else None
+  if progs is not None:
+    return progs
+  s = spec
+  if s.objective.distiller_terms:
+    init = DistillerInit(s.objective, s.student, s.teacher, s.teacher_vars,
+                         s.tx, s.data)
+  else:
+    init = StudentInit(s.student, s.tx, s.data.image_shape)
+  train_step = _train_step(s)
+  eval_pre = feeds_lib.eval_preprocess(s.data)
+  eval_step = steps_lib.make_eval_step(s.student, axis_name=s.dp.axis_name,
+                                       preprocess=eval_pre)
+  teacher_eval = None
+  if s.rc.distill:
+    teacher_eval = s.dp.compile(
+        steps_lib.make_eval_step(s.teacher, axis_name=s.dp.axis_name,
+                                 preprocess=eval_pre),
+        stacked=False, donate_state=False)
+  progs = Programs(
+      init=init, init_state=init.build(jit=not s.dry_run),
+      multi=s.dp.compile(steps_lib.make_multi_step(train_step), stacked=True),
+      single=s.dp.compile(train_step, stacked=False),
+      evaluate=s.dp.compile(eval_step, stacked=False, donate_state=False),
+      teacher_evaluate=teacher_eval, train_step=train_step,
+      eval_step=eval_step)
+  if cache_key is not None:
+    _CACHE[cache_key] = progs
+  return progs
+
+
+def _train_step(s: ProgramSpec) -> Callable:
+  """`train_step(state, consts, batch)`: the engine's step on the batch
+  `feeds.make_step_batch` assembles."""
+  strong = None
+  if "strong" in views(s.objective):
+    strong = feeds_lib.strong_augment_fn(views(s.objective)["strong"])
+  step_batch = feeds_lib.make_step_batch(
+      s.data, steps_per_epoch=s.steps_per_epoch, teacher_apply=s.teacher,
+      precomputed_logits=s.precompute, separate_teacher_view=s.separate,
+      strong=strong)
+  if s.rc.distill:
+    inner_teacher = None if (s.precompute or s.separate) else s.teacher
+    inner = steps_lib.make_distill_step(
+        s.student, inner_teacher, s.objective, s.tx,
+        axis_name=s.dp.axis_name, steps_per_epoch=s.steps_per_epoch)
+  else:
+    inner_train = steps_lib.make_train_step(
+        s.student, s.tx, objective=s.objective, axis_name=s.dp.axis_name)
+
+  def train_step(st, consts, batch):
+    batch, tv = step_batch(st, consts, batch)
+    if not s.rc.distill:
+      return inner_train(st, batch)
+    return inner(st, tv, batch)
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------
+# Dry run.
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _pmap_as_vmap(dp, fn, eval_step, batch, eval_batch):
+  """Traces pmap programs as `vmap` over a leading device axis."""
+  k = dp.num_devices
+
+  def split(x, axis):
+    x = np.asarray(x)
+    sh = x.shape
+    x = x.reshape(sh[:axis] + (k, sh[axis] // k) + sh[axis + 1:])
+    return np.moveaxis(x, axis, 0)
+
+  batch = jax.tree_util.tree_map(lambda x: split(x, 1), batch)
+  eval_batch = jax.tree_util.tree_map(lambda x: split(x, 0), eval_batch)
+  fn = jax.vmap(fn, in_axes=(None, None, 0), axis_name=dp.axis)
+  eval_step = jax.vmap(eval_step, in_axes=(None, 0), axis_name=dp.axis)
+  return fn, eval_step, batch, eval_batch
+
+
+def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
+            total_steps: int, on_device: bool) -> Dict[str, Any]:
+  """Traces init / train / eval programs with `jax.eval_shape` (no compile)."""
+  rc, data, dp = spec.rc, spec.data, spec.dp
+  init_rng, state_rng = rngs
+  if rc.distill and progs.init.takes_teacher_variables:
+    st = jax.eval_shape(progs.init_state, init_rng, state_rng,
+                        _abstract(spec.teacher_vars))
+  else:
+    st = jax.eval_shape(progs.init_state, init_rng, state_rng)
+  n = min(spc, data.train.steps_per_epoch, total_steps)
+  fn = steps_lib.make_multi_step(progs.train_step)
+  consts = {}
+  if rc.distill:
+    consts["teacher"] = (jax.ShapeDtypeStruct(
+        (data.train.num_examples, rc.teacher.num_classes), jnp.float32)
+                         if spec.precompute else spec.teacher_vars)
+  if on_device:
+    consts["data"] = {"image": data.train.images, "label": data.train.labels}
+    batch = data.train.index_chunk(0, n)
+  else:
+    batch = data.train.chunk(0, n)
+  eval_batch = next(iter(data.eval_batches()))
+  eval_step = progs.eval_step
+  if dp.mode == "pmap":
+    fn, eval_step, batch, eval_batch = _pmap_as_vmap(dp, fn, eval_step, batch,
+                                                     eval_batch)
+  _, metrics = jax.eval_shape(fn, st, _abstract(consts), batch)
+  eval_metrics = jax.eval_shape(eval_step, st, eval_batch)
+  count = lambda t: sum(int(np.prod(x.shape))  # noqa: E731
+                        for x in jax.tree_util.tree_leaves(t))
+  shapes = lambda t: jax.tree_util.tree_map(  # noqa: E731
+      lambda x: tuple(x.shape), t)
+  return {"dry_run": True, "mode": rc.mode, "model": rc.model.name,
+          "teacher": rc.teacher.name if rc.distill else None,
+          "num_params": count(st.params),
+          "num_distiller_params": count(st.distiller_params),
+          "steps": total_steps,
+          "steps_per_epoch": data.train.steps_per_epoch,
+          "metrics": shapes(metrics), "eval_metrics": shapes(eval_metrics)}
+
+
+# ---------------------------------------------------------------------------
+# Distillers' pretrain stages.
+
+
+def _stage_optimizer(rc, stage, spe, n):
+  opt = dataclasses.replace(
+      rc.optimizer, learning_rate=float(stage.learning_rate
+                                        or rc.optimizer.learning_rate),
+      schedule="constant", warmup_epochs=0)
+  return make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
+
+
+def _stage_batches(data, n, spe):
+  for g in range(n):
+    b = {k: v for k, v in data.train.batch(g).items() if k != "teacher_image"}
+    b["aug_epoch"] = np.full(b["label"].shape, g // spe, np.int32)
+    yield b
+
+
+def run_pretrain_stages(spec: ProgramSpec, state, writer):
+  """Runs the initialization stage of every distiller that has one (AB, FT,
+  FSP, optionally FitNets) before the main training, on one device; returns
+  the updated state and `{label: {'steps', 'first_loss', 'last_loss'}}`.
+
+  Stage `s` uses the train batches of global steps `0..epochs*spe-1` (capped
+  by `train.pretrain_max_steps` when > 0), the run's augmentation, and the
+  configured optimizer with a constant LR (`stage.learning_rate` or
+  `optimizer.learning_rate`). Not checkpointed: a run killed during a stage
+  redoes it; a resumed run (step > 0) skips it (its result is in the state).
+  """
+  info = {}
+  spe = spec.steps_per_epoch
+  for i, term in enumerate(spec.objective.distiller_terms):
+    stage = getattr(term.distiller, "pretrain", None)
+    if stage is None or not stage.epochs:
+      continue
+    n = int(stage.epochs) * spe
+    cap = int(spec.rc.train.pretrain_max_steps or 0)
+    n = min(n, cap) if cap else n
+    key = jax.random.fold_in(state.rng, 0x5747 + i)
+    sv, mp, ms, losses = distillers_lib.run_pretrain_stage(
+        stage, term.label, student_apply=spec.student,
+        teacher_apply=spec.teacher, student_variables=state.variables,
+        teacher_variables=spec.teacher_vars,
+        distiller_params=state.distiller_params[term.label],
+        distiller_state=state.distiller_state[term.label],
+        tx=_stage_optimizer(spec.rc, stage, spe, n),
+        batches=_stage_batches(spec.data, n, spe), rng=key,
+        preprocess=feeds_lib.make_stage_preprocess(
+            spec.data, jax.random.fold_in(key, 1)))
+    state = state.replace(
+        params=sv["params"],
+        batch_stats=sv.get("batch_stats", state.batch_stats),
+        distiller_params={**state.distiller_params, term.label: mp},
+        distiller_state={**state.distiller_state, term.label: ms})
+    every = max(1, n // 20)
+    for j in range(0, n, every):
+      writer.write(0, {f"{term.label}_stage": float(np.mean(
+          losses[j:j + every]))}, split="pretrain", epoch=(j + every) / spe)
+    info[term.label] = {"steps": n, "first_loss": float(losses[0]),
+                        "last_loss": float(losses[-1]),
+                        "description": stage.description}
+  return state, info
+
+
+def precompute_logits(spec: ProgramSpec, dp):
+  """The teacher's logits over the (in-memory) training set, replicated."""
+  data = spec.data
+  logits = steps_lib.precompute_teacher_logits(
+      spec.teacher, spec.teacher_vars, data.train.images,
+      batch_size=max(spec.rc.train.eval_batch_size, 256),
+      preprocess=lambda x: augment_lib.normalize(x, data.mean, data.std))
+  return dp.replicate(jnp.asarray(logits, jnp.float32))
