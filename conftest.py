@@ -14,3 +14,19 @@ _SHARED_TFDS = os.path.abspath(
 # Real MNIST prepared in TFDS format, when present (tests never download).
 if os.path.isdir(_SHARED_TFDS):
   os.environ.setdefault("KD_JAX_TEST_TFDS_DIR", _SHARED_TFDS)
+
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _tmp_in_tmp_path(tmp_path, monkeypatch):
+  """Temporary files of every test -- TFDS's `mock_data` leaves a
+  `tmp*tfds` metadata folder per call -- go into the test's `tmp_path`
+  (pytest prunes old ones), also for subprocesses (TMPDIR)."""
+  d = tmp_path / "_tmp"
+  d.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(d))
+  monkeypatch.setenv("TMPDIR", str(d))

@@ -99,14 +99,15 @@ def _unknown_key_message(flag: str, argv) -> str:
   for part in parts:
     keys = list(node.keys()) if hasattr(node, "keys") else []
     if part not in keys:
-      close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+      close = (difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+               or sorted(k for k in keys if k.startswith(part))[:1])
       where = "config" + "".join("." + p for p in done + [part])
       hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
               else f"valid keys: {', '.join(sorted(keys)) or '(none)'}.")
       return f"{where}: unknown key; {hint}"
     done.append(part)
     node = node[part]
-  return f"invalid command line flag --{flag}."
+  return f"invalid value for --{flag}."
 
 
 def parse_flags(argv):
@@ -126,8 +127,14 @@ def parse_flags(argv):
   except flags.Error as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
   except Exception as e:  # pylint: disable=broad-except  (config file errors)
+    for a in argv[1:]:
+      if a.startswith("--config."):
+        msg = _unknown_key_message(a[2:].split("=", 1)[0], argv)
+        if "unknown key" in msg:
+          _fail(msg)
     cause = e.__cause__ or e
-    _fail(f"--config: cannot load {spec!r}: {type(cause).__name__}: {cause}")
+    first = (str(cause).strip().splitlines() or [""])[0]
+    _fail(f"--config: cannot load {spec!r}: {type(cause).__name__}: {first}")
 
 
 def _summary(report) -> str:

@@ -15,8 +15,6 @@ import numpy as np
 
 from kd_jax.data import sources
 
-MNIST_MEAN = 0.1307
-MNIST_STD = 0.3081
 
 
 def load_mnist_arrays(split: str, *, data_dir: Optional[str] = None,
@@ -35,4 +33,5 @@ def load_mnist_arrays(split: str, *, data_dir: Optional[str] = None,
 
 def normalize_mnist(images):
   """uint8 `[..., 28, 28, 1]` -> float32 standardized with MNIST mean/std."""
-  return (np.asarray(images, np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+  mean, std = sources.MNIST_MEAN[0], sources.MNIST_STD[0]
+  return (np.asarray(images, np.float32) / 255.0 - mean) / std

@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from kd_jax import logs
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -158,11 +160,13 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   images = np.empty((n,) + info.image_shape, np.uint8)
   labels = np.empty((n,), np.int32)
   chunk = 4096
-  for start in range(0, n, chunk):
-    recs = _read_records(source, range(start, min(n, start + chunk)))
-    for j, r in enumerate(recs):
-      images[start + j] = r["image"]
-      labels[start + j] = r["label"]
+  # TFDS decodes PNGs with PIL when OpenCV is absent (same pixels) and says so.
+  with logs.quiet_absl("OpenCV is not installed"):
+    for start in range(0, n, chunk):
+      recs = _read_records(source, range(start, min(n, start + chunk)))
+      for j, r in enumerate(recs):
+        images[start + j] = r["image"]
+        labels[start + j] = r["label"]
   if path:
     try:
       os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -7,7 +7,7 @@ API summary (details in each module's docstring and `docs/engine.md`)::
   # Loss specification: w_ce * CE + min(epoch / warmup_epochs, 1) * sum_k w_k L_k
   objective = train.Objective(
       ce_weight=0.7, terms=(train.Term("kd", 0.3, temperature=5.0),),
-      warmup_epochs=0)                       # or train.objective_from_config({...})
+      warmup_epochs=0)   # from a config: kd_jax.trainer.build_objective(...)
 
   # State: step, params, batch_stats, opt_state, distiller_params,
   # distiller_state, rng. The optimizer sees {'student': params,
@@ -41,7 +41,6 @@ from kd_jax.train.objectives import Objective
 from kd_jax.train.objectives import Term
 from kd_jax.train.objectives import TermInputs
 from kd_jax.train.objectives import available_losses
-from kd_jax.train.objectives import objective_from_config
 from kd_jax.train.objectives import resolve_loss
 from kd_jax.train.parallel import DataParallel
 from kd_jax.train.state import TrainState

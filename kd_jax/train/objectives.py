@@ -460,37 +460,3 @@ class Objective:
         (jnp.argmax(s, axis=-1) == labels).astype(jnp.float32))
     metrics["kd_factor"] = factor
     return total, {"metrics": metrics, "distiller_state": new_dstate}
-
-
-def objective_from_config(config: Mapping[str, Any]) -> Objective:
-  """Builds an `Objective` from a plain mapping (e.g. an ml_collections dict).
-
-  `{'ce_weight': 0.7, 'warmup_epochs': 0, 'terms': [{'name': 'kd',
-  'weight': 0.3, 'temperature': 5.0}]}`; each term mapping takes the keys
-  of `Term` (`name`, `weight`, `label`, `warmup`) plus loss hyperparameters.
-
-  >>> obj = objective_from_config({'ce_weight': 0.7, 'terms': [
-  ...     {'name': 'kd', 'weight': 0.3, 'temperature': 5.0}]})
-  >>> obj.terms[0]
-  Term('kd', weight=0.3, label='kd', temperature=5.0)
-  """
-  cfg = dict(config)
-  known = {"ce_weight", "terms", "warmup_epochs", "label_smoothing",
-           "teacher_weights"}
-  for k in cfg:
-    if k not in known:
-      raise ValueError(
-          f"unknown objective config key {k!r}; valid keys: "
-          f"{', '.join(sorted(known))}.")
-  terms = []
-  for i, tc in enumerate(cfg.pop("terms", ()) or ()):
-    tc = dict(tc)
-    if "name" not in tc:
-      raise ValueError(f"objective term {i} has no 'name' key.")
-    terms.append(Term(tc.pop("name"), tc.pop("weight", 1.0),
-                      label=tc.pop("label", None),
-                      warmup=tc.pop("warmup", True), **tc))
-  tw = cfg.pop("teacher_weights", None)
-  return Objective(terms=tuple(terms),
-                   teacher_weights=tuple(tw) if tw is not None else None,
-                   **cfg)

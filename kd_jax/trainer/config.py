@@ -176,7 +176,8 @@ _TOP = ("mode", "seed", "debug", "debug_applied", "seed_experiment",
 
 def _unknown_key(key: str, valid) -> ConfigError:
   parent, _, leaf = key.rpartition(".")
-  close = difflib.get_close_matches(leaf, list(valid), n=3, cutoff=0.6)
+  close = (difflib.get_close_matches(leaf, list(valid), n=1, cutoff=0.6)
+           or sorted(v for v in valid if v.startswith(leaf))[:1])
   hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
           else f"valid keys: {', '.join(sorted(valid))}.")
   return ConfigError(key, f"unknown key; {hint}")

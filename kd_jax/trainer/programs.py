@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from kd_jax import distillers as distillers_lib
+from kd_jax import logs
 from kd_jax import models as models_lib
 from kd_jax.data import augment as augment_lib
 from kd_jax.train import checkpoints as ckpt_lib
@@ -166,8 +167,11 @@ def _load_teacher(rc, path, shapes, dp):
     ckpt_lib.check_tree_matches(shapes, tv,
                                 what=f"converted teacher {path!r}")
     return tv
-  return ckpt_lib.load_teacher_variables(path, shapes,
-                                         sharding=dp.local_sharding)
+  # A teacher run's `<step>/state` item has no step-level
+  # `_CHECKPOINT_METADATA` (that is one level up): Orbax warns about it.
+  with logs.quiet_absl("Metadata file does not exist"):
+    return ckpt_lib.load_teacher_variables(path, shapes,
+                                           sharding=dp.local_sharding)
 
 
 # ---------------------------------------------------------------------------
