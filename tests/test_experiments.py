@@ -280,13 +280,19 @@ def _final_state(workdir):
   return step, tree
 
 
+# Mid-epoch checkpoints and train records: a resumed run must write the same
+# records (same steps, same values) as an uninterrupted one.
+_RESUME_FLAGS = ("--config.checkpoint.every_steps=6",
+                 "--config.train.log_every_steps=6")
+
+
 def test_kill_and_resume_is_bit_identical(tmp_path):
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-  args, env = _cli(ref)
+  args, env = _cli(ref, _RESUME_FLAGS)
   subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True,
                  timeout=300)
   # The same run, SIGKILLed as soon as its first checkpoint is finalized.
-  args, env = _cli(run)
+  args, env = _cli(run, _RESUME_FLAGS)
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ck = os.path.join(run, "checkpoints")
@@ -302,6 +308,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
                        capture_output=True, text=True, timeout=300)
   rep = json.loads(open(os.path.join(run, "report.json")).read())
   assert 0 < rep["resumed_from_step"] < rep["steps"], out.stdout
+  assert (f"resumed from step {rep['resumed_from_step']} of {rep['steps']}"
+          in out.stdout)
   s_ref, t_ref = _final_state(ref)
   s_run, t_run = _final_state(run)
   assert s_ref == s_run == rep["steps"]
@@ -310,10 +318,14 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
   assert [p for p, _ in flat_ref] == [p for p, _ in flat_run]
   for (path, a), (_, b) in zip(flat_ref, flat_run):
     assert np.array_equal(np.asarray(a), np.asarray(b)), path
-  # The metrics log of the resumed run equals the uninterrupted one.
-  ev = lambda d: [r for r in metrics_io.read_jsonl(  # noqa: E731
-      os.path.join(d, "metrics.jsonl")) if r["split"] == "eval"]
-  assert ev(ref) == ev(run) and len(ev(ref)) == 40
+  # The metrics log of the resumed run equals the uninterrupted one: the
+  # same eval and train records (steps and values).
+  recs = lambda d: metrics_io.read_jsonl(  # noqa: E731
+      os.path.join(d, "metrics.jsonl"))
+  assert recs(ref) == recs(run)
+  assert len([r for r in recs(ref) if r["split"] == "eval"]) == 40
+  train_steps = [r["step"] for r in recs(ref) if r["split"] == "train"]
+  assert 6 * 40 // 6 < len(train_steps) and 8 in train_steps
 
 
 def test_cli_config_error_exit_code(tmp_path):

@@ -76,3 +76,76 @@ def test_two_process_run_matches_single_process(tmp_path):
   moved = np.abs(ref["params['Dense_1']['kernel']"]
                  - init["params"]["Dense_1"]["kernel"]).max()
   assert moved > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# The CLI: 2 local processes distilling == 1 process.
+
+_DISTILL_FLAGS = (
+    "--config=configs/mnist.py:distill", "--config.data.mock=True",
+    "--config.data.mock_num_examples=128", "--config.train.batch_size=16",
+    "--config.train.eval_batch_size=16", "--config.train.num_epochs=0",
+    "--config.train.num_steps=240", "--config.train.steps_per_call=8",
+    "--config.train.eval_every_epochs=1000", "--config.train.parallel=jit",
+    "--config.train.progress_bar=False", "--config.checkpoint.every_epochs=0",
+    "--config.checkpoint.keep_best=False", "--config.checkpoint.async_save=False")
+
+
+def _final_params(workdir):
+  import jax
+  import orbax.checkpoint as ocp
+  ck = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ck) if d.isdigit())
+  with ocp.StandardCheckpointer() as c:
+    tree = c.restore(os.path.join(ck, str(step), "state"))
+  return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+                jax.tree_util.tree_leaves_with_path(tree["params"])}
+
+
+def test_cli_two_processes_distill_like_one(tmp_path):
+  """`experiments.main --coordinator_address/--num_processes/--process_id`:
+  the teacher is placed through DataParallel (not device 0 of process 0),
+  only process 0 writes the report, and the distilled student equals a
+  1-process run (jit mode) to 1e-5 after 240 steps."""
+  from configs import mnist
+  from kd_jax import trainer
+  t_dir = str(tmp_path / "teacher")
+  c = mnist.get_config("teacher")
+  c.data.mock, c.data.mock_num_examples = True, 128
+  c.train.batch_size, c.train.eval_batch_size = 16, 16
+  c.train.num_steps, c.train.progress_bar = 8, False
+  c.checkpoint.async_save = False
+  trainer.train_and_evaluate(c, t_dir)
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  flags_ = [*_DISTILL_FLAGS, f"--config.teacher.checkpoint={t_dir}"]
+  port = _free_port()
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  cmds = [[sys.executable, "-m", "experiments.main", *flags_,
+           f"--workdir={one}"]]
+  cmds += [[sys.executable, "-m", "experiments.main", *flags_,
+            f"--workdir={two}", f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", f"--process_id={pid}"] for pid in range(2)]
+  root = os.path.dirname(HERE)
+  procs = [subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for cmd in cmds]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=2 * TIMEOUT_S)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"run {i} failed:\n{log[-3000:]}"
+  assert "mode=distill" in logs[1] and "mode=distill" not in logs[2]
+  import json
+  rep = json.load(open(os.path.join(two, "report.json")))
+  assert rep["num_processes"] == 2 and rep["num_devices"] == 2
+  s1, p1 = _final_params(one)
+  s2, p2 = _final_params(two)
+  assert s1 == s2 == 240 and p1.keys() == p2.keys()
+  for k in p1:
+    np.testing.assert_allclose(p2[k], p1[k], rtol=1e-5, atol=1e-5, err_msg=k)
