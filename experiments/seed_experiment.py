@@ -245,6 +245,48 @@ def _fmt_eps(v):
   return "n/a" if v is None else f"{v:,.0f}"
 
 
+# Two-sided 95% quantiles t_{0.975, df} of Student's t, df = 1..30
+# (scipy.stats.t.ppf(0.975, df), rounded to 3 decimals).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262,
+         2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101,
+         2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
+         2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+  """t_{0.975, df} (df > 30: the df=30 value, slightly conservative)."""
+  if df < 1:
+    raise ValueError(f"`df` must be >= 1; got {df}.")
+  return _T975[min(df, len(_T975)) - 1]
+
+
+def paired_interval(diffs) -> Dict[str, Any]:
+  r"""Mean of paired differences with its 95% t-interval.
+
+  $\bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}$ with $s_d$ the sample
+  standard deviation (ddof=1) of the $n$ per-seed differences $d_i$ (the
+  same seed's distilled minus student-alone accuracy). `ci95` is None for
+  one seed.
+  """
+  d = np.asarray(list(diffs), np.float64)
+  n = d.size
+  mean = float(d.mean()) if n else math.nan
+  if n < 2:
+    return {"mean": mean, "ci95": None, "n": int(n)}
+  half = t975(n - 1) * float(d.std(ddof=1)) / math.sqrt(n)
+  return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(n)}
+
+
+def _fmt_gain(diffs) -> str:
+  if not len(diffs):
+    return "n/a"
+  g = paired_interval(100.0 * np.asarray(diffs))
+  if g["ci95"] is None:
+    return f"{g['mean']:+.2f}"
+  lo, hi = g["ci95"]
+  return f"{g['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def summarize(config, reports) -> Dict[str, Any]:
   se = config.seed_experiment
   out: Dict[str, Any] = {"seeds": [int(s) for s in se.seeds], "phases": {},
@@ -275,6 +317,8 @@ def summarize(config, reports) -> Dict[str, Any]:
       sb = np.asarray(out["phases"][student]["best_top1"])
       row["gain_last"] = (dl - sl).tolist()
       row["gain_best"] = (db - sb).tolist()
+      row["gain_last_ci95"] = paired_interval(dl - sl)["ci95"]
+      row["gain_best_ci95"] = paired_interval(db - sb)["ci95"]
     out["rows"].append(row)
   return out
 
@@ -285,10 +329,11 @@ def format_markdown(config, results) -> str:
   pct = lambda v: metrics_io.fmt_mean_std(v, scale=100.0)  # noqa: E731
   lines = [f"Seeds: {results['seeds']} (mean ± std over seeds, std with "
            "ddof=0; accuracy = test-set top-1 %, 'last' = after the final "
-           "epoch, 'best' = best evaluated epoch)", ""]
+           "epoch, 'best' = best evaluated epoch; gain = distilled minus "
+           "student alone of the same seed, mean [95% t-interval])", ""]
   header = ["teacher", "teacher last", "teacher best", "student alone last",
             "student alone best", "distilled last", "distilled best",
-            "gain last (paired)", "gain best (paired)"]
+            "gain last (paired, 95% CI)", "gain best (paired, 95% CI)"]
   rows = []
   student = se.get("student_phase", "")
   for row in results["rows"]:
@@ -300,7 +345,8 @@ def format_markdown(config, results) -> str:
         pct(s["last_top1"]) if s else "n/a",
         pct(s["best_top1"]) if s else "n/a",
         pct(d["last_top1"]), pct(d["best_top1"]),
-        pct(row.get("gain_last", [])), pct(row.get("gain_best", []))])
+        _fmt_gain(row.get("gain_last", [])),
+        _fmt_gain(row.get("gain_best", []))])
   lines.append(metrics_io.markdown_table(header, rows))
   lines += ["", "Per phase (mean over runs): wall time includes data "
             "loading, compilation, evaluation and checkpoints; examples/s "

@@ -14,6 +14,7 @@
 
 import glob
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -311,3 +312,38 @@ def test_build_objective_from_a_mapping():
                      match=r"config\.loss\.terms\.kd\.name: unknown loss name"):
     trainer.build_objective(ml_collections.ConfigDict(
         {"terms": {"kd": {"name": "kdd"}}}))
+
+
+# ---------------------------------------------------------------------------
+# The seed experiment's paired gain interval.
+
+
+def _t_cdf(x, df, n=4000):
+  """Student-t CDF by Simpson's rule on the density (independent of the
+  table under test)."""
+  c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+  pdf = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
+  h = x / n
+  s = pdf(0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h)
+                            for i in range(1, n))
+  return 0.5 + s * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 30])
+def test_t_table_matches_the_t_distribution(df):
+  from experiments import seed_experiment
+  assert _t_cdf(seed_experiment.t975(df), df, n=20000 if df == 1 else 4000
+                ) == pytest.approx(0.975, abs=2e-5)
+
+
+def test_paired_interval_against_float64_formula():
+  from experiments import seed_experiment
+  d = [0.0012, -0.0004, 0.0021, 0.0007, -0.0010]
+  g = seed_experiment.paired_interval(d)
+  m = sum(d) / 5
+  s = math.sqrt(sum((x - m) ** 2 for x in d) / 4)
+  assert g["mean"] == pytest.approx(m)
+  assert g["ci95"] == pytest.approx([m - 2.776 * s / math.sqrt(5),
+                                     m + 2.776 * s / math.sqrt(5)])
+  assert seed_experiment.paired_interval([0.01])["ci95"] is None
+  assert mnist_seed.get_config().seed_experiment.seeds == (0, 1, 2, 3, 4)
