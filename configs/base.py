@@ -1,7 +1,7 @@
 """The full config schema of `experiments/main.py`, with defaults.
 
 Every config file starts from `base_config()` and overrides what its recipe
-needs; `kd_jax.train.loop.validate_config` checks the result before anything
+needs; `kd_jax.trainer.parse` checks the result (once) before anything
 is compiled. Command-line overrides use the same keys, e.g.
 `--config.train.batch_size=128 --config.loss.terms.kd.temperature=2`.
 
@@ -12,7 +12,7 @@ Keys:
   several seeds, see `configs/mnist_seed.py`).
 * `seed`: init / dropout / shuffling seed.
 * `debug`: tiny subset, a few steps, mock data (TFDS `mock_data`), small
-  images -- what CI runs for every config; see `loop.apply_debug`.
+  images -- what CI runs for every config; see `kd_jax.trainer.apply_debug`.
 * `data`: `name` (TFDS name: mnist, cifar10, cifar100, imagenet2012),
   `data_dir` (TFDS data dir, '' = `$TFDS_DATA_DIR`), `cache_dir`, `mock`,
   `train_subset` / `eval_subset` (first N examples, 0 = all), `augment`

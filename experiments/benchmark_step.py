@@ -17,7 +17,7 @@ into one `lax.scan` call (time per step; no dispatch overhead). Printed:
 Part 2 (`--torch`) -- the MNIST seed recipe's distillation phase end to end
 (MLP 784-512-256-10 teacher, dropout 0.5, in inference mode; MLP 784-128-10
 student; batch 64; Adam 1e-3; 0.7 CE + 0.3 KD, T=5), data loading included:
-kd_jax's trainer (`kd_jax.train.loop.train_and_evaluate`: the scanned
+kd_jax's trainer (`kd_jax.trainer.train_and_evaluate`: the scanned
 multi-step, one call per epoch, the training split on device and the batch
 gather inside the program) against a plain
 PyTorch eager implementation of the same recipe written here (in-memory
@@ -228,7 +228,7 @@ def jax_distill_phase(epochs: int, data_dir, workdir: str):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   from configs import mnist as mnist_cfg  # pylint: disable=g-import-not-at-top
-  from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from kd_jax import trainer as loop  # pylint: disable=g-import-not-at-top
   t = mnist_cfg.get_config("teacher")
   d = mnist_cfg.get_config("distill")
   for c in (t, d):
@@ -258,7 +258,7 @@ def part2(epochs: int, repeats: int, torch_threads: int = 0):
     tor.append(torch_distill_phase(x, y, xt, yt, epochs, seed=r,
                                    threads=torch_threads))
     with tempfile.TemporaryDirectory() as wd:
-      from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+      from kd_jax import trainer as loop  # pylint: disable=g-import-not-at-top
       loop.clear_program_cache()  # count compilation every repeat
       jx.append(jax_distill_phase(epochs, data_dir, wd))
   t_eps = statistics.median(r["examples_per_sec"] for r in tor)

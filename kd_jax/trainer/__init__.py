@@ -21,7 +21,7 @@ from kd_jax.trainer.config import apply_debug
 from kd_jax.trainer.config import build_objective
 from kd_jax.trainer.config import parse
 from kd_jax.trainer.programs import clear_program_cache
-from kd_jax.trainer.programs import make_optimizer
+from kd_jax.trainer.optim import make_optimizer
 from kd_jax.trainer.run import train_and_evaluate
 
 __all__ = ["CheckpointRestoreError", "ConfigError", "RunConfig",

@@ -28,14 +28,13 @@ from kd_jax import distillers as distillers_lib
 from kd_jax import models as models_lib
 from kd_jax.data import sources as sources_lib
 from kd_jax.train import objectives as objectives_lib
+from kd_jax.trainer import optim
 
 MODES = ("train", "distill", "seed_experiment")
 PARALLEL = {"none": "single", "single": "single", "jit": "jit",
             "pmap": "pmap"}
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "bfloat16")
-# Optimizer names accepted by `optimizer.name` (built in `programs.py`).
-OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 class ConfigError(ValueError):
@@ -198,7 +197,7 @@ def _plain(v):
   return v
 
 
-def _section(config, name: str):
+def section(config, name: str):
   cls = _SECTIONS[name]
   node = config.get(name, None)
   if node is None:
@@ -274,7 +273,7 @@ def build_objective(loss, *, num_data: Optional[int] = None,
   are `ConfigError`s naming the key.
   """
   if not isinstance(loss, LossConfig):
-    loss = _section({"loss": loss}, "loss")
+    loss = section({"loss": loss}, "loss")
   terms = []
   for label, tc in loss.term_dicts().items():
     if distillers_lib.is_distiller_term(tc):
@@ -336,7 +335,7 @@ def parse(config: ml_collections.ConfigDict, *,
   if mode == "seed_experiment":
     raise ConfigError("mode", "a 'seed_experiment' config runs through "
                       "experiments.seed_experiment, not one phase.")
-  sections = {name: _section(config, name) for name in _SECTIONS}
+  sections = {name: section(config, name) for name in _SECTIONS}
   rc = RunConfig(mode=mode, seed=int(config.get("seed", 0)),
                  debug=bool(config.get("debug", False)),
                  config_json=config.to_json_best_effort(indent=2,
@@ -450,8 +449,9 @@ def _validate_teacher(rc: RunConfig, check_paths: bool) -> None:
 
 
 def _validate_optimizer(opt: OptimizerConfig) -> None:
-  if opt.name not in OPTIMIZERS:
-    raise ConfigError("optimizer.name", f"must be one of {OPTIMIZERS}; got "
+  names = tuple(optim.OPTIMIZERS)
+  if opt.name not in names:
+    raise ConfigError("optimizer.name", f"must be one of {names}; got "
                       f"{opt.name!r}.")
   if opt.schedule not in SCHEDULES:
     raise ConfigError("optimizer.schedule", f"must be one of {SCHEDULES}; "

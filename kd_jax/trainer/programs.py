@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kd_jax import distillers as distillers_lib
 from kd_jax import logs
@@ -29,6 +28,8 @@ from kd_jax.train import state as state_lib
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import feeds as feeds_lib
+from kd_jax.trainer import optim
+from kd_jax.trainer.optim import make_optimizer  # noqa: F401 (re-export)
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,76 +37,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # threefry kernels of a ResNet's init (5 s for resnet8) -- compile it without
 # backend optimizations (1 s). Results are the same integer/float ops.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-# ---------------------------------------------------------------------------
-# Optimizer.
-
-
-def _sgd(opt, sched):
-  return optax.sgd(sched, momentum=float(opt.momentum) or None,
-                   nesterov=bool(opt.nesterov))
-
-
-def _adam(opt, sched):
-  del opt
-  return optax.adam(sched)
-
-
-def _adamw(opt, sched):
-  return optax.adamw(sched, weight_decay=float(opt.weight_decay or 0.0))
-
-
-# `optimizer.name` -> (builder(opt_config, schedule), weight decay handled
-# inside the builder). Add a method's optimizer (e.g. a trainer that splits
-# task and distillation gradients) here and in `config_lib.OPTIMIZERS`.
-OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
-    "sgd": (_sgd, False),
-    "adam": (_adam, False),
-    "adamw": (_adamw, True),
-}
-
-
-def make_schedule(opt: config_lib.OptimizerConfig, *, steps_per_epoch: int,
-                  total_steps: int) -> Callable:
-  """LR schedule in steps: `constant`; `step` (LR × `decay_factor` after each
-  of `decay_epochs`: mdistiller's `adjust_learning_rate`, epoch e (1-based)
-  uses `lr * factor ** #{d : e > d}`); `cosine` (to 0 over the run); an
-  optional linear warm-up over `warmup_epochs`."""
-  lr = float(opt.learning_rate)
-  if opt.schedule == "constant":
-    sched = optax.constant_schedule(lr)
-  elif opt.schedule == "step":
-    bounds = {int(e) * steps_per_epoch: float(opt.decay_factor)
-              for e in opt.decay_epochs}
-    sched = optax.piecewise_constant_schedule(lr, bounds)
-  else:
-    sched = optax.cosine_decay_schedule(lr, max(total_steps, 1))
-  warm = int(round(float(opt.warmup_epochs or 0) * steps_per_epoch))
-  if warm > 0:
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warm), sched], [warm])
-  return sched
-
-
-def make_optimizer(opt, *, steps_per_epoch: int, total_steps: int
-                   ) -> Tuple[optax.GradientTransformation, Callable]:
-  """optax transformation + LR schedule from `config.optimizer` (an
-  `OptimizerConfig` or a mapping with its keys).
-
-  Weight decay is PyTorch's coupled L2 (`grad += wd * param`) for sgd/adam,
-  decoupled for adamw.
-  """
-  if not isinstance(opt, config_lib.OptimizerConfig):
-    opt = config_lib._section({"optimizer": opt}, "optimizer")  # pylint: disable=protected-access
-  sched = make_schedule(opt, steps_per_epoch=steps_per_epoch,
-                        total_steps=total_steps)
-  build, decay_inside = OPTIMIZERS[opt.name]
-  tx = build(opt, sched)
-  wd = float(opt.weight_decay or 0.0)
-  if wd and not decay_inside:
-    tx = optax.chain(optax.add_decayed_weights(wd), tx)
-  return tx, sched
 
 
 # ---------------------------------------------------------------------------
@@ -419,7 +350,7 @@ def _stage_optimizer(rc, stage, spe, n):
       rc.optimizer, learning_rate=float(stage.learning_rate
                                         or rc.optimizer.learning_rate),
       schedule="constant", warmup_epochs=0)
-  return make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
+  return optim.make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
 
 
 def _stage_batches(data, n, spe):
