@@ -162,10 +162,26 @@ def reuse_decision(wd: str, pc, deps_reused: bool):
 
 
 def _set_aside(wd: str) -> str:
-  """Moves a stale phase workdir aside (nothing is deleted)."""
+  """Moves a stale phase workdir aside (nothing is deleted); in
+  multi-process runs process 0 moves it and the others wait for it."""
   dest = f"{wd}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-  os.replace(wd, dest)
+  if _is_main():
+    os.replace(wd, dest)
+  _sync(f"set aside {wd}")
   return dest
+
+
+def _sync(name: str) -> None:
+  """A barrier of all processes (no-op with one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _say(msg: str) -> None:
+  if _is_main():
+    print(msg, flush=True)
 
 
 def _run_phase(config, workdir, p, seed, seeds, reused):
@@ -184,23 +200,24 @@ def _run_phase(config, workdir, p, seed, seeds, reused):
   if key in reused:  # a shared phase, done for an earlier seed
     with open(os.path.join(wd, "report.json")) as f:
       return json.load(f), reused[key]
+  _sync(f"decide {wd}")
   ok, why = reuse_decision(wd, pc, deps_ok)
+  _sync(f"decided {wd}")  # (before anything is moved)
   if ok:
-    print(f"[seed {seed}] {p}: done before with the same config, reusing "
-          f"{wd}", flush=True)
+    _say(f"[seed {seed}] {p}: done before with the same config, reusing "
+         f"{wd}")
     with open(os.path.join(wd, "report.json")) as f:
       return json.load(f), True
   if why is not None:
-    print(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
-          f"{_set_aside(wd)}", flush=True)
-  print(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
-        + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""),
-        flush=True)
+    _say(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
+         f"{_set_aside(wd)}")
+  _say(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
+       + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""))
   rep = trainer.train_and_evaluate(pc, wd)
   rep.pop("_final_state", None)
-  print(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
-        f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
-        f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s", flush=True)
+  _say(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
+       f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
+       f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s")
   return rep, False
 
 
