@@ -94,6 +94,8 @@ def test_corrupted_latest_checkpoint_falls_back(corrupt, tmp_path, caplog,
   warned = [r.getMessage() for r in caplog.records
             if "cannot be restored" in r.getMessage()]
   assert len(warned) == 1 and "checkpoint step 8" in warned[0], warned
+  if corrupt is _corrupt_metadata:  # the cause, not a model mismatch
+    assert "_METADATA is unreadable" in warned[0], warned
   assert rep["resumed_from_step"] == 4
   assert "resumed from step 4 of 12" in capsys.readouterr().out
   assert os.path.isdir(os.path.join(ck, "8"))  # nothing deleted

@@ -9,6 +9,7 @@ restores, one `CheckpointRestoreError` names the directory and every cause.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Dict, Mapping, Optional
@@ -42,6 +43,21 @@ def _cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
+def _check_metadata(item_dir: str) -> None:
+  """A damaged Orbax `_METADATA` (JSON) would otherwise read as an empty
+  tree, i.e. as "does not match the configured model"."""
+  path = os.path.join(item_dir, "_METADATA")
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      json.load(f)
+  except (OSError, ValueError) as e:
+    raise ckpt_lib.CheckpointError(
+        f"its metadata file {path} is unreadable ({type(e).__name__}; "
+        "truncated or damaged)") from None
+
+
 def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
                    ) -> Optional[ckpt_lib.Restored]:
   """The newest finalized step of `mgr` that restores into `template`.
@@ -54,6 +70,8 @@ def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
   failures = []
   for step in sorted(mgr.all_steps(), reverse=True):
     try:
+      _check_metadata(os.path.join(mgr.directory, str(step),
+                                   ckpt_lib.STATE_ITEM))
       return mgr.restore(template, step=step)
     except Exception as e:  # pylint: disable=broad-except
       failures.append((step, _cause(e)))
