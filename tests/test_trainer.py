@@ -349,3 +349,40 @@ def test_paired_interval_against_float64_formula():
                                      m + 2.776 * s / math.sqrt(5)])
   assert seed_experiment.paired_interval([0.01])["ci95"] is None
   assert mnist_seed.get_config().seed_experiment.seeds == (0, 1, 2, 3, 4)
+
+
+# ---------------------------------------------------------------------------
+# Views a method asks for.
+
+
+def test_strong_view_is_added_per_example():
+  from kd_jax.data import augment
+  imgs = np.arange(3 * 4 * 4 * 1, dtype=np.uint8).reshape(3, 4, 4, 1)
+  seen = []
+
+  def strong(key, x):  # a deterministic "strong" view: mirror + key record
+    seen.append(key)
+    return x[:, :, ::-1]
+
+  out = augment.augment_batch(
+      jax.random.key(0), {"image": imgs, "index": np.array([5, 1, 7])},
+      mean=(0.5,), std=(0.25,), strong_augment=strong)
+  ref = (imgs[:, :, ::-1].astype(np.float64) / 255 - 0.5) / 0.25
+  np.testing.assert_allclose(np.asarray(out["image_strong"]), ref, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["image"]),
+                             (imgs / 255 - 0.5) / 0.25, atol=1e-6)
+
+
+def test_views_of_an_objective():
+  from kd_jax.trainer import programs
+
+  class _D:
+    views = ("strong",)
+
+  class _T:
+    label, distiller = "mlkd", _D()
+
+  class _O:
+    distiller_terms = (_T(),)
+
+  assert programs.views(_O()) == {"strong": "mlkd"}

@@ -1,13 +1,16 @@
 """On-device (jittable) augmentation and normalization.
 
-The in-memory pipelines yield raw uint8 batches; the train step calls the
-function from `make_preprocess_fn` inside its compiled program, so random crops,
-flips and normalization are fused XLA ops instead of host NumPy work, and the
+The in-memory pipelines yield raw uint8 batches; the train step augments and
+normalizes them inside its compiled program (`augment_batch`, or
+`make_preprocess_fn` for any leading shape), so random crops, flips and
+normalization are fused XLA ops instead of host NumPy work, and the
 host->device transfer stays uint8 (4x smaller than float32).
 
-Randomness comes from an explicit `jax.random` key (e.g. folded from the
-`TrainState.rng` with the step), so an augmented batch is a pure function of
-(key, batch): exact resume needs nothing beyond the checkpointed train state.
+One augmentation path, with per-example keys: example `i` of a batch uses
+`fold_in(rng, index_i)` (its dataset index), so its view is a pure function
+of (rng, example) -- independent of the batch it lands in, the number of
+devices and where a run was resumed. The trainer uses
+`rng = fold_in(fold_in(state.rng, AUG_TAG), epoch)`.
 """
 
 from __future__ import annotations
