@@ -25,7 +25,9 @@ holds the same banks (no averaging needed).
 
 References:
   Tian, Krishnan & Isola, "Contrastive Representation Distillation",
-  ICLR 2020.
+  ICLR 2020. Authors' code: github.com/HobbitLong/RepDistiller (`crd/`,
+  `distiller_zoo/`); loss math in `kd_jax.losses.crd_loss`,
+  `crd_normalization`, `crd_memory_update`.
 """
 
 from __future__ import annotations

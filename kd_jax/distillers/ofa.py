@@ -29,6 +29,7 @@ Initialization as OFAKD's `init_weights` (conv Kaiming-normal fan-out, BN
 References:
   Hao, Guo, Han, Tang, Hu, Wang & Xu, "One-for-All: Bridge the Gap Between
   Heterogeneous Architectures in Knowledge Distillation", NeurIPS 2023.
+  Authors' code: github.com/Hao840/OFAKD.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ same ones):
 
 References:
   Heo, Kim, Yun, Park, Kwak & Choi, "A Comprehensive Overhaul of Feature
-  Distillation", ICCV 2019.
+  Distillation", ICCV 2019. Authors' code:
+  github.com/clovaai/overhaul-distillation; conventions from mdistiller
+  (`distillers/OFD.py`).
 """
 
 from __future__ import annotations

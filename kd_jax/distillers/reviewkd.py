@@ -19,7 +19,8 @@ channels, `SHAPES` / `OUT_SHAPES` = student / teacher heights, mid channels
 
 References:
   Chen, Liu, Zhao & Jia, "Distilling Knowledge via Knowledge Review",
-  CVPR 2021.
+  CVPR 2021. Authors' code: github.com/dvlab-research/ReviewKD;
+  conventions from mdistiller (`distillers/ReviewKD.py`).
 """
 
 from __future__ import annotations

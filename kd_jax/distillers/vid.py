@@ -14,7 +14,9 @@ never registered with the optimizer).
 
 References:
   Ahn, Hu, Damianou, Lawrence & Dai, "Variational Information Distillation
-  for Knowledge Transfer", CVPR 2019.
+  for Knowledge Transfer", CVPR 2019. Conventions from RepDistiller
+  (github.com/HobbitLong/RepDistiller, `distiller_zoo/VID.py`) and mdistiller
+  (`distillers/VID.py`).
 """
 
 from __future__ import annotations
