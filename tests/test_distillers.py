@@ -655,3 +655,37 @@ def test_ofa_vit_branches_train_a_vit_student():
     state, m = step(state, tv, x)
     vals.append(float(m["ofa"]))
   assert vals[-1] < vals[0], vals
+
+
+def test_register_decorator_and_from_config_hook():
+  from kd_jax.distillers import base
+
+  @D.register("toy_method_for_test")
+  class Toy(D.Distiller):
+
+    def __init__(self, *, scale=1.0, size=None):
+      self.scale, self.size = scale, size
+
+    @classmethod
+    def from_config(cls, cfg, run_info):
+      return cls.build(size=run_info.num_data, **cfg)
+
+    def init(self, rng, inputs):
+      return {}, {}
+
+    def __call__(self, params, state, inputs):
+      return self.scale * jnp.mean(inputs.student_logits), state
+
+  try:
+    assert "toy_method_for_test" in D.available()
+    assert Toy.name == "toy_method_for_test"
+    t = D.term_from_config("toy", {"distiller": "toy_method_for_test",
+                                   "weight": 2.0, "scale": 3.0}, num_data=7)
+    assert t.weight == 2.0 and t.distiller.scale == 3.0
+    assert t.distiller.size == 7
+    with pytest.raises(ValueError, match="valid arguments: scale, size"):
+      D.create("toy_method_for_test", bogus=1)
+    with pytest.raises(ValueError, match="already registered"):
+      D.register("at")(Toy)
+  finally:
+    base._REGISTRY.pop("toy_method_for_test", None)  # pylint: disable=protected-access

@@ -72,7 +72,7 @@ def create(name: str, **kwargs) -> Distiller:
   Unknown names and unknown keyword arguments raise a ValueError listing the
   valid ones.
   """
-  return _lookup(name).from_config(kwargs, RunInfo())
+  return _lookup(name).build(**kwargs)
 
 
 def term_from_config(label: str, config: Mapping[str, Any], *,

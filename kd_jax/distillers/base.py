@@ -266,8 +266,14 @@ class Distiller(abc.ABC):
     arguments raise a ValueError listing the valid ones.
     """
     del run_info
+    return cls.build(**cfg)
+
+  @classmethod
+  def build(cls, **kwargs) -> "Distiller":
+    """`cls(**kwargs)`; unknown arguments raise a ValueError listing the
+    valid ones."""
     try:
-      return cls(**cfg)
+      return cls(**kwargs)
     except TypeError as e:
       raise ValueError(
           f"distiller {cls.name!r}: {e}; valid arguments: "
