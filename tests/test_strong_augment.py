@@ -69,8 +69,23 @@ def test_strong_augment_batch_semantics():
   assert not np.array_equal(a, c)
   f = np.asarray(sa.strong_augment(k, x.astype(np.float32)))
   assert f.dtype == np.float32
+  # one key per example: an example's output depends on its key only
+  keys = jax.random.split(jax.random.PRNGKey(5), 4)
+  d = np.asarray(sa.strong_augment(keys, x))
+  e = np.asarray(sa.strong_augment(keys[2:3], x[2:3]))
+  np.testing.assert_array_equal(d[2:3], e)
   with pytest.raises(ValueError, match="NHWC"):
     sa.strong_augment(k, x[..., :1])
+
+
+def test_crop_flip_is_a_padded_window_or_its_mirror():
+  img = np.arange(6 * 5 * 3, dtype=np.float32).reshape(6, 5, 3) + 1
+  pad = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+  windows = [pad[i:i + 6, j:j + 5] for i in range(5) for j in range(5)]
+  windows += [w[:, ::-1] for w in windows]
+  for seed in range(6):
+    out = np.asarray(sa.crop_flip(jax.random.PRNGKey(seed), img, 2))
+    assert any(np.array_equal(out, w) for w in windows)
 
 
 def test_cutout_fills_a_square_with_the_reference_colour():

@@ -28,8 +28,9 @@ Simplifications (kd_jax): geometric operations sample with nearest
 neighbours at the output pixel centres (as PIL's default `NEAREST`) and the
 blends, the grayscale conversion and the histogram equalization follow PIL's
 integer formulas; results match PIL up to one grey level at a few pixels
-(tested). Randomness is per example: example `b` uses `fold_in(rng, b)`,
-so a batch is a pure function of `(rng, images)`.
+(tested). Randomness is per example: example `b` uses `fold_in(rng, b)`
+(or its own key when `rng` holds one key per example), so a batch is a pure
+function of `(rng, images)`.
 
 Input: NHWC `[B, H, W, 3]`, uint8 (or float in 0..255); the output has the
 input's dtype. Apply before normalization, as torchvision does.
@@ -50,7 +51,6 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from kd_jax.data import augment as _augment
 
 # (name, min, max) in the authors' `augment_list()` order.
 OPS: Tuple[Tuple[str, float, float], ...] = (
@@ -193,8 +193,24 @@ def cutout(rng, img, size):
   return jnp.where(inside[..., None], color, img)
 
 
-def _one(rng, img, num_ops, cutout_max):
-  k_ops, k_mag, k_cut, k_size = jax.random.split(rng, 4)
+def crop_flip(rng, img, padding: int = 4, flip: bool = True):
+  """torchvision `RandomCrop(H, padding)` + `RandomHorizontalFlip()` on one
+  image `[H, W, C]`: zero padding, a uniform offset in `[0, 2p]^2`, a mirror
+  with probability 1/2."""
+  h, w, c = img.shape
+  k_off, k_flip = jax.random.split(rng)
+  if padding:
+    pad = jnp.pad(img, ((padding, padding), (padding, padding), (0, 0)))
+    off = jax.random.randint(k_off, (2,), 0, 2 * padding + 1)
+    img = jax.lax.dynamic_slice(pad, (off[0], off[1], 0), (h, w, c))
+  if flip:
+    img = jnp.where(jax.random.bernoulli(k_flip), img[:, ::-1], img)
+  return img
+
+
+def _one(rng, img, num_ops, cutout_max, padding, flip):
+  k_crop, k_ops, k_mag, k_cut, k_size = jax.random.split(rng, 5)
+  img = crop_flip(k_crop, img, padding, flip)
   ops = jax.random.randint(k_ops, (num_ops,), 0, len(OPS))
   lo = jnp.array([o[1] for o in OPS], jnp.float32)[ops]
   hi = jnp.array([o[2] for o in OPS], jnp.float32)[ops]
@@ -205,13 +221,29 @@ def _one(rng, img, num_ops, cutout_max):
   return cutout(k_cut, img, size)
 
 
+def _example_keys(rng, n):
+  """`[n]` keys: `rng` itself when it is already one key per example (typed
+  `[n]` or raw `[n, 2]`), else `fold_in(rng, b)` for example `b`."""
+  rng = rng if hasattr(rng, "dtype") else jnp.asarray(rng)
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim == (1 if typed else 2):          # one key per example
+    if rng.shape[0] != n:
+      raise ValueError(f"strong_augment: got {rng.shape[0]} keys for {n} "
+                       "images.")
+    return rng
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+
+
 def strong_augment(rng: jax.Array, images: jax.Array, *, num_ops: int = 2,
                    cutout_max: float = 0.5, padding: int = 4,
                    flip: bool = True) -> jax.Array:
   """Crop + flip + RandAugment(`num_ops`) + Cutout, per example (see module).
 
   Args:
-    rng: a `jax.random` key.
+    rng: a `jax.random` key (example `b` uses `fold_in(rng, b)`), or one key
+      per example (`[B]` typed keys or `[B, 2]` raw keys) -- e.g. keys of the
+      examples' dataset indices, so that an example's augmentation does not
+      depend on the batch it lands in.
     images: NHWC `[B, H, W, 3]`, uint8 or float with values in 0..255.
     num_ops: RandAugment's `n` (2).
     cutout_max: Cutout side at most `cutout_max * W` (0.5).
@@ -224,12 +256,9 @@ def strong_augment(rng: jax.Array, images: jax.Array, *, num_ops: int = 2,
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"strong_augment: `images` must be NHWC [B, H, W, 3]; "
                      f"got shape {tuple(images.shape)}.")
-  k_crop, k_ops = jax.random.split(rng)
-  x = _augment.random_crop_flip(k_crop, images, padding=padding, flip=flip)
-  keys = jax.vmap(lambda i: jax.random.fold_in(k_ops, i))(
-      jnp.arange(images.shape[0]))
-  out = jax.vmap(lambda k, im: _one(k, im, num_ops, cutout_max))(
-      keys, x.astype(jnp.float32))
+  keys = _example_keys(rng, images.shape[0])
+  out = jax.vmap(lambda k, im: _one(k, im, num_ops, cutout_max, padding,
+                                    flip))(keys, images.astype(jnp.float32))
   if jnp.issubdtype(images.dtype, jnp.integer):
     return jnp.clip(jnp.round(out), 0, 255).astype(images.dtype)
   return out.astype(images.dtype)
