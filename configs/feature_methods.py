@@ -1,4 +1,4 @@
-"""CIFAR-100 configs of the feature / relation distillers (issue 6).
+"""CIFAR-100 configs of the feature / relation distillers.
 
 `feature_config(method, pair)` builds the config of `configs/cifar100_<method>.py`:
 the CIFAR-100 recipe of `base.cifar100_recipe` (SGD 0.9, batch 64, 240
@@ -20,6 +20,12 @@ with CE only after it (their reference `loss_kd` is 0), FT keeps its weight
 (CRD paper Tables 1-2 as listed in the RepDistiller README; ReviewKD paper
 for ReviewKD), -1 where none is published (KDSVD, OFD, OFA on these pairs,
 FSP on pairs with different channel widths, where it is undefined).
+
+`METHODS` is configuration data (the published weight, constructor
+arguments and source of each method), not a list of what exists: the
+methods themselves come from `kd_jax.distillers.available()`. A new method
+needs no entry here -- its `configs/cifar100_<name>.py` can build on
+`distill_base` (as `cifar100_mlkd.py`, `cifar100_ctkd.py` do).
 """
 
 import ml_collections
@@ -90,7 +96,8 @@ def published(method: str, pair: str) -> float:
   return float(row[_PAIRS.index(pair)])
 
 
-def _distill_base(pair: str):
+def distill_base(pair: str):
+  """The CIFAR-100 distillation recipe of `pair` (no loss terms yet)."""
   p = recipes.get_pair(pair)
   c = base.cifar100_recipe(base.base_config(), lr=p.lr)
   c.mode = "distill"
@@ -113,7 +120,7 @@ def feature_config(method: str, pair: str = "resnet32x4-resnet8x4"
     raise ValueError(f"unknown method {method!r}; choose one of "
                      f"{', '.join(sorted(METHODS))}, ofa.")
   weight, kwargs, source, extra = METHODS[method]
-  c = _distill_base(pair)
+  c = distill_base(pair)
   c.loss.terms = ml_collections.ConfigDict(
       {method: dict({"distiller": method, "weight": weight}, **kwargs)})
   for k, v in extra.items():
@@ -135,7 +142,7 @@ def ofa_config(pair: str = "resnet32x4-resnet8x4"
   CIFAR-100 numbers are for heterogeneous pairs, not the CRD pairs, so
   `report.paper.value` is -1.
   """
-  c = _distill_base(pair)
+  c = distill_base(pair)
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_epochs = 3
   c.optimizer.weight_decay = 2e-3

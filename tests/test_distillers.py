@@ -11,7 +11,9 @@ import pytest
 
 from kd_jax import distillers as D
 from kd_jax import train
-from kd_jax.distillers import adapters
+from kd_jax.distillers import fitnet
+from kd_jax.distillers import ofa
+from kd_jax.distillers import reviewkd
 
 B, HW, K = 8, 8, 5  # batch, input size, classes
 
@@ -45,6 +47,7 @@ TEACHER, STUDENT, SAME = TinyCNN(T_W), TinyCNN(S_W), TinyCNN(T_W)
 def data(seed=0, n=B):
   rs = np.random.RandomState(seed)
   return {"image": rs.randn(n, HW, HW, 1).astype(np.float32),
+          "image_strong": rs.randn(n, HW, HW, 1).astype(np.float32),
           "label": (np.arange(n) % K).astype(np.int32),
           "index": (np.arange(n) * 3 + seed).astype(np.int32)}
 
@@ -54,7 +57,8 @@ TV = TEACHER.init(jax.random.PRNGKey(1), X["image"])
 N_DATA = 40
 DATASET_LABELS = np.arange(N_DATA) % K
 
-# name -> (student, constructor kwargs)
+# name -> (student, constructor kwargs); one entry per registered method
+# (`test_every_registered_distiller_has_a_case`).
 CASES = {
     "fitnet": (STUDENT, {}),
     "at": (STUDENT, {}),
@@ -73,6 +77,8 @@ CASES = {
                       "dataset_labels": DATASET_LABELS}),
     "reviewkd": (STUDENT, {}),
     "ofa": (STUDENT, {"stages": (1, 2, 3)}),
+    "mlkd": (STUDENT, {}),
+    "ctkd": (STUDENT, {}),
 }
 STAGED = ("ab", "fsp")  # main-training loss is 0 (reference); stage tested
 
@@ -95,7 +101,11 @@ def tree_meta(t):
                                 t)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_registered_distiller_has_a_case():
+  assert sorted(CASES) == sorted(D.available())
+
+
+@pytest.mark.parametrize("name", sorted(D.available()))
 def test_round_trip_and_training_steps(name):
   st, d, sv, obj, dp, ds = setup(name)
   for leaf in jax.tree_util.tree_leaves(dp):
@@ -105,7 +115,8 @@ def test_round_trip_and_training_steps(name):
   tx = optax.adam(1e-2)
   state = train.create_train_state(sv, tx, rng=jax.random.PRNGKey(4),
                                    distiller_params=dp, distiller_state=ds)
-  step = jax.jit(train.make_distill_step(st, TEACHER, obj, tx))
+  step = jax.jit(train.make_distill_step(st, TEACHER, obj, tx,
+                                         steps_per_epoch=2))
   vals = []
   for _ in range(1 if name in STAGED else 4):
     state, m = step(state, TV, X)
@@ -172,7 +183,7 @@ def test_ab_connectors_follow_reference_rule():
   conn = ds["ab"]["connectors"]["params"]
   assert sorted(conn) == ["connector0", "connector1", "connector2"]
   assert conn["connector0"]["conv"]["kernel"].shape == (1, 1, 8, 16)
-  out = adapters.ConvReg(16, (4, 4), use_relu=False).init_with_output(
+  out = fitnet.ConvReg(16, (4, 4), use_relu=False).init_with_output(
       jax.random.PRNGKey(0), jnp.asarray(X["image"]).repeat(2, -1)[:, :4, :4],
       train=True)[0]
   assert float(out.min()) < 0  # no ReLU
@@ -198,10 +209,10 @@ def _torch_bn_train(x, eps=1e-5):
 ])
 def test_conv_reg_matches_pytorch(s_hw, t_hw, kind):
   torch = _torch()
-  assert adapters.conv_reg_kind(s_hw, t_hw) == kind
+  assert fitnet.conv_reg_kind(s_hw, t_hw) == kind
   rs = np.random.RandomState(0)
   x = rs.randn(3, *s_hw, 2).astype(np.float32)
-  mod = adapters.ConvReg(5, t_hw)
+  mod = fitnet.ConvReg(5, t_hw)
   v = mod.init(jax.random.PRNGKey(0), x, train=False)
   out, _ = mod.apply(v, x, train=True, mutable=["batch_stats"])
   assert out.shape == (3, *t_hw, 5)
@@ -221,20 +232,20 @@ def test_conv_reg_matches_pytorch(s_hw, t_hw, kind):
 
 def test_conv_reg_rejects_unsupported_shapes():
   with pytest.raises(ValueError, match="smaller than the teacher map 8x8"):
-    adapters.conv_reg_kind((3, 3), (8, 8))
+    fitnet.conv_reg_kind((3, 3), (8, 8))
 
 
 def test_nearest_resize_and_abf_match_pytorch():
   torch = _torch()
   rs = np.random.RandomState(1)
   y = rs.randn(2, 2, 2, 3).astype(np.float32)
-  got = adapters.nearest_resize(jnp.asarray(y), 5)
+  got = reviewkd.nearest_resize(jnp.asarray(y), 5)
   ref = torch.nn.functional.interpolate(
       torch.tensor(y.transpose(0, 3, 1, 2)), (5, 5), mode="nearest")
   np.testing.assert_array_equal(got, ref.numpy().transpose(0, 2, 3, 1))
   # ABF with fusion (mdistiller ReviewKD.ABF), weights copied to torch ops.
   x = rs.randn(2, 4, 4, 5).astype(np.float32)
-  mod = adapters.ABF(3, 6, fuse=True)
+  mod = reviewkd.ABF(3, 6, fuse=True)
   v = mod.init(jax.random.PRNGKey(0), x, y, 4, 8, train=False)
   (out, res), _ = mod.apply(v, x, y, 4, 8, train=True, mutable=["batch_stats"])
   p = v["params"]
@@ -258,7 +269,7 @@ def test_nearest_resize_and_abf_match_pytorch():
 def test_patch_merging_order_and_ofa_branch_structure():
   rs = np.random.RandomState(2)
   x = rs.randn(1, 16, 3).astype(np.float32)  # 4x4 grid
-  mod = adapters.PatchMerging((4, 4), 2, gelu=False)
+  mod = ofa.PatchMerging((4, 4), 2, gelu=False)
   v = mod.init(jax.random.PRNGKey(0), x)
   out = mod.apply(v, x)
   g = x.reshape(1, 4, 4, 3)  # OFAKD PatchMerging: x0, x1, x2, x3 order
@@ -278,7 +289,7 @@ def test_patch_merging_order_and_ofa_branch_structure():
       k.startswith("down") for k in br["stage3"])
   assert br["stage1"]["head"]["kernel"].shape == (16, K)  # max(8, 16) -> K
   # ViT branch: 4x4 patch grid merged once to 2x2, class token kept.
-  vit = adapters.ViTBranch(num_blocks=1, feature_dim=8, num_classes=K,
+  vit = ofa.ViTBranch(num_blocks=1, feature_dim=8, num_classes=K,
                            final_grid=2)
   tokens = rs.randn(2, 17, 6).astype(np.float32)
   out, v = vit.init_with_output(jax.random.PRNGKey(0), tokens)
@@ -644,3 +655,37 @@ def test_ofa_vit_branches_train_a_vit_student():
     state, m = step(state, tv, x)
     vals.append(float(m["ofa"]))
   assert vals[-1] < vals[0], vals
+
+
+def test_register_decorator_and_from_config_hook():
+  from kd_jax.distillers import base
+
+  @D.register("toy_method_for_test")
+  class Toy(D.Distiller):
+
+    def __init__(self, *, scale=1.0, size=None):
+      self.scale, self.size = scale, size
+
+    @classmethod
+    def from_config(cls, cfg, run_info):
+      return cls.build(size=run_info.num_data, **cfg)
+
+    def init(self, rng, inputs):
+      return {}, {}
+
+    def __call__(self, params, state, inputs):
+      return self.scale * jnp.mean(inputs.student_logits), state
+
+  try:
+    assert "toy_method_for_test" in D.available()
+    assert Toy.name == "toy_method_for_test"
+    t = D.term_from_config("toy", {"distiller": "toy_method_for_test",
+                                   "weight": 2.0, "scale": 3.0}, num_data=7)
+    assert t.weight == 2.0 and t.distiller.scale == 3.0
+    assert t.distiller.size == 7
+    with pytest.raises(ValueError, match="valid arguments: scale, size"):
+      D.create("toy_method_for_test", bogus=1)
+    with pytest.raises(ValueError, match="already registered"):
+      D.register("at")(Toy)
+  finally:
+    base._REGISTRY.pop("toy_method_for_test", None)  # pylint: disable=protected-access

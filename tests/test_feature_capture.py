@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kd_jax.features
+import kd_jax.capture
 from kd_jax import losses
 
 
@@ -45,7 +45,7 @@ def setup():
 
 def test_capture_values_match_manual_forward(setup):
   net, variables, x = setup
-  fwd = jax.jit(kd_jax.features.capture(
+  fwd = jax.jit(kd_jax.capture.capture(
       net.apply, ["layer2", "layer3/BatchNorm_0", "embedding"]))
   logits, feats = fwd(variables, x)
   assert set(feats) == {"layer2", "layer3/BatchNorm_0", "embedding"}
@@ -71,7 +71,7 @@ def test_capture_values_match_manual_forward(setup):
 
 def test_missing_path_lists_available(setup):
   net, variables, x = setup
-  fwd = kd_jax.features.capture(net.apply, ["layer2", "layer9/Conv_0"])
+  fwd = kd_jax.capture.capture(net.apply, ["layer2", "layer9/Conv_0"])
   with pytest.raises(KeyError, match=r"\['layer9/Conv_0'\] not found") as e:
     jax.jit(fwd)(variables, x)
   msg = str(e.value)
@@ -82,7 +82,7 @@ def test_missing_path_lists_available(setup):
 
 def test_list_paths(setup):
   net, variables, x = setup
-  paths = kd_jax.features.list_paths(net.apply, variables, x)
+  paths = kd_jax.capture.list_paths(net.apply, variables, x)
   assert set(paths) == {
       "layer1", "layer1/Conv_0", "layer1/BatchNorm_0", "layer2",
       "layer2/Conv_0", "layer2/BatchNorm_0", "layer3", "layer3/Conv_0",
@@ -91,7 +91,7 @@ def test_list_paths(setup):
 
 def test_training_mode_with_mutable_batch_stats(setup):
   net, variables, x = setup
-  fwd = kd_jax.features.capture(net.apply, ["layer1"])
+  fwd = kd_jax.capture.capture(net.apply, ["layer1"])
   (logits, feats), updates = jax.jit(
       lambda v, x: fwd(v, x, train=True, mutable=["batch_stats"]))(variables, x)
   ref_logits, ref_updates = net.apply(variables, x, train=True,
@@ -108,7 +108,7 @@ def test_training_mode_with_mutable_batch_stats(setup):
 
 def test_gradients_flow_through_captured_features(setup):
   net, variables, x = setup
-  fwd = kd_jax.features.capture(net.apply, ["layer2"])
+  fwd = kd_jax.capture.capture(net.apply, ["layer2"])
   target = jnp.ones((3, 8, 8, 6))
 
   def loss(params):
@@ -126,8 +126,8 @@ def test_distill_between_two_user_models(setup):
   net, variables, x = setup
   student = nn.Sequential([nn.Conv(3, (3, 3)), nn.relu, nn.Conv(2, (3, 3))])
   sv = jax.jit(student.init)(jax.random.PRNGKey(1), x)
-  t_fwd = kd_jax.features.capture(net.apply, ["layer1"])
-  s_fwd = kd_jax.features.capture(student.apply, ["layers_0"])
+  t_fwd = kd_jax.capture.capture(net.apply, ["layer1"])
+  s_fwd = kd_jax.capture.capture(student.apply, ["layers_0"])
 
   def loss(params):
     _, sf = s_fwd({"params": params}, x)
@@ -141,11 +141,11 @@ def test_distill_between_two_user_models(setup):
 def test_bad_arguments(setup):
   net, variables, x = setup
   with pytest.raises(ValueError, match="`paths` must be a non-empty list"):
-    kd_jax.features.capture(net.apply, [])
+    kd_jax.capture.capture(net.apply, [])
   with pytest.raises(TypeError, match="every entry of `paths` must be a string"):
-    kd_jax.features.capture(net.apply, ["layer1", 3])
+    kd_jax.capture.capture(net.apply, ["layer1", 3])
   with pytest.raises(ValueError, match="duplicate module path 'layer1'"):
-    kd_jax.features.capture(net.apply, ["layer1", "/layer1/"])
-  fwd = kd_jax.features.capture(net.apply, "layer1")   # a single string
+    kd_jax.capture.capture(net.apply, ["layer1", "/layer1/"])
+  fwd = kd_jax.capture.capture(net.apply, "layer1")   # a single string
   with pytest.raises(ValueError, match="do not pass `capture_intermediates`"):
     fwd(variables, x, capture_intermediates=True)

@@ -1,7 +1,8 @@
 """Feature-based losses vs. independent float64 NumPy implementations.
 
-The NumPy references below are written from `../shared/spec/kd_conventions.md`
-(§6-8, 14-18) and the authors' code for OFD / ReviewKD, not from kd_jax.
+The NumPy references below are written from the authors' code (RepDistiller
+`distiller_zoo/`, mdistiller `distillers/` for KDSVD / OFD / ReviewKD), not
+from kd_jax.
 Gradients are checked against central finite differences of those references.
 """
 

@@ -2,7 +2,8 @@
 global-batch semantics under `pmap` (all-gather over `axis_name`) and under
 `jit` with a batch sharded over the 8 simulated CPU devices.
 
-NumPy references follow `../shared/spec/kd_conventions.md` §9-12 and §19.
+NumPy references are written from RepDistiller (`distiller_zoo/SP.py`, `PKT.py`,
+`RKD.py`, `CC.py`, `crd/criterion.py`, `crd/memory.py`).
 """
 
 import functools

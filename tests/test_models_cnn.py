@@ -23,7 +23,7 @@ needs_torch = pytest.mark.skipif(
 # Sources: RepDistiller / mdistiller `resnet.py`, `wrn.py`, `vgg.py` (vggN_bn),
 # `resnetv2.py`, counted with `tests/torch_reference_models.py` (which
 # `test_param_counts_match_torch_reference` re-counts when torch is present);
-# the rounded numbers: resnet20 0.28M, resnet56 0.86M, resnet32x4
+# the commonly quoted rounded numbers: resnet20 0.28M, resnet56 0.86M, resnet32x4
 # 7.43M, wrn_40_2 2.26M, vgg13 9.46M; torchvision's model docs list resnet18
 # 11,689,512, resnet34 21,797,672, resnet50 25,557,032 parameters.
 REFERENCE_PARAM_COUNTS = {

@@ -1,5 +1,12 @@
 """Feature / relation distillers: method = loss + trainable adapters / state.
 
+One method, one module, named after the paper (`at.py`, `crd.py`, ...): the
+module holds the distiller, its adapters (Flax Linen modules) and a
+docstring naming its loss in `kd_jax.losses`, the paper and the authors'
+repository. A module registers its distiller with `@register("<name>")`;
+every module of this package is imported here, so adding a method is adding
+a file.
+
 Every distiller is a pure `init(rng, inputs) -> (params, state)` /
 `__call__(params, state, inputs) -> (loss, new_state)` pair, plugged into the
 engine as `kd_jax.train.Term(label, weight, distiller=obj)`; its params are
@@ -14,58 +21,49 @@ ATDistiller(feature_key='stages', layers='1:', teacher_layers='1:', p=2)
 True
 """
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+import importlib as _importlib
+import pkgutil as _pkgutil
+from typing import Any, Mapping, Optional, Tuple
 
-from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
+from kd_jax.distillers.base import LayerwiseDistiller
+from kd_jax.distillers.base import OneLayerDistiller
 from kd_jax.distillers.base import PretrainStage
+from kd_jax.distillers.base import RunInfo
 from kd_jax.distillers.base import init_distillers
 from kd_jax.distillers.base import make_term_inputs
 from kd_jax.distillers.base import parse_layers
+from kd_jax.distillers.base import register
+from kd_jax.distillers.base import registry
 from kd_jax.distillers.base import run_pretrain_stage
 from kd_jax.distillers.base import select_features
-from kd_jax.distillers.crd import CRDDistiller
-from kd_jax.distillers.crd import sample_negatives
-from kd_jax.distillers.hint import FitNetDistiller
-from kd_jax.distillers.layerwise import ATDistiller
-from kd_jax.distillers.layerwise import KDSVDDistiller
-from kd_jax.distillers.layerwise import NSTDistiller
-from kd_jax.distillers.ofa import OFADistiller
-from kd_jax.distillers.ofd import OFDDistiller
-from kd_jax.distillers.ofd import bn_before_relu
-from kd_jax.distillers.relational import CCDistiller
-from kd_jax.distillers.relational import PKTDistiller
-from kd_jax.distillers.relational import RKDDistiller
-from kd_jax.distillers.relational import SPDistiller
-from kd_jax.distillers.reviewkd import ReviewKDDistiller
-from kd_jax.distillers.staged import ABDistiller
-from kd_jax.distillers.staged import FSPDistiller
-from kd_jax.distillers.staged import FTDistiller
-from kd_jax.distillers.vid import VIDDistiller
 
-_REGISTRY: Dict[str, Any] = {
-    "fitnet": FitNetDistiller,
-    "at": ATDistiller,
-    "nst": NSTDistiller,
-    "sp": SPDistiller,
-    "pkt": PKTDistiller,
-    "rkd": RKDDistiller,
-    "cc": CCDistiller,
-    "vid": VIDDistiller,
-    "ab": ABDistiller,
-    "ft": FTDistiller,
-    "fsp": FSPDistiller,
-    "kdsvd": KDSVDDistiller,
-    "ofd": OFDDistiller,
-    "crd": CRDDistiller,
-    "reviewkd": ReviewKDDistiller,
-    "ofa": OFADistiller,
-}
+# Import every method module (each registers its distiller).
+_METHOD_MODULES = tuple(sorted(
+    m.name for m in _pkgutil.iter_modules(__path__)
+    if not m.name.startswith("_") and m.name != "base"))
+for _m in _METHOD_MODULES:
+  _importlib.import_module(f"{__name__}.{_m}")
+
+# Re-export the distiller classes (`kd_jax.distillers.ATDistiller`, ...).
+_CLASSES = {cls.__name__: cls for cls in registry().values()}
+globals().update(_CLASSES)
+
+from kd_jax.distillers.crd import sample_negatives  # noqa: E402
+from kd_jax.distillers.ofd import bn_before_relu  # noqa: E402
 
 
 def available() -> Tuple[str, ...]:
-  """Names accepted by `create`."""
-  return tuple(sorted(_REGISTRY))
+  """Names accepted by `create` (the registered methods)."""
+  return tuple(sorted(registry()))
+
+
+def _lookup(name: str):
+  reg = registry()
+  if name not in reg:
+    raise ValueError(f"unknown distiller {name!r}; valid names: "
+                     f"{', '.join(available())}.")
+  return reg[name]
 
 
 def create(name: str, **kwargs) -> Distiller:
@@ -74,22 +72,7 @@ def create(name: str, **kwargs) -> Distiller:
   Unknown names and unknown keyword arguments raise a ValueError listing the
   valid ones.
   """
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown distiller {name!r}; valid names: "
-                     f"{', '.join(available())}.")
-  cls = _REGISTRY[name]
-  try:
-    return cls(**kwargs)
-  except TypeError as e:
-    import inspect
-    valid = [p for p in inspect.signature(cls.__init__).parameters
-             if p not in ("self", "kwargs")]
-    if cls.__init__ is not None and issubclass(cls, (ATDistiller,
-                                                     NSTDistiller,
-                                                     KDSVDDistiller)):
-      valid += ["feature_key", "layers", "teacher_layers"]
-    raise ValueError(f"distiller {name!r}: {e}; valid arguments: "
-                     f"{', '.join(sorted(set(valid)))}.") from None
+  return _lookup(name).build(**kwargs)
 
 
 def term_from_config(label: str, config: Mapping[str, Any], *,
@@ -101,19 +84,13 @@ def term_from_config(label: str, config: Mapping[str, Any], *,
 
   The entry names the method with `distiller` (not `name`, which stays the
   key of logit losses: `'ofa'` is both a logit loss and a distiller); `weight`
-  and `warmup` are the term's, everything else goes to the constructor, e.g.
-  `{'distiller': 'at', 'weight': 1000.0, 'p': 2}`. Run-time information the
-  config cannot hold is injected here:
-
-  * CRD: `num_data` (training-set size, required) and, unless the entry says
-    `class_negatives=False`, `dataset_labels` (RepDistiller's negatives from
-    the other classes);
-  * OFD with `teacher_bn='auto'`: the teacher's BN-before-ReLU parameters,
-    `bn_before_relu(teacher_variables)`.
-
-  `placeholders=True` builds the term without that information (dummy CRD
-  size, OFD margins from data) -- to validate a config before the data and
-  the teacher are loaded.
+  and `warmup` are the term's, everything else goes to the method's
+  `from_config` hook, e.g. `{'distiller': 'at', 'weight': 1000.0, 'p': 2}`.
+  Run-time information the config cannot hold reaches the hooks as a
+  `RunInfo` (CRD: `num_data`, `dataset_labels`; OFD `teacher_bn='auto'`:
+  `teacher_variables`). `placeholders=True` builds the term without that
+  information (dummy CRD size, OFD margins from data) -- to validate a config
+  before the data and the teacher are loaded.
 
   >>> t = term_from_config("at", {"distiller": "at", "weight": 1000.0})
   >>> t.label, t.weight, type(t.distiller).__name__
@@ -128,38 +105,13 @@ def term_from_config(label: str, config: Mapping[str, Any], *,
   name = cfg.pop("distiller")
   weight = float(cfg.pop("weight", 1.0))
   warmup = bool(cfg.pop("warmup", True))
-  if placeholders:
-    num_data = num_data if num_data is not None else 2
-    if name == "crd" and dataset_labels is None:
-      cfg.pop("class_negatives", None)
-      cfg["class_negatives"] = False
-      cfg.pop("num_negatives", None)
-      cfg["num_negatives"] = 1
-    if name == "ofd" and teacher_variables is None and (
-        cfg.get("teacher_bn") == "auto"):
-      cfg.pop("teacher_bn")
-  if name == "crd":
-    class_negatives = bool(cfg.pop("class_negatives", True))
-    if "num_data" not in cfg:
-      if num_data is None:
-        raise ValueError(f"loss.terms.{label}: CRD needs the training-set "
-                         "size (`num_data`).")
-      cfg["num_data"] = int(num_data)
-    if class_negatives and "dataset_labels" not in cfg:
-      if dataset_labels is None:
-        raise ValueError(f"loss.terms.{label}: CRD with class_negatives=True "
-                         "needs the training labels (`dataset_labels`).")
-      cfg["dataset_labels"] = dataset_labels
-  if name == "ofd" and cfg.get("teacher_bn") == "auto":
-    if teacher_variables is None:
-      raise ValueError(f"loss.terms.{label}: OFD with teacher_bn='auto' needs "
-                       "the teacher variables.")
-    cfg["teacher_bn"] = bn_before_relu(teacher_variables)
-  for k, v in list(cfg.items()):  # ConfigDict tuples/lists -> tuples
-    if isinstance(v, list):
-      cfg[k] = tuple(v)
+  cfg = {k: tuple(v) if isinstance(v, list) else v  # ConfigDict lists
+         for k, v in cfg.items()}
+  info = RunInfo(num_data=num_data, dataset_labels=dataset_labels,
+                 teacher_variables=teacher_variables,
+                 placeholders=placeholders)
   try:
-    d = create(name, **cfg)
+    d = _lookup(name).from_config(cfg, info)
   except ValueError as e:
     raise ValueError(f"loss.terms.{label}: {e}") from None
   return _objectives.Term(label, weight, label=label, warmup=warmup,
@@ -172,13 +124,9 @@ def is_distiller_term(config: Mapping[str, Any]) -> bool:
 
 
 __all__ = [
-    "Distiller", "PretrainStage", "adapters", "available", "create",
-    "term_from_config", "is_distiller_term",
-    "init_distillers", "make_term_inputs", "parse_layers",
-    "run_pretrain_stage", "select_features", "sample_negatives",
-    "bn_before_relu", "FitNetDistiller", "ATDistiller", "NSTDistiller",
-    "SPDistiller", "PKTDistiller", "RKDDistiller", "CCDistiller",
-    "VIDDistiller", "ABDistiller", "FTDistiller", "FSPDistiller",
-    "KDSVDDistiller", "OFDDistiller", "CRDDistiller", "ReviewKDDistiller",
-    "OFADistiller",
-]
+    "Distiller", "LayerwiseDistiller", "OneLayerDistiller", "PretrainStage",
+    "RunInfo", "available", "create", "register", "registry",
+    "term_from_config", "is_distiller_term", "init_distillers",
+    "make_term_inputs", "parse_layers", "run_pretrain_stage",
+    "select_features", "sample_negatives", "bn_before_relu",
+] + sorted(_CLASSES)

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -47,8 +48,10 @@ TermInputs = _objectives.TermInputs
 LayerSpec = Union[None, int, str, slice, Sequence[int]]
 
 __all__ = [
-    "Distiller", "PretrainStage", "parse_layers", "select_features",
-    "make_term_inputs", "init_distillers", "run_pretrain_stage",
+    "Distiller", "PretrainStage", "RunInfo", "register", "registry",
+    "LayerwiseDistiller", "OneLayerDistiller", "parse_layers",
+    "select_features", "make_term_inputs", "init_distillers",
+    "run_pretrain_stage",
 ]
 
 
@@ -101,7 +104,7 @@ def select_features(features: Any, key: str, layers: LayerSpec, *,
   Args:
     features: the model's features dict (`{'stages': [...],
       'preact_stages': [...], 'pooled': ...}` for the zoo, `{path: array}`
-      from `kd_jax.features.capture`).
+      from `kd_jax.capture.capture`).
     key: the dict key (`'stages'`, `'preact_stages'`, `'pooled'`, a path).
     layers: selection inside a list entry (see `parse_layers`); must be None
       (or 0/-1) for an array entry.
@@ -162,19 +165,119 @@ def _float32(x):
   return jnp.asarray(x, jnp.float32)
 
 
+# -------------------------------------------------------------- registry --
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(name: str):
+  """Class decorator: registers a `Distiller` subclass under `name`.
+
+  Sets `cls.name = name`; `kd_jax.distillers.create(name, ...)` and config
+  entries `{'distiller': name, ...}` then build it (through
+  `cls.from_config`).
+
+  >>> @register("my_method")          # doctest: +SKIP
+  ... class MyDistiller(Distiller): ...
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"register: the name must be a non-empty string; got "
+                     f"{name!r}.")
+
+  def wrap(cls):
+    if not (isinstance(cls, type) and issubclass(cls, Distiller)):
+      raise TypeError(f"register({name!r}) decorates Distiller subclasses; "
+                      f"got {cls!r}.")
+    other = _REGISTRY.get(name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+      raise ValueError(f"distiller name {name!r} is already registered by "
+                       f"{other.__module__}.{other.__qualname__}.")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+  return wrap
+
+
+def registry() -> Mapping[str, type]:
+  """A read-only view `{name: Distiller subclass}` of the registered methods."""
+  return dict(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """What only the run knows, for `Distiller.from_config` hooks.
+
+  Attributes:
+    num_data: training-set size (CRD's memory banks).
+    dataset_labels: int `[N]` training labels (CRD's class negatives).
+    teacher_variables: the teacher's Flax variables (OFD `teacher_bn='auto'`).
+    placeholders: build without the above (dummy values) -- to validate a
+      config before the data and the teacher are loaded.
+  """
+  num_data: Optional[int] = None
+  dataset_labels: Any = None
+  teacher_variables: Any = None
+  placeholders: bool = False
+
+
+def constructor_args(cls) -> List[str]:
+  """Keyword arguments accepted by `cls(...)`, over the `__init__` chain."""
+  names = []
+  for klass in cls.__mro__:
+    init = klass.__dict__.get("__init__")
+    if init is None or klass is object:
+      continue
+    for p in inspect.signature(init).parameters.values():
+      if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+        names.append(p.name)
+  return sorted(set(names))
+
+
 # -------------------------------------------------------------- protocol --
 
 class Distiller(abc.ABC):
   """Base class of kd_jax distillers (a pure `init` / `__call__` pair).
 
-  Subclasses set `name` and implement `init` and `__call__`; adapters are
-  Flax Linen modules whose `'params'` are the distiller params and whose
-  `'batch_stats'` live in the distiller state (see `_init_module` /
-  `_apply_module`). `pretrain` is a `PretrainStage` for two-stage methods.
+  Subclasses are registered with `@register(name)` and implement `init` and
+  `__call__`; adapters are Flax Linen modules whose `'params'` are the
+  distiller params and whose `'batch_stats'` live in the distiller state (see
+  `_init_module` / `_apply_module`). `pretrain` is a `PretrainStage` for
+  two-stage methods.
+
+  `views` names the extra input views the method needs: with `'strong'` the
+  batch must carry `batch['image_strong']` (a strongly augmented copy, see
+  `kd_jax.data.strong_augment`), the engine runs the student and the teacher
+  on it as well and hands the logits to the distiller as
+  `inputs.views['strong'] = (student_logits, teacher_logits)`.
   """
   name: str = "distiller"
   state_is_synced: bool = True
   pretrain: Optional["PretrainStage"] = None
+  views: Tuple[str, ...] = ()
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any], run_info: RunInfo
+                  ) -> "Distiller":
+    """Builds the distiller from a config entry's constructor arguments.
+
+    The default passes `cfg` to the constructor; methods that need run-time
+    information (CRD, OFD) override it and read `run_info`. Unknown
+    arguments raise a ValueError listing the valid ones.
+    """
+    del run_info
+    return cls.build(**cfg)
+
+  @classmethod
+  def build(cls, **kwargs) -> "Distiller":
+    """`cls(**kwargs)`; unknown arguments raise a ValueError listing the
+    valid ones."""
+    try:
+      return cls(**kwargs)
+    except TypeError as e:
+      raise ValueError(
+          f"distiller {cls.name!r}: {e}; valid arguments: "
+          f"{', '.join(constructor_args(cls))}.") from None
 
   @abc.abstractmethod
   def init(self, rng, inputs: TermInputs) -> Tuple[PyTree, PyTree]:
@@ -207,6 +310,56 @@ class Distiller(abc.ABC):
       raise ValueError(
           f"{self.name}: the layer selections pick {len(s_list)} student and "
           f"{len(t_list)} teacher feature maps; they must pair up.")
+
+
+class LayerwiseDistiller(Distiller):
+  """Base of methods that pair student/teacher feature maps layer by layer.
+
+  Args:
+    feature_key: features dict key (`'stages'`).
+    layers: student selection (see `parse_layers`; `'1:'` = RepDistiller's
+      `feat[1:-1]`, the stage outputs after the stem).
+    teacher_layers: teacher selection (default: `layers`).
+  """
+
+  def __init__(self, *, feature_key: str = "stages", layers: LayerSpec = "1:",
+               teacher_layers: LayerSpec = None):
+    self.feature_key = feature_key
+    self.layers = layers
+    self.teacher_layers = (self.layers if teacher_layers is None
+                           else teacher_layers)
+
+  def _pairs(self, inputs):
+    s = self._student(inputs, self.feature_key, self.layers)
+    t = self._teacher(inputs, self.feature_key, self.teacher_layers)
+    self._check_pairs(s, t)
+    return s, t
+
+  def init(self, rng, inputs):
+    del rng
+    self._pairs(inputs)  # validates the selection on the real shapes
+    return {}, {}
+
+
+class OneLayerDistiller(Distiller):
+  """Base of methods that compare one selected feature of each network."""
+
+  def __init__(self, *, feature_key: str, layer: LayerSpec):
+    self.feature_key = feature_key
+    self.layer = layer
+
+  def _pair(self, inputs):
+    s = self._student(inputs, self.feature_key, self.layer)
+    t = self._teacher(inputs, self.feature_key, self.layer)
+    if len(s) != 1:
+      raise ValueError(f"{self.name}: select exactly one feature map; "
+                       f"layer={self.layer!r} selects {len(s)}.")
+    return s[0], t[0]
+
+  def init(self, rng, inputs):
+    del rng
+    self._pair(inputs)
+    return {}, {}
 
 
 def _init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:

@@ -25,7 +25,9 @@ holds the same banks (no averaging needed).
 
 References:
   Tian, Krishnan & Isola, "Contrastive Representation Distillation",
-  ICLR 2020.
+  ICLR 2020. Authors' code: github.com/HobbitLong/RepDistiller (`crd/`,
+  `distiller_zoo/`); loss math in `kd_jax.losses.crd_loss`,
+  `crd_normalization`, `crd_memory_update`.
 """
 
 from __future__ import annotations
@@ -33,17 +35,41 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import losses
-from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import _apply_module
 from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import register
+from kd_jax.models import _layers as L
 from kd_jax.losses import relations
+
+
+class Embed(nn.Module):
+  """Flatten + Linear (PyTorch init) [+ L2 normalization by the plain norm].
+
+  CRD's `Embed` divides by `||x||_2` with no eps (RepDistiller `Normalize`);
+  `normalize=False` is CC's `LinearEmbed`.
+  """
+  features: int = 128
+  normalize: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+    d = x.shape[-1]
+    x = nn.Dense(self.features, kernel_init=L.torch_default_init(d),
+                 bias_init=L.torch_default_init(d), param_dtype=jnp.float32,
+                 name="linear")(x)
+    if self.normalize:
+      x = x / jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+    return x
 
 
 def sample_negatives(rng, index, *, num_data: int, num_negatives: int,
@@ -140,6 +166,7 @@ def sample_negatives(rng, index, *, num_data: int, num_negatives: int,
   return jnp.concatenate([index[:, None], neg.astype(jnp.int32)], axis=1)
 
 
+@register("crd")
 class CRDDistiller(Distiller):
   """CRD (params: the two embeddings; state: banks, `Z`, sampling key).
 
@@ -156,7 +183,6 @@ class CRDDistiller(Distiller):
     feature_key / layer: the embedding input (`'pooled'` = `feat[-1]`).
     index_key / contrast_key: batch keys.
   """
-  name = "crd"
 
   def __init__(self, *, num_data: int, feat_dim: int = 128,
                num_negatives: int = 16384,
@@ -196,6 +222,29 @@ class CRDDistiller(Distiller):
     self.index_key = index_key
     self.contrast_key = contrast_key
 
+  @classmethod
+  def from_config(cls, cfg, run_info):
+    """Injects `num_data` and (unless `class_negatives=False`) the dataset
+    labels from `run_info`; with `run_info.placeholders` a dummy size and
+    uniform negatives stand in (config validation before the data loads)."""
+    cfg = dict(cfg)
+    num_data, labels = run_info.num_data, run_info.dataset_labels
+    if run_info.placeholders:
+      num_data = 2 if num_data is None else num_data
+      if labels is None:
+        cfg["class_negatives"], cfg["num_negatives"] = False, 1
+    class_negatives = bool(cfg.pop("class_negatives", True))
+    if "num_data" not in cfg:
+      if num_data is None:
+        raise ValueError("CRD needs the training-set size (`num_data`).")
+      cfg["num_data"] = int(num_data)
+    if class_negatives and "dataset_labels" not in cfg:
+      if labels is None:
+        raise ValueError("CRD with class_negatives=True needs the training "
+                         "labels (`dataset_labels`).")
+      cfg["dataset_labels"] = labels
+    return super().from_config(cfg, run_info)
+
   def __repr__(self):
     return (f"CRDDistiller(num_data={self.num_data}, feat_dim={self.feat_dim}, "
             f"num_negatives={self.num_negatives}, "
@@ -227,7 +276,7 @@ class CRDDistiller(Distiller):
   def init(self, rng, inputs):
     s, t = self._pair(inputs)
     ks, kt, k1, k2, kn = jax.random.split(rng, 5)
-    emb = adapters.Embed(self.feat_dim, normalize=True)
+    emb = Embed(self.feat_dim, normalize=True)
     ps, _ = _init_module(emb, ks, s)
     pt, _ = _init_module(emb, kt, t)
     stdv = 1.0 / math.sqrt(self.feat_dim / 3.0)
@@ -260,7 +309,7 @@ class CRDDistiller(Distiller):
   def __call__(self, params, state, inputs):
     s, t = self._pair(inputs)
     idx = self._index(inputs)
-    emb = adapters.Embed(self.feat_dim, normalize=True)
+    emb = Embed(self.feat_dim, normalize=True)
     es, _ = _apply_module(emb, params["embed_s"], {}, s, train=inputs.train)
     et, _ = _apply_module(emb, params["embed_t"], {}, t, train=inputs.train)
     cidx = jax.lax.stop_gradient(self.contrast_indices(state, inputs, idx))

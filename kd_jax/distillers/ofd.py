@@ -2,7 +2,7 @@ r"""OFD: overhaul of feature distillation (pre-ReLU features, partial L2).
 
 For each aligned layer (mdistiller `OFD`: `preact_feats[1:]` of both nets,
 aligned by keeping the last `min(n_s, n_t)`), the student's pre-ReLU map goes
-through an `adapters.OFDConnector` (1x1 conv + BN) and
+through an `OFDConnector` (1x1 conv + BN) and
 `kd_jax.losses.ofd_loss` compares it with the teacher's pre-ReLU map,
 clipped from below at a per-channel margin. The weight is 1e-3 (mdistiller
 `FEAT_WEIGHT`; clovaai divides by 1000).
@@ -21,24 +21,48 @@ same ones):
 
 References:
   Heo, Kim, Yun, Park, Kwak & Choi, "A Comprehensive Overhaul of Feature
-  Distillation", ICCV 2019.
+  Distillation", ICCV 2019. Authors' code:
+  github.com/clovaai/overhaul-distillation; conventions from mdistiller
+  (`distillers/OFD.py`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import losses
-from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import _apply_module
 from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import register
+from kd_jax.models import _layers as L
+
+
+class OFDConnector(nn.Module):
+  """OFD connector: conv (no bias, `N(0, 2 / (k^2 C_out))`) + BN.
+
+  mdistiller `ConnectorConvBN` / RepDistiller `ConnectorV2` (kernel 1).
+  """
+  teacher_channels: int
+  kernel_size: int = 1
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = jnp.asarray(x, jnp.float32)
+    k = self.kernel_size
+    std = math.sqrt(2.0 / (k * k * self.teacher_channels))
+    x = L.torch_conv(self.teacher_channels, k, padding=(k - 1) // 2, use_bias=False,
+              kernel_init=nn.initializers.normal(std), name="conv")(x)
+    return L.batch_norm(train, self.axis_name, name="bn")(x)
 
 
 def bn_before_relu(teacher_variables: Mapping[str, Any]
@@ -92,6 +116,7 @@ def _align(*lists):
   return [list(l[-n:]) for l in lists]
 
 
+@register("ofd")
 class OFDDistiller(Distiller):
   """OFD (params: connectors; state: their BN stats and the margins).
 
@@ -101,7 +126,6 @@ class OFDDistiller(Distiller):
     feature_key: `'preact_stages'`; `layers` / `teacher_layers`: `'1:'`.
     kernel_size: connector kernel (mdistiller `CONNECTOR.KERNEL_SIZE` = 1).
   """
-  name = "ofd"
 
   def __init__(self, *, margins: Optional[Sequence[Any]] = None,
                teacher_bn: Optional[Sequence[Tuple[Any, Any]]] = None,
@@ -119,6 +143,22 @@ class OFDDistiller(Distiller):
     self.teacher_layers = layers if teacher_layers is None else teacher_layers
     self.kernel_size = kernel_size
 
+  @classmethod
+  def from_config(cls, cfg, run_info):
+    """`teacher_bn='auto'`: the teacher's BN-before-ReLU parameters,
+    `bn_before_relu(run_info.teacher_variables)` (with
+    `run_info.placeholders` and no teacher: margins from data)."""
+    cfg = dict(cfg)
+    if cfg.get("teacher_bn") == "auto":
+      if run_info.teacher_variables is not None:
+        cfg["teacher_bn"] = bn_before_relu(run_info.teacher_variables)
+      elif run_info.placeholders:
+        cfg.pop("teacher_bn")
+      else:
+        raise ValueError("OFD with teacher_bn='auto' needs the teacher "
+                         "variables.")
+    return super().from_config(cfg, run_info)
+
   def _pairs(self, inputs):
     s = self._student(inputs, self.feature_key, self.layers)
     t = self._teacher(inputs, self.feature_key, self.teacher_layers)
@@ -130,7 +170,7 @@ class OFDDistiller(Distiller):
     return s, t
 
   def _connector(self, t, axis_name):
-    return adapters.OFDConnector(t.shape[-1], self.kernel_size,
+    return OFDConnector(t.shape[-1], self.kernel_size,
                                  axis_name=axis_name)
 
   def _initial_margins(self, t_list):

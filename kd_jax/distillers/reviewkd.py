@@ -1,7 +1,7 @@
 r"""ReviewKD: knowledge review with attention-based fusion (ABF) + HCL.
 
 The student's features, deepest first (mdistiller `ReviewKD`: `feats[1:]`
-plus the pooled vector as a `1x1` map), go through one `adapters.ABF` per
+plus the pooled vector as a `1x1` map), go through one `ABF` per
 level; each level fuses its own (1x1-conv'd) feature with the residual from
 the deeper level (nearest upsampling, per-pixel sigmoid attention), and a 3x3
 conv maps the result to the teacher's channels at the teacher's size. The
@@ -19,18 +19,81 @@ channels, `SHAPES` / `OUT_SHAPES` = student / teacher heights, mid channels
 
 References:
   Chen, Liu, Zhao & Jia, "Distilling Knowledge via Knowledge Review",
-  CVPR 2021.
+  CVPR 2021. Authors' code: github.com/dvlab-research/ReviewKD;
+  conventions from mdistiller (`distillers/ReviewKD.py`).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
+from kd_jax.distillers.base import register
+from kd_jax.models import _layers as L
+
+
+def nearest_resize(x, size: int):
+  """`F.interpolate(x, (size, size), mode='nearest')` for NHWC `x`.
+
+  Source index `floor(i * in / out)` per axis (PyTorch's legacy 'nearest').
+
+  >>> import jax.numpy as jnp
+  >>> nearest_resize(jnp.arange(4.).reshape(1, 2, 2, 1), 4)[0, :, :, 0]
+  Array([[0., 0., 1., 1.],
+         [0., 0., 1., 1.],
+         [2., 2., 3., 3.],
+         [2., 2., 3., 3.]], dtype=float32)
+  """
+  h, w = x.shape[1], x.shape[2]
+  if h == size and w == size:
+    return x
+  ih = (jnp.arange(size) * h) // size
+  iw = (jnp.arange(size) * w) // size
+  return x[:, ih][:, :, iw]
+
+
+class ABF(nn.Module):
+  """ReviewKD attention-based fusion block.
+
+  `conv1` (1x1, no bias) + BN maps the student feature to `mid` channels; with
+  `fuse`, the residual from the deeper level is nearest-upsampled to `shape`
+  and mixed with the per-pixel weights `sigmoid(att_conv([x, y]))`; the
+  result is resized to `out_shape` and `conv2` (3x3, no bias) + BN maps it to
+  the teacher's channels. Returns `(output, residual)`. Convs use
+  `kaiming_uniform_(a=1)`; `att_conv` (1x1 with bias) PyTorch's default.
+  """
+  mid_channels: int
+  out_channels: int
+  fuse: bool
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, y=None, shape=None, out_shape=None, train=True):
+    x = jnp.asarray(x, jnp.float32)
+    x = L.torch_conv(self.mid_channels, 1, use_bias=False,
+              kernel_init=L.kaiming_uniform_a1, name="conv1")(x)
+    x = L.batch_norm(train, self.axis_name, name="bn1")(x)
+    if self.fuse:
+      if y is None or shape is None:
+        raise ValueError("ABF with fuse=True needs the residual `y` and "
+                         "`shape`.")
+      y = nearest_resize(y, shape)
+      z = jnp.concatenate([x, y], axis=-1)
+      z = nn.sigmoid(L.torch_conv(2, 1, use_bias=True, fan_in=2 * self.mid_channels,
+                           name="att_conv")(z))
+      x = x * z[..., 0:1] + y * z[..., 1:2]
+    if out_shape is not None and x.shape[1] != out_shape:
+      x = nearest_resize(x, out_shape)
+    out = L.torch_conv(self.out_channels, 3, padding=1, use_bias=False,
+                kernel_init=L.kaiming_uniform_a1, name="conv2")(x)
+    out = L.batch_norm(train, self.axis_name, name="bn2")(out)
+    return out, x
 
 
 def _as_map(x):
@@ -43,6 +106,7 @@ def _as_map(x):
   return x
 
 
+@register("reviewkd")
 class ReviewKDDistiller(Distiller):
   """ReviewKD (params: the ABF modules; state: their BN statistics).
 
@@ -55,7 +119,6 @@ class ReviewKDDistiller(Distiller):
     max_mid_channels: 512.
     levels: `hcl_loss` pooling sizes (4, 2, 1).
   """
-  name = "reviewkd"
 
   def __init__(self, *, student_key: str = "stages",
                teacher_key: str = "preact_stages", layers: LayerSpec = "1:",
@@ -83,7 +146,7 @@ class ReviewKDDistiller(Distiller):
     n = len(s_list)
     # mdistiller builds abfs in student order and reverses them; the deepest
     # level (last in student order) has no fusion.
-    return [adapters.ABF(mid, t.shape[-1], fuse=(i < n - 1),
+    return [ABF(mid, t.shape[-1], fuse=(i < n - 1),
                          axis_name=axis_name)
             for i, t in enumerate(t_list)]
 

@@ -2,7 +2,7 @@ r"""VID: variational information distillation with a regressor per layer.
 
 For each selected layer (RepDistiller `feat[1:-1]`, `features['stages'][1:]`):
 the student map is average-pooled to the teacher's size when it is taller,
-mapped by `adapters.VIDRegressor` (three bias-free 1x1 convs, mid width =
+mapped by `VIDRegressor` (three bias-free 1x1 convs, mid width =
 teacher channels) to the predicted mean :math:`\mu`, and scored by
 `kd_jax.losses.vid_loss` with a per-channel raw scale :math:`s` initialized
 to `vid_init_log_scale(init_pred_var)` (:math:`\sigma^2 = 5`). Layers are
@@ -14,26 +14,54 @@ never registered with the optimizer).
 
 References:
   Ahn, Hu, Damianou, Lawrence & Dai, "Variational Information Distillation
-  for Knowledge Transfer", CVPR 2019.
+  for Knowledge Transfer", CVPR 2019. Conventions from RepDistiller
+  (github.com/HobbitLong/RepDistiller, `distiller_zoo/VID.py`) and mdistiller
+  (`distillers/VID.py`).
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.distillers import adapters
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import _apply_module
 from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import register
+from kd_jax.models import _layers as L
 from kd_jax.losses import _common
 
 
+class VIDRegressor(nn.Module):
+  """VID's regressor: 1x1 conv -> ReLU -> 1x1 conv -> ReLU -> 1x1 conv.
+
+  No biases; PyTorch default init (RepDistiller `VIDLoss.regressor`, with
+  `num_mid_channel` = teacher channels in `train_student.py`).
+  """
+  mid_channels: int
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    x = jnp.asarray(x, jnp.float32)
+    c_in = x.shape[-1]
+    x = L.torch_conv(self.mid_channels, 1, use_bias=False, fan_in=c_in,
+              name="conv1")(x)
+    x = nn.relu(x)
+    x = L.torch_conv(self.mid_channels, 1, use_bias=False, fan_in=self.mid_channels,
+              name="conv2")(x)
+    x = nn.relu(x)
+    return L.torch_conv(self.out_channels, 1, use_bias=False,
+                 fan_in=self.mid_channels, name="conv3")(x)
+
+
+@register("vid")
 class VIDDistiller(Distiller):
   """VID (params: regressors and, by default, the raw scales)."""
-  name = "vid"
 
   def __init__(self, *, feature_key: str = "stages", layers: LayerSpec = "1:",
                teacher_layers: LayerSpec = None, init_pred_var: float = 5.0,
@@ -66,7 +94,7 @@ class VIDDistiller(Distiller):
     s0 = losses.vid_init_log_scale(self.init_pred_var, self.eps)
     for i, (s, t) in enumerate(self._pairs(inputs)):
       c = t.shape[-1]
-      p, _ = _init_module(adapters.VIDRegressor(c, c),
+      p, _ = _init_module(VIDRegressor(c, c),
                           jax.random.fold_in(rng, i), s)
       scale = jnp.full((c,), s0, jnp.float32)
       params[f"layer{i}"] = {"regressor": p}
@@ -81,7 +109,7 @@ class VIDDistiller(Distiller):
     for i, (s, t) in enumerate(self._pairs(inputs)):
       c = t.shape[-1]
       p = params[f"layer{i}"]
-      mu, _ = _apply_module(adapters.VIDRegressor(c, c), p["regressor"], {},
+      mu, _ = _apply_module(VIDRegressor(c, c), p["regressor"], {},
                             s, train=inputs.train)
       scale = (p["log_scale"] if self.train_log_scale
                else jax.lax.stop_gradient(state[f"layer{i}"]["log_scale"]))

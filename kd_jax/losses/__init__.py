@@ -3,18 +3,20 @@
 Response-based (`logits`), divergences, feature-based (`features`) and
 relation-based (`relations`). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
+
+`LOGIT_LOSSES` and `FEATURE_LOSSES` are the explicit registries behind the
+short names of `kd_jax.train.Term` (`Term('kd', ...)` is `kd_loss`):
+logit losses are functions `(student_logits, teacher_logits, ...)`, feature
+losses take two feature arrays (or lists of them). Add a loss with
+`register_loss(name, fn, on=...)` (or an entry in the dict).
 """
+
+from typing import Callable, Dict
 
 from kd_jax.losses.divergences import forward_kl
 from kd_jax.losses.divergences import js_divergence
 from kd_jax.losses.divergences import reverse_kl
 from kd_jax.losses.divergences import total_variation
-from kd_jax.losses.logits import dist_loss
-from kd_jax.losses.logits import dkd_loss
-from kd_jax.losses.logits import kd_loss
-from kd_jax.losses.logits import ofa_loss
-from kd_jax.losses.logits import standardize_logits
-# Feature- and relation-based losses (issue 6).
 from kd_jax.losses.features import ab_loss
 from kd_jax.losses.features import at_loss
 from kd_jax.losses.features import attention_map
@@ -28,6 +30,11 @@ from kd_jax.losses.features import ofd_loss
 from kd_jax.losses.features import ofd_margin
 from kd_jax.losses.features import vid_init_log_scale
 from kd_jax.losses.features import vid_loss
+from kd_jax.losses.logits import dist_loss
+from kd_jax.losses.logits import dkd_loss
+from kd_jax.losses.logits import kd_loss
+from kd_jax.losses.logits import ofa_loss
+from kd_jax.losses.logits import standardize_logits
 from kd_jax.losses.relations import cc_loss
 from kd_jax.losses.relations import crd_loss
 from kd_jax.losses.relations import crd_memory_update
@@ -35,3 +42,53 @@ from kd_jax.losses.relations import crd_normalization
 from kd_jax.losses.relations import pkt_loss
 from kd_jax.losses.relations import rkd_loss
 from kd_jax.losses.relations import sp_loss
+
+LOGIT_LOSSES: Dict[str, Callable] = {
+    "kd": kd_loss,
+    "dkd": dkd_loss,
+    "dist": dist_loss,
+    "ofa": ofa_loss,
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "js_divergence": js_divergence,
+    "total_variation": total_variation,
+}
+"""Short name -> loss of `(student_logits, teacher_logits, ...)`."""
+
+FEATURE_LOSSES: Dict[str, Callable] = {
+    "ab": ab_loss,
+    "at": at_loss,
+    "fitnet": fitnet_loss,
+    "fsp": fsp_loss,
+    "ft": ft_loss,
+    "hcl": hcl_loss,
+    "kdsvd": kdsvd_loss,
+    "nst": nst_loss,
+    "ofd": ofd_loss,
+    "vid": vid_loss,
+    "cc": cc_loss,
+    "crd": crd_loss,
+    "pkt": pkt_loss,
+    "rkd": rkd_loss,
+    "sp": sp_loss,
+}
+"""Short name -> loss of two feature arrays (or lists of them)."""
+
+_KINDS = {"logits": LOGIT_LOSSES, "features": FEATURE_LOSSES}
+
+
+def register_loss(name: str, fn: Callable, *, on: str = "logits") -> Callable:
+  """Adds `fn` under `name` to the registry of `on` ('logits'/'features').
+
+  Returns `fn`, so it also works as `register_loss('x', fn)` at definition.
+  """
+  if on not in _KINDS:
+    raise ValueError(f"register_loss: `on` must be one of {sorted(_KINDS)}; "
+                     f"got {on!r}.")
+  if not callable(fn):
+    raise TypeError(f"register_loss: {name!r} must map to a callable.")
+  other = _KINDS[on].get(name)
+  if other is not None and other is not fn:
+    raise ValueError(f"loss name {name!r} is already registered ({on}).")
+  _KINDS[on][name] = fn
+  return fn

@@ -8,7 +8,8 @@ and dtypes at trace time, computes in float32 (bfloat16/float16 inputs are
 upcast), returns a float32 scalar, and treats the teacher as a constant
 (`jax.lax.stop_gradient`). The outer training weights of the references
 (AT x1000, NST x50, OFD x1e-3, ...) are *not* included. Conventions follow
-`../shared/spec/kd_conventions.md` §6-18 (what the published code computes);
+what the published code computes (RepDistiller `distiller_zoo/`, mdistiller
+`distillers/`, the authors' repositories named in each docstring);
 deviations of the code from its paper are noted in each docstring.
 
 Losses of single feature groups take one pair of arrays (the distiller sums

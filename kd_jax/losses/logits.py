@@ -4,8 +4,10 @@ All per-example losses follow optax's convention: logits `[..., K]` give a
 float32 loss of shape `[...]` (any leading dims, e.g. `[B]` or `[B, T]`);
 reduce it yourself -- `jnp.mean` over the batch gives the references'
 "batchmean" value. `dist_loss` is defined over a whole batch and returns a
-scalar. Conventions follow the authors' published code, see
-`shared/spec/kd_conventions.md` §1-5:
+scalar. Conventions follow the authors' published code (Hinton KD as in
+RepDistiller `distiller_zoo/KD.py`; DKD as mdistiller `distillers/DKD.py`;
+DIST as hunto/DIST_KD; OFA as Hao840/OFAKD; logit standardization as
+sunshangquan/logit-standardization-KD), each docstring names its source:
 
 * the teacher is a constant (`stop_gradient` inside);
 * bfloat16/float16 logits are computed in float32 (float64 stays float64 when

@@ -15,8 +15,8 @@ gradient (mean over devices of `n * (local share)` = sum of shares). Under
 Inputs are `[B, ...]` and flattened to `[B, D]`. Computation is float32, the
 teacher is a constant (except CRD's trainable teacher-side embedding) and
 outer training weights (SP x3000, PKT x30000, CRD x0.8, ...) are not
-included. Conventions: `../shared/spec/kd_conventions.md`
-§9-12, §19. Scalars are returned as 0-d arrays (SP and CRD references return
+included. Conventions: RepDistiller's `distiller_zoo/` (SP, PKT, RKD, CC) and
+`crd/` (CRD), as each docstring says. Scalars are returned as 0-d arrays (SP and CRD references return
 shape `[1]`).
 """
 

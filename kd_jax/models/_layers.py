@@ -15,6 +15,8 @@ same function:
   float32 statistics. One difference remains: torch updates `running_var` with
   the unbiased batch variance ($\\times n/(n-1)$, $n = B H W$), Flax with the
   biased one; normalisation itself is identical.
+* `torch_conv`, `torch_conv_transpose`, `torch_default_init`,
+  `kaiming_uniform_a1`: the PyTorch defaults the distillers' adapters use.
 * `linear`: `nn.Linear`'s default init,
   $W, b \\sim \\mathcal{U}(-1/\\sqrt{d_{in}}, 1/\\sqrt{d_{in}})$.
 
@@ -24,6 +26,7 @@ OIHW kernels (`kd_jax.models.convert` transposes).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -63,12 +66,75 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
       name=name)
 
 
-def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,
+def batch_norm(train: bool, axis_name: Optional[str] = None, *,
+               dtype: Dtype = jnp.float32, use_scale: bool = True,
+               use_bias: bool = True,
                name: Optional[str] = None) -> nn.BatchNorm:
-  """`nn.BatchNorm2d` equivalent: momentum 0.1 (torch) = 0.9 (Flax), eps 1e-5."""
+  """`nn.BatchNorm2d` equivalent: momentum 0.1 (torch) = 0.9 (Flax), eps 1e-5.
+
+  `axis_name` (training only) normalizes with statistics over that `pmap`
+  axis (sync BN; the distillers' adapters pass theirs).
+  """
   return nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5,
       dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+      use_scale=use_scale, use_bias=use_bias,
+      axis_name=axis_name if train else None, name=name)
+
+
+def uniform_init(bound: float) -> Callable:
+  """U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def torch_default_init(fan_in: int) -> Callable:
+  """PyTorch's default `Conv2d` / `Linear` init, U(+-1/sqrt(fan_in))."""
+  return uniform_init(1.0 / math.sqrt(fan_in))
+
+
+kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+"""`torch.nn.init.kaiming_uniform_(a=1)`: gain 1, bound sqrt(3 / fan_in)."""
+
+
+def torch_conv(features, kernel, *, stride=1, padding=0, use_bias=True,
+               groups=1, fan_in=None, kernel_init=None, name=None) -> nn.Conv:
+  """`nn.Conv2d` with explicit symmetric padding and PyTorch's default init.
+
+  `fan_in` given: weights and bias U(+-1/sqrt(fan_in)) (torch's default);
+  `kernel_init` overrides the weights' init (bias then 0).
+  """
+  kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+  ph, pw = (padding, padding) if isinstance(padding, int) else padding
+  init = kernel_init or (torch_default_init(fan_in) if fan_in else None)
+  kwargs = {}
+  if init is not None:
+    kwargs["kernel_init"] = init
+  if use_bias:
+    kwargs["bias_init"] = (torch_default_init(fan_in) if fan_in
+                           else nn.initializers.zeros)
+  return nn.Conv(features, (kh, kw), strides=(stride, stride),
+                 padding=((ph, ph), (pw, pw)), use_bias=use_bias,
+                 feature_group_count=groups, param_dtype=jnp.float32,
+                 name=name, **kwargs)
+
+
+def torch_conv_transpose(features, kernel, *, stride, padding, fan_in,
+                         name=None) -> nn.ConvTranspose:
+  """`nn.ConvTranspose2d(kernel, stride, padding)` (output `(H-1)s - 2p + k`).
+
+  Flax's explicit transposed-conv padding is `k - 1 - p` per side, and
+  `transpose_kernel=True` gives PyTorch's gradient-of-conv semantics.
+  PyTorch computes the default init's fan-in of a transposed conv from
+  `weight.size(1) * k * k` = `out * k * k`.
+  """
+  q = kernel - 1 - padding
+  return nn.ConvTranspose(
+      features, (kernel, kernel), strides=(stride, stride),
+      padding=((q, q), (q, q)), transpose_kernel=True, use_bias=True,
+      kernel_init=torch_default_init(fan_in),
+      bias_init=torch_default_init(fan_in), param_dtype=jnp.float32,
       name=name)
 
 

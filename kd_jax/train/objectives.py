@@ -87,61 +87,42 @@ class TermInputs:
   # The (preprocessed) batch dict and the optimizer step: CRD reads the
   # example indices (`batch['index']`) and optional pipeline negatives
   # (`batch['contrast_idx']`); the step makes per-step sampling keys that do
-  # not depend on the device (added for issue 6).
+  # not depend on the device.
   batch: Optional[Mapping[str, Any]] = None
   step: Optional[Array] = None
-
-
-_LOGIT_MODULES = ("kd_jax.losses.logits", "kd_jax.losses.divergences")
-_NOT_LOSSES = ("standardize_logits", "attention_map", "ofd_margin",
-               "vid_init_log_scale", "crd_memory_update", "crd_normalization")
-
-
-def _public_losses():
-  """{short name: fn} for the loss functions exported by `kd_jax.losses`."""
-  out = {}
-  for attr in dir(_losses):
-    fn = getattr(_losses, attr)
-    if attr.startswith("_") or attr in _NOT_LOSSES or not callable(fn):
-      continue
-    if not getattr(fn, "__module__", "").startswith("kd_jax.losses."):
-      continue
-    short = attr[:-len("_loss")] if attr.endswith("_loss") else attr
-    out[short] = fn
-  return out
+  # Extra input views a distiller declared (`Distiller.views`), e.g.
+  # `{'strong': (student_logits, teacher_logits)}` on `batch['image_strong']`.
+  views: Optional[Mapping[str, Any]] = None
 
 
 def available_losses(on: str = "logits") -> Tuple[str, ...]:
-  """Short names usable in a `Term`.
+  """Short names usable in a `Term` (`kd_jax.losses.LOGIT_LOSSES` / ...).
 
-  `on='logits'`: losses of `(student_logits, teacher_logits)`
-  (`kd_jax.losses.logits` / `.divergences`); `on='features'`: every loss of
-  `kd_jax.losses` (for `Term(..., features=key)`).
+  `on='logits'`: losses of `(student_logits, teacher_logits)`;
+  `on='features'`: every registered loss (for `Term(..., features=key)`).
   """
-  losses = _public_losses()
   if on == "logits":
-    return tuple(sorted(k for k, f in losses.items()
-                        if f.__module__ in _LOGIT_MODULES))
-  return tuple(sorted(losses))
+    return tuple(sorted(_losses.LOGIT_LOSSES))
+  return tuple(sorted({**_losses.LOGIT_LOSSES, **_losses.FEATURE_LOSSES}))
 
 
 def resolve_loss(name: str, on: str = "logits") -> Callable:
   """`'kd'` or `'kd_loss'` -> `kd_jax.losses.kd_loss`; clear error otherwise."""
   if not isinstance(name, str):
     raise TypeError(f"loss `name` must be a string; got {type(name).__name__}.")
-  losses = _public_losses()
   short = name[:-len("_loss")] if name.endswith("_loss") else name
+  every = {**_losses.LOGIT_LOSSES, **_losses.FEATURE_LOSSES}
   valid = available_losses(on)
   if short in valid:
-    return losses[short]
-  if short in losses:
+    return every[short]
+  if short in every:
     raise ValueError(
         f"loss {name!r} is not a function of (student_logits, "
         f"teacher_logits); pass `features=<feature key>` to apply it to "
         f"features, or use a distiller. Logit losses: {', '.join(valid)}.")
   raise ValueError(
       f"unknown loss name {name!r}; valid names: {', '.join(valid)} "
-      "(functions of kd_jax.losses).")
+      "(kd_jax.losses.LOGIT_LOSSES / FEATURE_LOSSES).")
 
 
 def _accepts(fn: Callable, arg: str) -> bool:
@@ -315,12 +296,18 @@ class Objective:
       object.__setattr__(self, "teacher_weights", w)
 
   @property
-  def needs_teacher(self) -> bool:
-    return bool(self.terms)
-
-  @property
   def distiller_terms(self) -> Tuple[Term, ...]:
     return tuple(t for t in self.terms if t.is_distiller)
+
+  @property
+  def views(self) -> Tuple[str, ...]:
+    """The extra input views its distillers declare (e.g. `('strong',)`)."""
+    out = []
+    for t in self.distiller_terms:
+      for v in getattr(t.distiller, "views", ()):
+        if v not in out:
+          out.append(v)
+    return tuple(out)
 
   def warmup_factor(self, epoch) -> Array:
     """:math:`\\min(e / E_{warm}, 1)` for 1-based `epoch`; 1 without warm-up."""
@@ -374,7 +361,7 @@ class Objective:
   def __call__(self, student_logits, labels, *, teacher_logits=None,
                student_features=None, teacher_features=None, epoch=None,
                distiller_params=None, distiller_state=None, train=True,
-               rng=None, axis_name=None, batch=None, step=None):
+               rng=None, axis_name=None, batch=None, step=None, views=None):
     s = jnp.asarray(student_logits, jnp.float32)
     if s.ndim != 2:
       raise ValueError(
@@ -434,7 +421,8 @@ class Objective:
             teacher_features=teacher_features, train=train,
             rng=(None if rng is None
                  else jax.random.fold_in(rng, ti)),
-            axis_name=axis_name, epoch=epoch, batch=batch, step=step)
+            axis_name=axis_name, epoch=epoch, batch=batch, step=step,
+            views=views)
         p = (distiller_params or {}).get(t.label)
         st = (distiller_state or {}).get(t.label, {})
         value, st_new = t.distiller(p, st, inputs)

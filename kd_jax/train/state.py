@@ -1,7 +1,7 @@
 """`TrainState`: everything a compiled train/distill step updates.
 
 The optimizer sees one pytree `{'student': params, 'distiller':
-distiller_params}`, so feature-distiller adapters (issue 6) get gradients
+distiller_params}`, so feature-distiller adapters get gradients
 and optimizer updates alongside the student with a single optax
 `GradientTransformation` (use `optax.multi_transform` on those two keys for
 different learning rates). The teacher is *not* part of the state: its

@@ -217,10 +217,48 @@ def teacher_forward(teacher_apply, teacher_variables, x, *,
 # The generic single-student step.
 
 
+STRONG_IMAGE_KEY = "image_strong"
+SUPPORTED_VIEWS = ("strong",)
+
+
+def _student_views(student_apply, trainable, batch_stats, updates, xs, rngs):
+  """Student forward on the strong view, after the weak one (BN statistics
+  continue from the weak forward's, as two train-mode calls in PyTorch)."""
+  stats = updates.get("batch_stats", batch_stats)
+  out = student_apply(student_variables(trainable["student"], stats), xs,
+                      train=True, rngs=rngs)
+  logits, _, upd = _split_student_out(out)
+  return logits, {**updates, **upd}
+
+
+def _split_value_and_grads(loss_fn, trainable, ce_weight):
+  """`{'task', 'distill'}` gradients from one forward (`jax.vjp`).
+
+  task = `ce_weight * CE`, distill = the rest of the objective (the KD
+  terms); the two cotangents reuse the same linearization.
+  """
+  def pair_fn(tr):
+    loss, (aux, updates) = loss_fn(tr)
+    task = ce_weight * aux["metrics"]["ce"]
+    return jnp.stack([task, loss - task]), (aux, updates)
+
+  pair, vjp_fn, (aux, updates) = jax.vjp(pair_fn, trainable, has_aux=True)
+  (g_task,) = vjp_fn(jnp.array([1.0, 0.0], pair.dtype))
+  (g_distill,) = vjp_fn(jnp.array([0.0, 1.0], pair.dtype))
+  return {"task": g_task, "distill": g_distill}, (aux, updates)
+
+
 def _make_step(student_apply, teacher_fn, objective: Objective,
                tx: optax.GradientTransformation, *, axis_name, image_key,
-               label_key, steps_per_epoch, preprocess, rng_streams):
+               label_key, steps_per_epoch, preprocess, rng_streams,
+               split_gradients=False):
   student_apply = as_student_apply(student_apply)
+  views = objective.views
+  unknown = [v for v in views if v not in SUPPORTED_VIEWS]
+  if unknown:
+    raise ValueError(f"distillers declare unsupported input views {unknown}; "
+                     f"supported: {SUPPORTED_VIEWS}.")
+  strong = "strong" in views
   if objective.warmup_epochs and steps_per_epoch is None:
     raise ValueError(
         f"the objective has warmup_epochs={objective.warmup_epochs}; pass "
@@ -241,21 +279,38 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
     rngs = {name: jax.random.fold_in(dkey, i)
             for i, name in enumerate(rng_streams)}
     epoch = _epoch(state.step, steps_per_epoch)
+    if strong:
+      _check_batch(batch, (STRONG_IMAGE_KEY,))
+      xs = batch[STRONG_IMAGE_KEY]
+      ts_logits, _ = teacher_fn(teacher_variables, xs, batch)
+      rngs_strong = {name: jax.random.fold_in(dkey, len(rng_streams) + i)
+                     for i, name in enumerate(rng_streams)}
 
     def loss_fn(trainable):
       variables = student_variables(trainable["student"], state.batch_stats)
       out = student_apply(variables, x, train=True, rngs=rngs)
       logits, feats, updates = _split_student_out(out)
+      view_inputs = None
+      if strong:
+        s_strong, updates = _student_views(student_apply, trainable,
+                                           state.batch_stats, updates, xs,
+                                           rngs_strong)
+        view_inputs = {"strong": (s_strong.astype(jnp.float32), ts_logits)}
       loss, aux = objective(
           logits, labels, teacher_logits=t_logits, student_features=feats,
           teacher_features=t_feats, epoch=epoch,
           distiller_params=trainable["distiller"],
           distiller_state=state.distiller_state, train=True, rng=okey,
-          axis_name=axis_name, batch=batch, step=state.step)
+          axis_name=axis_name, batch=batch, step=state.step,
+          views=view_inputs)
       return loss, (aux, updates)
 
     trainable = state.trainable()
-    grads, (aux, updates) = jax.grad(loss_fn, has_aux=True)(trainable)
+    if split_gradients:
+      grads, (aux, updates) = _split_value_and_grads(
+          loss_fn, trainable, objective.ce_weight)
+    else:
+      grads, (aux, updates) = jax.grad(loss_fn, has_aux=True)(trainable)
     grads = _pmean(grads, axis_name)
     metrics = _pmean(aux["metrics"], axis_name)
     upd, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -282,7 +337,8 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
                       image_key: str = "image", label_key: str = "label",
                       teacher_logits_key: str = "teacher_logits",
                       preprocess: Optional[Callable[[Batch], Batch]] = None,
-                      rng_streams: Sequence[str] = ("dropout",)):
+                      rng_streams: Sequence[str] = ("dropout",),
+                      split_gradients: bool = False):
   """Builds `step(state, teacher_variables, batch) -> (state, metrics)`.
 
   Args:
@@ -304,6 +360,17 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
     image_key, label_key, teacher_logits_key: batch keys.
     preprocess: `batch -> batch`, run inside the compiled program.
     rng_streams: PRNG streams handed to the student (`rngs=`).
+    split_gradients: give `tx` the task and the distillation gradients
+      separately, as `{'task': g_task, 'distill': g_distill}` (task =
+      `ce_weight * CE`, distill = the KD terms; one forward, two
+      cotangents), for optimizers that treat them differently (DOT,
+      `kd_jax.distillers.dot.dot`). The default hands `tx` their sum.
+
+  Distillers that declare `views = ('strong',)` (MLKD) make the step read
+  `batch['image_strong']` as well, run the student (train mode, BatchNorm
+  statistics continuing from the weak forward) and the teacher on it, and
+  hand the distiller `inputs.views['strong'] = (student_logits,
+  teacher_logits)`.
 
   The teacher variables are an argument (not constants baked into the
   program); the teacher runs in inference mode, outside the differentiated
@@ -333,6 +400,10 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
     # (`Term(features=...)`) average over the teachers' features.
     objective = dataclasses.replace(objective, teacher_weights=teacher_weights)
 
+  if teacher_apply is None and objective.views:
+    raise ValueError(
+        f"distillers declaring input views {objective.views} need a teacher "
+        "apply function (precomputed teacher logits exist for one view only).")
   if teacher_apply is None:
     def teacher_fn(teacher_variables, x, batch):
       del teacher_variables, x
@@ -348,7 +419,8 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
   return _make_step(student_apply, teacher_fn, objective, tx,
                     axis_name=axis_name, image_key=image_key,
                     label_key=label_key, steps_per_epoch=steps_per_epoch,
-                    preprocess=preprocess, rng_streams=tuple(rng_streams))
+                    preprocess=preprocess, rng_streams=tuple(rng_streams),
+                    split_gradients=split_gradients)
 
 
 def make_train_step(apply_fn, tx: optax.GradientTransformation, *,
