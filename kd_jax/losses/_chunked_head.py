@@ -1,0 +1,214 @@
+r"""Chunked language-model-head losses with a chunk-by-chunk custom VJP.
+
+The engine behind `kd_jax.losses.tokens.fused_head_divergence` and
+`fused_head_topk_kd`. Tokens arrive flattened and padded to `[n_chunks, C, D]`;
+for every chunk of `C` tokens the student logits `h W + b` (`[C, V]`) are
+formed, a per-token loss of those logits is evaluated and the chunk's logits
+are dropped again, so no `[N, V]` array ever exists.
+
+Gradients (w.r.t. the student hidden states, kernel and bias only; the teacher
+is a constant). With `a_n = d loss_n / d logits_n` and the per-token output
+cotangent `g_n`:
+
+.. math::
+  \partial h_n = g_n\, a_n W^\top, \qquad
+  \partial W = \textstyle\sum_n g_n\, h_n^\top a_n, \qquad
+  \partial b = \textstyle\sum_n g_n\, a_n .
+
+`fwd` already computes `a_n W^T` per token (`[N, D]`, small) and the
+unweighted sums `sum_n h_n^T a_n`, `sum_n a_n` in the same pass as the
+value. `bwd` then multiplies: exact for `dh` always, and exact for `dW`, `db`
+when `g` is the same for every unmasked token (any `mean` or
+`sum(loss * mask) / count` reduction), which `bwd` checks at run time. For a
+non-uniform `g` (e.g. per-sequence normalization) `bwd` falls back to a
+second chunked pass that recomputes the logits (`lax.cond`: only one branch
+runs, except under `vmap`). So a `mean` loss costs the same matmuls as the
+materialized computation, and memory stays `O(C V + D V + N D)`.
+
+The same idea (gradients in the forward pass, chunk by chunk) is Liger-Kernel's
+`LigerFusedLinearJSDLoss` / fused linear cross-entropy (Hsu et al.,
+"Liger Kernel: Efficient Triton Kernels for LLM Training", 2024), which
+returns only a scalar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+from jax.custom_derivatives import SymbolicZero
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLoss:
+  """Static description of a chunked head loss.
+
+  Attributes:
+    loss_fn: `(student_logits [C, V], teacher_chunk, teacher_consts,
+      valid [C]) -> [C]` per-token loss (teacher arguments are pytrees).
+    with_ce: also return the temperature-1 cross-entropy with the labels.
+    dtype: the compute dtype (float32, or float64 under x64).
+  """
+  loss_fn: Callable[..., Any]
+  with_ce: bool
+  dtype: Any
+
+
+def _logits(spec, h, kernel, bias):
+  return jnp.matmul(h, kernel, preferred_element_type=spec.dtype) + bias
+
+
+def _cross_entropy(s, labels, valid):
+  """`logsumexp(s) - s[label]` per row, 0 where not `valid`."""
+  lse = jax.nn.logsumexp(s, axis=-1)
+  s_y = jnp.take_along_axis(s, labels[:, None], axis=-1)[:, 0]
+  return jnp.where(valid, lse - s_y, 0.0)
+
+
+def _chunk_losses(spec, s, tchunk, tconsts, valid, labels):
+  div = spec.loss_fn(s, tchunk, tconsts, valid).astype(spec.dtype)
+  if spec.with_ce:
+    ce = _cross_entropy(s, labels, valid)
+  else:
+    ce = jnp.zeros_like(div)
+  return div, ce
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def head_losses(spec, hidden, kernel, bias, tchunks, tconsts, valid, labels):
+  """`(loss [n, C], ce [n, C])` of `hidden [n, C, D] @ kernel [D, V] + bias`.
+
+  `tchunks` (leaves `[n, C, ...]`) are scanned with the tokens, `tconsts`
+  are closed over; both are constants. `labels` `[n, C]` int32 (ignored
+  unless `spec.with_ce`); `valid` `[n, C]` bool.
+  """
+  def body(xs):
+    h, tch, v, y = xs
+    s = _logits(spec, h, kernel, bias)
+    return _chunk_losses(spec, s, tch, tconsts, v, y)
+  return jax.lax.map(body, (hidden, tchunks, valid, labels))
+
+
+def _unit_grads(spec, s, tch, tconsts, v, y):
+  """Values and `[m, C, V]` per-row gradients of the m = 1 or 2 outputs."""
+  fn = lambda s_: _chunk_losses(spec, s_, tch, tconsts, v, y)
+  (div, ce), vjp = jax.vjp(fn, s)
+  ones = jnp.ones_like(div)
+  zeros = jnp.zeros_like(div)
+  grads = [vjp((ones, zeros))[0]]
+  if spec.with_ce:
+    grads.append(vjp((zeros, ones))[0])
+  return div, ce, jnp.stack(grads)
+
+
+def _head_fwd(spec, hidden, kernel, bias, tchunks, tconsts, valid, labels):
+  need_h, need_k, need_b = hidden.perturbed, kernel.perturbed, bias.perturbed
+  hidden, kernel, bias = hidden.value, kernel.value, bias.value
+  tchunks, tconsts = jax.tree.map(lambda p: p.value, (tchunks, tconsts))
+  valid, labels = valid.value, labels.value
+  m = 2 if spec.with_ce else 1
+  d, vocab = kernel.shape
+
+  def body(carry, xs):
+    dk, db = carry
+    h, tch, v, y = xs
+    s = _logits(spec, h, kernel, bias)
+    div, ce, a = _unit_grads(spec, s, tch, tconsts, v, y)  # a: [m, C, V]
+    dh0 = (jnp.einsum("mcv,dv->mcd", a, kernel.astype(spec.dtype))
+           if need_h else None)
+    if need_k:
+      dk = dk + jnp.einsum("cd,mcv->mdv", h.astype(spec.dtype), a)
+    if need_b:
+      db = db + jnp.sum(a, axis=1)
+    return (dk, db), (div, ce, dh0)
+
+  init = (jnp.zeros((m, d, vocab), spec.dtype) if need_k else None,
+          jnp.zeros((m, vocab), spec.dtype) if need_b else None)
+  (dk0, db0), (div, ce, dh0) = jax.lax.scan(
+      body, init, (hidden, tchunks, valid, labels))
+  res = (hidden, kernel, bias, tchunks, tconsts, valid, labels, dh0, dk0, db0)
+  return (div, ce), res
+
+
+def _uniform_scale(g, valid):
+  """(is g constant over the valid tokens, that constant or 0)."""
+  big = jnp.asarray(np.inf, g.dtype)
+  hi = jnp.max(jnp.where(valid, g, -big))
+  lo = jnp.min(jnp.where(valid, g, big))
+  any_valid = jnp.any(valid)
+  return (hi == lo) | ~any_valid, jnp.where(any_valid, hi, 0.0)
+
+
+def _recompute_param_grads(spec, res, gs, need_k, need_b):
+  """Second chunked pass: `sum_n g_n h_n^T a_n`, `sum_n g_n a_n`."""
+  hidden, kernel, bias, tchunks, tconsts, valid, labels = res[:7]
+
+  def body(carry, xs):
+    dk, db = carry
+    h, tch, v, y, g = xs
+    s = _logits(spec, h, kernel, bias)
+    fn = lambda s_: _chunk_losses(spec, s_, tch, tconsts, v, y)
+    _, vjp = jax.vjp(fn, s)
+    a = vjp((g[0], g[1]))[0]
+    if need_k:
+      dk = dk + jnp.einsum("cd,cv->dv", h.astype(spec.dtype), a)
+    if need_b:
+      db = db + jnp.sum(a, axis=0)
+    return (dk, db), None
+
+  d, vocab = kernel.shape
+  init = (jnp.zeros((d, vocab), spec.dtype) if need_k else None,
+          jnp.zeros((vocab,), spec.dtype) if need_b else None)
+  (dk, db), _ = jax.lax.scan(
+      body, init, (hidden, tchunks, valid, labels, jnp.stack(gs, axis=1)))
+  return dk, db
+
+
+def _head_bwd(spec, res, cts):
+  hidden, kernel, bias = res[:3]
+  valid = res[5]
+  dh0, dk0, db0 = res[7:]
+  gs = [jnp.zeros(valid.shape, spec.dtype) if isinstance(g, SymbolicZero)
+        else g.astype(spec.dtype) for g in cts]
+  m = 2 if spec.with_ce else 1
+  g_m = jnp.stack(gs[:m], axis=1)  # [n, m, C]
+  d_hidden = None
+  if dh0 is not None:
+    d_hidden = jnp.einsum("nmc,nmcd->ncd", g_m, dh0).astype(hidden.dtype)
+  need_k, need_b = dk0 is not None, db0 is not None
+  d_kernel = d_bias = None
+  if need_k or need_b:
+    checks = [_uniform_scale(g, valid) for g in gs[:m]]
+    uniform = functools.reduce(jnp.logical_and, [c[0] for c in checks])
+    scales = jnp.stack([c[1] for c in checks])
+
+    def fast(_):
+      return (jnp.einsum("m,mdv->dv", scales, dk0) if need_k else None,
+              jnp.einsum("m,mv->v", scales, db0) if need_b else None)
+
+    def slow(_):
+      return _recompute_param_grads(spec, res, gs, need_k, need_b)
+
+    d_kernel, d_bias = jax.lax.cond(uniform, fast, slow, None)
+    if need_k:
+      d_kernel = d_kernel.astype(kernel.dtype)
+    if need_b:
+      d_bias = d_bias.astype(bias.dtype)
+  return (d_hidden, d_kernel, d_bias, None, None, None, None)
+
+
+head_losses.defvjp(_head_fwd, _head_bwd, symbolic_zeros=True)
+
+
+def chunk_tokens(x, n_tokens, chunk, fill=0):
+  """`[N, ...]` -> `[ceil(N / chunk), chunk, ...]`, padded with `fill`."""
+  n_chunks = -(-n_tokens // chunk)
+  pad = n_chunks * chunk - n_tokens
+  if pad:
+    widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
+    x = jnp.pad(x, widths, constant_values=fill)
+  return x.reshape((n_chunks, chunk) + x.shape[1:])
