@@ -58,6 +58,37 @@ class HeadLoss:
   dtype: Any
 
 
+def _varying_axes(x):
+  """The shard_map axes `x` varies over (empty outside shard_map)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def _varying_zeros(shape, dtype, *refs):
+  """Zeros that vary over the same shard_map axes as `refs`.
+
+  A scan carry inside `shard_map` must have the same varying-manual-axes
+  type as the values accumulated into it.
+  """
+  axes = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs)))
+  z = jnp.zeros(shape, dtype)
+  return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
+def _like_primal(ct, primal):
+  """Sums a cotangent over the shard_map axes its primal is invariant over.
+
+  (What autodiff does for a replicated input: the transpose of the implicit
+  broadcast to "varying" is a `psum`.)
+  """
+  extra = _varying_axes(ct) - _varying_axes(primal)
+  ct = jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+  return ct.astype(primal.dtype)
+
+
 def _logits(spec, h, kernel, bias):
   return jnp.matmul(h, kernel, preferred_element_type=spec.dtype) + bias
 
@@ -126,8 +157,9 @@ def _head_fwd(spec, hidden, kernel, bias, tchunks, tconsts, valid, labels):
       db = db + jnp.sum(a, axis=1)
     return (dk, db), (div, ce, dh0)
 
-  init = (jnp.zeros((m, d, vocab), spec.dtype) if need_k else None,
-          jnp.zeros((m, vocab), spec.dtype) if need_b else None)
+  refs = (hidden, kernel, bias, tchunks, tconsts, valid, labels)
+  init = (_varying_zeros((m, d, vocab), spec.dtype, refs) if need_k else None,
+          _varying_zeros((m, vocab), spec.dtype, refs) if need_b else None)
   (dk0, db0), (div, ce, dh0) = jax.lax.scan(
       body, init, (hidden, tchunks, valid, labels))
   res = (hidden, kernel, bias, tchunks, tconsts, valid, labels, dh0, dk0, db0)
@@ -161,8 +193,9 @@ def _recompute_param_grads(spec, res, gs, need_k, need_b):
     return (dk, db), None
 
   d, vocab = kernel.shape
-  init = (jnp.zeros((d, vocab), spec.dtype) if need_k else None,
-          jnp.zeros((vocab,), spec.dtype) if need_b else None)
+  refs = (res[:7], gs)
+  init = (_varying_zeros((d, vocab), spec.dtype, refs) if need_k else None,
+          _varying_zeros((vocab,), spec.dtype, refs) if need_b else None)
   (dk, db), _ = jax.lax.scan(
       body, init, (hidden, tchunks, valid, labels, jnp.stack(gs, axis=1)))
   return dk, db
@@ -178,7 +211,7 @@ def _head_bwd(spec, res, cts):
   g_m = jnp.stack(gs[:m], axis=1)  # [n, m, C]
   d_hidden = None
   if dh0 is not None:
-    d_hidden = jnp.einsum("nmc,nmcd->ncd", g_m, dh0).astype(hidden.dtype)
+    d_hidden = _like_primal(jnp.einsum("nmc,nmcd->ncd", g_m, dh0), hidden)
   need_k, need_b = dk0 is not None, db0 is not None
   d_kernel = d_bias = None
   if need_k or need_b:
@@ -195,9 +228,9 @@ def _head_bwd(spec, res, cts):
 
     d_kernel, d_bias = jax.lax.cond(uniform, fast, slow, None)
     if need_k:
-      d_kernel = d_kernel.astype(kernel.dtype)
+      d_kernel = _like_primal(d_kernel, kernel)
     if need_b:
-      d_bias = d_bias.astype(bias.dtype)
+      d_bias = _like_primal(d_bias, bias)
   return (d_hidden, d_kernel, d_bias, None, None, None, None)
 
 
