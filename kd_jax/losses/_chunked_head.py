@@ -124,16 +124,17 @@ def head_losses(spec, hidden, kernel, bias, tchunks, tconsts, valid, labels):
   return jax.lax.map(body, (hidden, tchunks, valid, labels))
 
 
-def _unit_grads(spec, s, tch, tconsts, v, y):
-  """Values and `[m, C, V]` per-row gradients of the m = 1 or 2 outputs."""
-  fn = lambda s_: _chunk_losses(spec, s_, tch, tconsts, v, y)
-  (div, ce), vjp = jax.vjp(fn, s)
-  ones = jnp.ones_like(div)
-  zeros = jnp.zeros_like(div)
-  grads = [vjp((ones, zeros))[0]]
-  if spec.with_ce:
-    grads.append(vjp((zeros, ones))[0])
-  return div, ce, jnp.stack(grads)
+def _chunk_vjps(spec, s, tch, tconsts, v, y):
+  """`(div, ce, vjps)`: values and the VJP of each of the m = 1 or 2 outputs.
+
+  Separate VJPs, so that pulling back one output does no work for the other.
+  """
+  div, vjp_div = jax.vjp(
+      lambda s_: spec.loss_fn(s_, tch, tconsts, v).astype(spec.dtype), s)
+  if not spec.with_ce:
+    return div, jnp.zeros_like(div), (vjp_div,)
+  ce, vjp_ce = jax.vjp(lambda s_: _cross_entropy(s_, y, v), s)
+  return div, ce, (vjp_div, vjp_ce)
 
 
 def _head_fwd(spec, hidden, kernel, bias, tchunks, tconsts, valid, labels):
@@ -143,23 +144,26 @@ def _head_fwd(spec, hidden, kernel, bias, tchunks, tconsts, valid, labels):
   valid, labels = valid.value, labels.value
   m = 2 if spec.with_ce else 1
   d, vocab = kernel.shape
+  kernel_c = kernel.astype(spec.dtype)
 
   def body(carry, xs):
     dk, db = carry
     h, tch, v, y = xs
     s = _logits(spec, h, kernel, bias)
-    div, ce, a = _unit_grads(spec, s, tch, tconsts, v, y)  # a: [m, C, V]
-    dh0 = (jnp.einsum("mcv,dv->mcd", a, kernel.astype(spec.dtype))
-           if need_h else None)
+    div, ce, vjps = _chunk_vjps(spec, s, tch, tconsts, v, y)
+    # a_i = d out_i / d logits per row (unit cotangent), [C, V] each.
+    a = [vjp(jnp.ones_like(div))[0] for vjp in vjps]
+    dh0 = jnp.stack([ai @ kernel_c.T for ai in a]) if need_h else None
     if need_k:
-      dk = dk + jnp.einsum("cd,mcv->mdv", h.astype(spec.dtype), a)
+      dk = tuple(k + h.astype(spec.dtype).T @ ai for k, ai in zip(dk, a))
     if need_b:
-      db = db + jnp.sum(a, axis=1)
+      db = tuple(b + jnp.sum(ai, axis=0) for b, ai in zip(db, a))
     return (dk, db), (div, ce, dh0)
 
   refs = (hidden, kernel, bias, tchunks, tconsts, valid, labels)
-  init = (_varying_zeros((m, d, vocab), spec.dtype, refs) if need_k else None,
-          _varying_zeros((m, vocab), spec.dtype, refs) if need_b else None)
+  zeros = lambda *shape: _varying_zeros(shape, spec.dtype, refs)
+  init = (tuple(zeros(d, vocab) for _ in range(m)) if need_k else None,
+          tuple(zeros(vocab) for _ in range(m)) if need_b else None)
   (dk0, db0), (div, ce, dh0) = jax.lax.scan(
       body, init, (hidden, tchunks, valid, labels))
   res = (hidden, kernel, bias, tchunks, tconsts, valid, labels, dh0, dk0, db0)
@@ -183,9 +187,8 @@ def _recompute_param_grads(spec, res, gs, need_k, need_b):
     dk, db = carry
     h, tch, v, y, g = xs
     s = _logits(spec, h, kernel, bias)
-    fn = lambda s_: _chunk_losses(spec, s_, tch, tconsts, v, y)
-    _, vjp = jax.vjp(fn, s)
-    a = vjp((g[0], g[1]))[0]
+    _, _, vjps = _chunk_vjps(spec, s, tch, tconsts, v, y)
+    a = sum(vjp(gi)[0] for vjp, gi in zip(vjps, g))
     if need_k:
       dk = dk + jnp.einsum("cd,cv->dv", h.astype(spec.dtype), a)
     if need_b:
@@ -220,8 +223,9 @@ def _head_bwd(spec, res, cts):
     scales = jnp.stack([c[1] for c in checks])
 
     def fast(_):
-      return (jnp.einsum("m,mdv->dv", scales, dk0) if need_k else None,
-              jnp.einsum("m,mv->v", scales, db0) if need_b else None)
+      combine = lambda parts: sum(scales[i] * x for i, x in enumerate(parts))
+      return (combine(dk0) if need_k else None,
+              combine(db0) if need_b else None)
 
     def slow(_):
       return _recompute_param_grads(spec, res, gs, need_k, need_b)
