@@ -282,6 +282,21 @@ def test_fused_grad_w_r_t_one_argument_only():
   assert np.all(np.asarray(g_t) == 0)
 
 
+def test_fused_under_vmap_matches_leading_dims():
+  """vmap over a batch axis (cond becomes select: both gradient branches)."""
+  x = heads(27, (3, 6), 4, 5, 10)
+  wts = np.arange(6.0)
+  f = lambda h, t, w: losses.fused_head_divergence(h, w, t, x["wt"],
+                                                   chunk_size=4)
+  vf = jax.vmap(f, in_axes=(0, 0, None))
+  for weights in (1.0, wts):  # uniform and per-token cotangents
+    g_v = jax.jit(jax.grad(lambda w: jnp.sum(weights * vf(
+        x["hs"], x["ht"], w))))(x["ws"])
+    g_1 = jax.jit(jax.grad(lambda w: jnp.sum(weights * f(
+        x["hs"], x["ht"], w))))(x["ws"])
+    np.testing.assert_allclose(g_v, g_1, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # Data-parallel: jit over sharded tokens and shard_map (each device its tokens).
 # ---------------------------------------------------------------------------
