@@ -412,7 +412,8 @@ def token_torch_fns(chunk_size: int, w: float):
 
   fns = {"torch eager materialized": eager}
   try:
-    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
   except ImportError as e:
     print(f"# Liger-Kernel not importable here ({e}); skipped")
     return fns
