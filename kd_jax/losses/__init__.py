@@ -1,7 +1,8 @@
 """Distillation losses: pure functions of arrays.
 
-Response-based (`logits`), divergences, feature-based (`features`) and
-relation-based (`relations`). Every function validates shapes/dtypes at trace
+Response-based (`logits`), divergences, feature-based (`features`),
+relation-based (`relations`) and token-level losses for language models
+(`tokens`: fused LM-head divergences in bounded memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
 `LOGIT_LOSSES` and `FEATURE_LOSSES` are the explicit registries behind the
@@ -42,6 +43,10 @@ from kd_jax.losses.relations import crd_normalization
 from kd_jax.losses.relations import pkt_loss
 from kd_jax.losses.relations import rkd_loss
 from kd_jax.losses.relations import sp_loss
+# Token-level losses for language models (fused LM heads, sparse teachers).
+from kd_jax.losses.tokens import fused_head_divergence
+from kd_jax.losses.tokens import fused_head_topk_kd
+from kd_jax.losses.tokens import topk_kd_loss
 
 LOGIT_LOSSES: Dict[str, Callable] = {
     "kd": kd_loss,
