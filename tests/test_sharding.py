@@ -342,3 +342,80 @@ def test_errors_before_compiling():
   with pytest.raises(ValueError, match=r"dimension 6 of .*not divisible by "
                      "mesh axes fsdp of size 4"):
     par.shard_teacher({"kernel": np.zeros((6, 8))}, [("kernel", ("fsdp",))])
+
+
+# ---------------------------------------------------------------------------
+# Sharded checkpoints.
+
+
+def mlp_state_and_teacher():
+  from kd_jax import models
+  x = np.zeros((8, 28, 28, 1), np.float32)
+  s = models.create("mlp_student", num_classes=10)
+  t = models.create("mlp_teacher", num_classes=10)
+  tx = optax.adam(1e-3)
+  sv = jax.device_get(s.init(jax.random.key(1), x))
+  rs = np.random.RandomState(5)
+  state = train.create_train_state(sv, tx, rng=jax.random.key(2))
+  # Non-trivial optimizer moments, so restored values are distinguishable.
+  state = state.replace(opt_state=jax.tree.map(
+      lambda a: (rs.randn(*a.shape).astype(a.dtype)
+                 if np.issubdtype(a.dtype, np.floating) else a),
+      jax.device_get(state.opt_state)))
+  tv = jax.device_get(t.init(jax.random.key(0), x))
+  return state, tv, t, x
+
+
+def test_sharded_checkpoint_restores_onto_another_mesh(tmp_path):
+  from kd_jax.train import checkpoints as C
+  state, _, _, _ = mlp_state_and_teacher()
+  host = flat(jax.device_get(state.replace(rng=jax.random.key_data(
+      state.rng))))
+  fsdp8 = S.MeshParallel({"fsdp": 8})
+  devs4 = jax.devices()[:4]
+  rep4 = S.MeshParallel({"data": 4}, devices=devs4)  # sub-mesh, replicated
+  sharded = fsdp8.shard_state(state)
+  assert n_sharded(sharded.params) > 0 and n_sharded(sharded.opt_state) > 0
+  with C.CheckpointManager(tmp_path / "a", async_save=False) as m:
+    m.save(1, sharded, force=True)
+    # FSDP over 8 -> replicated over 4 other devices.
+    target = S.abstract_with_shardings(state, rep4.state_shardings(state))
+    r = m.restore(target)
+  got = r.state
+  for x in jax.tree.leaves(got):
+    assert set(x.sharding.device_set) == set(devs4)
+    assert x.sharding.is_fully_replicated
+  flat_got = flat(jax.device_get(got.replace(
+      rng=jax.random.key_data(got.rng))))
+  for k, v in host.items():
+    np.testing.assert_array_equal(flat_got[k], v, err_msg=k)
+  # ... and back: replicated on 4 -> FSDP over 8.
+  with C.CheckpointManager(tmp_path / "b", async_save=False) as m:
+    m.save(2, got, force=True)
+    r = m.restore(S.abstract_with_shardings(
+        state, fsdp8.state_shardings(state)))
+  assert (jax.tree.map(lambda x: x.sharding, r.state) ==
+          jax.tree.map(lambda x: x.sharding, sharded))
+  back = flat(jax.device_get(r.state.replace(
+      rng=jax.random.key_data(r.state.rng))))
+  for k, v in host.items():
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_teacher_restored_directly_into_fsdp_shards(tmp_path):
+  from kd_jax.train import checkpoints as C
+  _, tv, t, x = mlp_state_and_teacher()
+  C.save_variables(str(tmp_path / "teacher"), tv)
+  par = S.MeshParallel({"data": 2, "fsdp": 4})
+  expected = jax.eval_shape(lambda: t.init(jax.random.key(0), x))
+  shardings = par.teacher_shardings(expected, "fsdp")
+  got = C.load_teacher_variables(str(tmp_path / "teacher"), expected,
+                                 sharding=shardings)
+  k = got["params"]["Dense_0"]["kernel"]
+  assert k.sharding.spec == jax.P(("data", "fsdp"))
+  assert {s.data.shape for s in k.addressable_shards} == {
+      (k.shape[0] // 8, k.shape[1])}
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(tv)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  rep = S.memory_report({}, got)
+  assert rep["teacher_bytes_per_device"] < rep["teacher_bytes_total"] / 7.5
