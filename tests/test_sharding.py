@@ -30,6 +30,17 @@ SMALL = (8, 8, 16, 16)
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1)]
 
 
+def cases(meshes, shardings, fast):
+  """(mesh, teacher sharding) params; all but the `fast` ones are `slow`."""
+  out = []
+  for sh in shardings:
+    for m in meshes:
+      marks = () if (m, sh) in fast else (pytest.mark.slow,)
+      out.append(pytest.param(m, sh, marks=marks,
+                              id=f"{sh}-{'x'.join(map(str, m))}"))
+  return out
+
+
 def spec_dict(m):
   return dict(zip(S.MESH_AXES, m))
 
@@ -183,8 +194,8 @@ def n_sharded(tree):
 # Mesh equivalence.
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-@pytest.mark.parametrize("teacher_sharding", ["replicated", "fsdp"])
+@pytest.mark.parametrize("mesh,teacher_sharding", cases(
+    MESHES, ["replicated", "fsdp"], fast=[((2, 4, 1), "fsdp")]))
 def test_resnet56_to_resnet20_kd_same_on_every_mesh(mesh, teacher_sharding):
   err, state, tvs = check_equal("kd", mesh, teacher_sharding,
                                 multi=mesh != (2, 4, 1))
@@ -194,19 +205,18 @@ def test_resnet56_to_resnet20_kd_same_on_every_mesh(mesh, teacher_sharding):
   print(f"kd mesh={mesh} teacher={teacher_sharding}: max |diff| {err:.2e}")
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: "x".join(map(str, m)))
-@pytest.mark.parametrize("teacher_sharding", ["replicated", "fsdp"])
+@pytest.mark.parametrize("mesh,teacher_sharding", cases(
+    MESHES, ["replicated", "fsdp"], fast=[((1, 8, 1), "fsdp")]))
 def test_rkd_global_batch_relations_same_on_every_mesh(mesh,
                                                        teacher_sharding):
   err, _, _ = check_equal("rkd", mesh, teacher_sharding)
   print(f"rkd mesh={mesh} teacher={teacher_sharding}: max |diff| {err:.2e}")
 
 
-@pytest.mark.parametrize("mesh", MESHES + [(2, 2, 2)], ids=lambda m: "x".join(map(str, m)))
-@pytest.mark.parametrize("teacher_sharding", ["replicated", "fsdp", "tensor"])
+@pytest.mark.parametrize("mesh,teacher_sharding", cases(
+    MESHES + [(2, 2, 2)], ["replicated", "fsdp"], fast=[]) + cases(
+        [(2, 2, 2)], ["tensor"], fast=[((2, 2, 2), "tensor")]))
 def test_ofa_vit_to_resnet_same_on_every_mesh(mesh, teacher_sharding):
-  if teacher_sharding == "tensor" and mesh[2] == 1:
-    pytest.skip("tensor sharding needs a tensor axis")
   err, _, tvs = check_equal("ofa", mesh, teacher_sharding)
   if teacher_sharding == "tensor":
     specs = {S.path_str(p): x.sharding.spec
@@ -219,6 +229,7 @@ def test_ofa_vit_to_resnet_same_on_every_mesh(mesh, teacher_sharding):
   print(f"ofa mesh={mesh} teacher={teacher_sharding}: max |diff| {err:.2e}")
 
 
+@pytest.mark.slow
 def test_vit_student_tensor_parallel_same_as_single_device():
   err, state, _ = check_equal("vit", (2, 2, 2), "tensor")
   spec = state.params["blocks_0"]["mlp"]["fc1"]["kernel"].sharding.spec
@@ -229,11 +240,13 @@ def test_vit_student_tensor_parallel_same_as_single_device():
   print(f"vit (2,2,2) student tensor: max |diff| {err:.2e}")
 
 
+@pytest.mark.slow
 def test_adam_drift_is_reported_not_asserted_tightly():
   """Adam divides by sqrt(v) + eps: near-zero gradients make its updates
-  sensitive to the reduction order of each mesh, so the drift from the
-  single-device run is printed (and only bounded loosely)."""
-  _, student_ref = None, None
+  sensitive to the reduction order of each mesh (a rounding-level gradient
+  can flip the sign of a +-lr step), so the drift from the single-device
+  run is printed and only bounded by Adam's largest possible difference,
+  ~2 lr per step."""
   student, teacher, obj, _, tv, _, d = problem("kd")
   tx = make_tx("adam")
   step = jax.jit(train.make_distill_step(student, teacher, obj, tx))
@@ -245,7 +258,10 @@ def test_adam_drift_is_reported_not_asserted_tightly():
   got = flat(jax.device_get(st.params))
   drift = max(float(np.max(np.abs(got[k] - ref[k]))) for k in ref)
   print(f"adam drift (2,4,1) vs 1 device after {STEPS} steps: {drift:.2e}")
-  assert drift < 1e-3
+  frac = np.mean(np.concatenate([np.abs(got[k] - ref[k]).ravel() > 1e-5
+                                  for k in ref]))
+  print(f"  fraction of weights off by > 1e-5: {frac:.2%}")
+  assert drift <= 2 * 1e-3 * STEPS * 1.01
 
 
 # ---------------------------------------------------------------------------
