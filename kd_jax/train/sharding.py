@@ -597,10 +597,9 @@ class MeshParallel:
     bsh = self.batch_sharding(stacked)
     cache = {}
 
-    def shardings_of(tree):
+    def shardings_of(tree):  # arrays, or ShapeDtypeStructs with shardings
       return jax.tree.map(
-          lambda x: x.sharding if isinstance(x, jax.Array) else self.replicated,
-          tree)
+          lambda x: getattr(x, "sharding", None) or self.replicated, tree)
 
     def build(args):
       in_sh = tuple(shardings_of(a) for a in args[:-1]) + (
