@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -133,6 +134,35 @@ def abstract_setup(student, teacher, a, par, strategy):
   return state, tv, batch, step
 
 
+def gather_schedule(compiled):
+  """What XLA does with an FSDP teacher: in the scheduled ENTRY computation
+  of the optimized HLO, the all-gathers and the compute ops (convolution /
+  dot, fused or not) in program order. Returns (all-gathers, number of
+  separate runs of consecutive all-gathers, longest run): runs ~ layers
+  means weights are gathered layer by layer next to their use; one long run
+  means the whole teacher is gathered up front."""
+  txt = compiled.as_text()
+  i = txt.find("\nENTRY")
+  entry = txt[i:txt.find("\n}\n", i)] if i >= 0 else ""
+  # Fusion bodies are listed before ENTRY: which of them compute.
+  computes = set(re.findall(
+      r"\n(?:%)?([\w.\-]+) [^\n]*\{[^}]*?(?:convolution|dot)\(", txt))
+  seq = []
+  for line in entry.split("\n")[1:]:
+    m = re.search(r"= \S+ ([\w\-]+)\(", line)
+    if not m:
+      continue
+    op = m.group(1)
+    if op in ("all-gather", "all-gather-start"):
+      seq.append("G")
+    elif op in ("convolution", "dot") or (
+        op == "fusion" and any(f"calls=%{c}" in line or f"calls={c}" in line
+                               for c in computes)):
+      seq.append("C")
+  runs = [r for r in "".join(seq).split("C") if r]
+  return seq.count("G"), len(runs), max((len(r) for r in runs), default=0)
+
+
 def bytes_per_device(tree):
   """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
   total = 0
@@ -167,7 +197,8 @@ def measure(name, a):
     args = (zeros(state), zeros(tv), zeros(batch))
     rep = S.memory_report(args[0], args[1], compiled)
     rows.append(dict(pair=name, strategy=strategy, mesh=mesh,
-                     compile_s=compile_s, peak=peak(mem), times=[], **rep))
+                     compile_s=compile_s, peak=peak(mem), times=[],
+                     gathers=gather_schedule(compiled), **rep))
     runs.append((compiled, args))
   for r, (compiled, args) in zip(rows, runs):  # warm-up
     jax.block_until_ready(compiled(*args))
@@ -186,7 +217,7 @@ def mib(n):
 def print_table(rows):
   print(f"{'pair':5} {'strategy':10} {'mesh':28} {'state/dev':>9} "
         f"{'teacher/dev':>11} {'teacher':>8} {'temp':>8} {'peak/dev':>8} "
-        f"{'step ms':>8}  (MiB)")
+        f"{'step ms':>8} {'all-gathers (runs, longest)':>28}  (MiB)")
   for r in rows:
     mesh = str(r["mesh"])
     print(f"{r['pair']:5} {r['strategy']:10} {mesh:28} "
@@ -194,7 +225,8 @@ def print_table(rows):
           f"{mib(r['teacher_bytes_per_device']):>11} "
           f"{mib(r['teacher_bytes_total']):>8} {mib(r['step_temp_bytes']):>8} "
           f"{mib(r['peak']):>8} "
-          f"{1e3 * statistics.median(r['times']):8.1f}")
+          f"{1e3 * statistics.median(r['times']):8.1f} "
+          f"{'%d (%d, %d)' % r['gathers']:>28}")
 
 
 def family(name, a):
