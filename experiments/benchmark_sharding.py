@@ -1,7 +1,7 @@
 r"""Teacher sharding benchmark: per-device bytes and step time per strategy.
 
     python -m experiments.benchmark_sharding [--pairs cnn,vit] [--rounds 3]
-        [--batch 16] [--res 32] [--cnn_teacher resnet50] [--budget_mib 64]
+        [--batch 16] [--res 32] [--cnn_teacher resnet50] [--budget_mib 256]
         [--fake_devices 8]
 
 For each model pair -- a large ImageNet-style CNN teacher (`resnet50`, or
@@ -51,7 +51,9 @@ def _parse():
   p.add_argument("--res", type=int, default=32)
   p.add_argument("--cnn_teacher", default="resnet50",
                  choices=("resnet34", "resnet50", "resnet101", "resnet152"))
-  p.add_argument("--budget_mib", type=float, default=64.0)
+  p.add_argument("--budget_mib", type=float, default=256.0)
+  p.add_argument("--cnn_family", default="resnet34,resnet50,resnet101",
+                 help="teachers tried for the budget (add resnet152)")
   p.add_argument("--fake_devices", type=int, default=8)
   p.add_argument("--no_budget", action="store_true")
   return p.parse_args()
@@ -231,8 +233,7 @@ def print_table(rows):
 
 def family(name, a):
   if name == "cnn":
-    return [(n, cnn(n, a.res)) for n in ("resnet34", "resnet50", "resnet101",
-                                          "resnet152")]
+    return [(n, cnn(n, a.res)) for n in a.cnn_family.split(",")]
   return [(f"vit-w{w}-d12", vit_model(w, 12, a.res))
           for w in (192, 384, 768, 1024, 1280)]
 

@@ -109,7 +109,7 @@ def make_mesh(spec: Optional[Mapping[str, int]] = None,
   device order follows the physical topology (`mesh_utils`); `'tensor'`
   varies fastest, so tensor groups are neighbours.
 
-  >>> make_mesh({"data": 1}, jax.devices()[:1]).shape
+  >>> dict(make_mesh({"data": 1}, jax.devices()[:1]).shape)
   {'data': 1, 'fsdp': 1, 'tensor': 1}
   """
   devices = list(devices) if devices is not None else jax.devices()
