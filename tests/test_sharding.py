@@ -481,3 +481,20 @@ def test_sigkill_resume_on_a_sharded_mesh(tmp_path):
       assert "saved 3" not in log and "saved 4" in log, log[-2000:]
   for k in outs[1].files:
     np.testing.assert_array_equal(outs[0][k], outs[1][k], err_msg=k)
+
+
+def test_init_state_is_born_sharded():
+  state, _, _, _ = mlp_state_and_teacher()
+  par = S.MeshParallel({"fsdp": 8})
+  sv = {"params": jax.device_get(state.params)}
+  built = par.init_state(
+      lambda v: train.create_train_state(v, optax.adam(1e-3),
+                                         rng=jax.random.key(2)), sv)
+  ref = par.shard_state(train.create_train_state(sv, optax.adam(1e-3),
+                                                 rng=jax.random.key(2)))
+  assert (jax.tree.map(lambda x: x.sharding, built) ==
+          jax.tree.map(lambda x: x.sharding, ref))
+  assert n_sharded(built.params) > 0 and n_sharded(built.opt_state) > 0
+  for a, b in zip(jax.tree.leaves(flat(jax.device_get(built.params))),
+                  jax.tree.leaves(flat(sv["params"]))):
+    np.testing.assert_array_equal(a, b)
