@@ -35,6 +35,16 @@ Features, as OFA-KD's ``forward_features(requires_feat=True)``:
 * ``embed``: the tokens entering block 0 (patch embedding + class token +
   position embedding), ``[B, N + 1, D]``.
 
+Tensor parallelism: with ``logical_axes=True`` the Linear layers of every
+block carry logical axis names (``nn.with_logical_partitioning``; ``init`` then
+returns ``nn.LogicallyPartitioned`` boxes, unbox them with ``nn.meta.unbox``):
+``fc1`` ``('embed', 'mlp')`` and ``fc2`` ``('mlp', 'embed')`` (Megatron column /
+row split of the MLP hidden), ``proj`` ``('heads', 'embed')`` (row split by
+heads; its input axis is ordered (head, head_dim)) and the fused ``qkv``
+``('embed', 'qkv')``. The computation and the parameter paths are the same
+either way; `kd_jax.train.sharding.logical_axis_names` reads the names and
+the engine's rules map them to mesh axes.
+
 There is no BatchNorm, so ``train`` only matters with ``drop_path_rate > 0``
 (stochastic depth, needs a ``'dropout'`` rng). ``dtype`` is the compute dtype;
 parameters are float32; LayerNorm statistics and the attention softmax are
@@ -77,10 +87,18 @@ OFA_STAGE_BLOCKS = (1, 3, 9, 11)
 _LN_EPS = 1e-6
 
 
-def _dense(features, dtype, name):
+def _dense(features, dtype, name, names=None):
+  """timm Linear; `names` = logical axes `(in, out)` of the kernel, if any."""
+  kinit, binit = nn.initializers.normal(0.02), nn.initializers.zeros
+  if names is not None:
+    kinit = nn.with_logical_partitioning(kinit, names)
+    binit = nn.with_logical_partitioning(binit, names[1:])
   return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(0.02),
-                  bias_init=nn.initializers.zeros, name=name)
+                  kernel_init=kinit, bias_init=binit, name=name)
+
+
+def _names(logical_axes, *names):
+  return tuple(names) if logical_axes else None
 
 
 def _layer_norm(dtype, name):
@@ -92,29 +110,36 @@ class Attention(nn.Module):
   """timm multi-head self-attention (fused ``qkv`` Linear, then ``proj``)."""
   num_heads: int
   dtype: Any = jnp.float32
+  logical_axes: bool = False
 
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
     hd = d // self.num_heads
-    qkv = _dense(3 * d, self.dtype, "qkv")(x)
+    qkv = _dense(3 * d, self.dtype, "qkv",
+                 _names(self.logical_axes, "embed", "qkv"))(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, hd]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", attn.astype(self.dtype), v)
-    return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+    return _dense(d, self.dtype, "proj",
+                  _names(self.logical_axes, "heads", "embed"))(
+                      out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
   hidden: int
   dtype: Any = jnp.float32
+  logical_axes: bool = False
 
   @nn.compact
   def __call__(self, x):
-    h = _dense(self.hidden, self.dtype, "fc1")(x)
+    h = _dense(self.hidden, self.dtype, "fc1",
+               _names(self.logical_axes, "embed", "mlp"))(x)
     h = nn.gelu(h, approximate=False)
-    return _dense(x.shape[-1], self.dtype, "fc2")(h)
+    return _dense(x.shape[-1], self.dtype, "fc2",
+                  _names(self.logical_axes, "mlp", "embed"))(h)
 
 
 def _drop_path(x, rate, deterministic, rng_fn):
@@ -133,15 +158,16 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  logical_axes: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     rng = lambda: self.make_rng("dropout")  # noqa: E731
-    h = Attention(self.num_heads, self.dtype, name="attn")(
+    h = Attention(self.num_heads, self.dtype, self.logical_axes, name="attn")(
         _layer_norm(self.dtype, "norm1")(x))
     x = x + _drop_path(h, self.drop_path, not train, rng)
-    h = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
-        _layer_norm(self.dtype, "norm2")(x))
+    h = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.logical_axes,
+            name="mlp")(_layer_norm(self.dtype, "norm2")(x))
     return x + _drop_path(h, self.drop_path, not train, rng)
 
 
@@ -156,6 +182,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   num_classes: int = 1000
   dtype: Any = jnp.float32
+  logical_axes: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -182,7 +209,7 @@ class VisionTransformer(nn.Module):
     for i in range(self.depth):
       dp = self.drop_path_rate * i / max(self.depth - 1, 1)  # linspace(0, r)
       h = Block(self.num_heads, self.mlp_ratio, dp, self.dtype,
-                name=f"blocks_{i}")(h, train)
+                self.logical_axes, name=f"blocks_{i}")(h, train)
       stages.append(h)
     h = _layer_norm(self.dtype, "norm")(h)
     pooled = h[:, 0]

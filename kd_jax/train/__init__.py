@@ -33,6 +33,13 @@ API summary (details in each module's docstring and `docs/engine.md`)::
   state, metrics = fn(state, tv, dp.shard_batch(local_chunk, stacked=True))
   dp.fetch(metrics)
 
+  # N-D mesh ('data', 'fsdp', 'tensor'), FSDP / tensor rules, sharded
+  # teacher, memory report (docs/parallelism.md):
+  par = train.MeshParallel({"data": 2, "fsdp": 4})
+  state, tv = par.shard_state(state), par.shard_teacher(tv, "fsdp")
+  run = par.compile(multi, stacked=True)
+  report = train.memory_report(state, tv, run.lower(state, tv, b).compile())
+
 Metrics of train/distill steps: `ce`, one per KD term label, `loss`, `top1`,
 `kd_factor` (float32 scalars; `pmean`-ed under pmap).
 """
@@ -43,6 +50,13 @@ from kd_jax.train.objectives import TermInputs
 from kd_jax.train.objectives import available_losses
 from kd_jax.train.objectives import resolve_loss
 from kd_jax.train.parallel import DataParallel
+from kd_jax.train.sharding import MeshParallel
+from kd_jax.train.sharding import ShardingRules
+from kd_jax.train.sharding import logical_axis_names
+from kd_jax.train.sharding import make_mesh
+from kd_jax.train.sharding import memory_report
+from kd_jax.train.sharding import memory_summary
+from kd_jax.train.sharding import teacher_rules
 from kd_jax.train.state import TrainState
 from kd_jax.train.state import create_train_state
 from kd_jax.train.state import student_variables

@@ -120,6 +120,31 @@ def _abstract(template: PyTree) -> PyTree:
   return jax.tree.map(f, template)
 
 
+def restore_target(abstract: PyTree, sharding=None) -> PyTree:
+  """`ShapeDtypeStruct`s with shardings: the target of an Orbax restore.
+
+  `sharding`: None (keep each leaf's own sharding, else the first device),
+  one `Sharding` for every leaf, or a pytree of shardings like `abstract`.
+  Orbax restores each array directly into its sharding (each process reads
+  only the slices of its devices).
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype,
+            sharding=sharding or getattr(x, "sharding", None) or default),
+        abstract)
+  try:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, sharding)
+  except ValueError as e:
+    raise ValueError("`sharding` must be one Sharding or a pytree of "
+                     "shardings with the structure of the variables; "
+                     f"{e}") from None
+
+
 def _tree_metadata(item_dir: str) -> PyTree:
   meta = ocp.PyTreeCheckpointer().metadata(item_dir)
   meta = getattr(meta, "item_metadata", meta)
@@ -393,7 +418,13 @@ def load_teacher_variables(path: str, expected_variables: PyTree, *,
       top-level collections (e.g. `params`, `batch_stats`) are what is read;
       other entries of a train-state checkpoint (optimizer, RNG) are skipped.
     step: step to read from a run dir (default latest).
-    sharding: where to put the arrays (default: the default device).
+    sharding: where to put the arrays: one `jax.sharding.Sharding` for all,
+      or a pytree of shardings with the structure of `expected_variables`
+      (e.g. `MeshParallel.teacher_shardings(...)`: every process then reads
+      only the shards its devices hold, and no device or host ever holds
+      the whole teacher). Default: the shardings carried by
+      `expected_variables` (`jax.ShapeDtypeStruct(..., sharding=...)` or
+      arrays), else the first device.
 
   Returns:
     Variables with the structure/dtypes of `expected_variables`.
@@ -434,11 +465,7 @@ def load_teacher_variables(path: str, expected_variables: PyTree, *,
         f"{sorted(found)}.")
   check_tree_matches(abstract, {c: found[c] for c in collections},
                      what=f"teacher checkpoint {item!r}")
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding
-                                     or jax.sharding.SingleDeviceSharding(
-                                         jax.devices()[0])),
-      dict(abstract))
+  target = restore_target(dict(abstract), sharding)
   try:
     restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
         item=target,
