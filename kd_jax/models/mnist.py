@@ -7,6 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models import _layers as L
+
 
 def _check_input(x, expected_hw, name):
   if x.ndim != 4 or tuple(x.shape[1:3]) != expected_hw:
@@ -62,7 +64,7 @@ class SmallCNN(nn.Module):
       z = nn.Conv(ch, (5, 5), padding="SAME", dtype=self.dtype)(h)
       preacts.append(z)
       h = nn.relu(z)
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = L.max_pool_nonoverlapping(h, 2)  # = nn.max_pool((2, 2), (2, 2))
       stages.append(h)
     h = h.reshape((h.shape[0], -1))
     z = nn.Dense(512, dtype=self.dtype)(h)
