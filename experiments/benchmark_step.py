@@ -39,7 +39,10 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
-import jax
+from kd_jax import xla_flags  # before JAX starts a backend
+FLAGS_APPLIED = xla_flags.use_fast_cpu_flags()  # KD_JAX_FAST_CPU_FLAGS=0: off
+
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -310,7 +313,9 @@ def main(argv=None):
   args = ap.parse_args(argv)
   print(f"Machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; JAX {jax.__version__} on "
-        f"{jax.devices()[0].platform} ({len(jax.devices())} device(s)).")
+        f"{jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (kd_jax added "
+        f"{FLAGS_APPLIED['added']}).")
   if not args.skip_steps:
     pairs = [p for p in args.pairs.split(",") if p]
     for p in pairs:
