@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models import _canonical_conv
+
 Dtype = Any
 
 kaiming_normal_fan_out = nn.initializers.variance_scaling(
@@ -60,7 +62,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
       padding=((padding, padding), (padding, padding)), use_bias=use_bias,
       feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=kernel_init, bias_init=nn.initializers.zeros,
-      name=name)
+      conv_general_dilated=_canonical_conv.conv_general_dilated, name=name)
 
 
 def batch_norm(train: bool, *, dtype: Dtype = jnp.float32,

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models import _canonical_conv
 from kd_jax.models import _layers as L
 
 
@@ -61,7 +62,8 @@ class SmallCNN(nn.Module):
     h = x.astype(self.dtype)
     stages, preacts = [], []
     for ch in (32, 64):
-      z = nn.Conv(ch, (5, 5), padding="SAME", dtype=self.dtype)(h)
+      z = nn.Conv(ch, (5, 5), padding="SAME", dtype=self.dtype,
+                  conv_general_dilated=_canonical_conv.conv_general_dilated)(h)
       preacts.append(z)
       h = nn.relu(z)
       h = L.max_pool_nonoverlapping(h, 2)  # = nn.max_pool((2, 2), (2, 2))
