@@ -147,8 +147,8 @@ def part1(pairs: List[str], rounds: int, scan: int, conv_rounds: int,
   print(f"\n## (c) distillation step vs (a) teacher forward + (b) student "
         f"train step\n\nMedian of {rounds} ({conv_rounds} for conv nets) "
         f"interleaved rounds after warm-up; 'scan' = {scan} steps per "
-        "compiled call (time per step; MLP pairs only unless --scan-convs: "
-        "XLA:CPU runs convolutions inside a scan loop many times slower).\n")
+        "compiled call (time per step; MLP pairs only unless --scan-convs, "
+        "to keep the default run short).\n")
   print("| pair | mode | (a) teacher fwd ms | (b) student step ms | "
         "(c) distill step ms | (c)/((a)+(b)) | distill examples/s | "
         "target <= 1.10 |")
