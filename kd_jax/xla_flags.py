@@ -14,8 +14,9 @@ What it sets (`FAST_CPU_FLAGS`):
   convolutions are slow at the small batches of CIFAR/MNIST training (the
   weight gradient of a 5x5 32->64 convolution at batch 64: 35.7 ms vs 11.8 ms
   on XLA's Eigen path). This flag keeps YNNPACK for dots only; convolutions
-  take the Eigen path. Measured 1.5x on the MNIST CNN train step and
-  1.3-1.6x on CIFAR ResNet distillation steps (docs/performance.md; the same
+  take the Eigen path. Measured 1.25-1.6x on the MNIST CNN train step; no
+  measurable change on the CIFAR ResNet distillation step on the 2-core VM
+  of docs/performance.md (an earlier idle profile saw 1.5x there; the same
   finding upstream: https://github.com/jax-ml/jax/issues/37465). Results
   change only by float rounding (a different convolution algorithm).
 
