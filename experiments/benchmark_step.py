@@ -2,6 +2,14 @@ r"""Step benchmark: is distillation more than running both networks?
 
     python -m experiments.benchmark_step [--pairs mnist_mlp,cifar_r32x4_r8x4]
         [--rounds 30] [--scan 32] [--torch] [--epochs 5]
+    python -m experiments.benchmark_step --suite=accelerator [--batch 256]
+        [--accel-pairs imagenet_r34_r18] [--peak-tflops 989]
+
+`--suite=accelerator`: examples/s and model-FLOPs utilization (XLA's cost
+analysis FLOPs of the compiled distillation step / time / the device's peak
+from `PEAK_TFLOPS`, or `--peak-tflops`) of CIFAR ResNet pairs, ResNet-34 ->
+ResNet-18 and ResNet-50 -> ViT-Tiny/16 at 224x224, float32 and bfloat16,
+on whatever backend JAX finds (one device).
 
 Part 1 -- per model pair, the median time after warm-up (jitted, rounds
 interleaved a/b/c so that load on a shared machine hits all three alike) of
@@ -39,7 +47,10 @@ import tempfile
 import time
 from typing import Callable, Dict, List
 
-import jax
+from kd_jax import xla_flags  # before JAX starts a backend
+FLAGS_APPLIED = xla_flags.use_fast_cpu_flags()  # KD_JAX_FAST_CPU_FLAGS=0: off
+
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -136,8 +147,8 @@ def part1(pairs: List[str], rounds: int, scan: int, conv_rounds: int,
   print(f"\n## (c) distillation step vs (a) teacher forward + (b) student "
         f"train step\n\nMedian of {rounds} ({conv_rounds} for conv nets) "
         f"interleaved rounds after warm-up; 'scan' = {scan} steps per "
-        "compiled call (time per step; MLP pairs only unless --scan-convs: "
-        "XLA:CPU runs convolutions inside a scan loop many times slower).\n")
+        "compiled call (time per step; MLP pairs only unless --scan-convs, "
+        "to keep the default run short).\n")
   print("| pair | mode | (a) teacher fwd ms | (b) student step ms | "
         "(c) distill step ms | (c)/((a)+(b)) | distill examples/s | "
         "target <= 1.10 |")
@@ -286,6 +297,110 @@ def part2(epochs: int, repeats: int, torch_threads: int = 0):
   return j_eps / t_eps
 
 
+# ---------------------------------------------------------------------------
+# --suite=accelerator: examples/s and MFU of the distillation step.
+
+# name -> (teacher, student, num_classes, input shape, default batch)
+ACCEL_PAIRS = {
+    "cifar_r56_r20": ("resnet56", "resnet20", 100, (32, 32, 3), 256),
+    "cifar_r32x4_r8x4": ("resnet32x4", "resnet8x4", 100, (32, 32, 3), 256),
+    "imagenet_r34_r18": ("resnet34", "resnet18", 1000, (224, 224, 3), 256),
+    # OFA's cross-architecture pair: ResNet-50 teacher, DeiT-Tiny student.
+    "imagenet_r50_vit_tiny": ("resnet50", "vit_tiny_patch16_224", 1000,
+                              (224, 224, 3), 256),
+}
+
+# Dense peak TFLOP/s per device kind (vendor data sheets), by compute dtype.
+# float32 on NVIDIA: XLA's default matmul precision uses TF32 tensor cores.
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.0},   # SXM; H200 same chip
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "L4": {"bfloat16": 121.0, "float32": 60.0},
+    "V100": {"bfloat16": 125.0, "float32": 15.7},     # fp16 tensor cores
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0, "float32": 918.0},
+}
+
+
+def device_peak_tflops(device, dtype: str, override: float = 0.0):
+  """Peak TFLOP/s of `device` for `dtype` (None if unknown, e.g. CPUs)."""
+  if override:
+    return override
+  kind = getattr(device, "device_kind", "")
+  for key, peaks in PEAK_TFLOPS.items():
+    if key.lower() in kind.lower():
+      return peaks[dtype]
+  return None
+
+
+def _xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _accel_cell(pair: str, dtype: str, batch: int, steps_n: int):
+  """(seconds per step, XLA flops per step) of one distillation step."""
+  tname, sname, k, shape, _ = ACCEL_PAIRS[pair]
+  dt = jnp.dtype(dtype)
+  teacher = models.create(tname, num_classes=k, dtype=dt)
+  student = models.create(sname, num_classes=k, dtype=dt)
+  x0 = jnp.zeros((1,) + shape)
+  tv = jax.jit(lambda: teacher.init({"params": jax.random.key(1)}, x0,
+                                    train=False))()
+  sv = jax.jit(lambda: student.init({"params": jax.random.key(2)}, x0,
+                                    train=False))()
+  tx = optax.sgd(0.05, momentum=0.9)
+  objective = objectives.Objective(ce_weight=0.1, terms=(
+      objectives.Term("kd", 0.9, temperature=4.0),))
+  step = jax.jit(steps.make_distill_step(student, teacher, objective, tx),
+                 donate_argnums=0)
+  state = state_lib.create_train_state(sv, tx, rng=jax.random.key(3))
+  rng = np.random.default_rng(0)
+  batch_ = {"image": jnp.asarray(rng.normal(size=(batch,) + shape),
+                                 jnp.float32),
+            "label": jnp.asarray(rng.integers(0, k, size=(batch,)),
+                                 jnp.int32)}
+  compiled = step.lower(state, tv, batch_).compile()
+  flops = _xla_flops(compiled)
+  for _ in range(2):
+    state, _ = _block(compiled(state, tv, batch_))
+  times = []
+  for _ in range(steps_n):
+    t0 = time.perf_counter()
+    state, _ = _block(compiled(state, tv, batch_))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), flops
+
+
+def accelerator_suite(pairs: List[str], dtypes: List[str], batch: int,
+                      steps_n: int, peak_override: float):
+  dev = jax.devices()[0]
+  print(f"\n## Distillation step on {dev.platform} ({dev.device_kind}), "
+        f"{len(jax.devices())} device(s); one device used; median of "
+        f"{steps_n} steps after 2 warm-up steps; FLOPs from XLA's cost "
+        "analysis of the compiled step (teacher forward + student forward "
+        "and backward + update); MFU = FLOPs / time / peak.\n")
+  print("| pair | dtype | batch | ms/step | examples/s | GFLOP/step | "
+        "TFLOP/s | peak TFLOP/s | MFU |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for p in pairs:
+    b = batch or ACCEL_PAIRS[p][4]
+    for dtype in dtypes:
+      sec, flops = _accel_cell(p, dtype, b, steps_n)
+      peak = device_peak_tflops(dev, dtype, peak_override)
+      achieved = flops / sec / 1e12
+      mfu = f"{100 * achieved / peak:.1f}%" if peak else "n/a"
+      print(f"| {p} | {dtype} | {b} | {sec * 1e3:.1f} | {b / sec:,.0f} | "
+            f"{flops / 1e9:.1f} | {achieved:.2f} | "
+            f"{peak if peak else 'unknown'} | {mfu} |", flush=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--pairs", default=DEFAULT_PAIRS,
@@ -307,10 +422,36 @@ def main(argv=None):
                        "intra-op threads can slow down by 10x or more.")
   ap.add_argument("--skip-steps", action="store_true",
                   help="skip part 1")
+  ap.add_argument("--suite", default="cpu", choices=["cpu", "accelerator"],
+                  help="accelerator: examples/s and MFU of the distill step "
+                  "for --accel-pairs in float32 and bfloat16")
+  ap.add_argument("--accel-pairs", default=",".join(ACCEL_PAIRS),
+                  help=f"comma-separated, from {', '.join(ACCEL_PAIRS)}")
+  ap.add_argument("--accel-dtypes", default="float32,bfloat16")
+  ap.add_argument("--batch", type=int, default=0,
+                  help="accelerator suite batch (0: per pair, 256)")
+  ap.add_argument("--steps", type=int, default=20,
+                  help="timed steps per accelerator cell")
+  ap.add_argument("--peak-tflops", type=float, default=0.0,
+                  help="device peak TFLOP/s for MFU (default: from a table "
+                  "of known devices; CPUs have none)")
   args = ap.parse_args(argv)
   print(f"Machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; JAX {jax.__version__} on "
-        f"{jax.devices()[0].platform} ({len(jax.devices())} device(s)).")
+        f"{jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} (kd_jax added "
+        f"{FLAGS_APPLIED['added']}).")
+  if args.suite == "accelerator":
+    pairs = [p for p in args.accel_pairs.split(",") if p]
+    for p in pairs:
+      if p not in ACCEL_PAIRS:
+        ap.error(f"unknown pair {p!r}; choose from {', '.join(ACCEL_PAIRS)}")
+    dtypes = [d for d in args.accel_dtypes.split(",") if d]
+    for d in dtypes:
+      if d not in ("float32", "bfloat16"):
+        ap.error(f"--accel-dtypes: {d!r} is not float32 or bfloat16")
+    accelerator_suite(pairs, dtypes, args.batch, args.steps, args.peak_tflops)
+    return
   if not args.skip_steps:
     pairs = [p for p in args.pairs.split(",") if p]
     for p in pairs:

@@ -45,6 +45,9 @@ import importlib.util
 import os
 import sys
 
+from kd_jax import xla_flags  # before JAX starts a backend: see its doc
+xla_flags.use_fast_cpu_flags()
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -507,3 +507,14 @@ def test_errors():
     losses.hcl_loss([x4], [jnp.ones((2, 2, 2, 3))])
   with pytest.raises(ValueError, match="`bn_scale` and `bn_bias` must have the same shape"):
     losses.ofd_margin(jnp.ones(3), jnp.ones(2))
+
+
+@pytest.mark.parametrize("ss,ts", [((2, 2, 2, 12), (2, 2, 2, 12)),
+                                   ((2, 2, 2, 10), (2, 4, 4, 16))])
+def test_nst_few_positions_many_channels(ss, ts):
+  # H*W small next to C: the loss takes its P x P Gram path.
+  s, t = randn(*ss), randn(*ts)
+  np.testing.assert_allclose(jv(losses.nst_loss, f32(s), f32(t)),
+                             np_nst(s, t), rtol=1e-4, atol=1e-6)
+  check(lambda x: losses.nst_loss(x, f32(t)), lambda x: np_nst(x, t), s,
+        atol=1e-6)

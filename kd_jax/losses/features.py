@@ -204,7 +204,18 @@ def at_loss(student_feat, teacher_feat, *, p=2):
 # ---------------------------------------------------------------------- NST --
 
 def _poly_kernel_mean(a, b):
-  # a: [B, HW, Ca], b: [B, HW, Cb] (unit vectors over HW per channel).
+  r"""mean over b, i, j of (a_{b,:,i} . b_{b,:,j})^2 for a [B, P, Ca], b [B, P, Cb].
+
+  With G = A^T B, ||G||_F^2 = sum_{pq} (A A^T)_{pq} (B B^T)_{pq}: when the
+  spatial size P is small next to the channels (late CNN stages: P = 64,
+  C = 256) the two P x P Grams cost P^2 (Ca + Cb) instead of P Ca Cb.
+  """
+  n, hw, ca = a.shape
+  cb = b.shape[-1]
+  if hw * (ca + cb) < ca * cb:
+    ga = jnp.einsum("bpi,bqi->bpq", a, a)
+    gb = jnp.einsum("bpj,bqj->bpq", b, b)
+    return jnp.sum(ga * gb) / (n * ca * cb)
   g = jnp.einsum("bpi,bpj->bij", a, b)
   return jnp.mean(g * g)
 

@@ -169,8 +169,23 @@ def _normalized_pdist(e, squared):
 
 
 def _angles(e):
-  v = _common.l2_normalize(e[None, :, :] - e[:, None, :], axis=-1)  # v[i, j]
-  return jnp.einsum("ijd,ikd->ijk", v, v)
+  r"""`a[i, j, k] = <v_ij, v_ik>`, `v_ij = L2N(e_j - e_i)`, via one B x B Gram.
+
+  $(e_j - e_i) \cdot (e_k - e_i) = G_{jk} - G_{ij} - G_{ik} + G_{ii}$ with
+  $G = e e^\top$ of the batch-centred embeddings (angles are translation
+  invariant; centring keeps the cancellation small): a `[B, B] x D` product
+  instead of the `[B, B, D] x [B, D, B]` batched one. The norms
+  $\lVert e_j - e_i \rVert$ come from the differences themselves, so a
+  duplicate row gives exactly the reference's zero vector (angle 0).
+  """
+  e = e - jnp.mean(e, axis=0, keepdims=True)
+  g = e @ e.T
+  num = (g[None, :, :] - g[:, :, None] - g[:, None, :]
+         + jnp.diagonal(g)[:, None, None])
+  n = _common.safe_norm(e[None, :, :] - e[:, None, :], axis=-1)  # n[i, j]
+  # torch F.normalize: x / max(|x|, 1e-12); the zero vector stays 0.
+  inv = jnp.where(n > 0, 1.0 / jnp.maximum(n, 1e-12), 0.0)
+  return num * inv[:, :, None] * inv[:, None, :]
 
 
 def _smooth_l1(x):

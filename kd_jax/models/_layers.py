@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models import _canonical_conv
+
 Dtype = Any
 
 kaiming_normal_fan_out = nn.initializers.variance_scaling(
@@ -63,7 +65,7 @@ def conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0,
       padding=((padding, padding), (padding, padding)), use_bias=use_bias,
       feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=kernel_init, bias_init=nn.initializers.zeros,
-      name=name)
+      conv_general_dilated=_canonical_conv.conv_general_dilated, name=name)
 
 
 def batch_norm(train: bool, axis_name: Optional[str] = None, *,
@@ -179,3 +181,46 @@ def check_image_input(x, model: str, *, hw: Optional[Sequence[int]] = None,
 def global_avg_pool(x):
   """Mean over H, W (accumulated in float32), NHWC -> [B, C] in x's dtype."""
   return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def max_pool_nonoverlapping(x, window: int = 2):
+  r"""`nn.max_pool(x, (k, k), strides=(k, k))` (VALID) as a reshape and a max.
+
+  For a `[..., H, W, C]` input and window $k$ the output is
+  $y_{i j c} = \max_{0 \le a, b < k} x_{k i + a,\, k j + b,\, c}$ for
+  $i < \lfloor H/k \rfloor$, $j < \lfloor W/k \rfloor$ (trailing rows / columns
+  that do not fill a window are dropped, as with VALID padding). The pooled
+  axes are split into `[H/k, k]`, `[W/k, k]` and reduced with `jnp.max`.
+
+  Forward values equal `nn.max_pool`'s exactly. Gradients are equal wherever
+  the maximum of a window is unique (at ties `jnp.max` splits the cotangent
+  evenly among the tied inputs, `nn.max_pool` gives it all to one of them).
+  Why: XLA lowers the gradient of a `reduce_window` max into index arrays, an
+  argmax and a scatter (`select_and_scatter`), which on CPU costs about a
+  quarter of a small CNN's train step; the gradient of a plain reduction is
+  one compare-and-select fusion.
+
+  Args:
+    x: `[..., H, W, C]` array (at least 3-D), H, W >= `window`.
+    window: k, the window size and stride of both spatial axes.
+
+  Returns:
+    `[..., H // k, W // k, C]` array of x's dtype.
+  """
+  k = int(window)
+  if k < 1:
+    raise ValueError(f"max_pool_nonoverlapping: window must be >= 1; got "
+                     f"{window}.")
+  shape = tuple(getattr(x, "shape", ()))
+  if len(shape) < 3 or shape[-3] < k or shape[-2] < k:
+    raise ValueError(
+        f"max_pool_nonoverlapping expects `x` of shape [..., H, W, C] with H, "
+        f"W >= window={k}; got {shape}.")
+  *lead, h, w, c = shape
+  ho, wo = h // k, w // k
+  if k == 1:
+    return x
+  x = x[..., :ho * k, :wo * k, :]
+  x = x.reshape(tuple(lead) + (ho, k, wo, k, c))
+  n = len(lead)
+  return jnp.max(x, axis=(n + 1, n + 3))

@@ -7,6 +7,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models import _canonical_conv
+from kd_jax.models import _layers as L
+
 
 def _check_input(x, expected_hw, name):
   if x.ndim != 4 or tuple(x.shape[1:3]) != expected_hw:
@@ -59,10 +62,11 @@ class SmallCNN(nn.Module):
     h = x.astype(self.dtype)
     stages, preacts = [], []
     for ch in (32, 64):
-      z = nn.Conv(ch, (5, 5), padding="SAME", dtype=self.dtype)(h)
+      z = nn.Conv(ch, (5, 5), padding="SAME", dtype=self.dtype,
+                  conv_general_dilated=_canonical_conv.conv_general_dilated)(h)
       preacts.append(z)
       h = nn.relu(z)
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = L.max_pool_nonoverlapping(h, 2)  # = nn.max_pool((2, 2), (2, 2))
       stages.append(h)
     h = h.reshape((h.shape[0], -1))
     z = nn.Dense(512, dtype=self.dtype)(h)

@@ -79,7 +79,7 @@ class VGG(nn.Module):
     stages, preacts = [], []
     for b, widths in enumerate(self.cfg):
       if b in (1, 2, 3):  # pool0, pool1, pool2 (pool3 only for 64x64 input)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = L.max_pool_nonoverlapping(x, 2)  # = nn.max_pool((2, 2), (2, 2))
       for j, width in enumerate(widths):
         if j > 0:
           x = nn.relu(x)

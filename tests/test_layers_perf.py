@@ -1,0 +1,74 @@
+"""Fast layer formulations vs float64 NumPy and the Flax/XLA originals."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax.models import _layers as L
+
+
+def _np_max_pool(x, k):
+  """float64 NumPy k x k / stride k VALID max pool and its argmax one-hots."""
+  *lead, h, w, c = x.shape
+  ho, wo = h // k, w // k
+  win = x[..., :ho * k, :wo * k, :].reshape(tuple(lead) + (ho, k, wo, k, c))
+  win = np.moveaxis(win, -4, -3).reshape(tuple(lead) + (ho, wo, k * k, c))
+  y = win.max(axis=-2)
+  onehot = (win == y[..., None, :]).astype(np.float64)
+  return y, onehot
+
+
+def _np_max_pool_grad(x, k, g):
+  """d sum(g * pool(x)) / dx for windows with a unique max (float64)."""
+  *lead, h, w, c = x.shape
+  ho, wo = h // k, w // k
+  _, onehot = _np_max_pool(x, k)
+  dwin = onehot * g[..., None, :]                     # [..., ho, wo, k*k, c]
+  dwin = dwin.reshape(tuple(lead) + (ho, wo, k, k, c))
+  dwin = np.moveaxis(dwin, -3, -4).reshape(tuple(lead) + (ho * k, wo * k, c))
+  dx = np.zeros_like(x)
+  dx[..., :ho * k, :wo * k, :] = dwin
+  return dx
+
+
+@pytest.mark.parametrize("shape,k", [
+    ((2, 28, 28, 3), 2), ((3, 7, 9, 4), 2), ((2, 9, 12, 5), 3),
+    ((4, 6, 5, 2), 1), ((2, 3, 8, 8, 3), 2)])
+def test_max_pool_nonoverlapping_matches_numpy_and_flax(shape, k):
+  rng = np.random.default_rng(sum(shape) + k)
+  # A random permutation: every window's maximum is unique.
+  x64 = rng.permutation(np.prod(shape)).reshape(shape).astype(np.float64)
+  x64 = x64 / x64.size - 0.5
+  g64 = rng.standard_normal(_np_max_pool(x64, k)[0].shape)
+  x, g = jnp.asarray(x64, jnp.float32), jnp.asarray(g64, jnp.float32)
+
+  y = L.max_pool_nonoverlapping(x, k)
+  y_flax = nn.max_pool(x, (k, k), strides=(k, k), padding="VALID")
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_flax))
+  np.testing.assert_allclose(np.asarray(y), _np_max_pool(x64, k)[0],
+                             rtol=1e-6)
+
+  grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * g))(x)
+  dx = grad(lambda v: L.max_pool_nonoverlapping(v, k))
+  dx_flax = grad(lambda v: nn.max_pool(v, (k, k), strides=(k, k)))
+  np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_flax))
+  np.testing.assert_allclose(np.asarray(dx), _np_max_pool_grad(x64, k, g64),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_max_pool_nonoverlapping_bfloat16_and_jit():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4), jnp.bfloat16)
+  y = jax.jit(L.max_pool_nonoverlapping, static_argnums=1)(x, 2)
+  assert y.dtype == jnp.bfloat16 and y.shape == (2, 4, 4, 4)
+  np.testing.assert_array_equal(
+      np.asarray(y, np.float32),
+      np.asarray(nn.max_pool(x, (2, 2), strides=(2, 2)), np.float32))
+
+
+@pytest.mark.parametrize("shape,k", [((2, 1, 8, 3), 2), ((8, 3), 2),
+                                     ((2, 8, 8, 3), 0)])
+def test_max_pool_nonoverlapping_rejects_bad_input(shape, k):
+  with pytest.raises(ValueError, match="max_pool_nonoverlapping"):
+    L.max_pool_nonoverlapping(jnp.zeros(shape), k)
