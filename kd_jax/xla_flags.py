@@ -9,16 +9,18 @@ library) call `use_fast_cpu_flags()` before anything touches a device:
 
 What it sets (`FAST_CPU_FLAGS`):
 
-* `--xla_cpu_experimental_ynn_fusion_type=dot`: XLA:CPU sends convolutions,
-  dots and some elementwise fusions to the YNNPACK library by default; its
-  convolutions are slow at the small batches of CIFAR/MNIST training (the
-  weight gradient of a 5x5 32->64 convolution at batch 64: 35.7 ms vs 11.8 ms
-  on XLA's Eigen path). This flag keeps YNNPACK for dots only; convolutions
-  take the Eigen path. Measured 1.25-1.6x on the MNIST CNN train step; no
-  measurable change on the CIFAR ResNet distillation step on the 2-core VM
-  of docs/performance.md (an earlier idle profile saw 1.5x there; the same
-  finding upstream: https://github.com/jax-ml/jax/issues/37465). Results
-  change only by float rounding (a different convolution algorithm).
+* `--xla_cpu_experimental_ynn_fusion_type=dot,reduce`: XLA:CPU sends
+  convolutions, dots, reductions and some elementwise fusions to the YNNPACK
+  library by default; its convolutions are slow at the small batches of
+  CIFAR/MNIST training (the weight gradient of a 5x5 32->64 convolution at
+  batch 64: 35.7 ms vs 11.8 ms on XLA's Eigen path). This flag keeps YNNPACK
+  for dots and reductions only; convolutions take the Eigen path. (`dot`
+  alone also takes reductions off YNNPACK, which made the KD losses ~2x
+  slower.) Measured 1.1-1.6x on the MNIST CNN train step; no measurable
+  change on the CIFAR ResNet distillation step on the 2-core VM of
+  docs/performance.md (the same finding upstream:
+  https://github.com/jax-ml/jax/issues/37465). Results change only by float
+  rounding (a different convolution algorithm).
 
 Safety rules, each one a reason to leave `XLA_FLAGS` untouched:
 
@@ -39,7 +41,7 @@ import os
 import sys
 from typing import Dict, List, MutableMapping, Optional
 
-FAST_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+FAST_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 """Flags `use_fast_cpu_flags` adds (each only if the installed jaxlib has it)."""
 
 DISABLE_ENV = "KD_JAX_FAST_CPU_FLAGS"

@@ -17,17 +17,17 @@ def test_adds_supported_flag_and_keeps_existing_ones():
   if not xla_flags.jaxlib_knows_flag(NAME):
     assert out["added"] == [] and env["XLA_FLAGS"].endswith("count=8")
     pytest.skip("the installed jaxlib has no " + NAME)
-  assert out["added"] == [f"--{NAME}=dot"]
+  assert out["added"] == list(xla_flags.FAST_CPU_FLAGS)
   assert env["XLA_FLAGS"].split() == [
-      "--xla_force_host_platform_device_count=8", f"--{NAME}=dot"]
+      "--xla_force_host_platform_device_count=8", f"--{NAME}=dot,reduce"]
   # Idempotent: a second call finds the flag set and adds nothing.
   assert xla_flags.use_fast_cpu_flags(env)["added"] == []
 
 
 def test_never_overrides_user_setting():
-  env = {"XLA_FLAGS": f"--{NAME}=dot,reduce"}
+  env = {"XLA_FLAGS": f"--{NAME}=dot"}
   out = xla_flags.use_fast_cpu_flags(env)
-  assert out["added"] == [] and env["XLA_FLAGS"] == f"--{NAME}=dot,reduce"
+  assert out["added"] == [] and env["XLA_FLAGS"] == f"--{NAME}=dot"
 
 
 @pytest.mark.parametrize("env", [{"KD_JAX_FAST_CPU_FLAGS": "0"},
@@ -74,4 +74,4 @@ def test_flags_accepted_by_xla_in_a_fresh_process():
   expected = 2 * 4 * (6 * 6 * 27 + 4 * 6 * 18 + 4 * 12)
   assert f" {float(expected)} " in r.stdout
   if xla_flags.jaxlib_knows_flag(NAME):
-    assert f"--{NAME}=dot" in r.stdout
+    assert f"--{NAME}=dot,reduce" in r.stdout
