@@ -46,8 +46,6 @@ def get_config(phase: str = "distill"):
   if phase in ("teacher", "cnn_teacher"):
     c.mode = "train"
     c.model.name = "mlp_teacher" if phase == "teacher" else "cnn_teacher"
-    if phase == "cnn_teacher":
-      c.train.steps_per_call = 1  # XLA:CPU convs are much slower inside scan
   elif phase == "student":
     c.mode = "train"
     c.model.name = "mlp_student"

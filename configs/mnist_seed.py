@@ -11,9 +11,10 @@ Adam 1e-3, T=5, loss 0.7·CE + 0.3·KD, 5 epochs each, inputs standardized
 with the MNIST mean/std, no augmentation.
 
 The CNN teacher (two 5x5 conv layers + dense 512, dropout 0.5; ~99%) is
-trained once (first seed) and shared by all seeds -- its backward convolutions
-are slow on XLA:CPU (about 30x the MLP teacher's cost per example), so it is
-trained for `cnn_teacher_epochs` epochs only; with its logits fixed (no
+trained once (first seed) and shared by all seeds, for `cnn_teacher_epochs`
+epochs (3 by default: its convolutions cost far more per example than the
+MLPs on a 2-core CPU, even with kd_jax's fast pooling / convolution gradients,
+docs/performance.md); with its logits fixed (no
 augmentation, inference mode) the distillation phases use teacher logits
 precomputed once over the training set, which is exactly the same objective
 as running the teacher every step.
@@ -47,7 +48,7 @@ def get_config():
 
   se = ml_collections.ConfigDict()
   se.seeds = (0, 1, 2, 3, 4)
-  se.cnn_teacher_epochs = 1
+  se.cnn_teacher_epochs = 3
   phases = ml_collections.ConfigDict()
   phases.student = mnist.get_config("student")
   phases.teacher_mlp = mnist.get_config("teacher")
