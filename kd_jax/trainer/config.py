@@ -106,6 +106,7 @@ class OptimizerConfig:
   decay_epochs: Tuple[int, ...] = (150, 180, 210)
   decay_factor: float = 0.1
   warmup_epochs: float = 0.0
+  delta: float = 0.075  # DOT's momentum offset (`optimizer.name = 'dot'`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +347,7 @@ def parse(config: ml_collections.ConfigDict, *,
   if rc.distill:
     _validate_teacher(rc, check_paths)
   _validate_optimizer(rc.optimizer)
+  _validate_split_optimizer(rc)
   _validate_train(rc)
   return rc
 
@@ -459,6 +461,22 @@ def _validate_optimizer(opt: OptimizerConfig) -> None:
   if not opt.learning_rate > 0:
     raise ConfigError("optimizer.learning_rate",
                       f"must be > 0; got {opt.learning_rate!r}.")
+
+
+def _validate_split_optimizer(rc: RunConfig) -> None:
+  """Optimizers taking `{'task', 'distill'}` gradients (DOT) need a distill
+  run whose gradients can be split."""
+  opt = rc.optimizer
+  if not optim.split_gradients(opt):
+    return
+  if not rc.distill:
+    raise ConfigError("optimizer.name", f"{opt.name!r} takes separate task "
+                      "and distillation gradients: it needs mode 'distill' "
+                      f"(got {rc.mode!r}); use 'sgd' for supervised runs.")
+  if not (0 <= opt.delta <= opt.momentum and opt.momentum + opt.delta < 1):
+    raise ConfigError("optimizer.delta", f"must satisfy 0 <= delta <= momentum "
+                      f"and momentum + delta < 1; got delta={opt.delta!r}, "
+                      f"momentum={opt.momentum!r}.")
 
 
 def _validate_train(rc: RunConfig) -> None:

@@ -259,7 +259,8 @@ def _train_step(s: ProgramSpec) -> Callable:
     inner_teacher = None if (s.precompute or s.separate) else s.teacher
     inner = steps_lib.make_distill_step(
         s.student, inner_teacher, s.objective, s.tx,
-        axis_name=s.dp.axis_name, steps_per_epoch=s.steps_per_epoch)
+        axis_name=s.dp.axis_name, steps_per_epoch=s.steps_per_epoch,
+        split_gradients=optim.split_gradients(s.rc.optimizer))
   else:
     inner_train = steps_lib.make_train_step(
         s.student, s.tx, objective=s.objective, axis_name=s.dp.axis_name)
@@ -347,7 +348,7 @@ def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
 
 def _stage_optimizer(rc, stage, spe, n):
   opt = dataclasses.replace(
-      rc.optimizer, learning_rate=float(stage.learning_rate
+      optim.stage_optimizer_config(rc.optimizer), learning_rate=float(stage.learning_rate
                                         or rc.optimizer.learning_rate),
       schedule="constant", warmup_epochs=0)
   return optim.make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
@@ -368,7 +369,9 @@ def run_pretrain_stages(spec: ProgramSpec, state, writer):
   Stage `s` uses the train batches of global steps `0..epochs*spe-1` (capped
   by `train.pretrain_max_steps` when > 0), the run's augmentation, and the
   configured optimizer with a constant LR (`stage.learning_rate` or
-  `optimizer.learning_rate`). Not checkpointed: a run killed during a stage
+  `optimizer.learning_rate`); an optimizer that takes split task/distill
+  gradients (DOT) is replaced by SGD with the same momentum and weight decay
+  (a stage has one loss). Not checkpointed: a run killed during a stage
   redoes it; a resumed run (step > 0) skips it (its result is in the state).
   """
   info = {}

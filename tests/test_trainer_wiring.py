@@ -1,0 +1,90 @@
+"""The trainer's wiring of DOT (optimizer table entry -> split-gradient
+distill step) and of the mesh sharding engine, through
+`trainer.train_and_evaluate` (the code path of `python -m experiments.main`),
+on the MNIST configs with mock data."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import mnist
+from kd_jax import trainer
+from kd_jax.trainer import config as config_lib
+
+
+def _mnist(phase="distill", **overrides):
+  c = mnist.get_config(phase)
+  c.debug = True
+  c = trainer.apply_debug(c)  # mock data, batch 8; then the overrides
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _dot_run(tmp_path, name, **overrides):
+  c = _mnist(**{"optimizer.name": "dot", "optimizer.momentum": 0.5,
+                "optimizer.schedule": "constant", "train.num_steps": 6,
+                **overrides})
+  return trainer.train_and_evaluate(c, str(tmp_path / name))
+
+
+def test_dot_with_zero_delta_is_sgd_momentum(tmp_path):
+  """DOT with delta = 0 has one momentum for task + KD gradients and
+  PyTorch's first-step buffer (= the gradient), which is optax's SGD trace
+  from zero: the trainer's DOT run (split gradients) must end where its SGD
+  run does; with delta > 0 it must not."""
+  sgd = trainer.train_and_evaluate(
+      _mnist(**{"optimizer.name": "sgd", "optimizer.momentum": 0.5,
+                "optimizer.schedule": "constant", "train.num_steps": 6}),
+      str(tmp_path / "sgd"))
+  dot0 = _dot_run(tmp_path, "dot0", **{"optimizer.delta": 0.0})
+  dot = _dot_run(tmp_path, "dot", **{"optimizer.delta": 0.3})
+  a, b, c = (_leaves(r["_final_state"].params) for r in (sgd, dot0, dot))
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert max(float(np.max(np.abs(x - z))) for x, z in zip(a, c)) > 1e-4
+
+
+def test_dot_weight_decay_goes_inside(tmp_path):
+  """weight_decay with delta = 0 equals SGD's coupled L2 (DOT adds it to the
+  task gradient itself; chaining it before DOT would decay twice or fail on
+  the split gradients)."""
+  kw = {"optimizer.momentum": 0.5, "optimizer.schedule": "constant",
+        "train.num_steps": 4, "optimizer.weight_decay": 0.05}
+  sgd = trainer.train_and_evaluate(_mnist(**{"optimizer.name": "sgd", **kw}),
+                                   str(tmp_path / "sgd"))
+  dot0 = _dot_run(tmp_path, "dot0", **{"optimizer.delta": 0.0, **kw})
+  for x, y in zip(_leaves(sgd["_final_state"].params),
+                  _leaves(dot0["_final_state"].params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"mode": "train", "loss.terms": {}}, r"config\.optimizer\.name: 'dot'.*"
+     r"mode 'distill'"),
+    ({"optimizer.delta": 0.2, "optimizer.momentum": 0.9},
+     r"config\.optimizer\.delta: must satisfy"),
+])
+def test_dot_validation_errors(overrides, pattern):
+  c = _mnist(**{"optimizer.name": "dot", **overrides})
+  with pytest.raises(config_lib.ConfigError, match=pattern):
+    config_lib.parse(c)
+
+
+def test_dot_pretrain_stage_uses_sgd():
+  """A distiller's pretrain stage (one loss) gets SGD with DOT's LR,
+  momentum and weight decay."""
+  from kd_jax.trainer import optim
+  opt = config_lib.OptimizerConfig(name="dot", momentum=0.9, delta=0.075,
+                                   weight_decay=5e-4)
+  st = optim.stage_optimizer_config(opt)
+  assert (st.name, st.momentum, st.weight_decay) == ("sgd", 0.9, 5e-4)
+  assert optim.split_gradients(opt) and not optim.split_gradients(st)
