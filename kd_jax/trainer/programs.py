@@ -101,8 +101,10 @@ def _load_teacher(rc, path, shapes, dp):
   # A teacher run's `<step>/state` item has no step-level
   # `_CHECKPOINT_METADATA` (that is one level up): Orbax warns about it.
   with logs.quiet_absl("Metadata file does not exist"):
-    return ckpt_lib.load_teacher_variables(path, shapes,
-                                           sharding=dp.local_sharding)
+    # A mesh restores each array straight into its shards.
+    target = (dp.teacher_target(shapes) if hasattr(dp, "teacher_target")
+              else dp.local_sharding)
+    return ckpt_lib.load_teacher_variables(path, shapes, sharding=target)
 
 
 # ---------------------------------------------------------------------------
