@@ -130,8 +130,8 @@ def test_mesh_distill_equals_plain_jit(tmp_path):
 
 
 def test_mesh_resume_onto_mesh(tmp_path):
-  """A mesh run resumed from its checkpoint ends where an uninterrupted one
-  does."""
+  """A mesh run resumed from its (sharded) checkpoint ends where an
+  uninterrupted one does, on the same mesh and on another one."""
   kw = {"train.mesh": _MESH, "teacher.sharding": "fsdp",
         "train.num_steps": 8, "checkpoint.every_steps": 4}
   full = trainer.train_and_evaluate(_mesh_cfg(**kw), str(tmp_path / "full"))
@@ -142,6 +142,17 @@ def test_mesh_resume_onto_mesh(tmp_path):
   for x, y in zip(_leaves(full["_final_state"].params),
                   _leaves(resumed["_final_state"].params)):
     np.testing.assert_array_equal(x, y)
+  # The FSDP-sharded checkpoint restores onto another mesh (state replicated
+  # over 'data' 8): same run up to reduction order.
+  trainer.train_and_evaluate(_mesh_cfg(**{**kw, "train.num_steps": 4}),
+                             str(tmp_path / "other"))
+  other = trainer.train_and_evaluate(
+      _mesh_cfg(**{**kw, "train.mesh": {"data": 8, "fsdp": 1}}),
+      str(tmp_path / "other"))
+  assert other["resumed_from_step"] == 4
+  for x, y in zip(_leaves(full["_final_state"].params),
+                  _leaves(other["_final_state"].params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides,pattern", [

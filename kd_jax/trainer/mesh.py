@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.train import sharding as sharding_lib
+from kd_jax.trainer import checkpointing
 from kd_jax.trainer import config as config_lib
 
 
@@ -78,6 +79,24 @@ class TrainerMesh(sharding_lib.MeshParallel):
     except ValueError as e:
       raise config_lib.ConfigError("train.sharding_rules", str(e)) from None
     return sharding_lib.put(state, sh)
+
+
+def state_tree(state):
+  """The checkpointed tree of a (sharded) state, without gathering it (the
+  PRNG key as its raw data)."""
+  return checkpointing.state_to_tree(
+      state.replace(rng=jax.random.key_data(state.rng)))
+
+
+def restore_template(dp: TrainerMesh, state):
+  """`ShapeDtypeStruct`s with the state's mesh shardings: Orbax restores
+  each array of a checkpoint (saved on any mesh) straight into its shards."""
+  tree = state_tree(state)
+  try:
+    sh = dp.state_shardings(tree, logical_names=dp.student_names)
+  except ValueError as e:
+    raise config_lib.ConfigError("train.sharding_rules", str(e)) from None
+  return sharding_lib.abstract_with_shardings(tree, sh)
 
 
 def make_parallel(rc: config_lib.RunConfig, student, teacher, image_shape

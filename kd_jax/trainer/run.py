@@ -384,12 +384,15 @@ def _resume(run: Run, mgr, state):
   if mgr is None:
     return state, 0
   key_impl = jax.random.key_impl(state.rng)
-  template = checkpointing.state_to_tree(
-      run.dp.fetch(state, replicated=False))
+  on_mesh = isinstance(run.dp, mesh_lib.TrainerMesh)
+  template = (mesh_lib.restore_template(run.dp, state) if on_mesh else
+              checkpointing.state_to_tree(run.dp.fetch(state,
+                                                       replicated=False)))
   restored = checkpointing.restore_newest(mgr, template)
   if restored is None:
     return state, 0
-  state = checkpointing.tree_to_state(jax.device_get(restored.state), key_impl)
+  tree = restored.state if on_mesh else jax.device_get(restored.state)
+  state = checkpointing.tree_to_state(tree, key_impl)
   start = int(restored.step)
   if int(state.step) != start:
     raise checkpointing.CheckpointRestoreError(
@@ -452,8 +455,11 @@ class _Saver:
     if self.mgr is None:
       return
     with self.timer.measure("checkpoint"):
-      host = self.run.dp.fetch(state_dev)
-      self.mgr.save(step, checkpointing.state_to_tree(host),
+      if isinstance(self.run.dp, mesh_lib.TrainerMesh):
+        tree = mesh_lib.state_tree(state_dev)  # each process its shards
+      else:
+        tree = checkpointing.state_to_tree(self.run.dp.fetch(state_dev))
+      self.mgr.save(step, tree,
                     data_state={"epoch": step // self.run.spe,
                                 "step": step % self.run.spe},
                     metrics=metrics, force=True)
