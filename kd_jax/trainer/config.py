@@ -235,8 +235,10 @@ def section(config, name: str):
   elif name == "train":
     kw["mesh"] = tuple(dict(kw.get("mesh") or {}).items())
     kw["sharding_rules"] = _rules(kw.get("sharding_rules"))
-  elif name == "teacher" and not isinstance(kw.get("sharding", ""), str):
-    kw["sharding"] = _rules(kw["sharding"])
+  elif name == "teacher":
+    sh = kw.get("sharding")
+    kw["sharding"] = (sh or "replicated") if (sh is None or isinstance(
+        sh, str)) else _rules(sh)
   elif name == "optimizer" and "decay_epochs" in kw:
     kw["decay_epochs"] = tuple(kw["decay_epochs"] or ())
   return cls(**kw)
