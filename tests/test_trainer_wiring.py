@@ -155,6 +155,14 @@ def test_mesh_resume_onto_mesh(tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+def test_mesh_batch_needs_only_data_times_fsdp():
+  """With tensor = 2 the batch must be a multiple of data x fsdp = 4 only."""
+  rc = config_lib.parse(_mesh_cfg(**{
+      "train.mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+      "train.batch_size": 4, "train.eval_batch_size": 4}))
+  assert config_lib.num_devices(rc) == 8
+
+
 @pytest.mark.parametrize("overrides,pattern", [
     ({"train.mesh": {"data": 2, "fsdp": 2}}, r"config\.train\.mesh: .*"),
     ({"train.mesh": _MESH, "train.parallel": "pmap"},

@@ -565,7 +565,7 @@ def _validate_train(rc: RunConfig) -> None:
     bs = getattr(tr, key)
     if not isinstance(bs, int) or bs < 1:
       raise ConfigError(f"train.{key}", f"must be a positive int; got {bs!r}.")
-    if bs % (ndev * jax.process_count()):
+    if not tr.mesh and bs % (ndev * jax.process_count()):  # (mesh: above)
       raise ConfigError(
           f"train.{key}", f"{bs} is not divisible by the number of devices "
           f"{ndev} (train.parallel={tr.parallel!r}, {jax.process_count()} "
