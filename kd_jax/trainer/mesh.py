@@ -53,7 +53,8 @@ class TrainerMesh(sharding_lib.MeshParallel):
       self.teacher_names = sharding_lib.logical_axis_names(teacher, x,
                                                            train=False)
 
-  def fetch(self, tree, replicated: bool = True):  # pylint: disable=arguments-differ
+  def fetch(self, tree, replicated: bool = True):  # pylint: disable=W0221
+    """Host NumPy (`replicated` is `DataParallel`'s flag: unused here)."""
     del replicated
     return super().fetch(tree)
 

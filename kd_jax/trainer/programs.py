@@ -350,8 +350,8 @@ def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
 
 def _stage_optimizer(rc, stage, spe, n):
   opt = dataclasses.replace(
-      optim.stage_optimizer_config(rc.optimizer), learning_rate=float(stage.learning_rate
-                                        or rc.optimizer.learning_rate),
+      optim.stage_optimizer_config(rc.optimizer),
+      learning_rate=float(stage.learning_rate or rc.optimizer.learning_rate),
       schedule="constant", warmup_epochs=0)
   return optim.make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
 
