@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.checkpoint_format = "orbax"
   c.teacher.precompute_logits = False
   c.teacher.evaluate = True  # report the teacher's eval accuracy first
+  # Mesh runs: 'replicated' (None) | 'fsdp' | 'tensor' | [(regex, spec), ...].
+  c.teacher.sharding = ml_collections.config_dict.placeholder(object)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.ce_weight = 1.0
@@ -117,6 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_devices = 0
   c.train.progress_bar = True
   c.train.pretrain_max_steps = 0  # cap on distiller init stages (0: none)
+  # A device mesh (parallel 'jit'), e.g. {'data': 2, 'fsdp': 4, 'tensor': 1},
+  # and optional (regex, spec) rules for the student state on it
+  # (docs/parallelism.md). None: 'jit' is data parallel over all devices.
+  c.train.mesh = ml_collections.config_dict.placeholder(object)
+  c.train.sharding_rules = ml_collections.config_dict.placeholder(object)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True

@@ -49,6 +49,9 @@ def _all_configs():
   # Feature / relation methods (configs/feature_methods.py), on the pair
   # with the cheapest networks to trace.
   specs += [(f"cifar100_{m}", "vgg13-vgg8") for m in _feature_methods()]
+  # Logit methods with their own trainer hooks: MLKD (strong view), CTKD
+  # (steps_per_epoch for its schedule), DOT (optimizer, split gradients).
+  specs += [(f"cifar100_{m}", "vgg13-vgg8") for m in ("mlkd", "ctkd", "dot")]
   return specs
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -28,6 +29,7 @@ from kd_jax import distillers as distillers_lib
 from kd_jax import models as models_lib
 from kd_jax.data import sources as sources_lib
 from kd_jax.train import objectives as objectives_lib
+from kd_jax.train import sharding as sharding_lib
 from kd_jax.trainer import optim
 
 MODES = ("train", "distill", "seed_experiment")
@@ -81,6 +83,8 @@ class TeacherConfig:
   checkpoint_format: str = "orbax"
   precompute_logits: bool = False
   evaluate: bool = True
+  # 'replicated' | 'fsdp' | 'tensor' | ((regex, spec), ...) (mesh runs).
+  sharding: Any = "replicated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +110,7 @@ class OptimizerConfig:
   decay_epochs: Tuple[int, ...] = (150, 180, 210)
   decay_factor: float = 0.1
   warmup_epochs: float = 0.0
+  delta: float = 0.075  # DOT's momentum offset (`optimizer.name = 'dot'`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +126,10 @@ class TrainConfig:
   num_devices: int = 0
   progress_bar: bool = True
   pretrain_max_steps: int = 0
+  # (('data', d), ('fsdp', f), ('tensor', t)): a device mesh (parallel 'jit').
+  mesh: Tuple[Tuple[str, int], ...] = ()
+  # ((regex, spec), ...): the student state's rules on the mesh.
+  sharding_rules: Tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +206,17 @@ def _plain(v):
   return v
 
 
+def _rules(rules):
+  """(regex, spec) rules -> tuples (specs: tuples of axis names / None)."""
+  out = []
+  for r in rules or ():
+    if isinstance(r, (list, tuple)) and len(r) == 2:
+      spec = r[1]
+      r = (r[0], tuple(spec) if isinstance(spec, (list, tuple)) else spec)
+    out.append(r)
+  return tuple(out)
+
+
 def section(config, name: str):
   cls = _SECTIONS[name]
   node = config.get(name, None)
@@ -212,6 +232,13 @@ def section(config, name: str):
                         for label in terms)
   elif name == "report":
     kw["paper"] = tuple(dict(kw.get("paper") or {}).items())
+  elif name == "train":
+    kw["mesh"] = tuple(dict(kw.get("mesh") or {}).items())
+    kw["sharding_rules"] = _rules(kw.get("sharding_rules"))
+  elif name == "teacher":
+    sh = kw.get("sharding")
+    kw["sharding"] = (sh or "replicated") if (sh is None or isinstance(
+        sh, str)) else _rules(sh)
   elif name == "optimizer" and "decay_epochs" in kw:
     kw["decay_epochs"] = tuple(kw["decay_epochs"] or ())
   return cls(**kw)
@@ -346,6 +373,8 @@ def parse(config: ml_collections.ConfigDict, *,
   if rc.distill:
     _validate_teacher(rc, check_paths)
   _validate_optimizer(rc.optimizer)
+  _validate_split_optimizer(rc)
+  _validate_mesh(rc)
   _validate_train(rc)
   return rc
 
@@ -354,6 +383,9 @@ def num_devices(rc: RunConfig) -> int:
   mode = rc.parallel_mode
   if mode == "single":
     return 1
+  if rc.train.mesh:
+    sizes = [int(v) for _, v in rc.train.mesh]
+    return math.prod(sizes) if min(sizes) > 0 else len(jax.devices())
   avail = len(jax.local_devices()) if mode == "pmap" else len(jax.devices())
   return rc.train.num_devices if rc.train.num_devices > 0 else avail
 
@@ -461,6 +493,62 @@ def _validate_optimizer(opt: OptimizerConfig) -> None:
                       f"must be > 0; got {opt.learning_rate!r}.")
 
 
+def _validate_split_optimizer(rc: RunConfig) -> None:
+  """Optimizers taking `{'task', 'distill'}` gradients (DOT) need a distill
+  run whose gradients can be split."""
+  opt = rc.optimizer
+  if not optim.split_gradients(opt):
+    return
+  if not rc.distill:
+    raise ConfigError("optimizer.name", f"{opt.name!r} takes separate task "
+                      "and distillation gradients: it needs mode 'distill' "
+                      f"(got {rc.mode!r}); use 'sgd' for supervised runs.")
+  if not (0 <= opt.delta <= opt.momentum and opt.momentum + opt.delta < 1):
+    raise ConfigError("optimizer.delta", f"must satisfy 0 <= delta <= momentum "
+                      f"and momentum + delta < 1; got delta={opt.delta!r}, "
+                      f"momentum={opt.momentum!r}.")
+
+
+def _validate_mesh(rc: RunConfig) -> None:
+  """`train.mesh` / `train.sharding_rules` / `teacher.sharding`: the checks
+  that need no model (the engine's `make_mesh` / `teacher_rules`); rules
+  naming no parameter are checked when the run builds its mesh."""
+  tr = rc.train
+  if not tr.mesh:
+    if tr.sharding_rules:
+      raise ConfigError("train.sharding_rules", "needs train.mesh (a device "
+                        "mesh, train.parallel='jit').")
+    if rc.distill and rc.teacher.sharding != "replicated":
+      raise ConfigError("teacher.sharding", f"{rc.teacher.sharding!r} needs "
+                        "train.mesh (a device mesh, train.parallel='jit').")
+    return
+  if tr.parallel != "jit":
+    raise ConfigError("train.mesh", "a device mesh needs train.parallel="
+                      f"'jit'; got {tr.parallel!r}.")
+  if tr.num_devices:
+    raise ConfigError("train.num_devices", "give either train.num_devices or "
+                      "train.mesh (its product is the device count).")
+  try:
+    mesh = sharding_lib.make_mesh(dict(tr.mesh))
+    sharding_lib.state_rules(mesh, rules=tr.sharding_rules)
+  except (TypeError, ValueError) as e:
+    raise ConfigError("train.mesh" if not isinstance(e, TypeError) else
+                      "train.sharding_rules", str(e)) from None
+  if rc.distill:
+    try:
+      sharding_lib.teacher_rules(rc.teacher.sharding)
+    except ValueError as e:
+      raise ConfigError("teacher.sharding", str(e)) from None
+  div = mesh.shape["data"] * mesh.shape["fsdp"]
+  for key in ("batch_size", "eval_batch_size"):
+    bs = getattr(tr, key)
+    if isinstance(bs, int) and bs % div:
+      raise ConfigError(
+          f"train.{key}", f"{bs} is not divisible by data x fsdp = "
+          f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {div} (train.mesh "
+          f"{dict(tr.mesh)}); use a multiple of {div}.")
+
+
 def _validate_train(rc: RunConfig) -> None:
   tr = rc.train
   if tr.parallel not in PARALLEL:
@@ -477,7 +565,7 @@ def _validate_train(rc: RunConfig) -> None:
     bs = getattr(tr, key)
     if not isinstance(bs, int) or bs < 1:
       raise ConfigError(f"train.{key}", f"must be a positive int; got {bs!r}.")
-    if bs % (ndev * jax.process_count()):
+    if not tr.mesh and bs % (ndev * jax.process_count()):  # (mesh: above)
       raise ConfigError(
           f"train.{key}", f"{bs} is not divisible by the number of devices "
           f"{ndev} (train.parallel={tr.parallel!r}, {jax.process_count()} "
@@ -503,7 +591,7 @@ def program_key(rc: RunConfig, extra: Mapping[str, Any]) -> str:
                                                     "teacher_view")}
   parts["train"] = {k: getattr(rc.train, k) for k in
                     ("batch_size", "eval_batch_size", "parallel",
-                     "num_devices")}
+                     "num_devices", "mesh", "sharding_rules")}
   parts["mode"] = rc.mode
   parts["extra"] = dict(extra)
   return json.dumps(parts, sort_keys=True, default=str)

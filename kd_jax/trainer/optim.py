@@ -3,9 +3,12 @@ learning-rate schedule (in steps)."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+import dataclasses
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import optax
+
+from kd_jax.distillers import dot as dot_lib
 
 def _sgd(opt, sched):
   return optax.sgd(sched, momentum=float(opt.momentum) or None,
@@ -21,17 +24,53 @@ def _adamw(opt, sched):
   return optax.adamw(sched, weight_decay=float(opt.weight_decay or 0.0))
 
 
-# `optimizer.name` -> (builder(opt_config, schedule) -> optax transformation,
-# whether the builder applies `weight_decay` itself). A method's own
-# optimizer goes here: e.g. DOT (Zhao et al., ICCV 2023), an optax
-# transformation with separate momenta for the task and the distillation
-# gradients -- it also needs the engine's step to hand it the two gradients
-# separately (`kd_jax.train.steps`), which the plain entries do not.
-OPTIMIZERS: Dict[str, Tuple[Callable, bool]] = {
-    "sgd": (_sgd, False),
-    "adam": (_adam, False),
-    "adamw": (_adamw, True),
+def _dot(opt, sched):
+  return dot_lib.dot(sched, momentum=float(opt.momentum),
+                     delta=float(opt.delta),
+                     weight_decay=float(opt.weight_decay or 0.0),
+                     distill_only=dot_lib.engine_distill_only)
+
+
+class OptimizerEntry(NamedTuple):
+  """How `optimizer.name` is built.
+
+  build: `(opt_config, schedule) -> optax.GradientTransformation`.
+  decay_inside: the builder applies `weight_decay` itself (else it is
+    chained before it as coupled L2).
+  split_gradients: the transformation takes `{'task', 'distill'}` gradients:
+    the distill step is built with `make_distill_step(...,
+    split_gradients=True)`; such an optimizer needs mode 'distill', and a
+    distiller's pretrain stage (one loss, no split) uses plain SGD with the
+    same momentum and LR instead (`stage_optimizer_config`).
+  """
+  build: Callable
+  decay_inside: bool = False
+  split_gradients: bool = False
+
+
+# `optimizer.name` -> entry. A method's own optimizer goes here: DOT (Zhao
+# et al., ICCV 2023; `kd_jax.distillers.dot`), SGD with separate momenta
+# (`momentum -/+ delta`) for the task and the distillation gradients.
+OPTIMIZERS: Dict[str, OptimizerEntry] = {
+    "sgd": OptimizerEntry(_sgd),
+    "adam": OptimizerEntry(_adam),
+    "adamw": OptimizerEntry(_adamw, decay_inside=True),
+    "dot": OptimizerEntry(_dot, decay_inside=True, split_gradients=True),
 }
+
+
+def split_gradients(opt) -> bool:
+  """Whether `opt`'s transformation takes `{'task', 'distill'}` gradients."""
+  return OPTIMIZERS[opt.name].split_gradients
+
+
+def stage_optimizer_config(opt):
+  """The optimizer config of a single-loss program (a distiller's pretrain
+  stage): `opt` itself, or plain SGD with its momentum, LR and weight decay
+  when `opt` needs split gradients (DOT)."""
+  if not split_gradients(opt):
+    return opt
+  return dataclasses.replace(opt, name="sgd", nesterov=False)
 
 
 def make_schedule(opt, *, steps_per_epoch: int,
@@ -62,11 +101,11 @@ def make_optimizer(opt, *, steps_per_epoch: int, total_steps: int
   `OptimizerConfig`, or anything with its fields as attributes).
 
   Weight decay is PyTorch's coupled L2 (`grad += wd * param`) for sgd/adam,
-  decoupled for adamw.
+  decoupled for adamw, added to the task gradient inside DOT.
   """
   sched = make_schedule(opt, steps_per_epoch=steps_per_epoch,
                         total_steps=total_steps)
-  build, decay_inside = OPTIMIZERS[opt.name]
+  build, decay_inside, _ = OPTIMIZERS[opt.name]
   tx = build(opt, sched)
   wd = float(opt.weight_decay or 0.0)
   if wd and not decay_inside:

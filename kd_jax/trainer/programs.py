@@ -101,8 +101,10 @@ def _load_teacher(rc, path, shapes, dp):
   # A teacher run's `<step>/state` item has no step-level
   # `_CHECKPOINT_METADATA` (that is one level up): Orbax warns about it.
   with logs.quiet_absl("Metadata file does not exist"):
-    return ckpt_lib.load_teacher_variables(path, shapes,
-                                           sharding=dp.local_sharding)
+    # A mesh restores each array straight into its shards.
+    target = (dp.teacher_target(shapes) if hasattr(dp, "teacher_target")
+              else dp.local_sharding)
+    return ckpt_lib.load_teacher_variables(path, shapes, sharding=target)
 
 
 # ---------------------------------------------------------------------------
@@ -259,7 +261,8 @@ def _train_step(s: ProgramSpec) -> Callable:
     inner_teacher = None if (s.precompute or s.separate) else s.teacher
     inner = steps_lib.make_distill_step(
         s.student, inner_teacher, s.objective, s.tx,
-        axis_name=s.dp.axis_name, steps_per_epoch=s.steps_per_epoch)
+        axis_name=s.dp.axis_name, steps_per_epoch=s.steps_per_epoch,
+        split_gradients=optim.split_gradients(s.rc.optimizer))
   else:
     inner_train = steps_lib.make_train_step(
         s.student, s.tx, objective=s.objective, axis_name=s.dp.axis_name)
@@ -347,8 +350,8 @@ def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
 
 def _stage_optimizer(rc, stage, spe, n):
   opt = dataclasses.replace(
-      rc.optimizer, learning_rate=float(stage.learning_rate
-                                        or rc.optimizer.learning_rate),
+      optim.stage_optimizer_config(rc.optimizer),
+      learning_rate=float(stage.learning_rate or rc.optimizer.learning_rate),
       schedule="constant", warmup_epochs=0)
   return optim.make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
 
@@ -368,7 +371,9 @@ def run_pretrain_stages(spec: ProgramSpec, state, writer):
   Stage `s` uses the train batches of global steps `0..epochs*spe-1` (capped
   by `train.pretrain_max_steps` when > 0), the run's augmentation, and the
   configured optimizer with a constant LR (`stage.learning_rate` or
-  `optimizer.learning_rate`). Not checkpointed: a run killed during a stage
+  `optimizer.learning_rate`); an optimizer that takes split task/distill
+  gradients (DOT) is replaced by SGD with the same momentum and weight decay
+  (a stage has one loss). Not checkpointed: a run killed during a stage
   redoes it; a resumed run (step > 0) skips it (its result is in the state).
   """
   info = {}

@@ -47,6 +47,7 @@ from kd_jax.train import parallel as parallel_lib
 from kd_jax.trainer import checkpointing
 from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import feeds as feeds_lib
+from kd_jax.trainer import mesh as mesh_lib
 from kd_jax.trainer import programs as programs_lib
 
 
@@ -232,6 +233,7 @@ class Run:
   on_device: bool
   rngs: Any
   is_main: bool
+  memory: Optional[Dict[str, int]] = None  # mesh runs: bytes per device
 
   @property
   def spe(self) -> int:
@@ -307,8 +309,9 @@ def _prepare(rc, workdir, data, *, dry_run: bool, is_main: bool) -> Run:
   spe = data.train.steps_per_epoch
   total_steps = (int(rc.train.num_steps) if rc.train.num_steps
                  else int(rc.train.num_epochs) * spe)
-  dp = _make_dp(rc)
   student, teacher = programs_lib.create_models(rc)
+  dp = (mesh_lib.make_parallel(rc, student, teacher, data.image_shape)
+        or _make_dp(rc))
   init_rng, state_rng, teacher_rng = jax.random.split(
       jax.random.key(int(rc.seed)), 3)
   tx, schedule = programs_lib.make_optimizer(
@@ -317,6 +320,10 @@ def _prepare(rc, workdir, data, *, dry_run: bool, is_main: bool) -> Run:
   # estimates its margins from data instead of the teacher's BN parameters.
   abstract_teacher = dry_run and not rc.teacher.checkpoint
   teacher_vars = None
+  if rc.distill and isinstance(dp, mesh_lib.TrainerMesh):
+    dp.teacher_target(jax.eval_shape(  # teacher.sharding errors, early
+        lambda r: programs_lib.init_variables(teacher, r, data.image_shape),
+        teacher_rng))
   if rc.distill:
     teacher_vars = programs_lib.teacher_variables(
         rc, teacher, data.image_shape, teacher_rng, dp,
@@ -362,7 +369,7 @@ def _constants(run: Run, clock: Clock):
     consts["data"] = run.dp.replicate({"image": data.train.images,
                                        "label": data.train.labels})
   if run.rc.distill:
-    tv_dev = run.dp.replicate(run.spec.teacher_vars)
+    tv_dev = mesh_lib.place_teacher(run.dp, run.spec.teacher_vars)
     if run.rc.teacher.evaluate:
       teacher_acc = evaluate(run, run.progs.teacher_evaluate, tv_dev)["top1"]
     if run.spec.precompute:
@@ -377,12 +384,15 @@ def _resume(run: Run, mgr, state):
   if mgr is None:
     return state, 0
   key_impl = jax.random.key_impl(state.rng)
-  template = checkpointing.state_to_tree(
-      run.dp.fetch(state, replicated=False))
+  on_mesh = isinstance(run.dp, mesh_lib.TrainerMesh)
+  template = (mesh_lib.restore_template(run.dp, state) if on_mesh else
+              checkpointing.state_to_tree(run.dp.fetch(state,
+                                                       replicated=False)))
   restored = checkpointing.restore_newest(mgr, template)
   if restored is None:
     return state, 0
-  state = checkpointing.tree_to_state(jax.device_get(restored.state), key_impl)
+  tree = restored.state if on_mesh else jax.device_get(restored.state)
+  state = checkpointing.tree_to_state(tree, key_impl)
   start = int(restored.step)
   if int(state.step) != start:
     raise checkpointing.CheckpointRestoreError(
@@ -416,8 +426,11 @@ def _execute(run: Run, clock: Clock) -> Dict[str, Any]:
       clock.tick("pretrain_done")
   evals = ([r for r in metrics_io.read_jsonl(writer.path)
             if r.get("split") == "eval"] if run.is_main else [])
-  state_dev = run.dp.replicate(state)
+  state_dev = mesh_lib.place_state(run.dp, state)
   del state
+  if start < run.total_steps:
+    fn, batch, _ = _next_batch(run, start)
+    run.memory = mesh_lib.memory(run.dp, fn, state_dev, consts, batch)
   clock.tick("train_start")
   timer = LoopTimer()
   state_dev = _train_loop(run, state_dev, consts, start, writer, mgr, evals,
@@ -442,8 +455,11 @@ class _Saver:
     if self.mgr is None:
       return
     with self.timer.measure("checkpoint"):
-      host = self.run.dp.fetch(state_dev)
-      self.mgr.save(step, checkpointing.state_to_tree(host),
+      if isinstance(self.run.dp, mesh_lib.TrainerMesh):
+        tree = mesh_lib.state_tree(state_dev)  # each process its shards
+      else:
+        tree = checkpointing.state_to_tree(self.run.dp.fetch(state_dev))
+      self.mgr.save(step, tree,
                     data_state={"epoch": step // self.run.spe,
                                 "step": step % self.run.spe},
                     metrics=metrics, force=True)
@@ -546,6 +562,7 @@ def _report(run: Run, clock: Clock, timer: LoopTimer, start: int, evals,
       "teacher_top1": teacher_acc, "wall_s": clock.elapsed(),
       **timer.summary(run.total_steps - start, rc.train.batch_size),
       "pretrain": pretrain or None,
+      "mesh": dict(rc.train.mesh) or None, "memory": run.memory,
       "paper": dict(rc.report.paper), "notes": rc.report.notes,
       "convention": "last_top1: after the final epoch; best_top1: max over "
                     "evaluated epochs (test set)",
