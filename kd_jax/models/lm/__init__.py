@@ -11,6 +11,7 @@ from kd_jax.models.lm.config import LMConfig
 from kd_jax.models.lm.config import config_from_hf
 from kd_jax.models.lm.generate import filter_logits
 from kd_jax.models.lm.generate import generate
+from kd_jax.models.lm.generate import make_generate_fn
 from kd_jax.models.lm.hf import check_tokenizer
 from kd_jax.models.lm.hf import from_hf
 from kd_jax.models.lm.hf import load_hf_folder
@@ -25,6 +26,7 @@ from kd_jax.models.lm.model import rope_cos_sin
 __all__ = [
     "LMConfig", "Transformer", "cache_length", "check_tokenizer",
     "config_from_hf", "filter_logits", "from_hf", "generate", "head_kernel",
-    "init_cache", "load_hf_folder", "load_tokenizer", "read_safetensors",
+    "init_cache", "load_hf_folder", "load_tokenizer", "make_generate_fn",
+    "read_safetensors",
     "rope_cos_sin",
 ]

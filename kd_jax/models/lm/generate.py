@@ -120,6 +120,23 @@ def generate(model, variables, prompt_tokens, *, max_new_tokens: int,
                    prompt_tokens.astype(jnp.int32), rng)
 
 
+def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: Optional[int] = None,
+                     top_p: Optional[float] = None,
+                     eos_id: Optional[int] = None,
+                     pad_id: Optional[int] = None):
+  """``fn(variables, prompts, rng) -> tokens``: `generate` with fixed
+  settings, the form `kd_jax.train.lm_steps` takes (traceable: it can run
+  inside a jitted train step)."""
+
+  def fn(variables, prompts, rng):
+    return generate(model, variables, prompts, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_k=top_k, top_p=top_p,
+                    eos_id=eos_id, rng=rng, pad_id=pad_id)
+
+  return fn
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate(model, temperature, top_k, top_p, max_new_tokens, eos_id, pad,
               variables, prompt, rng):
