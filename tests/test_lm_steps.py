@@ -308,3 +308,24 @@ def test_gkd_with_transformers_and_compiled_generation():
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params,
                          new_state.params)
   assert all(jax.tree.leaves(changed))
+
+
+def test_eval_step_and_perplexity_against_numpy():
+  w, _ = _weights(9)
+  rng = np.random.default_rng(10)
+  batches = [rng.integers(0, V, (B, L)) for _ in range(2)]
+  masks = [rng.random((B, L)) < 0.6 for _ in range(2)]
+  step = jax.jit(lm_steps.make_lm_eval_step(teacher_apply))
+  sums = [step({"params": {"W": jnp.asarray(w)}},
+               {"tokens": jnp.asarray(t), "mask": jnp.asarray(m)})
+          for t, m in zip(batches, masks)]
+  got = lm_steps.perplexity(sums)
+  nll, n, correct = 0.0, 0, 0
+  for t, m in zip(batches, masks):
+    lp = np_log_softmax(w[t[:, :-1]])
+    y, mm = t[:, 1:], m[:, 1:]
+    nll += -(np.take_along_axis(lp, y[..., None], -1)[..., 0] * mm).sum()
+    n += mm.sum()
+    correct += ((lp.argmax(-1) == y) & mm).sum()
+  np.testing.assert_allclose(got["perplexity"], np.exp(nll / n), rtol=1e-5)
+  assert got["tokens"] == n and got["token_acc"] == correct / n

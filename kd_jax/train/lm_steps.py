@@ -26,6 +26,8 @@ the set :math:`M` of trained target positions,
   student is trained on its output with NLL (``ce_weight``), optionally plus
   the token-level term on the same text (``kd_weight``, their
   "Word-KD + Seq-KD").
+* `make_lm_eval_step`: summed NLL and token count of a batch, for
+  held-out perplexity :math:`\exp(\sum \mathrm{nll} / \sum n)` (`perplexity`).
 * `make_gkd_step`: on-policy GKD (Agarwal et al., ICLR 2024) with TRL
   ``GKDTrainer``'s parameters: ``seq_kd`` (the teacher generates the
   completions first), then with probability ``lmbda`` the completions are the
@@ -46,6 +48,7 @@ tokens, train=, rngs=) -> (logits, features)`` (or a Linen module),
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -326,3 +329,43 @@ def make_gkd_step(student_apply, teacher_apply, tx, *,
     return state, metrics
 
   return step
+
+
+def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None):
+  """``step(variables, batch) -> {"nll_sum", "tokens", "correct"}`` (sums).
+
+  `apply_fn(variables, tokens) -> (logits, features)` (or a Linen module,
+  run with ``train=False``); the NLL of ``tokens[:, 1:]`` given the prefix,
+  over ``batch["mask"][:, 1:]`` when present. Sums (not means) so batches
+  and devices add up exactly; see `perplexity`.
+  """
+  apply_fn = _steps.as_teacher_apply(apply_fn)
+
+  def step(variables, batch):
+    _check_tokens_batch(batch)
+    tokens = batch["tokens"].astype(jnp.int32)
+    mask = batch.get("mask", jnp.ones(tokens.shape, bool))[:, 1:]
+    logits = apply_fn(variables, tokens[:, :-1])[0].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    out = {"nll_sum": jnp.sum(jnp.where(mask, nll, 0.0)),
+           "tokens": jnp.sum(mask).astype(jnp.float32),
+           "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == targets)
+                              ).astype(jnp.float32)}
+    if axis_name is not None:
+      out = jax.lax.psum(out, axis_name)
+    return out
+
+  return step
+
+
+def perplexity(sums: Sequence[dict]) -> dict:
+  """``{"perplexity", "nll", "token_acc", "tokens"}`` from eval-step sums."""
+  nll = float(sum(float(s["nll_sum"]) for s in sums))
+  n = float(sum(float(s["tokens"]) for s in sums))
+  correct = float(sum(float(s["correct"]) for s in sums))
+  if n == 0:
+    raise ValueError("no evaluated tokens")
+  return {"perplexity": math.exp(nll / n), "nll": nll / n,
+          "token_acc": correct / n, "tokens": n}
