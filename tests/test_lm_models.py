@@ -65,6 +65,14 @@ CASES = {
                                mlp_bias=True, rope_theta=500.0),
     "qwen2_gqa": dict(kind="qwen2", kv_heads=2, rope_theta=1e6),
     "qwen2_tied": dict(kind="qwen2", kv_heads=1, tie=True),
+    # Llama 3.1 RoPE scaling; a small original context so that all three
+    # frequency bands occur at head_dim 8.
+    "llama3_rope": dict(kind="llama", kv_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "linear_rope": dict(kind="llama", kv_heads=2, rope_parameters={
+        "rope_type": "linear", "rope_theta": 100.0, "factor": 4.0}),
 }
 
 
@@ -212,7 +220,10 @@ def test_filter_logits_against_numpy():
 def test_rope_and_rmsnorm_against_float64_numpy():
   dh, theta = 8, 10000.0
   pos = np.arange(7)
-  cos, sin = lm.rope_cos_sin(jnp.asarray(pos)[None], dh, theta)
+  config = lm.LMConfig(vocab_size=5, hidden_size=16, intermediate_size=8,
+                       num_layers=1, num_heads=2, rope_theta=theta)
+  cos, sin = lm.rope_cos_sin(jnp.asarray(pos)[None],
+                             lm.rope_inv_freq(config))
   ang = pos[:, None] * theta ** (-np.arange(0, dh, 2) / dh)
   np.testing.assert_allclose(cos[0], np.cos(np.concatenate([ang, ang], 1)),
                              atol=1e-6)
@@ -329,8 +340,8 @@ def test_unsupported_config_errors():
   cfg = _hf_model(kind="llama").config.to_dict()
   with pytest.raises(ValueError, match="model_type 'gpt2'"):
     lm.from_hf(dict(cfg, model_type="gpt2"), {})
-  with pytest.raises(ValueError, match="rope type 'llama3'"):
-    lm.config_from_hf(dict(cfg, rope_parameters={"rope_type": "llama3",
+  with pytest.raises(ValueError, match="rope type 'yarn'"):
+    lm.config_from_hf(dict(cfg, rope_parameters={"rope_type": "yarn",
                                                  "rope_theta": 1.0}))
 
 

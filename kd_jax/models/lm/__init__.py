@@ -22,11 +22,12 @@ from kd_jax.models.lm.model import cache_length
 from kd_jax.models.lm.model import head_kernel
 from kd_jax.models.lm.model import init_cache
 from kd_jax.models.lm.model import rope_cos_sin
+from kd_jax.models.lm.model import rope_inv_freq
 
 __all__ = [
     "LMConfig", "Transformer", "cache_length", "check_tokenizer",
     "config_from_hf", "filter_logits", "from_hf", "generate", "head_kernel",
     "init_cache", "load_hf_folder", "load_tokenizer", "make_generate_fn",
     "read_safetensors",
-    "rope_cos_sin",
+    "rope_cos_sin", "rope_inv_freq",
 ]

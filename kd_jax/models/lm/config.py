@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,10 @@ class LMConfig:
     num_kv_heads: key/value heads (grouped-query attention; H % KVH == 0).
     head_dim: per-head width (default D // H).
     rope_theta: RoPE base.
+    rope_type: ``"default"``, ``"linear"`` (frequencies / ``rope_factor``)
+      or ``"llama3"`` (Llama 3.1's frequency-band scaling with
+      ``rope_factor``, ``rope_low_freq_factor``, ``rope_high_freq_factor``,
+      ``rope_original_max_position``).
     rms_norm_eps: RMSNorm epsilon.
     max_position_embeddings: longest supported context (positions).
     tie_word_embeddings: the head is the transposed token embedding.
@@ -43,6 +48,11 @@ class LMConfig:
   num_kv_heads: Optional[int] = None
   head_dim: Optional[int] = None
   rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   rms_norm_eps: float = 1e-6
   max_position_embeddings: int = 2048
   tie_word_embeddings: bool = False
@@ -70,6 +80,9 @@ class LMConfig:
       raise ValueError(
           f"LMConfig: num_heads {self.num_heads} is not a multiple of "
           f"num_kv_heads {self.num_kv_heads}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"LMConfig: rope_type {self.rope_type!r} is not "
+                       f"supported (expected one of {ROPE_TYPES})")
     if self.head_dim % 2:
       raise ValueError(f"LMConfig: head_dim must be even for RoPE, got "
                        f"{self.head_dim}")
@@ -87,18 +100,28 @@ class LMConfig:
     return v * d + self.num_layers * per_layer + d + head
 
 
-def _rope_theta(hf: Mapping[str, Any]) -> float:
-  """`rope_theta` from the top level or `rope_parameters`; default only."""
-  params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  rope_type = (params.get("rope_type") or params.get("type")
-               or scaling.get("rope_type") or scaling.get("type")
-               or "default")
-  if rope_type != "default":
+def _rope_fields(hf: Mapping[str, Any]) -> dict:
+  """RoPE fields of `LMConfig` from ``rope_parameters`` (transformers >= 5)
+  or the top-level ``rope_theta`` + ``rope_scaling`` (older versions)."""
+  params = dict(hf.get("rope_scaling") or {})
+  params.update(hf.get("rope_parameters") or {})
+  rope_type = params.get("rope_type") or params.get("type") or "default"
+  if rope_type not in ROPE_TYPES:
     raise ValueError(f"HF config: rope type {rope_type!r} is not supported "
-                     "(only the default RoPE)")
-  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-  return float(theta)
+                     f"(expected one of {ROPE_TYPES})")
+  out = {"rope_type": rope_type,
+         "rope_theta": float(params.get("rope_theta",
+                                        hf.get("rope_theta", 10000.0)))}
+  if rope_type != "default":
+    out["rope_factor"] = float(params["factor"])
+  if rope_type == "llama3":
+    out.update(
+        rope_low_freq_factor=float(params["low_freq_factor"]),
+        rope_high_freq_factor=float(params["high_freq_factor"]),
+        rope_original_max_position=int(params.get(
+            "original_max_position_embeddings",
+            hf.get("max_position_embeddings", 8192))))
+  return out
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> LMConfig:
@@ -129,7 +152,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> LMConfig:
       num_kv_heads=int(hf.get("num_key_value_heads")
                        or hf["num_attention_heads"]),
       head_dim=(int(hf["head_dim"]) if hf.get("head_dim") else None),
-      rope_theta=_rope_theta(hf),
+      **_rope_fields(hf),
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),

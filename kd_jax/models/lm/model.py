@@ -81,11 +81,36 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y
 
 
-def rope_cos_sin(positions: Array, head_dim: int, theta: float):
+def rope_inv_freq(config: LMConfig) -> np.ndarray:
+  r"""RoPE inverse frequencies ``[head_dim / 2]`` (float32 constant).
+
+  Default :math:`\theta^{-2i/d_h}`; ``linear`` divides them by the factor;
+  ``llama3`` divides the low-frequency band (wavelength above
+  ``original_max / low_freq_factor``) by the factor, keeps the
+  high-frequency band (below ``original_max / high_freq_factor``) and
+  interpolates linearly in ``original_max / wavelength`` between
+  (Llama 3.1, as Hugging Face's ``_compute_llama3_parameters``).
+  """
+  dh = config.head_dim
+  inv = 1.0 / config.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64)
+                                    / dh)
+  if config.rope_type == "linear":
+    inv = inv / config.rope_factor
+  elif config.rope_type == "llama3":
+    factor, old = config.rope_factor, config.rope_original_max_position
+    lo, hi = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+    inv = np.where(mid, (1 - smooth) * scaled / factor + smooth * scaled,
+                   scaled)
+  return inv.astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq) -> tuple:
   """cos, sin of shape ``[..., head_dim]`` (float32) for integer positions."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32)
-                              / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -117,7 +142,7 @@ class Attention(nn.Module):
     q = self._proj(c.num_heads, c.qkv_bias, "q_proj")(x)
     k = self._proj(c.num_kv_heads, c.qkv_bias, "k_proj")(x)
     v = self._proj(c.num_kv_heads, c.qkv_bias, "v_proj")(x)
-    cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if layer_cache is None:
       key_pos = positions
