@@ -124,14 +124,14 @@ def test_kv_cache_matches_full_forward():
   model, variables = lm.from_hf(hf.config.to_dict(), _state_numpy(hf),
                                 dtype=jnp.float32)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)))
+  apply = jax.jit(lambda v, t, c: model.apply(v, t, train=False, cache=c))
   full, _ = model.apply(variables, tokens, train=False)
   cache = lm.init_cache(model.config, 2, 12, jnp.float32)
-  first, f1 = model.apply(variables, tokens[:, :5], train=False, cache=cache)
+  first, f1 = apply(variables, tokens[:, :5], cache)
   rest = []
   cache = f1["cache"]
   for i in range(5, 9):
-    out, f = model.apply(variables, tokens[:, i:i + 1], train=False,
-                         cache=cache)
+    out, f = apply(variables, tokens[:, i:i + 1], cache)
     cache = f["cache"]
     rest.append(out)
   stepwise = jnp.concatenate([first] + rest, axis=1)
@@ -377,3 +377,56 @@ def test_sequence_longer_than_context():
                 max_new_tokens=3)
   with pytest.raises(ValueError, match="tokens must be an int array"):
     model.apply(variables, jnp.zeros((1, 3), jnp.float32))
+
+
+def test_sharded_forward_and_step_match_single_device():
+  """FSDP x tensor-parallel mesh (4 x 2 CPU devices) from the logical axis
+  names: same logits and same distillation step as unsharded."""
+  import optax
+  from kd_jax.train import create_train_state
+  from kd_jax.train import lm_steps
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tp"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (("vocab", "tp"), ("embed", "fsdp"), ("heads", "tp"), ("kv", None),
+           ("mlp", "tp"))
+  cfg = dict(vocab_size=32, hidden_size=16, intermediate_size=32,
+             num_heads=4, num_kv_heads=2, max_position_embeddings=32)
+  teacher = lm.Transformer(lm.LMConfig(num_layers=2, **cfg), jnp.float32)
+  student = lm.Transformer(lm.LMConfig(num_layers=1, **cfg), jnp.float32)
+  x = jnp.zeros((1, 4), jnp.int32)
+  boxed_t = teacher.init(jax.random.key(0), x)
+  boxed_s = student.init(jax.random.key(1), x)
+
+  def shard(boxed):
+    sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh,
+                                     rules)
+    return jax.device_put(nn.unbox(boxed), sh)
+
+  tv, sv = nn.unbox(boxed_t), nn.unbox(boxed_s)
+  tv_sh, sv_sh = shard(boxed_t), shard(boxed_s)
+  q = tv_sh["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tp", None)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (8, 12)))
+  batch_sh = jax.sharding.NamedSharding(mesh,
+                                        jax.sharding.PartitionSpec("fsdp"))
+  tokens_sh = jax.device_put(tokens, batch_sh)
+  fwd = jax.jit(lambda v, t: teacher.apply(v, t)[0])
+  np.testing.assert_allclose(fwd(tv_sh, tokens_sh), fwd(tv, tokens),
+                             rtol=1e-5, atol=1e-6)
+
+  tx = optax.adam(1e-2)
+  step = jax.jit(lm_steps.make_lm_distill_step(student, teacher, tx,
+                                               divergence="js_divergence",
+                                               ce_weight=0.5))
+  s1, m1 = step(create_train_state(sv, tx, rng=jax.random.key(2)), tv,
+                {"tokens": tokens})
+  s2, m2 = step(create_train_state(sv_sh, tx, rng=jax.random.key(2)), tv_sh,
+                {"tokens": tokens_sh})
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               s1.params, s2.params)
+  k = s2.params["layers_0"]["mlp"]["gate_proj"]["kernel"]
+  assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tp")
