@@ -105,18 +105,18 @@ def test_tfds_round_trip_and_grain_batches(tmp_path, tokenizer):
   # grain: each epoch of 10 rows in 5 batches of 2 is a permutation.
   train, _ = text.load_tfds_tokens(folder, "train")
   ds = text.lm_dataset(train, batch_size=2, seed=3)
-  rows = [tuple(r) for k in range(10) for r in ds[k]]
+  rows = [tuple(r) for k in range(10) for r in ds[k]["tokens"]]
   want = sorted(tuple(r) for r in splits["train"])
   assert sorted(rows[:10]) == want and sorted(rows[10:]) == want
   assert rows[:10] != rows[10:]  # reshuffled each epoch
   assert rows[:10] != [tuple(r) for r in splits["train"]]
   again = text.lm_dataset(splits["train"], batch_size=2, seed=3)
-  np.testing.assert_array_equal(again[7], ds[7])  # same seed, same batches
+  np.testing.assert_array_equal(again[7]["tokens"], ds[7]["tokens"])
   ordered = text.lm_dataset(splits["train"], batch_size=4, shuffle=False,
                             num_epochs=1)
   assert len(ordered) == 2
-  np.testing.assert_array_equal(ordered[1], splits["train"][4:8])
-  assert ordered[0].dtype == np.int32
+  np.testing.assert_array_equal(ordered[1]["tokens"], splits["train"][4:8])
+  assert ordered[0]["tokens"].dtype == np.int32
   with pytest.raises(ValueError, match="fewer than one batch of 64"):
     text.lm_dataset(splits["validation"], batch_size=64)
 
@@ -222,3 +222,91 @@ def test_austen_from_deb_and_missing_source(tmp_path):
                      "recommends r-cran-janeaustenr"):
     prepare_corpus.main(["--data_dir", str(tmp_path),
                          "--source", str(tmp_path / "nope.rdb")])
+
+
+def test_topk_cache_round_trip_and_zip(tmp_path):
+  import ml_dtypes
+  n, length, k = 6, 5, 4
+  rng = np.random.default_rng(0)
+  tokens = np.repeat(np.arange(n, dtype=np.int32)[:, None], length + 1, 1)
+  logprobs = -rng.random((n, length, k)).astype(np.float32) * 5
+  indices = (np.arange(n)[:, None, None] * 100
+             + rng.integers(0, 50, (n, length, k))).astype(np.int32)
+  w = text.TopkCacheWriter(str(tmp_path), "train", k,
+                           metadata={"teacher": "toy"})
+  w.write(logprobs[:4], indices[:4])
+  w.write(logprobs[4:], indices[4:])
+  path = w.close()
+  assert os.path.getsize(path) >= n * length * text.topk_bytes_per_token(k)
+  src = text.TopkCacheSource(str(tmp_path), "train", k)
+  assert len(src) == n and src.metadata["teacher"] == "toy"
+  assert src.metadata["bytes_per_token"] == 24
+  for i in range(n):
+    np.testing.assert_array_equal(src[i]["teacher_topk_indices"], indices[i])
+    got = src[i]["teacher_topk_logprobs"]
+    # bfloat16 keeps 8 significant bits: relative error <= 2^-8.
+    assert np.all(np.abs(got - logprobs[i]) <= 2.0 ** -8 * np.abs(
+        logprobs[i]))
+    np.testing.assert_array_equal(
+        got, logprobs[i].astype(ml_dtypes.bfloat16).astype(np.float32))
+  # Shuffled batches keep each sequence with its own cache rows.
+  ds = text.lm_dataset(text.ZipSource(tokens, src), batch_size=3, seed=1)
+  for step in range(4):
+    b = ds[step]
+    assert b["teacher_topk_indices"].shape == (3, length, k)
+    np.testing.assert_array_equal(b["teacher_topk_indices"] // 100,
+                                  np.broadcast_to(b["tokens"][:, :1, None],
+                                                  (3, length, k)))
+  with pytest.raises(ValueError, match="different lengths"):
+    text.ZipSource(tokens[:2], src)
+  with pytest.raises(FileNotFoundError, match=r"no teacher top-k cache \(k=8\)"):
+    text.TopkCacheSource(str(tmp_path), "train", 8)
+  with pytest.raises(ValueError, match=r"must be \[N, T, 4\]"):
+    text.TopkCacheWriter(str(tmp_path), "x", k).write(logprobs[..., :2],
+                                                      indices[..., :2])
+
+
+def test_cache_teacher_against_hf_logits(tmp_path, capsys):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import cache_teacher  # experiments/
+  import jax.numpy as jnp
+  from kd_jax.models import lm
+  from kd_jax.train import lm_steps
+  cfg = transformers.LlamaConfig(
+      vocab_size=50, hidden_size=16, intermediate_size=32,
+      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+      max_position_embeddings=32)
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(cfg).eval()
+  hf.save_pretrained(str(tmp_path / "teacher"))
+  rng = np.random.default_rng(0)
+  splits = {"train": rng.integers(0, 50, (5, 9)).astype(np.int32),
+            "validation": rng.integers(0, 50, (2, 9)).astype(np.int32)}
+  folder = text.write_tfds_tokens(str(tmp_path), "toy", splits)
+  model, variables, _ = lm.load_hf_folder(str(tmp_path / "teacher"),
+                                          dtype=jnp.float32)
+  fn = lm_steps.make_teacher_topk_fn(model, k=5, temperature=2.0)
+  info = cache_teacher.cache_split(fn, variables, folder, "train", 5,
+                                   batch_size=2)
+  assert info["tokens"] == 5 * 8 and info["bytes_per_token"] == 30
+  with torch.no_grad():
+    logits = hf(torch.as_tensor(splits["train"][:, :-1])).logits.numpy()
+  z = logits.astype(np.float64) / 2.0
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  want_idx = np.argsort(-logp, -1)[..., :5]
+  src = text.TopkCacheSource(folder, "train", 5)
+  for i in range(5):
+    np.testing.assert_array_equal(src[i]["teacher_topk_indices"],
+                                  want_idx[i])
+    want = np.take_along_axis(logp[i], want_idx[i], -1)
+    np.testing.assert_allclose(src[i]["teacher_topk_logprobs"], want,
+                               rtol=2.0 ** -8, atol=1e-5)
+  # The command line, bfloat16 teacher, two k values, another split.
+  cache_teacher.main(["--dataset", folder, "--hf_dir",
+                      str(tmp_path / "teacher"), "--k", "2", "8",
+                      "--splits", "validation", "--batch_size", "4"])
+  out = capsys.readouterr().out
+  assert "| top-8 (bf16 log-prob + int32 index) | 48 | 0.4800 |" in out
+  assert len(text.TopkCacheSource(folder, "validation", 2)) == 2

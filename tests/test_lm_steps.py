@@ -329,3 +329,79 @@ def test_eval_step_and_perplexity_against_numpy():
     correct += ((lp.argmax(-1) == y) & mm).sum()
   np.testing.assert_allclose(got["perplexity"], np.exp(nll / n), rtol=1e-5)
   assert got["tokens"] == n and got["token_acc"] == correct / n
+
+
+def test_teacher_topk_fn_against_numpy():
+  _, wt = _weights(11)
+  tokens = np.random.default_rng(12).integers(0, V, (B, L))
+  fn = jax.jit(lm_steps.make_teacher_topk_fn(teacher_apply, k=3,
+                                             temperature=2.0))
+  lp, idx = fn({"params": {"W": jnp.asarray(wt)}}, jnp.asarray(tokens))
+  ref = np_log_softmax(wt[tokens[:, :-1]] / 2.0)
+  want_idx = np.argsort(-ref, axis=-1)[..., :3]
+  np.testing.assert_array_equal(idx, want_idx)
+  np.testing.assert_allclose(lp, np.take_along_axis(ref, want_idx, -1),
+                             rtol=1e-5)
+
+
+def _renormalized_topk_kl(s, lp, idx, *, temperature, tail, where):
+  """KL(p~ || q~) over the k cached classes (a test-local top-k loss)."""
+  del tail
+  q = jax.nn.log_softmax(
+      jnp.take_along_axis(s / temperature, idx, -1), axis=-1)
+  p = jax.nn.log_softmax(lp, axis=-1)
+  return jnp.where(where, jnp.sum(jnp.exp(p) * (p - q), -1), 0.0)
+
+
+def _np_topk_loss(w, tokens, mask, lp, idx, temperature, ce_w, kd_w):
+  x, y, m = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+  s = w[x]
+  nll = -np.take_along_axis(np_log_softmax(s), y[..., None], -1)[..., 0]
+  q = np_log_softmax(np.take_along_axis(s / temperature, idx, -1))
+  p = np_log_softmax(lp)
+  kd = (np.exp(p) * (p - q)).sum(-1)
+  return (ce_w * (nll * m).sum() + kd_w * (kd * m).sum()) / m.sum()
+
+
+def test_topk_step_with_cached_teacher_matches_numpy():
+  w, wt = _weights(13)
+  rng = np.random.default_rng(14)
+  tokens = rng.integers(0, V, (B, L))
+  mask = rng.random((B, L)) < 0.8
+  lp, idx = lm_steps.make_teacher_topk_fn(teacher_apply, k=4)(
+      {"params": {"W": jnp.asarray(wt)}}, jnp.asarray(tokens))
+  lp, idx = np.asarray(lp, np.float64), np.asarray(idx)
+  step = jax.jit(lm_steps.make_lm_topk_step(
+      bigram_apply, optax.sgd(1.0), topk_loss=_renormalized_topk_kl,
+      temperature=1.5, ce_weight=0.3, kd_weight=1.0))
+  state = _state(w)
+  new_state, metrics = step(state, {
+      "tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask),
+      "teacher_topk_logprobs": jnp.asarray(lp, jnp.float32),
+      "teacher_topk_indices": jnp.asarray(idx)})
+  ref = lambda ww: _np_topk_loss(ww, tokens, mask, lp, idx, 1.5, 0.3, 1.0)  # noqa: E731
+  _check_grad(state, new_state, ref, w, metrics)
+  with pytest.raises(ValueError, match="teacher top-k arrays must be"):
+    step(state, {"tokens": jnp.asarray(tokens),
+                 "teacher_topk_logprobs": jnp.asarray(lp[:, :3], jnp.float32),
+                 "teacher_topk_indices": jnp.asarray(idx[:, :3])})
+
+
+def test_topk_step_default_loss_full_k_is_forward_kl():
+  from kd_jax import losses
+  if not hasattr(losses, "topk_kd_loss"):
+    pytest.skip("kd_jax.losses.topk_kd_loss not available in this checkout")
+  w, wt = _weights(15)
+  tokens = np.random.default_rng(16).integers(0, V, (B, L))
+  mask = np.ones((B, L), bool)
+  lp, idx = lm_steps.make_teacher_topk_fn(teacher_apply, k=V)(
+      {"params": {"W": jnp.asarray(wt)}}, jnp.asarray(tokens))
+  step = jax.jit(lm_steps.make_lm_topk_step(bigram_apply, optax.sgd(1.0)))
+  state = _state(w)
+  new_state, metrics = step(state, {"tokens": jnp.asarray(tokens),
+                                    "teacher_topk_logprobs": lp,
+                                    "teacher_topk_indices": idx})
+  ref = lambda ww: np_loss(ww, wt, tokens, mask, divergence="forward_kl",  # noqa: E731
+                           temperature=1.0, beta=0.5, ce_weight=0.0,
+                           kd_weight=1.0)
+  _check_grad(state, new_state, ref, w, metrics)

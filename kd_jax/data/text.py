@@ -16,10 +16,14 @@ user's TFDS text dataset):
    (feature ``tokens``: int32 ``[seq_len]``), written with TFDS's own
    serializer and metadata, readable with ``tfds.data_source`` -- no
    TensorFlow needed, as the MNIST data;
-5. `lm_dataset`: a grain ``MapDataset`` of ``[batch, seq_len]`` int32
-   batches over a TFDS data source or an in-memory array, shuffled per epoch
-   from a seed; ``dataset[step]`` is the batch of a global step (random
-   access: exact resume from a step number).
+5. `lm_dataset`: a grain ``MapDataset`` of ``{"tokens": int32 [batch,
+   seq_len]}`` batches over a TFDS data source or an in-memory array,
+   shuffled per epoch from a seed; ``dataset[step]`` is the batch of a global
+   step (random access: exact resume from a step number).
+6. offline teacher cache: `TopkCacheWriter` stores a teacher's top-k
+   log-probabilities (bfloat16) and indices (int32) per token next to the
+   dataset, `TopkCacheSource` reads them back, `ZipSource` pairs them with
+   the token split so `lm_dataset` batches both.
 
 A language model trains on ``tokens[:, :-1]`` to predict ``tokens[:, 1:]``.
 
@@ -208,19 +212,27 @@ def load_tfds_tokens(folder: str, split: str):
   return builder.as_data_source(split=split), meta
 
 
-def _tokens_of(item):
-  return np.asarray(item["tokens"] if isinstance(item, Mapping) else item,
-                    np.int32)
+def _as_example(item) -> dict:
+  if isinstance(item, Mapping):
+    return {k: np.asarray(v) for k, v in item.items()}
+  return {"tokens": np.asarray(item, np.int32)}
+
+
+def _stack(rows) -> dict:
+  out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  out["tokens"] = out["tokens"].astype(np.int32)
+  return out
 
 
 def lm_dataset(source, *, batch_size: int, seed: int = 0,
                shuffle: bool = True, num_epochs: Optional[int] = None,
                drop_remainder: bool = True):
-  """grain ``MapDataset`` of int32 ``[batch_size, seq_len]`` token batches.
+  """grain ``MapDataset`` of batches ``{"tokens": int32 [B, seq_len], ...}``.
 
   Args:
-    source: a random-access source of sequences: a ``[N, L]`` array, or a
-      TFDS data source whose items are ``{"tokens": [L]}``.
+    source: a random-access source of sequences: a ``[N, L]`` array, a TFDS
+      data source whose items are ``{"tokens": [L]}``, or a `ZipSource`
+      (tokens + a teacher cache); every field of an item is batched.
     batch_size: sequences per batch.
     seed: shuffle seed (a new permutation each epoch).
     shuffle: False keeps the stored order (evaluation).
@@ -235,11 +247,120 @@ def lm_dataset(source, *, batch_size: int, seed: int = 0,
   ds = grain.MapDataset.source(source)
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.map(_tokens_of)
+  ds = ds.map(_as_example)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  return ds.batch(batch_size, drop_remainder=drop_remainder,
-                  batch_fn=lambda rows: np.stack(rows).astype(np.int32))
+  return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_stack)
+
+
+class ZipSource:
+  """Random-access source merging the dict items of equally long sources
+  (e.g. a TFDS token split and its `TopkCacheSource`)."""
+
+  def __init__(self, *sources):
+    lengths = {len(s) for s in sources}
+    if len(lengths) != 1:
+      raise ValueError(f"sources to zip have different lengths "
+                       f"{[len(s) for s in sources]}")
+    self._sources = sources
+
+  def __len__(self):
+    return len(self._sources[0])
+
+  def __getitem__(self, i):
+    out = {}
+    for s in self._sources:
+      out.update(_as_example(s[i]))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Offline teacher cache: top-k log-probabilities (bfloat16) + indices (int32).
+# ---------------------------------------------------------------------------
+
+
+def topk_cache_path(folder: str, split: str, k: int) -> str:
+  return os.path.join(folder, f"teacher_topk_k{k}-{split}.array_record")
+
+
+def topk_bytes_per_token(k: int) -> int:
+  """Cache bytes per token: k bfloat16 log-probs + k int32 indices."""
+  return 6 * k
+
+
+class TopkCacheWriter:
+  """Writes one record per sequence: ``[T, k]`` bfloat16 log-probs then
+  ``[T, k]`` int32 indices (raw little-endian bytes, array_record), in the
+  order of the token split it belongs to; `close` writes the json metadata
+  ``teacher_topk_k{k}-{split}.json``."""
+
+  def __init__(self, folder: str, split: str, k: int, *,
+               metadata: Optional[dict] = None):
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    self._path = topk_cache_path(folder, split, k)
+    self._writer = ArrayRecordWriter(self._path, "group_size:1")
+    self._k, self._count, self._length = k, 0, None
+    self._metadata = dict(metadata or {})
+
+  def write(self, logprobs, indices) -> None:
+    """Appends ``[N, T, k]`` log-probs and indices (N sequences)."""
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    logprobs, indices = np.asarray(logprobs), np.asarray(indices)
+    if (logprobs.ndim != 3 or logprobs.shape != indices.shape
+        or logprobs.shape[-1] != self._k):
+      raise ValueError(f"top-k cache rows must be [N, T, {self._k}] (both "
+                       f"arrays); got {list(logprobs.shape)} and "
+                       f"{list(indices.shape)}")
+    if self._length not in (None, logprobs.shape[1]):
+      raise ValueError(f"sequence length changed from {self._length} to "
+                       f"{logprobs.shape[1]}")
+    self._length = logprobs.shape[1]
+    lp = logprobs.astype(ml_dtypes.bfloat16).view(np.uint16).astype("<u2")
+    idx = indices.astype("<i4")
+    for a, b in zip(lp, idx):
+      self._writer.write(a.tobytes() + b.tobytes())
+    self._count += len(lp)
+
+  def close(self) -> str:
+    self._writer.close()
+    meta = dict(self._metadata, k=self._k, length=self._length,
+                num_sequences=self._count,
+                bytes_per_token=topk_bytes_per_token(self._k))
+    with open(self._path[:-len(".array_record")] + ".json", "w") as fh:
+      json.dump(meta, fh, indent=2, sort_keys=True)
+    return self._path
+
+
+class TopkCacheSource:
+  """Random-access reader of a `TopkCacheWriter` file: items
+  ``{"teacher_topk_logprobs": float32 [T, k], "teacher_topk_indices": int32
+  [T, k]}``."""
+
+  def __init__(self, folder: str, split: str, k: int):
+    import grain  # pylint: disable=g-import-not-at-top
+    path = topk_cache_path(folder, split, k)
+    meta_path = path[:-len(".array_record")] + ".json"
+    if not os.path.isfile(meta_path):
+      raise FileNotFoundError(f"no teacher top-k cache (k={k}) for split "
+                              f"{split!r} in {folder}")
+    with open(meta_path) as fh:
+      self.metadata = json.load(fh)
+    self._source = grain.sources.ArrayRecordDataSource([path])
+    self._shape = (self.metadata["length"], k)
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    raw = self._source[i]
+    n = int(np.prod(self._shape))
+    lp = np.frombuffer(raw, "<u2", count=n).view(ml_dtypes.bfloat16)
+    idx = np.frombuffer(raw, "<i4", count=n, offset=2 * n)
+    return {"teacher_topk_logprobs": lp.astype(np.float32).reshape(
+                self._shape),
+            "teacher_topk_indices": idx.astype(np.int32).reshape(
+                self._shape)}
 
 
 def split_documents(docs: Sequence[str], fractions: Mapping[str, float], *,

@@ -28,6 +28,9 @@ the set :math:`M` of trained target positions,
   "Word-KD + Seq-KD").
 * `make_lm_eval_step`: summed NLL and token count of a batch, for
   held-out perplexity :math:`\exp(\sum \mathrm{nll} / \sum n)` (`perplexity`).
+* `make_lm_topk_step`: offline KD from a cached sparse teacher (its top-k
+  log-probabilities per token, `make_teacher_topk_fn` computes them) with a
+  top-k loss (``kd_jax.losses.topk_kd_loss`` by default).
 * `make_gkd_step`: on-policy GKD (Agarwal et al., ICLR 2024) with TRL
   ``GKDTrainer``'s parameters: ``seq_kd`` (the teacher generates the
   completions first), then with probability ``lmbda`` the completions are the
@@ -85,10 +88,12 @@ def token_divergence(student_logits, teacher_logits, mask, *,
 
 def lm_loss(student_logits, teacher_logits, targets, mask, *,
             divergence="forward_kl", temperature=1.0, beta=0.5,
-            ce_weight=0.0, kd_weight=1.0):
+            ce_weight=0.0, kd_weight=1.0, kd_fn=None):
   """``(loss, metrics)``: weighted token-mean NLL + divergence (see module).
 
-  `teacher_logits` may be None when ``kd_weight == 0``.
+  `teacher_logits` may be None when ``kd_weight == 0`` or when `kd_fn`
+  (``kd_fn(student_logits, mask) -> per-token [B, T]``, e.g. a top-k loss
+  against a cached teacher) replaces the divergence.
   """
   s = student_logits.astype(jnp.float32)
   mask = mask.astype(bool)
@@ -97,7 +102,9 @@ def lm_loss(student_logits, teacher_logits, targets, mask, *,
   logp = jax.nn.log_softmax(s, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   ce = jnp.sum(jnp.where(mask, nll, 0.0)) / denom
-  if kd_weight:
+  if kd_weight and kd_fn is not None:
+    kd = jnp.sum(kd_fn(s, mask)) / denom
+  elif kd_weight:
     kd = jnp.sum(token_divergence(s, teacher_logits, mask,
                                   divergence=divergence,
                                   temperature=temperature, beta=beta)) / denom
@@ -369,3 +376,74 @@ def perplexity(sums: Sequence[dict]) -> dict:
     raise ValueError("no evaluated tokens")
   return {"perplexity": math.exp(nll / n), "nll": nll / n,
           "token_acc": correct / n, "tokens": n}
+
+
+def make_teacher_topk_fn(teacher_apply, *, k: int, temperature: float = 1.0):
+  """``fn(variables, tokens [B, L]) -> (logprobs, indices)`` ``[B, L-1, k]``.
+
+  The k largest of ``log_softmax(z / T)`` (float32, descending) of the
+  teacher's logits for ``tokens[:, :-1]`` (the predictions of
+  ``tokens[:, 1:]``) and their int32 vocabulary indices: what an offline
+  cache stores (e.g. as bfloat16 + int32).
+  """
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"k must be an int >= 1, got {k!r}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  teacher_apply = _steps.as_teacher_apply(teacher_apply)
+
+  def fn(variables, tokens):
+    logits = teacher_apply(variables, tokens[:, :-1])[0].astype(jnp.float32)
+    if k > logits.shape[-1]:
+      raise ValueError(f"k={k} exceeds the vocabulary {logits.shape[-1]}")
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    values, indices = jax.lax.top_k(logp, k)
+    return values, indices.astype(jnp.int32)
+
+  return fn
+
+
+def make_lm_topk_step(student_apply, tx, *, topk_loss: Optional[Callable] = None,
+                      temperature: float = 1.0, tail: str = "bucket",
+                      ce_weight: float = 0.0, kd_weight: float = 1.0,
+                      axis_name: Optional[str] = None,
+                      rng_streams: Sequence[str] = ("dropout",)):
+  """Offline KD: ``step(state, batch)`` with the teacher read from the batch.
+
+  The batch holds ``tokens`` [B, L] and the cache's
+  ``teacher_topk_logprobs`` / ``teacher_topk_indices`` [B, L-1, k] (as
+  `make_teacher_topk_fn` makes them). The KD term is
+  ``topk_loss(student_logits, logprobs, indices, temperature=, tail=,
+  where=)`` per token (default ``kd_jax.losses.topk_kd_loss``).
+  """
+  if topk_loss is None:
+    from kd_jax import losses as _losses  # pylint: disable=g-import-not-at-top
+    topk_loss = getattr(_losses, "topk_kd_loss", None)
+    if topk_loss is None:
+      raise ValueError("kd_jax.losses has no topk_kd_loss; pass topk_loss=")
+  student_apply = _steps.as_student_apply(student_apply)
+  base_kw = dict(ce_weight=ce_weight, kd_weight=kd_weight)
+
+  def step(state, batch):
+    _check_tokens_batch(batch)
+    _steps._check_batch(batch, ("teacher_topk_logprobs",  # pylint: disable=protected-access
+                                "teacher_topk_indices"))
+    tokens = batch["tokens"].astype(jnp.int32)
+    lp = batch["teacher_topk_logprobs"].astype(jnp.float32)
+    idx = batch["teacher_topk_indices"].astype(jnp.int32)
+    want = (tokens.shape[0], tokens.shape[1] - 1)
+    if lp.shape[:2] != want or idx.shape != lp.shape:
+      raise ValueError(f"teacher top-k arrays must be {list(want)} + [k]; got "
+                       f"logprobs {list(lp.shape)}, indices "
+                       f"{list(idx.shape)}")
+    mask = batch.get("mask", jnp.ones(tokens.shape, bool))
+
+    def kd_fn(s, m):
+      return topk_loss(s, lp, idx, temperature=temperature, tail=tail,
+                       where=m)
+
+    rngs, _ = _keys(state, axis_name, rng_streams)
+    return _apply_update(state, student_apply, tx, tokens, mask, None,
+                         dict(base_kw, kd_fn=kd_fn), rngs, axis_name)
+
+  return step
