@@ -258,7 +258,7 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="seq_kd=True needs teacher_generate"):
     lm_steps.make_gkd_step(bigram_apply, teacher_apply, optax.sgd(1.0),
                            student_generate=None, prompt_len=2, seq_kd=True)
-  with pytest.raises(NotImplementedError, match="fused"):
+  with pytest.raises(ValueError, match="fused=True needs student_head"):
     lm_steps.make_lm_distill_step(bigram_apply, teacher_apply,
                                   optax.sgd(1.0), fused=True)
   w, wt = _weights(0)
@@ -405,3 +405,70 @@ def test_topk_step_default_loss_full_k_is_forward_kl():
                            temperature=1.0, beta=0.5, ce_weight=0.0,
                            kd_weight=1.0)
   _check_grad(state, new_state, ref, w, metrics)
+
+
+# --- fused-head path ----------------------------------------------------------
+
+D = 5
+
+
+def hidden_apply(variables, tokens, train=False, rngs=None, logits=True):
+  """Embedding -> tanh hidden [B, T, D] -> head K [D, V] (a tiny LM)."""
+  del train, rngs
+  p = variables["params"]
+  h = jnp.tanh(p["E"][tokens])
+  return (h @ p["K"] if logits else None), {"hidden": h}
+
+
+def hidden_teacher(variables, tokens, logits=True):
+  return hidden_apply(variables, tokens, logits=logits)
+
+
+def _hidden_params(seed):
+  rng = np.random.default_rng(seed)
+  return {"params": {"E": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+                     "K": jnp.asarray(rng.normal(size=(D, V)), jnp.float32)}}
+
+
+def _reference_fused(h_s, k_s, h_t, k_t, *, divergence, beta, temperature,
+                     where, labels, chunk_size):
+  """Unfused stand-in with fused_head_divergence's contract."""
+  del chunk_size
+  names = {"jsd": "js_divergence", "tvd": "total_variation"}
+  s, t = h_s @ k_s, h_t @ k_t
+  kd = lm_steps.token_divergence(s, t, where,
+                                 divergence=names.get(divergence, divergence),
+                                 temperature=temperature, beta=beta)
+  lse = jax.nn.logsumexp(s, -1)
+  ce = jnp.where(where, lse - jnp.take_along_axis(s, labels[..., None],
+                                                  -1)[..., 0], 0.0)
+  return kd, ce
+
+
+@pytest.mark.parametrize("use_library", [False, True])
+def test_fused_step_equals_unfused(use_library):
+  from kd_jax import losses
+  if use_library and not hasattr(losses, "fused_head_divergence"):
+    pytest.skip("kd_jax.losses.fused_head_divergence not in this checkout")
+  sv, tv = _hidden_params(20), _hidden_params(21)
+  rng = np.random.default_rng(22)
+  tokens = jnp.asarray(rng.integers(0, V, (B, L)))
+  mask = jnp.asarray(rng.random((B, L)) < 0.8)
+  kw = dict(divergence="js_divergence", beta=0.3, temperature=1.5,
+            ce_weight=0.4, kd_weight=1.0)
+  head = lambda v: v["params"]["K"]  # noqa: E731
+  plain = jax.jit(lm_steps.make_lm_distill_step(
+      hidden_apply, hidden_teacher, optax.sgd(1.0), **kw))
+  fused = jax.jit(lm_steps.make_lm_distill_step(
+      hidden_apply, hidden_teacher, optax.sgd(1.0), fused=True,
+      student_head=head, teacher_head=head, chunk_size=8,
+      fused_loss=None if use_library else _reference_fused, **kw))
+  state = create_train_state(sv, optax.sgd(1.0), rng=jax.random.key(0))
+  batch = {"tokens": tokens, "mask": mask}
+  s1, m1 = plain(state, tv, batch)
+  s2, m2 = fused(state, tv, batch)
+  for key in ("loss", "ce", "kd", "tokens"):
+    np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6),
+               s1.params, s2.params)

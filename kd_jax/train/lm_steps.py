@@ -148,15 +148,23 @@ def _generated(gen_fn, variables, prompts, rng, length, who):
 
 
 def _apply_update(state: TrainState, student_apply, tx, tokens, mask,
-                  teacher_logits, loss_kw, rngs, axis_name):
-  """Student forward on ``tokens[:, :-1]``, loss on targets, optax update."""
+                  teacher_logits, loss_kw, rngs, axis_name, loss_of=None):
+  """Student forward on ``tokens[:, :-1]``, loss on targets, optax update.
+
+  `loss_of(logits, features, variables, targets, mask) -> (loss, metrics)`
+  replaces `lm_loss` when given (the fused-head path).
+  """
   inputs, targets, tmask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
   def loss_fn(trainable):
     variables = student_variables(trainable["student"], state.batch_stats)
     out = student_apply(variables, inputs, train=True, rngs=rngs)
-    logits, _, updates = _steps._split_student_out(out)  # pylint: disable=protected-access
-    loss, metrics = lm_loss(logits, teacher_logits, targets, tmask, **loss_kw)
+    logits, feats, updates = _steps._split_student_out(out)  # pylint: disable=protected-access
+    if loss_of is not None:
+      loss, metrics = loss_of(logits, feats, variables, targets, tmask)
+    else:
+      loss, metrics = lm_loss(logits, teacher_logits, targets, tmask,
+                              **loss_kw)
     return loss, (metrics, updates)
 
   trainable = state.trainable()
@@ -190,6 +198,10 @@ def make_lm_distill_step(student_apply, teacher_apply, tx, *,
                          temperature: float = 1.0, beta: float = 0.5,
                          ce_weight: float = 0.0, kd_weight: float = 1.0,
                          fused: bool = False,
+                         student_head: Optional[Callable] = None,
+                         teacher_head: Optional[Callable] = None,
+                         fused_loss: Optional[Callable] = None,
+                         chunk_size: int = 1024,
                          axis_name: Optional[str] = None,
                          rng_streams: Sequence[str] = ("dropout",)):
   """Teacher-forced token-level KD: ``step(state, teacher_variables, batch)``.
@@ -199,19 +211,28 @@ def make_lm_distill_step(student_apply, teacher_apply, tx, *,
     tx: optax transformation of ``{'student', 'distiller'}``.
     divergence, temperature, beta: the token divergence.
     ce_weight, kd_weight: weights of the NLL and the divergence.
-    fused: compute the divergence from the hidden states and head kernels
-      without materializing ``[B, T, V]`` logits (reserved; not implemented
-      yet).
+    fused: compute the NLL and the divergence from the final hidden states
+      and the head kernels, never materializing ``[B, T, V]`` logits. Both
+      models then run with ``logits=False`` (Linen modules, or apply
+      functions taking that keyword) and return ``features["hidden"]``;
+      `student_head` / `teacher_head` map variables to the ``[D, V]`` head
+      kernel (e.g. ``functools.partial(kd_jax.models.lm.head_kernel,
+      config=...)``); the loss is `fused_loss` (default
+      ``kd_jax.losses.fused_head_divergence``), called as
+      ``fused_loss(h_s, k_s, h_t, k_t, divergence=, beta=, temperature=,
+      where=, labels=, chunk_size=) -> (divergence, ce)`` per token.
     axis_name: ``pmap`` axis for gradient / metric averaging.
     rng_streams: PRNG streams handed to the student.
   """
   _check_divergence(divergence, temperature, beta)
-  if fused:
-    raise NotImplementedError("fused=True (head-fused token divergences) is "
-                              "not implemented yet")
-  student_apply = _steps.as_student_apply(student_apply)
   loss_kw = dict(divergence=divergence, temperature=temperature, beta=beta,
                  ce_weight=ce_weight, kd_weight=kd_weight)
+  if fused:
+    return _fused_distill_step(
+        student_apply, teacher_apply, tx, loss_kw, student_head=student_head,
+        teacher_head=teacher_head, fused_loss=fused_loss,
+        chunk_size=chunk_size, axis_name=axis_name, rng_streams=rng_streams)
+  student_apply = _steps.as_student_apply(student_apply)
 
   def step(state, teacher_variables, batch):
     _check_tokens_batch(batch)
@@ -222,6 +243,71 @@ def make_lm_distill_step(student_apply, teacher_apply, tx, *,
     rngs, _ = _keys(state, axis_name, rng_streams)
     return _apply_update(state, student_apply, tx, tokens, mask, t_logits,
                          loss_kw, rngs, axis_name)
+
+  return step
+
+
+# Names of `kd_jax.losses.fused_head_divergence`'s divergences.
+_FUSED_NAMES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl",
+                "js_divergence": "jsd", "total_variation": "tvd"}
+
+
+def _headless(apply_fn, train: bool):
+  """An apply function run with ``logits=False`` (Linen modules wrapped)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  if isinstance(apply_fn, nn.Module):
+    module = apply_fn
+    if train:
+      return lambda v, x, train=True, rngs=None: module.apply(
+          v, x, train=train, rngs=rngs, logits=False)
+    return lambda v, x: module.apply(v, x, train=False, logits=False)
+  if train:
+    return lambda v, x, train=True, rngs=None: apply_fn(
+        v, x, train=train, rngs=rngs, logits=False)
+  return lambda v, x: apply_fn(v, x, logits=False)
+
+
+def _fused_distill_step(student_apply, teacher_apply, tx, loss_kw, *,
+                        student_head, teacher_head, fused_loss, chunk_size,
+                        axis_name, rng_streams):
+  """`make_lm_distill_step(fused=True)`: losses from hidden states + heads."""
+  if student_head is None or teacher_head is None:
+    raise ValueError("fused=True needs student_head and teacher_head "
+                     "(variables -> [D, V] head kernel)")
+  if fused_loss is None:
+    from kd_jax import losses as _losses  # pylint: disable=g-import-not-at-top
+    fused_loss = getattr(_losses, "fused_head_divergence", None)
+    if fused_loss is None:
+      raise ValueError("kd_jax.losses has no fused_head_divergence; pass "
+                       "fused_loss=")
+  student_fn = _headless(student_apply, True)
+  teacher_fn = _headless(teacher_apply, False)
+  ce_w, kd_w = loss_kw["ce_weight"], loss_kw["kd_weight"]
+
+  def step(state, teacher_variables, batch):
+    _check_tokens_batch(batch)
+    tokens = batch["tokens"].astype(jnp.int32)
+    mask = batch.get("mask", jnp.ones(tokens.shape, bool))
+    t_hidden = jax.lax.stop_gradient(
+        teacher_fn(teacher_variables, tokens[:, :-1])[1]["hidden"])
+    t_kernel = jax.lax.stop_gradient(teacher_head(teacher_variables))
+
+    def loss_of(_, feats, variables, targets, tmask):
+      kd, ce = fused_loss(
+          feats["hidden"], student_head(variables), t_hidden, t_kernel,
+          divergence=_FUSED_NAMES[loss_kw["divergence"]],
+          beta=loss_kw["beta"], temperature=loss_kw["temperature"],
+          where=tmask, labels=targets, chunk_size=chunk_size)
+      count = jnp.sum(tmask)
+      denom = jnp.maximum(count, 1).astype(jnp.float32)
+      ce, kd = jnp.sum(ce) / denom, jnp.sum(kd) / denom
+      loss = ce_w * ce + kd_w * kd
+      return loss, {"loss": loss, "ce": ce, "kd": kd,
+                    "tokens": count.astype(jnp.float32)}
+
+    rngs, _ = _keys(state, axis_name, rng_streams)
+    return _apply_update(state, student_fn, tx, tokens, mask, None, None,
+                         rngs, axis_name, loss_of=loss_of)
 
   return step
 
