@@ -430,3 +430,22 @@ def test_sharded_forward_and_step_match_single_device():
                s1.params, s2.params)
   k = s2.params["layers_0"]["mlp"]["gate_proj"]["kernel"]
   assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tp")
+
+
+def test_remat_same_values_and_gradients():
+  config = lm.LMConfig(vocab_size=13, hidden_size=8, intermediate_size=16,
+                       num_layers=2, num_heads=2, max_position_embeddings=8)
+  plain = lm.Transformer(config, dtype=jnp.float32)
+  remat = lm.Transformer(config, dtype=jnp.float32, remat=True)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, (2, 6)))
+  variables = nn.unbox(plain.init(jax.random.key(0), tokens))
+  assert jax.tree.map(jnp.shape, nn.unbox(remat.init(
+      jax.random.key(0), tokens))) == jax.tree.map(jnp.shape, variables)
+
+  def loss(v, model):
+    return jnp.sum(jnp.square(model.apply(v, tokens)[0]))
+
+  g1 = jax.jit(jax.grad(lambda v: loss(v, plain)))(variables)
+  g2 = jax.jit(jax.grad(lambda v: loss(v, remat)))(variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6), g1, g2)

@@ -215,9 +215,17 @@ class DecoderBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Llama / Qwen2 decoder; see the module docstring for the contract."""
+  """Llama / Qwen2 decoder; see the module docstring for the contract.
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype (parameters are float32).
+    remat: recompute each block's activations in the backward pass
+      (``nn.remat``; same parameters and values, less activation memory).
+  """
   config: LMConfig
   dtype: Any = jnp.bfloat16
+  remat: bool = False
 
   def _check_tokens(self, tokens, cache):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -245,9 +253,10 @@ class Transformer(nn.Module):
     start = 0 if cache is None else index
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
     stages, new_layers = [], []
+    block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
     for i in range(c.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      h, new = DecoderBlock(c, self.dtype, name=f"layers_{i}")(
+      h, new = block(c, self.dtype, name=f"layers_{i}")(
           h, positions, layer_cache, index)
       stages.append(h)
       new_layers.append(new)
