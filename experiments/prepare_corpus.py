@@ -3,7 +3,7 @@
 Default corpus: Jane Austen's six completed novels as shipped by the Debian
 package ``r-cran-janeaustenr`` (Julia Silge's CRAN package ``janeaustenr``;
 the texts are public domain, from Project Gutenberg; the package is MIT
-licensed). About 3.95 MB of text, 6 novels. Install it with either
+licensed). About 4.0 M characters, 6 novels. Install it with either
 
   apt-get install --no-install-recommends r-cran-janeaustenr
       # -> /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb (pulls in R)
