@@ -472,3 +472,24 @@ def test_fused_step_equals_unfused(use_library):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
                s1.params, s2.params)
+
+
+def test_vocab_mismatch_needs_vocab_size():
+  w, _ = _weights(30)
+  wt_wide = np.random.default_rng(31).normal(size=(V, V + 3))
+  tokens = jnp.asarray(np.random.default_rng(32).integers(0, V, (B, L)))
+  teacher = {"params": {"W": jnp.asarray(wt_wide)}}
+  step = lm_steps.make_lm_distill_step(bigram_apply, teacher_apply,
+                                       optax.sgd(1.0))
+  with pytest.raises(ValueError, match=r"student vocabulary \(7 logits\) != "
+                     r"teacher vocabulary \(10\); pass vocab_size="):
+    step(_state(w), teacher, {"tokens": tokens})
+  step = jax.jit(lm_steps.make_lm_distill_step(
+      bigram_apply, teacher_apply, optax.sgd(1.0), vocab_size=V))
+  state = _state(w)
+  new_state, metrics = step(state, teacher, {"tokens": tokens})
+  mask = np.ones((B, L), bool)
+  ref = lambda ww: np_loss(ww, wt_wide[:, :V], np.asarray(tokens), mask,  # noqa: E731
+                           divergence="forward_kl", temperature=1.0, beta=0.5,
+                           ce_weight=0.0, kd_weight=1.0)
+  _check_grad(state, new_state, ref, w, metrics)

@@ -78,8 +78,22 @@ def _check_divergence(divergence, temperature, beta):
 
 def token_divergence(student_logits, teacher_logits, mask, *,
                      divergence: str = "forward_kl", temperature=1.0,
-                     beta=0.5):
-  """Per-token divergence ``[B, T]`` (0 where ``mask`` is False)."""
+                     beta=0.5, vocab_size: Optional[int] = None):
+  """Per-token divergence ``[B, T]`` (0 where ``mask`` is False).
+
+  Heads of different widths (a vocabulary padded differently) need
+  `vocab_size`: only the first `vocab_size` logits of both are compared.
+  """
+  vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+  if vocab_size is not None:
+    if not 1 <= vocab_size <= min(vs, vt):
+      raise ValueError(f"vocab_size {vocab_size} must be in [1, "
+                       f"{min(vs, vt)}] (student {vs}, teacher {vt} logits)")
+    student_logits = student_logits[..., :vocab_size]
+    teacher_logits = teacher_logits[..., :vocab_size]
+  elif vs != vt:
+    raise ValueError(f"student vocabulary ({vs} logits) != teacher vocabulary "
+                     f"({vt}); pass vocab_size= (the shared tokenizer's size)")
   fn = getattr(_div, divergence)
   kw = {"beta": beta} if divergence == "js_divergence" else {}
   return fn(student_logits, teacher_logits, temperature=temperature,
@@ -88,7 +102,7 @@ def token_divergence(student_logits, teacher_logits, mask, *,
 
 def lm_loss(student_logits, teacher_logits, targets, mask, *,
             divergence="forward_kl", temperature=1.0, beta=0.5,
-            ce_weight=0.0, kd_weight=1.0, kd_fn=None):
+            ce_weight=0.0, kd_weight=1.0, kd_fn=None, vocab_size=None):
   """``(loss, metrics)``: weighted token-mean NLL + divergence (see module).
 
   `teacher_logits` may be None when ``kd_weight == 0`` or when `kd_fn`
@@ -107,7 +121,8 @@ def lm_loss(student_logits, teacher_logits, targets, mask, *,
   elif kd_weight:
     kd = jnp.sum(token_divergence(s, teacher_logits, mask,
                                   divergence=divergence,
-                                  temperature=temperature, beta=beta)) / denom
+                                  temperature=temperature, beta=beta,
+                                  vocab_size=vocab_size)) / denom
   else:
     kd = jnp.zeros((), jnp.float32)
   loss = ce_weight * ce + kd_weight * kd
@@ -202,6 +217,7 @@ def make_lm_distill_step(student_apply, teacher_apply, tx, *,
                          teacher_head: Optional[Callable] = None,
                          fused_loss: Optional[Callable] = None,
                          chunk_size: int = 1024,
+                         vocab_size: Optional[int] = None,
                          axis_name: Optional[str] = None,
                          rng_streams: Sequence[str] = ("dropout",)):
   """Teacher-forced token-level KD: ``step(state, teacher_variables, batch)``.
@@ -221,12 +237,15 @@ def make_lm_distill_step(student_apply, teacher_apply, tx, *,
       ``kd_jax.losses.fused_head_divergence``), called as
       ``fused_loss(h_s, k_s, h_t, k_t, divergence=, beta=, temperature=,
       where=, labels=, chunk_size=) -> (divergence, ce)`` per token.
+    vocab_size: compare only the first `vocab_size` logits (student and
+      teacher heads of different widths); required when they differ.
     axis_name: ``pmap`` axis for gradient / metric averaging.
     rng_streams: PRNG streams handed to the student.
   """
   _check_divergence(divergence, temperature, beta)
   loss_kw = dict(divergence=divergence, temperature=temperature, beta=beta,
-                 ce_weight=ce_weight, kd_weight=kd_weight)
+                 ce_weight=ce_weight, kd_weight=kd_weight,
+                 vocab_size=vocab_size)
   if fused:
     return _fused_distill_step(
         student_apply, teacher_apply, tx, loss_kw, student_head=student_head,
@@ -297,7 +316,9 @@ def _fused_distill_step(student_apply, teacher_apply, tx, loss_kw, *,
           feats["hidden"], student_head(variables), t_hidden, t_kernel,
           divergence=_FUSED_NAMES[loss_kw["divergence"]],
           beta=loss_kw["beta"], temperature=loss_kw["temperature"],
-          where=tmask, labels=targets, chunk_size=chunk_size)
+          where=tmask, labels=targets, chunk_size=chunk_size,
+          **({} if loss_kw["vocab_size"] is None else
+             {"vocab_size": loss_kw["vocab_size"]}))
       count = jnp.sum(tmask)
       denom = jnp.maximum(count, 1).astype(jnp.float32)
       ce, kd = jnp.sum(ce) / denom, jnp.sum(kd) / denom
@@ -317,6 +338,7 @@ def make_seqkd_step(student_apply, teacher_generate: Callable, tx, *,
                     teacher_apply=None, divergence: str = "forward_kl",
                     temperature: float = 1.0, beta: float = 0.5,
                     ce_weight: float = 1.0, kd_weight: float = 0.0,
+                    vocab_size: Optional[int] = None,
                     axis_name: Optional[str] = None,
                     rng_streams: Sequence[str] = ("dropout",)):
   """Sequence-level KD: train on the teacher's continuation of each prompt.
@@ -331,7 +353,8 @@ def make_seqkd_step(student_apply, teacher_generate: Callable, tx, *,
     raise ValueError("kd_weight > 0 needs teacher_apply")
   student_apply = _steps.as_student_apply(student_apply)
   loss_kw = dict(divergence=divergence, temperature=temperature, beta=beta,
-                 ce_weight=ce_weight, kd_weight=kd_weight)
+                 ce_weight=ce_weight, kd_weight=kd_weight,
+                 vocab_size=vocab_size)
 
   def step(state, teacher_variables, batch):
     _check_tokens_batch(batch)
@@ -363,6 +386,7 @@ def make_gkd_step(student_apply, teacher_apply, tx, *,
                   lmbda: float = 0.5, beta: float = 0.5,
                   temperature: float = 0.9, seq_kd: bool = False,
                   eos_id: Optional[int] = None,
+                  vocab_size: Optional[int] = None,
                   axis_name: Optional[str] = None,
                   rng_streams: Sequence[str] = ("dropout",)):
   """On-policy GKD with TRL ``GKDTrainer``'s ``lmbda, beta, temperature,
@@ -384,7 +408,8 @@ def make_gkd_step(student_apply, teacher_apply, tx, *,
     raise ValueError("seq_kd=True needs teacher_generate")
   student_apply = _steps.as_student_apply(student_apply)
   loss_kw = dict(divergence="js_divergence", temperature=temperature,
-                 beta=beta, ce_weight=0.0, kd_weight=1.0)
+                 beta=beta, ce_weight=0.0, kd_weight=1.0,
+                 vocab_size=vocab_size)
 
   def step(state, teacher_variables, batch):
     _check_tokens_batch(batch)
