@@ -17,7 +17,8 @@ validation = Northanger Abbey; test = Persuasion.
 
 Any plain-text files work through the same pipeline (``--text_files``:
 whole files are assigned to splits by a seeded permutation, or give
-``--train_files/--validation_files/--test_files``).
+``--train_files/--validation_files/--test_files``), and so does a TFDS text
+dataset (``--tfds_name NAME --tfds_key text``, one document per example).
 
 Output: ``<data_dir>/<name>/1.0.0/`` -- a TFDS ``array_record`` dataset
 (feature ``tokens``: int32 ``[seq_len]``; read with ``tfds.data_source`` or
@@ -179,6 +180,15 @@ def prepare(split_docs: dict, *, data_dir: str, name: str, vocab_size: int,
 
 
 def _split_docs(args) -> tuple:
+  if args.tfds_name:
+    splits = {s: text_lib.documents_from_tfds(args.tfds_name, src,
+                                              data_dir=args.tfds_dir,
+                                              key=args.tfds_key)
+              for s, src in (("train", args.tfds_train_split),
+                             ("validation", args.tfds_validation_split),
+                             ("test", args.tfds_test_split))}
+    return splits, f"TFDS {args.tfds_name}", {"source": f"tfds:"
+                                               f"{args.tfds_name}"}
   if args.train_files:
     splits = {"train": text_lib.documents_from_files(args.train_files),
               "validation": text_lib.documents_from_files(
@@ -209,6 +219,13 @@ def main(argv=None):
   p.add_argument("--train_files", nargs="*", default=None)
   p.add_argument("--validation_files", nargs="*", default=None)
   p.add_argument("--test_files", nargs="*", default=None)
+  p.add_argument("--tfds_name", default=None,
+                 help="a TFDS text dataset instead (feature --tfds_key)")
+  p.add_argument("--tfds_dir", default=None)
+  p.add_argument("--tfds_key", default="text")
+  p.add_argument("--tfds_train_split", default="train")
+  p.add_argument("--tfds_validation_split", default="validation")
+  p.add_argument("--tfds_test_split", default="test")
   p.add_argument("--vocab_size", type=int, default=4096)
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)

@@ -310,3 +310,43 @@ def test_cache_teacher_against_hf_logits(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "| top-8 (bf16 log-prob + int32 index) | 48 | 0.4800 |" in out
   assert len(text.TopkCacheSource(folder, "validation", 2)) == 2
+
+
+def test_prepare_corpus_from_a_tfds_text_dataset(tmp_path):
+  """A user's TFDS text dataset (one document per example) as the source."""
+  import tensorflow_datasets as tfds
+  from array_record.python.array_record_module import ArrayRecordWriter
+  feats = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+  folder = tmp_path / "tfds" / "toy_docs" / "1.0.0"
+  folder.mkdir(parents=True)
+  template = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+  docs = {"train": _corpus(3, 0), "validation": _corpus(1, 1),
+          "test": _corpus(1, 2)}
+  infos = []
+  for split, items in docs.items():
+    ft = tfds.core.ShardedFileTemplate(
+        data_dir=str(folder), template=template, dataset_name="toy_docs",
+        split=split, filetype_suffix="array_record")
+    w = ArrayRecordWriter(str(ft.sharded_filepath(shard_index=0,
+                                                  num_shards=1)),
+                          "group_size:1")
+    for d in items:
+      w.write(feats.serialize_example({"text": d}))
+    w.close()
+    infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(items)],
+                                     num_bytes=0, filename_template=ft))
+  tfds.folder_dataset.write_metadata(data_dir=str(folder), features=feats,
+                                     split_infos=infos,
+                                     filename_template=template,
+                                     check_data=False)
+  assert text.documents_from_tfds("toy_docs", "validation",
+                                  data_dir=str(tmp_path / "tfds")) == docs[
+                                      "validation"]
+  prepare_corpus.main(["--data_dir", str(tmp_path / "out"), "--name", "t",
+                       "--tfds_name", "toy_docs", "--tfds_dir",
+                       str(tmp_path / "tfds"), "--vocab_size", "300",
+                       "--seq_len", "16"])
+  meta = json.loads((tmp_path / "out" / "t" / "1.0.0" /
+                     "kd_jax_text.json").read_text())
+  assert meta["stats"]["train"]["documents"] == 3
+  assert meta["source"] == "tfds:toy_docs"
