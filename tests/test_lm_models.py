@@ -449,3 +449,17 @@ def test_remat_same_values_and_gradients():
   g2 = jax.jit(jax.grad(lambda v: loss(v, remat)))(variables)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6), g1, g2)
+
+
+def test_presets_parameter_counts():
+  for name, millions in (("llama_1m", 1.4), ("llama_5m", 5.0)):
+    config = lm.preset_config(name, vocab_size=4096,
+                              max_position_embeddings=128)
+    model = lm.Transformer(config)
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+    assert n == config.num_params
+    assert abs(n / 1e6 - millions) < 0.1, (name, n)
+  with pytest.raises(ValueError, match="unknown LM preset 'gpt'"):
+    lm.preset_config("gpt", vocab_size=10)

@@ -493,3 +493,18 @@ def test_vocab_mismatch_needs_vocab_size():
                            divergence="forward_kl", temperature=1.0, beta=0.5,
                            ce_weight=0.0, kd_weight=1.0)
   _check_grad(state, new_state, ref, w, metrics)
+
+
+def test_train_step_is_nll_against_numpy():
+  w, _ = _weights(40)
+  rng = np.random.default_rng(41)
+  tokens = rng.integers(0, V, (B, L))
+  mask = rng.random((B, L)) < 0.9
+  step = jax.jit(lm_steps.make_lm_train_step(bigram_apply, optax.sgd(1.0)))
+  state = _state(w)
+  new_state, metrics = step(state, {"tokens": jnp.asarray(tokens),
+                                    "mask": jnp.asarray(mask)})
+  ref = lambda ww: np_loss(ww, ww, tokens, mask, divergence="forward_kl",  # noqa: E731
+                           temperature=1.0, beta=0.5, ce_weight=1.0,
+                           kd_weight=0.0)
+  _check_grad(state, new_state, ref, w, metrics)

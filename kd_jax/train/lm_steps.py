@@ -17,6 +17,7 @@ the set :math:`M` of trained target positions,
 ``reverse_kl``, ``js_divergence`` (``beta``), ``total_variation`` of
 `kd_jax.losses` at ``temperature`` (no :math:`T^2` factor).
 
+* `make_lm_train_step`: plain next-token NLL (teachers, student baselines).
 * `make_lm_distill_step`: supervised token-level KD, teacher-forced on the
   data (Hinton et al., 2015, per token). MiniLLM-style reverse KL
   (Gu et al., ICLR 2024) is ``divergence="reverse_kl"`` here or GKD with
@@ -264,6 +265,15 @@ def make_lm_distill_step(student_apply, teacher_apply, tx, *,
                          loss_kw, rngs, axis_name)
 
   return step
+
+
+def make_lm_train_step(apply_fn, tx, *, axis_name: Optional[str] = None,
+                       rng_streams: Sequence[str] = ("dropout",)):
+  """Next-token NLL training: ``step(state, batch) -> (state, metrics)``."""
+  inner = make_lm_distill_step(apply_fn, None, tx, ce_weight=1.0,
+                               kd_weight=0.0, axis_name=axis_name,
+                               rng_streams=rng_streams)
+  return lambda state, batch: inner(state, None, batch)
 
 
 # Names of `kd_jax.losses.fused_head_divergence`'s divergences.

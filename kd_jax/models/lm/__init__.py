@@ -8,7 +8,9 @@
 """
 
 from kd_jax.models.lm.config import LMConfig
+from kd_jax.models.lm.config import PRESETS
 from kd_jax.models.lm.config import config_from_hf
+from kd_jax.models.lm.config import preset_config
 from kd_jax.models.lm.generate import filter_logits
 from kd_jax.models.lm.generate import generate
 from kd_jax.models.lm.generate import make_generate_fn
@@ -25,9 +27,9 @@ from kd_jax.models.lm.model import rope_cos_sin
 from kd_jax.models.lm.model import rope_inv_freq
 
 __all__ = [
-    "LMConfig", "Transformer", "cache_length", "check_tokenizer",
+    "LMConfig", "PRESETS", "Transformer", "cache_length", "check_tokenizer",
     "config_from_hf", "filter_logits", "from_hf", "generate", "head_kernel",
     "init_cache", "load_hf_folder", "load_tokenizer", "make_generate_fn",
-    "read_safetensors",
+    "preset_config", "read_safetensors",
     "rope_cos_sin", "rope_inv_freq",
 ]

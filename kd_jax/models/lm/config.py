@@ -161,3 +161,29 @@ def config_from_hf(hf: Mapping[str, Any]) -> LMConfig:
       mlp_bias=bool(hf.get("mlp_bias", False)),
       initializer_range=float(hf.get("initializer_range", 0.02)),
   )
+
+
+# Small Llama-style sizes for CPU-scale experiments (vocabulary and context
+# come from the data). Parameters at vocab 4096 (untied head):
+# tiny ~0.07M + embeddings; llama_1m ~1.4M; llama_5m ~5.0M.
+PRESETS = {
+    "llama_tiny": dict(hidden_size=32, intermediate_size=64, num_layers=1,
+                       num_heads=2, num_kv_heads=1),
+    "llama_1m": dict(hidden_size=128, intermediate_size=344, num_layers=2,
+                     num_heads=4, num_kv_heads=2),
+    "llama_5m": dict(hidden_size=256, intermediate_size=688, num_layers=4,
+                     num_heads=4, num_kv_heads=2),
+}
+
+
+def preset_config(name: str, *, vocab_size: int,
+                  max_position_embeddings: int = 2048,
+                  **overrides) -> LMConfig:
+  """`LMConfig` of a `PRESETS` entry for a given vocabulary and context."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown LM preset {name!r}; available: "
+                     f"{sorted(PRESETS)}")
+  kw = dict(PRESETS[name], vocab_size=vocab_size,
+            max_position_embeddings=max_position_embeddings)
+  kw.update(overrides)
+  return LMConfig(**kw)
