@@ -79,12 +79,15 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int,
   Special tokens ``<|pad|>`` (id 0) and ``<|endoftext|>`` (id 1) come
   first; the byte alphabet guarantees any text can be encoded.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top,g-multiple-import
+  # pylint: disable=g-import-not-at-top
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  # pylint: enable=g-import-not-at-top
 
   if vocab_size < 256 + len(SPECIAL_TOKENS):
     raise ValueError(f"vocab_size {vocab_size} is below the 258 ids of the "
                      "byte alphabet + special tokens")
-  tok = Tokenizer(models.BPE())
+  tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
@@ -150,7 +153,7 @@ def write_tfds_tokens(data_dir: str, name: str,
   Returns that folder.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
   lengths = {np.shape(v)[1] for v in splits.values()}
   if len(lengths) != 1:
@@ -166,9 +169,8 @@ def write_tfds_tokens(data_dir: str, name: str,
     ft = tfds.core.ShardedFileTemplate(
         data_dir=folder, template=template, dataset_name=name, split=split,
         filetype_suffix="array_record")
-    writer = ArrayRecordWriter(str(ft.sharded_filepath(shard_index=0,
-                                                       num_shards=1)),
-                               "group_size:1")
+    shard = str(ft.sharded_filepath(shard_index=0, num_shards=1))
+    writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
     num_bytes = 0
     for row in np.asarray(arr, np.int32):
       record = features.serialize_example({"tokens": row})
@@ -296,9 +298,10 @@ class TopkCacheWriter:
 
   def __init__(self, folder: str, split: str, k: int, *,
                metadata: Optional[dict] = None):
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     self._path = topk_cache_path(folder, split, k)
-    self._writer = ArrayRecordWriter(self._path, "group_size:1")
+    self._writer = array_record_module.ArrayRecordWriter(self._path,
+                                                         "group_size:1")
     self._k, self._count, self._length = k, 0, None
     self._metadata = dict(metadata or {})
 
