@@ -34,6 +34,20 @@ With ``cache=`` (see `init_cache`) the tokens are placed at positions
 ``cache["index"] + arange(T)``, attend to everything cached before them, and
 ``features["cache"]`` is the updated cache.
 
+Example:
+
+>>> import jax, jax.numpy as jnp
+>>> from kd_jax.models import lm
+>>> config = lm.LMConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+...                      num_layers=2, num_heads=4, num_kv_heads=2)
+>>> model = lm.Transformer(config)
+>>> tokens = jnp.zeros((2, 7), jnp.int32)
+>>> variables = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
+>>> logits, feats = jax.eval_shape(
+...     lambda v: model.apply(v, tokens, train=False), variables)
+>>> logits.shape, logits.dtype, feats["hidden"].shape
+((2, 7, 100), dtype(bfloat16), (2, 7, 32))
+
 References:
   Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
   2023 (meta-llama/llama); Qwen Team, "Qwen2 Technical Report", 2024;
