@@ -463,3 +463,31 @@ def test_presets_parameter_counts():
     assert abs(n / 1e6 - millions) < 0.1, (name, n)
   with pytest.raises(ValueError, match="unknown LM preset 'gpt'"):
     lm.preset_config("gpt", vocab_size=10)
+
+
+def test_left_padded_prompts_match_hf_generate():
+  hf = _hf_model(kind="qwen2", kv_heads=2, seed=8)
+  model, variables = lm.from_hf(hf.config.to_dict(), _state_numpy(hf),
+                                dtype=jnp.float32)
+  rng = np.random.default_rng(9)
+  prompt = rng.integers(3, VOCAB, (3, 7))
+  mask = np.ones((3, 7), bool)
+  mask[1, :3] = False  # row 1: 4 real tokens, left-padded
+  mask[2, :6] = False  # row 2: 1 real token
+  prompt[~mask] = 0
+  with torch.no_grad():
+    want = hf.generate(torch.as_tensor(prompt),
+                       attention_mask=torch.as_tensor(mask.astype(np.int64)),
+                       max_new_tokens=6, do_sample=False, eos_token_id=None,
+                       pad_token_id=0).numpy()
+  got = lm.generate(model, variables, jnp.asarray(prompt), max_new_tokens=6,
+                    prompt_mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  # A left-padded row continues exactly as the unpadded prompt alone.
+  alone = lm.generate(model, variables, jnp.asarray(prompt[1:2, 3:]),
+                      max_new_tokens=6)
+  np.testing.assert_array_equal(np.asarray(got)[1, 7:], np.asarray(alone)[0,
+                                                                          4:])
+  with pytest.raises(ValueError, match="must be left-padded"):
+    lm.generate(model, variables, jnp.asarray(prompt), max_new_tokens=2,
+                prompt_mask=jnp.asarray(mask[:, ::-1]))

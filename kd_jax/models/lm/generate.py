@@ -16,7 +16,10 @@ Sampling from the last position's logits :math:`z`:
 
 After a sequence emits ``eos_id`` every later token is ``pad_id`` (default
 ``eos_id``); the loop stops early once every sequence has finished.
-All prompts of a batch have the same length ``T`` (no left padding).
+Prompts of different lengths are left-padded to one length ``T`` with a
+``prompt_mask`` (False on padding): padding is hidden from attention and
+RoPE positions count real tokens only (as Hugging Face ``generate`` with an
+``attention_mask``).
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def _check_args(model, prompt_tokens, max_new_tokens, temperature, top_k,
 def generate(model, variables, prompt_tokens, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_id: Optional[int] = None,
-             rng=None, pad_id: Optional[int] = None) -> Array:
+             rng=None, pad_id: Optional[int] = None,
+             prompt_mask=None) -> Array:
   """Samples continuations: int32 tokens ``[B, T + max_new_tokens]``.
 
   Args:
@@ -108,16 +112,28 @@ def generate(model, variables, prompt_tokens, *, max_new_tokens: int,
     eos_id: end-of-sequence id; tokens after it are ``pad_id``.
     rng: a PRNG key (needed when ``temperature > 0``).
     pad_id: filler after EOS (default ``eos_id``).
+    prompt_mask: optional bool ``[B, T]``, False on left padding (the last
+      prompt token of every row must be real).
   """
   _check_args(model, prompt_tokens, max_new_tokens, float(temperature), top_k,
               top_p, rng)
   if rng is None:
     rng = jax.random.key(0)
+  if prompt_mask is None:
+    prompt_mask = jnp.ones(prompt_tokens.shape, bool)
+  elif prompt_mask.shape != prompt_tokens.shape:
+    raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != "
+                     f"prompt_tokens shape {tuple(prompt_tokens.shape)}")
+  elif not isinstance(prompt_mask, jax.core.Tracer) and not bool(
+      jnp.all(prompt_mask[:, -1])):
+    raise ValueError("prompt_mask: prompts must be left-padded (the last "
+                     "token of every row must be real)")
   pad = eos_id if pad_id is None else pad_id
   return _generate(model, float(temperature), top_k,
                    None if top_p is None else float(top_p), max_new_tokens,
                    eos_id, 0 if pad is None else int(pad), variables,
-                   prompt_tokens.astype(jnp.int32), rng)
+                   prompt_tokens.astype(jnp.int32), rng,
+                   prompt_mask.astype(bool))
 
 
 def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 0.0,
@@ -139,11 +155,15 @@ def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 0.0,
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate(model, temperature, top_k, top_p, max_new_tokens, eos_id, pad,
-              variables, prompt, rng):
+              variables, prompt, rng, prompt_mask):
   b, t = prompt.shape
   total = t + max_new_tokens
   cache = init_cache(model.config, b, total, model.dtype)
-  logits, feats = model.apply(variables, prompt, train=False, cache=cache)
+  lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # real tokens
+  positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+  logits, feats = model.apply(variables, prompt, train=False, cache=cache,
+                              positions=positions,
+                              attention_mask=prompt_mask)
   pick = functools.partial(_next_token, temperature=temperature, top_k=top_k,
                            top_p=top_p)
   tok = pick(logits[:, -1], rng, 0)
@@ -159,7 +179,8 @@ def _generate(model, temperature, top_k, top_p, max_new_tokens, eos_id, pad,
   def body(carry):
     i, out, cache, tok, done = carry
     logits, feats = model.apply(variables, tok[:, None], train=False,
-                                cache=cache)
+                                cache=cache,
+                                positions=(lengths + i - 1)[:, None])
     nxt = pick(logits[:, -1], rng, i)
     nxt = jnp.where(done, pad, nxt)
     out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t + i, 1)

@@ -151,26 +151,26 @@ class Attention(nn.Module):
         bias_init=_zeros(("heads", "kv")), name=name)
 
   @nn.compact
-  def __call__(self, x, positions, layer_cache=None, cache_index=None):
+  def __call__(self, x, ctx, layer_cache=None):
+    """`ctx`: (RoPE positions [B,T], query slots [B,T], key mask [B,S] or
+    None, cache index or None) -- see `Transformer._context`."""
     c = self.config
+    positions, q_slots, key_mask, cache_index = ctx
     q = self._proj(c.num_heads, c.qkv_bias, "q_proj")(x)
     k = self._proj(c.num_kv_heads, c.qkv_bias, "k_proj")(x)
     v = self._proj(c.num_kv_heads, c.qkv_bias, "v_proj")(x)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if layer_cache is None:
-      key_pos = positions
-      new_cache = None
-    else:
+    new_cache = None
+    if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(
           layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
       v = jax.lax.dynamic_update_slice_in_dim(
           layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
       new_cache = {"k": k, "v": v}
-      key_pos = jnp.broadcast_to(jnp.arange(k.shape[1]),
-                                 (x.shape[0], k.shape[1]))
-    out = _gqa(q, k.astype(self.dtype), v.astype(self.dtype),
-               positions, key_pos)
+    k_slots = jnp.arange(k.shape[1])
+    out = _gqa(q, k.astype(self.dtype), v.astype(self.dtype), q_slots,
+               k_slots, key_mask)
     out = nn.DenseGeneral(
         c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, dtype=self.dtype,
         param_dtype=jnp.float32, kernel_init=_init(c, ("heads", "kv", "embed")),
@@ -178,14 +178,20 @@ class Attention(nn.Module):
     return out, new_cache
 
 
-def _gqa(q, k, v, q_pos, k_pos):
-  """Causal GQA: q ``[B,T,H,Dh]``, k/v ``[B,S,KVH,Dh]`` -> ``[B,T,H,Dh]``."""
+def _gqa(q, k, v, q_slots, k_slots, key_mask):
+  """Causal GQA: q ``[B,T,H,Dh]``, k/v ``[B,S,KVH,Dh]`` -> ``[B,T,H,Dh]``.
+
+  The query at slot i sees the keys at slots j <= i whose `key_mask` is
+  True.
+  """
   b, t, h, dh = q.shape
   kvh = k.shape[2]
   qg = q.reshape(b, t, kvh, h // kvh, dh)
   scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
                       preferred_element_type=jnp.float32) * (dh ** -0.5)
-  mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+  mask = k_slots[None, None, :] <= q_slots[:, :, None]  # [B, T, S]
+  if key_mask is not None:
+    mask = mask & key_mask[:, None, :]
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -216,11 +222,11 @@ class DecoderBlock(nn.Module):
   dtype: Any = jnp.bfloat16
 
   @nn.compact
-  def __call__(self, h, positions, layer_cache=None, cache_index=None):
+  def __call__(self, h, ctx, layer_cache=None):
     c = self.config
     a, new_cache = Attention(c, self.dtype, name="self_attn")(
         RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h),
-        positions, layer_cache, cache_index)
+        ctx, layer_cache)
     h = h + a
     h = h + SwiGLU(c, self.dtype, name="mlp")(
         RMSNorm(c.rms_norm_eps, self.dtype,
@@ -251,9 +257,32 @@ class Transformer(nn.Module):
       raise ValueError(f"sequence length {length} exceeds the model's "
                        f"max_position_embeddings {limit}")
 
+  @staticmethod
+  def _context(tokens, cache, positions, attention_mask):
+    """(positions, query slots, key mask, cache index), new cache mask."""
+    b, t = tokens.shape
+    index = None if cache is None else cache["index"]
+    start = 0 if cache is None else index
+    slots = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    positions = slots if positions is None else positions
+    key_mask = (None if attention_mask is None else
+                attention_mask.astype(bool))
+    new_mask = None
+    if cache is not None:
+      chunk = (jnp.ones((b, t), bool) if attention_mask is None else
+               attention_mask.astype(bool))
+      new_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], chunk,
+                                                     index, 1)
+      key_mask = new_mask
+    return (positions, slots, key_mask, index), new_mask
+
   @nn.compact
   def __call__(self, tokens, *, train: bool = False, logits: bool = True,
-               cache: Optional[dict] = None):
+               cache: Optional[dict] = None, positions=None,
+               attention_mask=None):
+    """See the module docstring; `positions` ``[B, T]`` overrides the RoPE
+    positions and `attention_mask` ``[B, T]`` (False = padding) hides those
+    keys (left-padded prompts)."""
     del train  # no dropout: the same function in training and evaluation
     c = self.config
     self._check_tokens(tokens, cache)
@@ -262,22 +291,19 @@ class Transformer(nn.Module):
                      embedding_init=_init(c, ("vocab", "embed")),
                      name="embed_tokens")
     h = embed(tokens)
-    b, t = tokens.shape
-    index = None if cache is None else cache["index"]
-    start = 0 if cache is None else index
-    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+    ctx, new_mask = self._context(tokens, cache, positions, attention_mask)
     stages, new_layers = [], []
     block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
     for i in range(c.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      h, new = block(c, self.dtype, name=f"layers_{i}")(
-          h, positions, layer_cache, index)
+      h, new = block(c, self.dtype, name=f"layers_{i}")(h, ctx, layer_cache)
       stages.append(h)
       new_layers.append(new)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
     features = {"hidden": h, "stages": stages}
     if cache is not None:
-      features["cache"] = {"index": index + t, "layers": new_layers}
+      features["cache"] = {"index": cache["index"] + tokens.shape[1],
+                           "mask": new_mask, "layers": new_layers}
     if not logits:
       return None, features
     if c.tie_word_embeddings:
@@ -294,8 +320,8 @@ def init_cache(config: LMConfig, batch_size: int, max_length: int,
                dtype=jnp.bfloat16) -> dict:
   """An empty KV cache for `max_length` positions (index 0).
 
-  Layout: ``{"index": int32 scalar, "layers": [{"k": [B, S, KVH, Dh],
-  "v": ...}] * num_layers}``.
+  Layout: ``{"index": int32 scalar, "mask": bool [B, S] (slots holding a
+  real token), "layers": [{"k": [B, S, KVH, Dh], "v": ...}] * num_layers}``.
   """
   if max_length > config.max_position_embeddings:
     raise ValueError(f"sequence length {max_length} exceeds the model's "
@@ -304,7 +330,9 @@ def init_cache(config: LMConfig, batch_size: int, max_length: int,
   shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
   layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(config.num_layers)]
-  return {"index": jnp.zeros((), jnp.int32), "layers": layers}
+  return {"index": jnp.zeros((), jnp.int32),
+          "mask": jnp.zeros((batch_size, max_length), bool),
+          "layers": layers}
 
 
 def cache_length(cache: dict) -> int:
