@@ -30,9 +30,11 @@ with ``tokens`` int ``[B, T]``, ``logits`` ``[B, T, V]`` (``None`` with
 ``logits=False``: the head is skipped), ``features["hidden"]`` the final
 normed hidden state ``[B, T, D]`` (the input of the head, what a fused
 head loss needs) and ``features["stages"]`` the output of every block.
-With ``cache=`` (see `init_cache`) the tokens are placed at positions
+With ``cache=`` (see `init_cache`) the tokens are placed at cache slots
 ``cache["index"] + arange(T)``, attend to everything cached before them, and
-``features["cache"]`` is the updated cache.
+``features["cache"]`` is the updated cache. ``attention_mask`` ``[B, T]``
+(False = padding) hides padded keys and ``positions`` ``[B, T]`` overrides
+the RoPE positions (left-padded prompts; see `generate`).
 
 Example:
 
