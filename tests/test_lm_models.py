@@ -491,3 +491,21 @@ def test_left_padded_prompts_match_hf_generate():
   with pytest.raises(ValueError, match="must be left-padded"):
     lm.generate(model, variables, jnp.asarray(prompt), max_new_tokens=2,
                 prompt_mask=jnp.asarray(mask[:, ::-1]))
+
+
+def test_attention_mask_forward_matches_hf():
+  hf = _hf_model(kind="llama", kv_heads=2, seed=10)
+  model, variables = lm.from_hf(hf.config.to_dict(), _state_numpy(hf),
+                                dtype=jnp.float32)
+  tokens = np.random.default_rng(11).integers(3, VOCAB, (2, 8))
+  mask = np.ones((2, 8), bool)
+  mask[0, :3] = False
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  with torch.no_grad():
+    want = hf(torch.as_tensor(tokens),
+              attention_mask=torch.as_tensor(mask.astype(np.int64)),
+              position_ids=torch.as_tensor(positions)).logits.numpy()
+  got, _ = model.apply(variables, jnp.asarray(tokens),
+                       attention_mask=jnp.asarray(mask),
+                       positions=jnp.asarray(positions))
+  assert _rel(np.asarray(got)[mask], want[mask]) <= 1e-4
