@@ -18,6 +18,8 @@ Usage:
   python experiments/benchmark_losses.py --torch --sizes 1024x1000
   python experiments/benchmark_losses.py --losses kd,dkd --torch
   python experiments/benchmark_losses.py --sizes 256x100,1024x1000,8x512x32000
+  python experiments/benchmark_losses.py --tokens --torch --min-runs 3
+      # fused LM-head forward_kl + CE vs materialized, N x V x D = 2048x32768x256
 
 The token-level size `[8, 512, 32000]` needs a few GB; sizes whose estimated
 working set does not fit in the available memory are skipped (reported).
@@ -257,7 +259,21 @@ def main(argv=None):
   parser.add_argument("--mem-factor", type=float, default=10.0,
                       help="skip a size if mem-factor x (bytes of one logits "
                       "array) exceeds MemAvailable")
+  parser.add_argument("--tokens", action="store_true",
+                      help="run the token section instead: fused LM-head "
+                      "divergence vs materialized logits (and torch/Liger "
+                      "with --torch)")
+  parser.add_argument("--token-sizes", default=TOKEN_SIZES,
+                      help="NxVxD sizes for --tokens (default: %(default)s)")
+  parser.add_argument("--chunk-size", type=int, default=1024,
+                      help="chunk size of the fused losses (--tokens)")
+  parser.add_argument("--ce-weight", type=float, default=0.5,
+                      help="--tokens loss: (1-w) forward_kl + w CE; 0 = no "
+                      "labels (default: %(default)s)")
   args = parser.parse_args(argv)
+  if args.tokens:
+    run_token_benchmark(args)
+    return
 
   names = [n.strip() for n in args.losses.split(",") if n.strip()]
   unknown = sorted(set(names) - set(ALL_LOSSES))
@@ -347,6 +363,120 @@ def main(argv=None):
                 f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
       print("| " + " | ".join(row) + " |", flush=True)
     del s, t, y
+
+
+# ---------------------------------------------------------------------------
+# Token section (--tokens): fused LM-head divergence vs materialized logits.
+# ---------------------------------------------------------------------------
+
+TOKEN_SIZES = "2048x32768x256"
+
+
+def token_jax_fns(chunk_size: int, w: float):
+  """name -> f(hs, ws, ht, wt, y) -> scalar; value_and_grad w.r.t. hs, ws.
+
+  The loss is `mean((1 - w) forward_kl + w CE)`; `w = 0` skips the labels.
+  """
+
+  def fused(hs, ws, ht, wt, y):
+    if w == 0:
+      return jnp.mean(losses.fused_head_divergence(hs, ws, ht, wt,
+                                                   chunk_size=chunk_size))
+    div, ce = losses.fused_head_divergence(hs, ws, ht, wt, labels=y,
+                                           chunk_size=chunk_size)
+    return jnp.mean((1 - w) * div + w * ce)
+
+  def materialized(hs, ws, ht, wt, y):
+    s = hs @ ws
+    div = losses.forward_kl(s, ht @ wt)
+    ce = jax.nn.logsumexp(s, -1) - jnp.take_along_axis(s, y[:, None], -1)[:, 0]
+    return jnp.mean((1 - w) * div + w * ce)
+
+  return {"kd_jax fused": fused, "kd_jax materialized": materialized}
+
+
+def token_torch_fns(chunk_size: int, w: float):
+  """Same loss in PyTorch eager (materialized), and Liger's chunked loss."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  def eager(hs, ws, ht, wt, y):
+    s = hs @ ws
+    with torch.no_grad():
+      t = ht @ wt
+    div = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1),
+                   reduction="none", log_target=True).sum(-1)
+    if w == 0:
+      return div.mean()
+    return ((1 - w) * div).mean() + w * F.cross_entropy(s, y)
+
+  fns = {"torch eager materialized": eager}
+  try:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    print(f"# Liger-Kernel not importable here ({e}); skipped")
+    return fns
+  # beta=0 is forward KL in Liger's generalized JSD (TRL convention); its
+  # weights are [V, D] (torch Linear); eager chunks (compiled=False).
+  liger = LigerFusedLinearJSDLoss(weight_hard_loss=w, weight_soft_loss=1 - w,
+                                  beta=0.0, compiled=False,
+                                  chunk_size=chunk_size)
+  fns["liger chunked (eager)"] = lambda hs, ws, ht, wt, y: liger(
+      hs, ws.T.contiguous(), ht, wt.T.contiguous(), y)
+  return fns
+
+
+def run_token_benchmark(args) -> None:
+  """Prints fwd+bwd time and peak-memory proxies of the token losses."""
+  sizes = parse_sizes(args.token_sizes)
+  print(f"# kd_jax token-loss benchmark | jax {jax.__version__} "
+        f"backend={jax.default_backend()} | "
+        f"{platform.processor() or platform.machine()} cpus={os.cpu_count()}"
+        f" | chunk_size={args.chunk_size} | loss = mean({1 - args.ce_weight:g}"
+        f" forward_kl + {args.ce_weight:g} CE), value_and_grad w.r.t. student"
+        " hidden and kernel")
+  print("# median of >= %d interleaved rounds; ratio = time / kd_jax "
+        "materialized" % args.min_runs)
+  print("| implementation | N x V x D | fwd+bwd ms | ratio | loss |")
+  print("|---|---|---|---|---|")
+  rng = np.random.default_rng(0)
+  for n, v, d in sizes:
+    hs = rng.standard_normal((n, d), dtype=np.float32)
+    ht = rng.standard_normal((n, d), dtype=np.float32)
+    ws = (2 / np.sqrt(d) * rng.standard_normal((d, v))).astype(np.float32)
+    wt = (2 / np.sqrt(d) * rng.standard_normal((d, v))).astype(np.float32)
+    y = rng.integers(0, v, n)
+    names, cells, values = [], [], []
+    jargs = [jnp.asarray(a) for a in (hs, ws, ht, wt)] + [
+        jnp.asarray(y, jnp.int32)]
+    for name, f in token_jax_fns(args.chunk_size, args.ce_weight).items():
+      step = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+      names.append(name)
+      cells.append(lambda step=step: jax.block_until_ready(step(*jargs)))
+      values.append(lambda step=step: float(step(*jargs)[0]))
+    if args.torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+      targs = [torch.from_numpy(np.ascontiguousarray(a))
+               for a in (hs, ws, ht, wt)] + [torch.from_numpy(y)]
+      for name, g in token_torch_fns(args.chunk_size, args.ce_weight).items():
+        def cell(g=g):
+          h = targs[0].detach().requires_grad_(True)
+          k = targs[1].detach().requires_grad_(True)
+          loss = g(h, k, *targs[2:])
+          torch.autograd.grad(loss, (h, k))
+          return float(loss.detach())
+        names.append(name)
+        cells.append(cell)
+        values.append(cell)
+    med = time_interleaved(cells, warmup=2, min_runs=args.min_runs,
+                           max_runs=args.max_runs, budget_s=args.budget,
+                           max_cell_s=args.max_cell_seconds)
+    base = med[names.index("kd_jax materialized")]
+    for name, t, val in zip(names, med, values):
+      print(f"| {name} | {n}x{v}x{d} | {t * 1e3:.0f} | {t / base:.2f} | "
+            f"{val():.6f} |", flush=True)
 
 
 if __name__ == "__main__":

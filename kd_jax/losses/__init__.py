@@ -35,3 +35,7 @@ from kd_jax.losses.relations import crd_normalization
 from kd_jax.losses.relations import pkt_loss
 from kd_jax.losses.relations import rkd_loss
 from kd_jax.losses.relations import sp_loss
+# Token-level losses for language models (fused LM heads, sparse teachers).
+from kd_jax.losses.tokens import fused_head_divergence
+from kd_jax.losses.tokens import fused_head_topk_kd
+from kd_jax.losses.tokens import topk_kd_loss

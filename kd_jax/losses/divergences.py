@@ -75,6 +75,40 @@ def prepare_logits_pair(student_logits, teacher_logits, *, where=None,
   return s, t, where
 
 
+def slice_vocab(student_logits, teacher_logits, vocab_size=None,
+                *, student_name="student_logits",
+                teacher_name="teacher_logits"):
+  """Keeps the first `vocab_size` classes of both logits (padded vocabularies).
+
+  Tokenizers of one model family often share the true vocabulary while the
+  checkpoints pad the output layer to different sizes (e.g. 151936 vs 152064).
+  With `vocab_size=None` the class counts must match; an unequal count raises
+  a ValueError naming both sizes. Otherwise both last axes must be at least
+  `vocab_size` long and the classes beyond it are dropped (they get no
+  probability mass and a zero gradient).
+  """
+  vs = jnp.shape(student_logits)[-1] if jnp.ndim(student_logits) else None
+  vt = jnp.shape(teacher_logits)[-1] if jnp.ndim(teacher_logits) else None
+  if vocab_size is None:
+    if vs is not None and vt is not None and vs != vt:
+      raise ValueError(
+          f"`{student_name}` has {vs} classes but `{teacher_name}` has {vt}; "
+          f"pass `vocab_size=` (the true vocabulary size, at most {min(vs, vt)}"
+          ") to compare the classes both share.")
+    return student_logits, teacher_logits
+  if (not isinstance(vocab_size, (int, np.integer))
+      or isinstance(vocab_size, bool) or vocab_size < 1):
+    raise ValueError(
+        f"`vocab_size` must be a positive Python int; got {vocab_size!r}.")
+  for x, name, v in ((student_logits, student_name, vs),
+                     (teacher_logits, teacher_name, vt)):
+    if v is None or v < vocab_size:
+      raise ValueError(
+          f"`vocab_size`={vocab_size} exceeds the {v} classes of `{name}` "
+          f"(shape {tuple(jnp.shape(x))}).")
+  return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+
+
 def _is_zero(tangent) -> bool:
   return isinstance(tangent, SymbolicZero)
 
@@ -156,7 +190,7 @@ kl_from_logits.defjvp(_kl_jvp, symbolic_zeros=True)
 
 
 def forward_kl(student_logits, teacher_logits, *, temperature=1.0,
-               where=None) -> Array:
+               where=None, vocab_size=None) -> Array:
   r"""Forward KL divergence `KL(p || q)` per example.
 
   .. math::
@@ -172,6 +206,8 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0,
     teacher_logits: `[..., K]`, same shape; treated as a constant.
     temperature: softmax temperature `T > 0`.
     where: optional bool mask `[...]`; masked entries give 0.
+    vocab_size: optional true vocabulary size; only the first `vocab_size`
+      classes of both logits are used (padded heads of unequal width).
 
   Returns:
     float32 array of shape `[...]`.
@@ -186,6 +222,8 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0,
   >>> round(float(forward_kl(s, t)[0]), 5)  # 0.9 ln 1.8 + 0.1 ln 0.2
   0.36806
   """
+  student_logits, teacher_logits = slice_vocab(
+      student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
   kl = kl_from_logits(s / temperature, t / temperature)
@@ -193,7 +231,7 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0,
 
 
 def reverse_kl(student_logits, teacher_logits, *, temperature=1.0,
-               where=None) -> Array:
+               where=None, vocab_size=None) -> Array:
   r"""Reverse KL divergence `KL(q || p)` per example (mode-seeking).
 
   .. math::
@@ -208,6 +246,8 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0,
     teacher_logits: `[..., K]`, same shape; treated as a constant.
     temperature: softmax temperature `T > 0`.
     where: optional bool mask `[...]`; masked entries give 0.
+    vocab_size: optional true vocabulary size; only the first `vocab_size`
+      classes of both logits are used (padded heads of unequal width).
 
   Returns:
     float32 array of shape `[...]`.
@@ -221,6 +261,8 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0,
   >>> round(float(reverse_kl(s, t)[0]), 5)  # 0.5 ln(0.5/0.9) + 0.5 ln 5
   0.51083
   """
+  student_logits, teacher_logits = slice_vocab(
+      student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
   kl = kl_from_logits(t / temperature, s / temperature)
@@ -244,7 +286,7 @@ def _mixture_jsd(log_q, log_p, beta):
 
 
 def js_divergence(student_logits, teacher_logits, *, beta=0.5,
-                  temperature=1.0, where=None) -> Array:
+                  temperature=1.0, where=None, vocab_size=None) -> Array:
   r"""Generalized Jensen-Shannon divergence of GKD (TRL convention).
 
   .. math::
@@ -269,6 +311,8 @@ def js_divergence(student_logits, teacher_logits, *, beta=0.5,
     beta: interpolation weight in `[0, 1]`.
     temperature: softmax temperature `T > 0`.
     where: optional bool mask `[...]`; masked entries give 0.
+    vocab_size: optional true vocabulary size; only the first `vocab_size`
+      classes of both logits are used (padded heads of unequal width).
 
   Returns:
     float32 array of shape `[...]`.
@@ -286,6 +330,8 @@ def js_divergence(student_logits, teacher_logits, *, beta=0.5,
   True
   """
   _check_beta_unit(beta)
+  student_logits, teacher_logits = slice_vocab(
+      student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
   u = s / temperature
@@ -312,7 +358,7 @@ def js_divergence(student_logits, teacher_logits, *, beta=0.5,
 
 
 def total_variation(student_logits, teacher_logits, *, temperature=1.0,
-                    where=None) -> Array:
+                    where=None, vocab_size=None) -> Array:
   r"""Total variation distance `1/2 ||p - q||_1` per example.
 
   .. math::
@@ -329,6 +375,8 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
     teacher_logits: `[..., K]`, same shape; treated as a constant.
     temperature: softmax temperature `T > 0`.
     where: optional bool mask `[...]`; masked entries give 0.
+    vocab_size: optional true vocabulary size; only the first `vocab_size`
+      classes of both logits are used (padded heads of unequal width).
 
   Returns:
     float32 array of shape `[...]`.
@@ -342,6 +390,8 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
   >>> round(float(total_variation(s, t)[0]), 5)
   0.4
   """
+  student_logits, teacher_logits = slice_vocab(
+      student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
   q = jax.nn.softmax(s / temperature, axis=-1)
