@@ -29,16 +29,15 @@ so the paired gains compare methods, not budgets. Token-level KD phases use
 ``ce_weight=0.5, kd_weight=0.5`` (data NLL + divergence).
 
 Sized for a 2-core CPU (batch 32 x 64 tokens; the teacher 300 steps over
-the whole train split, 0.7 epoch; each student phase 60 steps, one pass over
-the first 1,920 training sequences, which is also what the top-k cache
+the whole train split, 0.7 epoch; each student phase 120 steps, one pass over
+the first 3,840 training sequences, which is also what the top-k cache
 covers; perplexity on the first 256 sequences of each held-out split). The
-students are far from converged: it measures the methods at smoke scale.
-On the shared, heavily loaded CPU of the README run it took the wall time
-reported there; an idle 2-core machine needs about 15 minutes.
+students are far from converged: it measures the methods at small scale.
+About 15 minutes on this 2-core CPU (the README gives the measured time).
 ``--config.scale=S`` multiplies both models' widths (hidden and MLP sizes),
 every phase's steps and the students' training sequences by S: ``scale=4``
 gives a 7.9M-parameter teacher (D=512) and a 1.8M student trained 1,200 /
-240 steps -- a job for a GPU/TPU host.
+480 steps -- a job for a GPU/TPU host.
 """
 
 import ml_collections
@@ -58,10 +57,10 @@ def get_config():
   c.data = ml_collections.ConfigDict({
       "data_dir": "workdirs/lm_data", "name": "jane_austen_v2048_s64",
       "version": "1.0.0", "batch_size": 32, "eval_batch_size": 128,
-      "eval_sequences": 256, "train_sequences": 1920,
+      "eval_sequences": 256, "train_sequences": 3840,
       "eval_splits": ("validation", "test")})
-  c.train = ml_collections.ConfigDict({"steps": 60, "log_every": 10,
-                                       "eval_every": 30})
+  c.train = ml_collections.ConfigDict({"steps": 120, "log_every": 20,
+                                       "eval_every": 60})
   c.optimizer = ml_collections.ConfigDict({
       "learning_rate": 3e-3, "warmup_steps": 10, "weight_decay": 0.0,
       "grad_clip": 1.0})
