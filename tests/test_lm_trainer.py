@@ -268,3 +268,22 @@ def test_cli_bad_data_folder_is_one_line(corpus, tmp_path):
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "data folder" in errors[0], out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+
+
+def test_main_job_config_validates_and_scales(corpus):
+  """configs/lm_jane_austen.py: every phase parses (on the tiny corpus) and
+  `scale` multiplies widths, steps and the students' sequences."""
+  import importlib
+  from experiments import lm_experiment
+  c = importlib.import_module("configs.lm_jane_austen").get_config()
+  c.data.data_dir, c.data.name = corpus, "toy"
+  c.gkd.max_new_tokens = 4  # the toy sequences have 16 tokens
+  lm_experiment.validate(c)
+  assert lm_experiment.phase_order(c)[0] == "teacher"
+  base = lm_experiment.phase_config(c, "forward_kl", 0)
+  c.scale = 2.0
+  big = lm_experiment.phase_config(c, "forward_kl", 0)
+  assert big.train.steps == 2 * base.train.steps
+  assert big.data.train_sequences == 2 * base.data.train_sequences
+  assert big.teacher.overrides.hidden_size == 2 * 128  # llama_1m: D=128
+  assert lm_experiment.phase_config(c, "teacher", 0).data.train_sequences == 0
