@@ -7,7 +7,10 @@ The config's `mode` selects what runs (`configs/base.py` documents every
 key): `'train'` (supervised: a teacher or a student alone), `'distill'`
 (a student from a frozen teacher, `teacher.checkpoint` = a teacher run's
 workdir or a converted checkpoint) or `'seed_experiment'` (several phases
-over several seeds, `configs/mnist_seed.py`). Examples::
+over several seeds, `configs/mnist_seed.py`). `task = 'lm'` selects the
+language-model trainer (`kd_jax.trainer.lm`, modes train / token_kd /
+seq_kd / gkd / topk, or `experiments.lm_experiment` for a seed experiment,
+`configs/lm_jane_austen.py`). Examples::
 
     TFDS_DATA_DIR=../shared/data/tfds python -m experiments.main \
         --config=configs/mnist_seed.py --workdir=workdirs/mnist_seed
@@ -179,7 +182,9 @@ def main(argv):
   from experiments import seed_experiment  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   try:
-    if config.get("mode", None) == "seed_experiment":
+    if config.get("task", None) == "lm":
+      _run_lm(config)
+    elif config.get("mode", None) == "seed_experiment":
       seed_experiment.run(config, FLAGS.workdir)
     else:
       report = trainer.train_and_evaluate(config, FLAGS.workdir)
@@ -188,6 +193,21 @@ def main(argv):
   except (trainer.ConfigError, trainer.CheckpointRestoreError,
           sources.DatasetNotFoundError) as e:
     _fail(str(e))
+
+
+def _run_lm(config):
+  """`task = 'lm'`: one language-model phase, or an LM seed experiment."""
+  from experiments import lm_experiment  # pylint: disable=g-import-not-at-top
+  from kd_jax.trainer import lm  # pylint: disable=g-import-not-at-top
+  if config.get("mode", None) == "seed_experiment":
+    lm_experiment.run(config, FLAGS.workdir)
+    return
+  report = lm.train_and_evaluate(config, FLAGS.workdir)
+  print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in report.items()
+                 if k.endswith("_ppl") or k in ("mode", "model", "steps",
+                                                "wall_s", "tokens_per_sec")),
+        flush=True)
 
 
 def _is_main() -> bool:
