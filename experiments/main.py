@@ -48,8 +48,6 @@ import importlib.util
 import os
 import sys
 
-from kd_jax import xla_flags  # before JAX starts a backend: see its doc
-xla_flags.use_fast_cpu_flags()
 
 from absl import app
 from absl import flags
@@ -172,6 +170,10 @@ def _init_distributed():
 
 
 def main(argv):
+  # After the flags (the config file is checked before anything imports JAX)
+  # and before JAX starts a backend: see kd_jax/xla_flags.py.
+  from kd_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.use_fast_cpu_flags()
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:

@@ -207,11 +207,12 @@ def test_seed_experiment_reuses_only_unchanged_phases(tmp_path, capsys):
   assert out.count("done before with the same config") == 5, out
   c2 = mnist_seed.get_config()
   c2.debug = True
-  c2.seed_experiment.cnn_teacher_epochs = 2
+  before = c2.seed_experiment.cnn_teacher_epochs
+  c2.seed_experiment.cnn_teacher_epochs = before + 1
   seed_experiment.run(c2, wd)
   out = capsys.readouterr().out
   assert ("teacher_cnn: running again: its config changed "
-          "(train.num_epochs: 1 -> 2)") in out, out
+          f"(train.num_epochs: {before} -> {before + 1})") in out, out
   assert "distill_cnn: running again: its teacher phase was run again" in out
   assert out.count("done before with the same config") == 3, out
   assert glob.glob(os.path.join(wd, "seed0", "teacher_cnn.old-*"))
