@@ -180,6 +180,28 @@ def test_unknown_config_key_in_a_section():
 # Missing data.
 
 
+def _check_missing_dataset_message(empty):
+  with pytest.raises(sources.DatasetNotFoundError) as e:
+    sources.load_arrays("mnist", "train", data_dir=str(empty),
+                        use_cache=False)
+  msg = str(e.value)
+  assert f"dataset 'mnist' not found in folder {str(empty)!r}" in msg
+  assert f"tfds build mnist --data_dir={empty}" in msg
+
+
+def test_missing_dataset_message_when_download_fails(tmp_path, monkeypatch):
+  # TFDS's download fails at once (as without network, but without waiting
+  # for its retries); the real download attempt is the slow test below.
+  import tensorflow_datasets as tfds
+  def no_download(*args, **kwargs):
+    raise OSError("download failed: network unreachable")
+  monkeypatch.setattr(tfds, "data_source", no_download)
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  _check_missing_dataset_message(empty)
+
+
+@pytest.mark.slow  # TFDS really tries to download (minutes of retries offline)
 def test_missing_dataset_names_dataset_folder_and_fix(tmp_path):
   empty = tmp_path / "tfds"
   empty.mkdir()
