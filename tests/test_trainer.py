@@ -205,12 +205,7 @@ def test_missing_dataset_message_when_download_fails(tmp_path, monkeypatch):
 def test_missing_dataset_names_dataset_folder_and_fix(tmp_path):
   empty = tmp_path / "tfds"
   empty.mkdir()
-  with pytest.raises(sources.DatasetNotFoundError) as e:
-    sources.load_arrays("mnist", "train", data_dir=str(empty),
-                        use_cache=False)
-  msg = str(e.value)
-  assert f"dataset 'mnist' not found in folder {str(empty)!r}" in msg
-  assert f"tfds build mnist --data_dir={empty}" in msg
+  _check_missing_dataset_message(empty)
 
 
 # ---------------------------------------------------------------------------
