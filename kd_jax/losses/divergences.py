@@ -28,6 +28,7 @@ from jax.custom_derivatives import SymbolicZero
 import numpy as np
 
 from kd_jax.losses import _common
+from kd_jax.losses import _softmax
 
 Array = jax.Array
 
@@ -118,36 +119,39 @@ def _is_zero(tangent) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _softmax_stats(x):
-  """Returns (d, e, z): d = x - max(x), e = exp(d), z = sum(e) (keepdims).
+def _kl_fast(u, v):
+  """KL(softmax(v) || softmax(u)) per row, first-entry shifts (fast path).
 
-  `logsumexp(x) = max + log z`; callers keep the max separate so that log
-  probabilities `d - log z` are formed from small numbers (better float32
-  accuracy than `x - logsumexp(x)` when |x| is large).
+  Three fused passes (`log z_u`, `log z_v`, the weighted sum), no `select`.
+  Returns `(kl, (c_u, log z_u, c_v, log z_v))`.
   """
-  m = jnp.max(x, axis=-1, keepdims=True)
-  # A row of all -inf has no valid maximum; use 0 so the row stays NaN-free.
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  d = x - m
-  e = jnp.exp(d)
-  z = jnp.sum(e, axis=-1, keepdims=True)
-  return d, e, z
+  cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
+  lzu = _softmax.log_sum_exp_shifted(u, cu)
+  lzv = _softmax.log_sum_exp_shifted(v, cv)
+  du, dv = u - cu, v - cv
+  # sum_c p_c (log p_c - log q_c) = sum_c p_c (dv_c - du_c) + log z_u - log z_v
+  w = jnp.sum(jnp.exp(dv - lzv) * (dv - du), axis=-1)
+  return w + (lzu - lzv)[..., 0], (cu, lzu, cv, lzv)
 
 
-def _kl_terms(u, v):
-  """Forward pass of KL(p || q), p = softmax(v), q = softmax(u)."""
-  du, eu, zu = _softmax_stats(u)
-  dv, ev, zv = _softmax_stats(v)
-  p = ev / zv
-  # sum_c p_c (log p_c - log q_c)
-  #   = sum_c p_c ((v_c - max v) - (u_c - max u)) + log z_u - log z_v,
-  # using sum_c p_c = 1.  Entries with p_c = 0 contribute 0 (0 log 0 = 0),
-  # which also keeps positions where both logits are -inf finite.
-  log_zu = jnp.log(zu)
-  log_zv = jnp.log(zv)
+def _kl_exact(u, v):
+  """The same with maximum shifts and `0 log 0 = 0` (any finite input).
+
+  Entries with `p_c = 0` contribute 0, which also keeps positions where both
+  logits are -inf finite.
+  """
+  mu, mv = _softmax.max_shift(u), _softmax.max_shift(v)
+  lzu = _softmax.log_sum_exp_shifted(u, mu)
+  lzv = _softmax.log_sum_exp_shifted(v, mv)
+  du, dv = u - mu, v - mv
+  p = jnp.exp(dv - lzv)
   diff = jnp.where(p > 0, dv - du, 0.0)
-  kl = jnp.sum(p * diff, axis=-1) + (log_zu - log_zv)[..., 0]
-  return kl, eu, zu, p, diff, log_zu, log_zv
+  kl = jnp.sum(p * diff, axis=-1) + (lzu - lzv)[..., 0]
+  return kl, (mu, lzu, mv, lzv)
+
+
+def _kl_stats(u, v):
+  return _softmax.fast_or_exact(_kl_fast, _kl_exact, u, v)
 
 
 @jax.custom_jvp
@@ -161,22 +165,27 @@ def kl_from_logits(u: Array, v: Array) -> Array:
     \partial_u KL = q - p, \qquad
     \partial_v KL = p \odot (\log p - \log q - KL),
 
-  so each softmax is computed once and reverse mode needs no extra exp.
+  computed from the per-row statistics of the forward pass, so reverse mode
+  is one more fused pass (two `exp` per entry) and no stored softmax.
+  The forward pass is `_softmax.fast_or_exact`'s first-entry-shift fast path
+  (three fused passes) with the maximum-shift formulation as fallback.
   """
-  return _kl_terms(u, v)[0]
+  return _kl_stats(u, v)[0]
 
 
 def _kl_jvp(primals, tangents):
   u, v = primals
   du, dv = tangents
-  kl, eu, zu, p, diff, log_zu, log_zv = _kl_terms(u, v)
+  kl, (cu, lzu, cv, lzv) = _kl_stats(u, v)
+  log_q = (u - cu) - lzu
+  log_p = (v - cv) - lzv
+  p = jnp.exp(log_p)
   out = jnp.zeros_like(kl)
   if not _is_zero(du):
-    q = eu / zu
-    out = out + jnp.sum((q - p) * du, axis=-1)
+    out = out + jnp.sum((jnp.exp(log_q) - p) * du, axis=-1)
   if not _is_zero(dv):
-    # log p - log q = diff + log z_u - log z_v (0 where p = 0).
-    log_ratio = diff + (log_zu - log_zv)
+    # log p - log q (0 where p = 0, as in the value).
+    log_ratio = jnp.where(p > 0, log_p - log_q, 0.0)
     out = out + jnp.sum(p * (log_ratio - kl[..., None]) * dv, axis=-1)
   return kl, out
 
