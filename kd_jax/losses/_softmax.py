@@ -41,15 +41,33 @@ def first_entry(x: Array) -> Array:
   return x[..., :1]
 
 
+def per_row(k: Array, c: Array) -> Array:
+  """The scalar `k` as a `[..., 1]` array that XLA cannot constant-fold.
+
+  `(c - c) + k` equals `k` wherever the shift `c` is finite (elsewhere the
+  fast path's results are not finite and `fast_or_exact` falls back). A
+  scalar constant broadcast to `[..., K]` and shared by several reduction
+  kernels is written to memory by XLA:CPU (a full extra pass); a per-row
+  value is broadcast inside each kernel instead, like the shift itself.
+  """
+  return (c - c) + k
+
+
 def max_shift(x: Array) -> Array:
   """Each row's maximum (keepdims); 0 for rows without a finite maximum."""
   m = jnp.max(x, axis=-1, keepdims=True)
   return jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
 
 
-def log_sum_exp_shifted(x: Array, c: Array) -> Array:
-  """`log sum_k exp(x_k - c)` over the last axis (keepdims): one fused pass."""
-  return jnp.log(jnp.sum(jnp.exp(x - c), axis=-1, keepdims=True))
+def log_sum_exp_shifted(x: Array, c: Array, k=1.0) -> Array:
+  """`log sum_j exp((x_j - c) k)` over the last axis (keepdims): one pass.
+
+  Written as `exp(-(c - x) k)` (the same rounding as `(x - c) k`) so that XLA does
+  not treat the `[..., K]` difference as shared with the callers' `x - c`:
+  a shared elementwise result between two reduction kernels is written to
+  memory and read back (one more pass over the data).
+  """
+  return jnp.log(jnp.sum(jnp.exp(-(c - x) * k), axis=-1, keepdims=True))
 
 
 def all_finite(tree) -> Array:

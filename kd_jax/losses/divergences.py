@@ -119,78 +119,109 @@ def _is_zero(tangent) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _kl_fast(u, v):
-  """KL(softmax(v) || softmax(u)) per row, first-entry shifts (fast path).
+def _kl_fast(x, y, k):
+  """KL(softmax(k y) || softmax(k x)) per row, first-entry shifts (fast path).
 
-  Three fused passes (`log z_u`, `log z_v`, the weighted sum), no `select`.
-  Returns `(kl, (c_u, log z_u, c_v, log z_v))`.
+  Three fused passes (`log z_x`, `log z_y`, the weighted sum), no `select`.
+  The scale `k` (1 / temperature) is applied inside each pass rather than to
+  a shared `k x` (XLA would write that to memory: one more pass), and the
+  normalizer's `exp(-(c - x) k)` is written differently from the other
+  passes' `(x - c) k` for the same reason. Returns
+  `(kl, (c_x, log z_x, c_y, log z_y))`; `log q = (x - c_x) k - log z_x`.
   """
-  cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
-  lzu = _softmax.log_sum_exp_shifted(u, cu)
-  lzv = _softmax.log_sum_exp_shifted(v, cv)
-  du, dv = u - cu, v - cv
-  # sum_c p_c (log p_c - log q_c) = sum_c p_c (dv_c - du_c) + log z_u - log z_v
-  w = jnp.sum(jnp.exp(dv - lzv) * (dv - du), axis=-1)
-  return w + (lzu - lzv)[..., 0], (cu, lzu, cv, lzv)
+  cx, cy = _softmax.first_entry(x), _softmax.first_entry(y)
+  k = _softmax.per_row(k, cx)
+  lzx = _softmax.log_sum_exp_shifted(x, cx, k)
+  lzy = _softmax.log_sum_exp_shifted(y, cy, k)
+  dx, dy = (x - cx) * k, (y - cy) * k
+  # sum_c p_c (log p_c - log q_c) = sum_c p_c (dy_c - dx_c) + log z_x - log z_y
+  w = jnp.sum(jnp.exp(dy - lzy) * (dy - dx), axis=-1)
+  return w + (lzx - lzy)[..., 0], (cx, lzx, cy, lzy)
 
 
-def _kl_exact(u, v):
+def _kl_exact(x, y, k):
   """The same with maximum shifts and `0 log 0 = 0` (any finite input).
 
   Entries with `p_c = 0` contribute 0, which also keeps positions where both
   logits are -inf finite.
   """
-  mu, mv = _softmax.max_shift(u), _softmax.max_shift(v)
-  lzu = _softmax.log_sum_exp_shifted(u, mu)
-  lzv = _softmax.log_sum_exp_shifted(v, mv)
-  du, dv = u - mu, v - mv
-  p = jnp.exp(dv - lzv)
-  diff = jnp.where(p > 0, dv - du, 0.0)
-  kl = jnp.sum(p * diff, axis=-1) + (lzu - lzv)[..., 0]
-  return kl, (mu, lzu, mv, lzv)
+  mx, my = _softmax.max_shift(x), _softmax.max_shift(y)
+  lzx = _softmax.log_sum_exp_shifted(x, mx, k)
+  lzy = _softmax.log_sum_exp_shifted(y, my, k)
+  dx, dy = (x - mx) * k, (y - my) * k
+  p = jnp.exp(dy - lzy)
+  diff = jnp.where(p > 0, dy - dx, 0.0)
+  kl = jnp.sum(p * diff, axis=-1) + (lzx - lzy)[..., 0]
+  return kl, (mx, lzx, my, lzy)
 
 
-def _kl_stats(u, v):
-  return _softmax.fast_or_exact(_kl_fast, _kl_exact, u, v)
+def _kl_stats(x, y, k):
+  return _softmax.fast_or_exact(_kl_fast, _kl_exact, x, y, k)
 
 
 @jax.custom_jvp
-def kl_from_logits(u: Array, v: Array) -> Array:
-  r"""`KL(softmax(v) || softmax(u))` over the last axis, in log space.
+def kl_from_scaled_logits(x: Array, y: Array, k: Array) -> Array:
+  r"""`KL(softmax(k y) || softmax(k x))` over the last axis, in log space.
 
-  No temperature, masking or validation: the building block of `kd_loss`,
-  `forward_kl` and `reverse_kl`. Custom JVP with the analytic derivatives
+  No masking or validation: the building block of `kd_loss`, `forward_kl`
+  and `reverse_kl` (`k = 1 / T`, a positive scalar). Custom JVP with the
+  analytic derivatives (`u = k x`, `v = k y`, `q = softmax(u)`,
+  `p = softmax(v)`)
 
   .. math::
     \partial_u KL = q - p, \qquad
     \partial_v KL = p \odot (\log p - \log q - KL),
 
-  computed from the per-row statistics of the forward pass, so reverse mode
-  is one more fused pass (two `exp` per entry) and no stored softmax.
-  The forward pass is `_softmax.fast_or_exact`'s first-entry-shift fast path
-  (three fused passes) with the maximum-shift formulation as fallback.
+  chained through `u = k x` (and `k`, when the temperature is
+  differentiated). They are computed from the per-row statistics of the
+  forward pass, so reverse mode is one more fused pass (two `exp` per entry)
+  and no stored softmax. The forward pass is `_softmax.fast_or_exact`'s
+  first-entry-shift fast path (three fused passes) with the maximum-shift
+  formulation as fallback.
   """
-  return _kl_stats(u, v)[0]
+  return _kl_stats(x, y, k)[0]
+
+
+def _scaled_tangent(x, dx, k, dk):
+  """Tangent of `k x` (None when both tangents are symbolic zeros)."""
+  out = None
+  if not _is_zero(dx):
+    out = k * dx
+  if not _is_zero(dk):
+    out = x * dk if out is None else out + x * dk
+  return out
 
 
 def _kl_jvp(primals, tangents):
-  u, v = primals
-  du, dv = tangents
-  kl, (cu, lzu, cv, lzv) = _kl_stats(u, v)
-  log_q = (u - cu) - lzu
-  log_p = (v - cv) - lzv
+  x, y, k = primals
+  dx, dy, dk = tangents
+  kl, (cx, lzx, cy, lzy) = _kl_stats(x, y, k)
+  log_q = (x - cx) * k - lzx
+  log_p = (y - cy) * k - lzy
   p = jnp.exp(log_p)
   out = jnp.zeros_like(kl)
-  if not _is_zero(du):
+  du = _scaled_tangent(x, dx, k, dk)
+  dv = _scaled_tangent(y, dy, k, dk)
+  if du is not None:
     out = out + jnp.sum((jnp.exp(log_q) - p) * du, axis=-1)
-  if not _is_zero(dv):
+  if dv is not None:
     # log p - log q (0 where p = 0, as in the value).
     log_ratio = jnp.where(p > 0, log_p - log_q, 0.0)
     out = out + jnp.sum(p * (log_ratio - kl[..., None]) * dv, axis=-1)
   return kl, out
 
 
-kl_from_logits.defjvp(_kl_jvp, symbolic_zeros=True)
+kl_from_scaled_logits.defjvp(_kl_jvp, symbolic_zeros=True)
+
+
+def kl_from_logits(u: Array, v: Array) -> Array:
+  """`KL(softmax(v) || softmax(u))` over the last axis (`k = 1`)."""
+  return kl_from_scaled_logits(u, v, jnp.ones((), jnp.result_type(u, v)))
+
+
+def inverse_temperature(temperature, dtype):
+  """`1 / T` as a scalar array of `dtype` (traced temperatures stay traced)."""
+  return jnp.asarray(1.0 / jnp.asarray(temperature, dtype), dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +266,7 @@ def forward_kl(student_logits, teacher_logits, *, temperature=1.0,
       student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
-  kl = kl_from_logits(s / temperature, t / temperature)
+  kl = kl_from_scaled_logits(s, t, inverse_temperature(temperature, s.dtype))
   return _common.apply_where(kl, where)
 
 
@@ -274,7 +305,7 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0,
       student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
-  kl = kl_from_logits(t / temperature, s / temperature)
+  kl = kl_from_scaled_logits(t, s, inverse_temperature(temperature, s.dtype))
   return _common.apply_where(kl, where)
 
 
@@ -282,16 +313,6 @@ def _check_beta_unit(beta):
   if isinstance(beta, (int, float, np.number)) and not isinstance(beta, bool):
     if not 0.0 <= beta <= 1.0:
       raise ValueError(f"`beta` must be in [0, 1]; got {beta}.")
-
-
-def _mixture_jsd(log_q, log_p, beta):
-  """beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, 0<beta<1."""
-  log_m = jnp.logaddexp(log_p + jnp.log(beta), log_q + jnp.log1p(-beta))
-  p = jnp.exp(log_p)
-  q = jnp.exp(log_q)
-  kl_pm = jnp.sum(jnp.where(p > 0, p * (log_p - log_m), 0.0), axis=-1)
-  kl_qm = jnp.sum(jnp.where(q > 0, q * (log_q - log_m), 0.0), axis=-1)
-  return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
 def js_divergence(student_logits, teacher_logits, *, beta=0.5,
@@ -351,16 +372,12 @@ def js_divergence(student_logits, teacher_logits, *, beta=0.5,
     elif beta == 1:
       out = kl_from_logits(v, u)
     else:
-      log_q = jax.nn.log_softmax(u, axis=-1)
-      log_p = jax.nn.log_softmax(v, axis=-1)
-      out = _mixture_jsd(log_q, log_p, jnp.asarray(beta, s.dtype))
+      out = _mixture_jsd(u, v, jnp.asarray(beta, s.dtype))
   else:
     beta = jnp.asarray(beta, s.dtype)
-    log_q = jax.nn.log_softmax(u, axis=-1)
-    log_p = jax.nn.log_softmax(v, axis=-1)
     tiny = jnp.finfo(s.dtype).tiny
     safe_beta = jnp.clip(beta, tiny, 1.0 - jnp.finfo(s.dtype).eps)
-    mix = _mixture_jsd(log_q, log_p, safe_beta)
+    mix = _mixture_jsd(u, v, safe_beta)
     out = jnp.where(beta == 0, kl_from_logits(u, v),
                     jnp.where(beta == 1, kl_from_logits(v, u), mix))
   return _common.apply_where(out, where)
@@ -403,9 +420,151 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
       student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
-  q = jax.nn.softmax(s / temperature, axis=-1)
-  p = jax.nn.softmax(t / temperature, axis=-1)
-  d = p - q
-  # |d| with derivative sign(d), i.e. 0 at exact ties (jnp.abs gives +-1).
-  tv = 0.5 * jnp.sum(d * jax.lax.stop_gradient(jnp.sign(d)), axis=-1)
+  tv = _total_variation(s / temperature, t / temperature)
   return _common.apply_where(tv, where)
+
+
+# ---------------------------------------------------------------------------
+# Total variation with a fused analytic derivative.
+# ---------------------------------------------------------------------------
+
+
+def _tv_with_shifts(u, v, cu, cv):
+  """TV per row and `S_q = sum sign(q - p) q`, `S_p = sum sign(q - p) p`.
+
+  The sums `S` are needed by the derivative only; computing them here (in
+  the same `lax.cond` as the value) keeps XLA from fusing each of them with
+  the elementwise gradient into one YNNPACK kernel, which runs several times
+  slower than a reduction pass followed by an elementwise pass.
+  """
+  lzu = _softmax.log_sum_exp_shifted(u, cu)
+  lzv = _softmax.log_sum_exp_shifted(v, cv)
+  q = jnp.exp((u - cu) - lzu)
+  p = jnp.exp((v - cv) - lzv)
+  sigma = jnp.sign(q - p)
+  # One reduction kernel for both sums (separate reductions would each need
+  # the shared `q`, `p`, `sigma`, which XLA then writes to memory).
+  sums = jnp.sum(jnp.stack([sigma * q, sigma * p], axis=-2), axis=-1)
+  s_q, s_p = sums[..., :1], sums[..., 1:]
+  tv = 0.5 * (s_q - s_p)[..., 0]                  # sum |q - p| = S_q - S_p
+  return tv, (cu, lzu, cv, lzv, s_q, s_p)
+
+
+def _tv_stats(u, v):
+  fast = lambda a, b: _tv_with_shifts(a, b, _softmax.first_entry(a),
+                                      _softmax.first_entry(b))
+  exact = lambda a, b: _tv_with_shifts(a, b, _softmax.max_shift(a),
+                                       _softmax.max_shift(b))
+  return _softmax.fast_or_exact(fast, exact, u, v)
+
+
+@jax.custom_jvp
+def _total_variation(u, v):
+  r"""`1/2 sum |softmax(v) - softmax(u)|` per row, custom JVP.
+
+  With `sigma = sign(q - p)` (0 at ties) and `S_x = sum_c sigma_c x_c`:
+  `d/du = 1/2 q (sigma - S_q)`, `d/dv = -1/2 p (sigma - S_p)`.
+  """
+  return _tv_stats(u, v)[0]
+
+
+def _tv_jvp(primals, tangents):
+  u, v = primals
+  du, dv = tangents
+  tv, (cu, lzu, cv, lzv, s_q, s_p) = _tv_stats(u, v)
+  q = jnp.exp((u - cu) - lzu)
+  p = jnp.exp((v - cv) - lzv)
+  sigma = jnp.sign(q - p)
+  out = jnp.zeros_like(tv)
+  if not _is_zero(du):
+    out = out + 0.5 * jnp.sum(q * (sigma - s_q) * du, axis=-1)
+  if not _is_zero(dv):
+    out = out - 0.5 * jnp.sum(p * (sigma - s_p) * dv, axis=-1)
+  return tv, out
+
+
+_total_variation.defjvp(_tv_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------
+# Generalized JSD (0 < beta < 1) with a fused analytic derivative.
+# ---------------------------------------------------------------------------
+
+
+def _log_mixture(log_p, log_q, beta):
+  """`log(beta p + (1 - beta) q)`, clamped at the smallest normal float.
+
+  No cancellation (both terms are >= 0); the clamp only matters where `p` and
+  `q` both underflow, whose terms are then `0 * finite = 0`.
+  """
+  m = beta * jnp.exp(log_p) + (1.0 - beta) * jnp.exp(log_q)
+  return jnp.log(jnp.maximum(m, jnp.finfo(m.dtype).tiny))
+
+
+def _jsd_fast(u, v, beta):
+  """`(KL(p||m), KL(q||m))` per row with first-entry shifts (no select)."""
+  cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
+  lzu = _softmax.log_sum_exp_shifted(u, cu)
+  lzv = _softmax.log_sum_exp_shifted(v, cv)
+  log_q, log_p = (u - cu) - lzu, (v - cv) - lzv
+  log_m = _log_mixture(log_p, log_q, beta)
+  # One reduction kernel for both sums (see `_tv_with_shifts`).
+  kls = jnp.sum(jnp.stack([jnp.exp(log_p) * (log_p - log_m),
+                           jnp.exp(log_q) * (log_q - log_m)], axis=-2), axis=-1)
+  return (kls[..., 0], kls[..., 1]), (cu, lzu, cv, lzv)
+
+
+def _jsd_exact(u, v, beta):
+  """The same with maximum shifts, `log m` by `logaddexp`, `0 log 0 = 0`."""
+  mu, mv = _softmax.max_shift(u), _softmax.max_shift(v)
+  lzu = _softmax.log_sum_exp_shifted(u, mu)
+  lzv = _softmax.log_sum_exp_shifted(v, mv)
+  log_q, log_p = (u - mu) - lzu, (v - mv) - lzv
+  log_m = jnp.logaddexp(log_p + jnp.log(beta), log_q + jnp.log1p(-beta))
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  kl_pm = jnp.sum(jnp.where(p > 0, p * (log_p - log_m), 0.0), axis=-1)
+  kl_qm = jnp.sum(jnp.where(q > 0, q * (log_q - log_m), 0.0), axis=-1)
+  return (kl_pm, kl_qm), (mu, lzu, mv, lzv)
+
+
+@jax.custom_jvp
+def _mixture_jsd(u, v, beta):
+  r"""beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, 0<beta<1.
+
+  Custom JVP: with `JSD = beta sum p log p + (1-beta) sum q log q
+  - sum m log m`,
+
+  .. math::
+    \partial_u = (1-\beta)\, q \odot (\log q - \log m - KL(q\|m)),\quad
+    \partial_v = \beta\, p \odot (\log p - \log m - KL(p\|m)),\quad
+    \partial_\beta = KL(p\|m) - KL(q\|m).
+  """
+  (kl_pm, kl_qm), _ = _softmax.fast_or_exact(_jsd_fast, _jsd_exact, u, v,
+                                             beta)
+  return beta * kl_pm + (1.0 - beta) * kl_qm
+
+
+def _mixture_jsd_jvp(primals, tangents):
+  u, v, beta = primals
+  du, dv, dbeta = tangents
+  (kl_pm, kl_qm), (cu, lzu, cv, lzv) = _softmax.fast_or_exact(
+      _jsd_fast, _jsd_exact, u, v, beta)
+  out = beta * kl_pm + (1.0 - beta) * kl_qm
+  tangent = jnp.zeros_like(out)
+  if not (_is_zero(du) and _is_zero(dv)):
+    log_q, log_p = (u - cu) - lzu, (v - cv) - lzv
+    log_m = _log_mixture(log_p, log_q, beta)
+  if not _is_zero(du):
+    q = jnp.exp(log_q)
+    g = jnp.where(q > 0, q * (log_q - log_m - kl_qm[..., None]), 0.0)
+    tangent = tangent + (1.0 - beta) * jnp.sum(g * du, axis=-1)
+  if not _is_zero(dv):
+    p = jnp.exp(log_p)
+    g = jnp.where(p > 0, p * (log_p - log_m - kl_pm[..., None]), 0.0)
+    tangent = tangent + beta * jnp.sum(g * dv, axis=-1)
+  if not _is_zero(dbeta):
+    tangent = tangent + (kl_pm - kl_qm) * dbeta
+  return out, tangent
+
+
+_mixture_jsd.defjvp(_mixture_jsd_jvp, symbolic_zeros=True)

@@ -142,7 +142,8 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0,
   if standardize:
     s = standardize_logits(s)
     t = standardize_logits(t)
-  kl = divergences.kl_from_logits(s / temperature, t / temperature)
+  kl = divergences.kl_from_scaled_logits(
+      s, t, divergences.inverse_temperature(temperature, s.dtype))
   return _common.apply_where(kl * (temperature * temperature), where)
 
 
