@@ -53,6 +53,17 @@ def per_row(k: Array, c: Array) -> Array:
   return (c - c) + k
 
 
+def minus_shift(x: Array, c: Array) -> Array:
+  """`x - c` written as `x + (-c)`: the same rounding, a distinct HLO value.
+
+  XLA:CPU writes a per-row broadcast to memory (a full `[..., K]` pass) when
+  the same broadcast value feeds several reduction kernels. The normalizer
+  passes use `c` itself (`log_sum_exp_shifted`); the other passes use `-c`
+  through this function, so no broadcast is shared.
+  """
+  return x + (-c)
+
+
 def max_shift(x: Array) -> Array:
   """Each row's maximum (keepdims); 0 for rows without a finite maximum."""
   m = jnp.max(x, axis=-1, keepdims=True)

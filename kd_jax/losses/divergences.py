@@ -130,10 +130,11 @@ def _kl_fast(x, y, k):
   `(kl, (c_x, log z_x, c_y, log z_y))`; `log q = (x - c_x) k - log z_x`.
   """
   cx, cy = _softmax.first_entry(x), _softmax.first_entry(y)
-  k = _softmax.per_row(k, cx)
-  lzx = _softmax.log_sum_exp_shifted(x, cx, k)
-  lzy = _softmax.log_sum_exp_shifted(y, cy, k)
-  dx, dy = (x - cx) * k, (y - cy) * k
+  lzx = _softmax.log_sum_exp_shifted(x, cx, _softmax.per_row(k, cx))
+  lzy = _softmax.log_sum_exp_shifted(y, cy, _softmax.per_row(k, cy))
+  kw = _softmax.per_row(k, cx + cy)
+  dx = _softmax.minus_shift(x, cx) * kw
+  dy = _softmax.minus_shift(y, cy) * kw
   # sum_c p_c (log p_c - log q_c) = sum_c p_c (dy_c - dx_c) + log z_x - log z_y
   w = jnp.sum(jnp.exp(dy - lzy) * (dy - dx), axis=-1)
   return w + (lzx - lzy)[..., 0], (cx, lzx, cy, lzy)
@@ -439,8 +440,8 @@ def _tv_with_shifts(u, v, cu, cv):
   """
   lzu = _softmax.log_sum_exp_shifted(u, cu)
   lzv = _softmax.log_sum_exp_shifted(v, cv)
-  q = jnp.exp((u - cu) - lzu)
-  p = jnp.exp((v - cv) - lzv)
+  q = jnp.exp(_softmax.minus_shift(u, cu) - lzu)
+  p = jnp.exp(_softmax.minus_shift(v, cv) - lzv)
   sigma = jnp.sign(q - p)
   # One reduction kernel for both sums (separate reductions would each need
   # the shared `q`, `p`, `sigma`, which XLA then writes to memory).
@@ -506,7 +507,8 @@ def _jsd_fast(u, v, beta):
   cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
   lzu = _softmax.log_sum_exp_shifted(u, cu)
   lzv = _softmax.log_sum_exp_shifted(v, cv)
-  log_q, log_p = (u - cu) - lzu, (v - cv) - lzv
+  log_q = _softmax.minus_shift(u, cu) - lzu
+  log_p = _softmax.minus_shift(v, cv) - lzv
   log_m = _log_mixture(log_p, log_q, beta)
   # One reduction kernel for both sums (see `_tv_with_shifts`).
   kls = jnp.sum(jnp.stack([jnp.exp(log_p) * (log_p - log_m),
