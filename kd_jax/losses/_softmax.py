@@ -64,6 +64,18 @@ def minus_shift(x: Array, c: Array) -> Array:
   return x + (-c)
 
 
+def log_probs(x: Array, c: Array, lz: Array, copy: int = 0) -> Array:
+  """`(x - c) - lz` for one reduction pass; `copy` picks its HLO form.
+
+  Each copy uses its own per-row broadcast values (`-c, lz` or
+  `(c - c) + c, -lz`, equal to `c, lz` wherever the fast path is used), so
+  two passes over the same rows share no broadcast (see `minus_shift`).
+  """
+  if copy == 0:
+    return minus_shift(x, c) - lz
+  return (x - ((c - c) + c)) + (-lz)
+
+
 def max_shift(x: Array) -> Array:
   """Each row's maximum (keepdims); 0 for rows without a finite maximum."""
   m = jnp.max(x, axis=-1, keepdims=True)

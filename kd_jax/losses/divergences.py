@@ -436,18 +436,20 @@ def _tv_with_shifts(u, v, cu, cv):
   The sums `S` are needed by the derivative only; computing them here (in
   the same `lax.cond` as the value) keeps XLA from fusing each of them with
   the elementwise gradient into one YNNPACK kernel, which runs several times
-  slower than a reduction pass followed by an elementwise pass.
+  slower than a reduction pass followed by an elementwise pass. (One pass
+  for both sums over a stacked `[..., 2, K]` array is slower still: XLA
+  writes the stack to memory.)
   """
   lzu = _softmax.log_sum_exp_shifted(u, cu)
   lzv = _softmax.log_sum_exp_shifted(v, cv)
-  q = jnp.exp(_softmax.minus_shift(u, cu) - lzu)
-  p = jnp.exp(_softmax.minus_shift(v, cv) - lzv)
-  sigma = jnp.sign(q - p)
-  # One reduction kernel for both sums (separate reductions would each need
-  # the shared `q`, `p`, `sigma`, which XLA then writes to memory).
-  sums = jnp.sum(jnp.stack([sigma * q, sigma * p], axis=-2), axis=-1)
-  s_q, s_p = sums[..., :1], sums[..., 1:]
-  tv = 0.5 * (s_q - s_p)[..., 0]                  # sum |q - p| = S_q - S_p
+  # Two passes: sum |q - p| and S_q = sum sign(q - p) q (S_p = S_q - 2 TV).
+  q = jnp.exp(_softmax.log_probs(u, cu, lzu, 0))
+  p = jnp.exp(_softmax.log_probs(v, cv, lzv, 0))
+  tv = 0.5 * jnp.sum(jnp.abs(q - p), axis=-1)
+  q1 = jnp.exp(_softmax.log_probs(u, cu, lzu, 1))
+  p1 = jnp.exp(_softmax.log_probs(v, cv, lzv, 1))
+  s_q = jnp.sum(jnp.sign(q1 - p1) * q1, axis=-1, keepdims=True)
+  s_p = s_q - 2.0 * tv[..., None]
   return tv, (cu, lzu, cv, lzv, s_q, s_p)
 
 
@@ -499,7 +501,8 @@ def _log_mixture(log_p, log_q, beta):
   `q` both underflow, whose terms are then `0 * finite = 0`.
   """
   m = beta * jnp.exp(log_p) + (1.0 - beta) * jnp.exp(log_q)
-  return jnp.log(jnp.maximum(m, jnp.finfo(m.dtype).tiny))
+  floor = (beta - beta) + jnp.finfo(m.dtype).tiny   # shaped like beta
+  return jnp.log(jnp.maximum(m, floor))
 
 
 def _jsd_fast(u, v, beta):
@@ -507,13 +510,15 @@ def _jsd_fast(u, v, beta):
   cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
   lzu = _softmax.log_sum_exp_shifted(u, cu)
   lzv = _softmax.log_sum_exp_shifted(v, cv)
-  log_q = _softmax.minus_shift(u, cu) - lzu
-  log_p = _softmax.minus_shift(v, cv) - lzv
-  log_m = _log_mixture(log_p, log_q, beta)
-  # One reduction kernel for both sums (see `_tv_with_shifts`).
-  kls = jnp.sum(jnp.stack([jnp.exp(log_p) * (log_p - log_m),
-                           jnp.exp(log_q) * (log_q - log_m)], axis=-2), axis=-1)
-  return (kls[..., 0], kls[..., 1]), (cu, lzu, cv, lzv)
+  kls = []
+  for copy in (0, 1):   # two passes, each with its own broadcasts
+    log_q = _softmax.log_probs(u, cu, lzu, copy)
+    log_p = _softmax.log_probs(v, cv, lzv, copy)
+    b = _softmax.per_row(beta, cu if copy == 0 else cv)
+    log_m = _log_mixture(log_p, log_q, b)
+    x = log_p if copy == 0 else log_q
+    kls.append(jnp.sum(jnp.exp(x) * (x - log_m), axis=-1))
+  return (kls[0], kls[1]), (cu, lzu, cv, lzv)
 
 
 def _jsd_exact(u, v, beta):
