@@ -21,6 +21,8 @@ Usage:
   python experiments/benchmark_losses.py --tokens --torch --min-runs 3
       # fused LM-head forward_kl + CE vs materialized, N x V x D = 2048x32768x256
   python experiments/benchmark_losses.py --features --torch   # feature losses
+  python experiments/benchmark_losses.py --torch --before /path/to/old/checkout
+      # adds the old checkout's fwd+bwd, interleaved in the same run
 
 The token-level size `[8, 512, 32000]` needs a few GB; sizes whose estimated
 working set does not fit in the available memory are skipped (reported).
@@ -61,8 +63,12 @@ JSD_BETA = 0.5
 # ---------------------------------------------------------------------------
 
 
-def jax_losses() -> Dict[str, Callable]:
-  """name -> f(student, teacher, labels) -> scalar (the batch mean)."""
+def jax_losses(losses=losses) -> Dict[str, Callable]:  # pylint: disable=redefined-outer-name
+  """name -> f(student, teacher, labels) -> scalar (the batch mean).
+
+  `losses` is the module to take the functions from (`--before` passes an
+  older checkout's copy).
+  """
   flat = lambda x: x.reshape(-1, x.shape[-1])
   return {
       "kd": lambda s, t, y: jnp.mean(losses.kd_loss(s, t, temperature=KD_T)),
@@ -77,6 +83,38 @@ def jax_losses() -> Dict[str, Callable]:
           s, t, beta=JSD_BETA)),
       "tv": lambda s, t, y: jnp.mean(losses.total_variation(s, t)),
   }
+
+
+def load_before_losses(checkout: str):
+  """Imports `<checkout>/kd_jax/losses` as a separate module (`--before`).
+
+  The package's files are copied to a temporary directory under the name
+  `kd_jax_losses_before`, with its `kd_jax.losses` imports rewritten, so the
+  old and the current losses run side by side in one process (interleaved
+  timing, same load). Only `kd_jax.losses` is copied: an old checkout whose
+  losses import other kd_jax modules gets the current ones.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  src = os.path.join(checkout, "kd_jax", "losses")
+  if not os.path.isfile(os.path.join(src, "__init__.py")):
+    raise SystemExit(f"--before: no kd_jax/losses package under {checkout!r}")
+  root = tempfile.mkdtemp(prefix="kd_jax_before_")
+  dst = os.path.join(root, "kd_jax_losses_before")
+  os.makedirs(dst)
+  for name in os.listdir(src):
+    if name.endswith(".py"):
+      with open(os.path.join(src, name)) as f:
+        text = f.read()
+      text = re.sub(r"\bfrom kd_jax\.losses import", "from kd_jax_losses_before import",
+                    text)
+      text = re.sub(r"\bkd_jax\.losses\b", "kd_jax_losses_before", text)
+      with open(os.path.join(dst, name), "w") as f:
+        f.write(text)
+  sys.path.insert(0, root)
+  return importlib.import_module("kd_jax_losses_before")
 
 
 # ---------------------------------------------------------------------------
@@ -238,8 +276,8 @@ FEATURE_SHAPES = {  # name -> (student shape, teacher shape), NHWC / [B, D]
 }
 
 
-def jax_feature_losses() -> Dict[str, Callable]:
-  """name -> f(student, teacher, log_scale) -> scalar."""
+def jax_feature_losses(losses=losses) -> Dict[str, Callable]:  # pylint: disable=redefined-outer-name
+  """name -> f(student, teacher, log_scale) -> scalar (`losses`: as above)."""
   return {
       "fitnet": lambda s, t, ls: losses.fitnet_loss(s, t),
       "at": lambda s, t, ls: losses.at_loss(s, t),
@@ -344,12 +382,15 @@ def torch_feature_losses() -> Dict[str, Callable]:
 def run_features(names: List[str], args) -> None:
   """Prints the feature / relation loss table (fwd and fwd+bwd, µs)."""
   jl = jax_feature_losses()
+  jb = jax_feature_losses(load_before_losses(args.before)) if args.before else None
   tl = torch_feature_losses() if args.torch else None
   if args.torch:
     import torch  # pylint: disable=g-import-not-at-top
   print("\n## feature / relation losses (float32; gradient w.r.t. the "
         "student input; ratio = torch time / jax time)\n")
   cols = ["loss", "student shape", "jax fwd µs", "jax fwd+bwd µs"]
+  if jb is not None:
+    cols += ["before fwd+bwd µs", "after speed-up"]
   if tl is not None:
     cols += ["torch fwd µs", "torch fwd+bwd µs", "fwd ratio",
              "fwd+bwd ratio"]
@@ -370,6 +411,10 @@ def run_features(names: List[str], args) -> None:
     fwd_bwd = jax.jit(jax.value_and_grad(f))
     cells = [lambda: fwd(s, t, ls).block_until_ready(),
              lambda: jax.block_until_ready(fwd_bwd(s, t, ls))]
+    if jb is not None:
+      before_bwd = jax.jit(jax.value_and_grad(jb[name]))
+      cells.append(lambda: jax.block_until_ready(before_bwd(s, t, ls)))
+    nj = len(cells)
     if tl is not None:
       nchw = lambda a: (torch.from_numpy(np.ascontiguousarray(
           a.transpose(0, 3, 1, 2))) if a.ndim == 4 else torch.from_numpy(a))
@@ -388,9 +433,11 @@ def run_features(names: List[str], args) -> None:
     med = time_interleaved(cells, **timing)
     row = [name, "x".join(map(str, s_shape)), f"{med[0] * 1e6:.0f}",
            f"{med[1] * 1e6:.0f}"]
+    if jb is not None:
+      row += [f"{med[2] * 1e6:.0f}", f"{med[2] / med[1]:.2f}x"]
     if tl is not None:
-      row += [f"{med[2] * 1e6:.0f}", f"{med[3] * 1e6:.0f}",
-              f"{med[2] / med[0]:.2f}x", f"{med[3] / med[1]:.2f}x"]
+      row += [f"{med[nj] * 1e6:.0f}", f"{med[nj + 1] * 1e6:.0f}",
+              f"{med[nj] / med[0]:.2f}x", f"{med[nj + 1] / med[1]:.2f}x"]
     print("| " + " | ".join(row) + " |", flush=True)
 
 
@@ -425,6 +472,10 @@ def main(argv=None):
                       help="also time straightforward PyTorch eager versions")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch.set_num_threads (default: torch's choice)")
+  parser.add_argument("--before", default=None, metavar="CHECKOUT",
+                      help="also time the fwd+bwd of the losses of another "
+                      "kd_jax checkout (its kd_jax/losses, imported as a "
+                      "separate module), interleaved in the same run")
   parser.add_argument("--dtype", default="float32",
                       choices=["float32", "bfloat16"])
   parser.add_argument("--warmup", type=int, default=5)
@@ -478,6 +529,7 @@ def main(argv=None):
   itemsize = jdtype.itemsize
 
   jl = jax_losses()
+  jb = jax_losses(load_before_losses(args.before)) if args.before else None
   tl = None
   if args.torch:
     import torch  # pylint: disable=g-import-not-at-top
@@ -489,7 +541,8 @@ def main(argv=None):
   print(f"# kd_jax loss benchmark | jax {jax.__version__} "
         f"backend={jax.default_backend()} devices={jax.devices()} | "
         f"{platform.processor() or platform.machine()} "
-        f"cpus={os.cpu_count()} | dtype={args.dtype}"
+        f"cpus={os.cpu_count()} | dtype={args.dtype} | load avg "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
         + (f" | torch {torch.__version__} threads={torch.get_num_threads()}"
            if args.torch else ""))
   print("# median of >= %d calls (>= 3 for cells slower than %.0f s) after "
@@ -498,6 +551,8 @@ def main(argv=None):
         "ratio = torch time / jax time"
         % (args.min_runs, args.max_cell_seconds, args.warmup))
   cols = ["loss", "shape", "jax fwd µs", "GB/s", "jax fwd+bwd µs", "GB/s"]
+  if jb is not None:
+    cols += ["before fwd+bwd µs", "after speed-up"]
   if args.torch:
     cols += ["torch fwd µs", "torch fwd+bwd µs", "fwd ratio", "fwd+bwd ratio"]
   print("| " + " | ".join(cols) + " |")
@@ -534,6 +589,10 @@ def main(argv=None):
                     max_cell_s=args.max_cell_seconds)
       cells = [lambda: fwd(s, t, y).block_until_ready(),
                lambda: jax.block_until_ready(fwd_bwd(s, t, y))]
+      if jb is not None:
+        before_bwd = jax.jit(jax.value_and_grad(jb[name]))
+        cells.append(lambda: jax.block_until_ready(before_bwd(s, t, y)))
+      nj = len(cells)
       if tl is not None:
         g = tl[name]
 
@@ -551,8 +610,10 @@ def main(argv=None):
       t_fwd, t_bwd = med[0], med[1]
       row = [name, shape_str, f"{t_fwd * 1e6:.0f}", f"{gbytes / t_fwd:.2f}",
              f"{t_bwd * 1e6:.0f}", f"{gbytes / t_bwd:.2f}"]
+      if jb is not None:
+        row += [f"{med[2] * 1e6:.0f}", f"{med[2] / t_bwd:.2f}x"]
       if tl is not None:
-        tt_fwd, tt_bwd = med[2], med[3]
+        tt_fwd, tt_bwd = med[nj], med[nj + 1]
         row += [f"{tt_fwd * 1e6:.0f}", f"{tt_bwd * 1e6:.0f}",
                 f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
       print("| " + " | ".join(row) + " |", flush=True)

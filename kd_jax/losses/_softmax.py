@@ -102,6 +102,15 @@ def all_finite(tree) -> Array:
   return out
 
 
+MIN_FAST_SIZE = 1 << 16
+"""Inputs with fewer entries than this skip the fast path (and its `cond`).
+
+Below it a loss is dominated by per-kernel overheads, where the extra
+kernels of the fast path and the conditional cost more than the passes
+they save (`[64, 100]` KL: ~0.2 ms with, ~0.1 ms without).
+"""
+
+
 def fast_or_exact(fast: Callable, exact: Callable, *args,
                   checked: Callable = lambda out: out):
   """`fast(*args)` if `checked(out)` is all finite, else `exact(*args)`.
@@ -110,7 +119,10 @@ def fast_or_exact(fast: Callable, exact: Callable, *args,
   result is computed unconditionally; `exact` runs only when needed.
   `checked` selects the outputs to test (per-row sums, whose finiteness
   implies that of the entries they sum), so the test is not another pass.
+  Inputs smaller than `MIN_FAST_SIZE` entries use `exact` directly.
   """
+  if max(jnp.size(a) for a in args) < MIN_FAST_SIZE:
+    return exact(*args)
   out = fast(*args)
   ok = all_finite(checked(out))
   return jax.lax.cond(ok, lambda *_: out, exact, *args)

@@ -421,7 +421,14 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
       student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
-  tv = _total_variation(s / temperature, t / temperature)
+  u, v = s / temperature, t / temperature
+  if s.size < _softmax.MIN_FAST_SIZE:
+    # Small inputs: plain autodiff of the softmaxes (fewer kernels).
+    d = jax.nn.softmax(v, axis=-1) - jax.nn.softmax(u, axis=-1)
+    # |d| with derivative sign(d), i.e. 0 at exact ties (jnp.abs gives +-1).
+    tv = 0.5 * jnp.sum(d * jax.lax.stop_gradient(jnp.sign(d)), axis=-1)
+  else:
+    tv = _total_variation(u, v)
   return _common.apply_where(tv, where)
 
 
