@@ -21,7 +21,7 @@ from kd_jax.losses import _softmax
 from loss_testing import assert_close_to_reference, jcall, jgrad
 from test_losses_divergences import (np_forward_kl, np_generalized_jsd,
                                      np_reverse_kl, np_total_variation)
-from test_losses_logits import np_kd
+from test_losses_logits import np_kd, np_ofa
 
 T = 1.5
 CASES = {
@@ -159,3 +159,20 @@ def test_huge_logits_fall_back(fast_everywhere, name):
   g = jgrad(lambda x: jnp.sum(fn(x, t)))(s)
   assert np.all(np.isfinite(out)) and np.all(np.isfinite(g))
   np.testing.assert_allclose(out, ref(s, t), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("eps", [1.0, 1.5])
+@pytest.mark.parametrize("kind", ["random", "far_first_entry",
+                                  "overflow_row"])
+def test_ofa_values_and_grads_match_float64(fast_everywhere, kind, eps):
+  s, t = _inputs(kind, seed=7)
+  labels = np.array([0, 3, 12, 5, 0], np.int32)
+  fn = functools.partial(losses.ofa_loss, labels=labels, eps=eps,
+                         temperature=T)
+  ref = lambda a, b, dtype=np.float64: np_ofa(a, b, labels, eps, T,
+                                               dtype=dtype)
+  got = jcall(fn, s, t)
+  assert_close_to_reference(got, lambda dt: ref(s, t, dtype=dt))
+  g = jgrad(lambda x: jnp.sum(fn(x, t)))(s)
+  np.testing.assert_allclose(g, _fd_grad_np(ref, s, t), rtol=2e-4,
+                             atol=2e-6)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.losses import _common
+from kd_jax.losses import _softmax
 from kd_jax.losses import divergences
 
 Array = jax.Array
@@ -441,6 +442,88 @@ def _soft_cross_entropy_jvp(primals, tangents):
 _soft_cross_entropy.defjvp(_soft_cross_entropy_jvp, symbolic_zeros=True)
 
 
+def _ofa_stats(u, v, labels, eps, cu, cv, copies):
+  """Per-row sums of the OFA loss with the given shifts.
+
+  `A = sum_c p_c^eps log q_c` and `W0 = sum_c p_c^eps` over *all* classes
+  (each one fused pass, no `select`), then the target entry is corrected
+  with gathered scalars. `copies` picks private broadcasts per pass (fast
+  path) or plain expressions (exact path, which also guards `0 log 0`).
+  Returns `(loss, (cu, lzu, cv, lzv, total_weight, w_gt))`.
+  """
+  lzu = _softmax.log_sum_exp_shifted(u, cu)
+  lzv = _softmax.log_sum_exp_shifted(v, cv)
+  e0 = _softmax.per_row(eps, cu) if copies else eps
+  log_q = _softmax.log_probs(u, cu, lzu, 0)
+  w_all = jnp.exp(e0 * _softmax.log_probs(v, cv, lzv, 0))   # p^eps
+  if copies:
+    a = jnp.sum(w_all * log_q, axis=-1)
+  else:
+    a = jnp.sum(jnp.where(w_all > 0, w_all * log_q, 0.0), axis=-1)
+  if _is_number(eps) and eps == 1:
+    w0 = jnp.ones_like(a)                      # sum_c p_c = 1
+  else:
+    e1 = _softmax.per_row(eps, cv) if copies else eps
+    w0 = jnp.sum(jnp.exp(e1 * _softmax.log_probs(v, cv, lzv, 1)), axis=-1)
+  take = lambda x: jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+  log_qg = (take(u) - cu[..., 0]) - lzu[..., 0]
+  log_pg = (take(v) - cv[..., 0]) - lzv[..., 0]
+  pg_eps = jnp.exp(eps * log_pg)
+  w_gt = jnp.expm1(eps * jnp.log1p(jnp.exp(log_pg)))   # (1 + p_g)^eps - 1
+  loss = -a + (pg_eps - w_gt) * log_qg
+  total = w0 - pg_eps + w_gt
+  return loss, (cu, lzu, cv, lzv, total, w_gt)
+
+
+def _ofa_all_stats(u, v, labels, eps):
+  fast = lambda a, b, y: _ofa_stats(a, b, y, eps, _softmax.first_entry(a),
+                                    _softmax.first_entry(b), True)
+  exact = lambda a, b, y: _ofa_stats(a, b, y, eps, _softmax.max_shift(a),
+                                     _softmax.max_shift(b), False)
+  return _softmax.fast_or_exact(fast, exact, u, v, labels,
+                                checked=lambda out: (out[0], out[1][4]))
+
+
+def _ofa_from_logits(u, v, labels, eps):
+  """OFA loss per row for scaled logits u, v (custom JVP in `u`)."""
+
+  @jax.custom_jvp
+  def f(u, v):
+    return _ofa_all_stats(u, v, labels, eps)[0]
+
+  def f_jvp(primals, tangents):
+    u, v = primals
+    du, dv = tangents
+    loss, (cu, lzu, cv, lzv, total, w_gt) = _ofa_all_stats(u, v, labels, eps)
+    out = jnp.zeros_like(loss)
+    if not isinstance(du, SymbolicZero):
+      # d/du_c = (sum_k w_k) q_c - w_c.
+      q = jnp.exp((u - cu) - lzu)
+      is_gt = labels[..., None] == jnp.arange(u.shape[-1],
+                                               dtype=labels.dtype)
+      w = jnp.where(is_gt, w_gt[..., None], jnp.exp(eps * ((v - cv) - lzv)))
+      out = out + jnp.sum((total[..., None] * q - w) * du, axis=-1)
+    if not isinstance(dv, SymbolicZero):
+      # Teacher tangents only arise when the temperature is differentiated.
+      _, tv = jax.jvp(lambda v_: _ofa_reference(u, v_, labels, eps), (v,),
+                      (dv,))
+      out = out + tv
+    return loss, out
+
+  f.defjvp(f_jvp, symbolic_zeros=True)
+  return f(u, v)
+
+
+def _ofa_reference(u, v, labels, eps):
+  """The OFA loss by plain autodiff-friendly ops (teacher-side tangents)."""
+  log_p = jax.nn.log_softmax(v, axis=-1)
+  is_gt = labels[..., None] == jnp.arange(u.shape[-1], dtype=labels.dtype)
+  p_gt = jnp.exp(jnp.sum(jnp.where(is_gt, log_p, 0.0), axis=-1))
+  w_gt = jnp.expm1(eps * jnp.log1p(p_gt))
+  w = jnp.where(is_gt, w_gt[..., None], jnp.exp(eps * log_p))
+  return _soft_cross_entropy(u, w)
+
+
 def ofa_loss(student_logits, teacher_logits, labels, *, eps=1.0,
              temperature=1.0, where=None) -> Array:
   r"""OFA-KD adaptive target-information enhancement loss, per example.
@@ -488,16 +571,9 @@ def ofa_loss(student_logits, teacher_logits, labels, *, eps=1.0,
   labels = _common.check_labels(labels, s.shape[:-1])
   _check_label_values(labels, s.shape[-1], where)
   _common.check_positive(eps, "eps")
-  u = s / temperature
-  log_p = jax.nn.log_softmax(t / temperature, axis=-1)
-  is_gt = labels[..., None] == jnp.arange(s.shape[-1], dtype=labels.dtype)
-  if _is_number(eps) and eps == 1:
-    w = jnp.exp(log_p)                            # (p + y)^1 - y = p
+  u, v = s / temperature, t / temperature
+  if s.size < _softmax.MIN_FAST_SIZE:
+    loss = _ofa_reference(u, v, labels, eps)
   else:
-    # Non-target: p^eps = exp(eps log p) (one exp, no pow); target:
-    # (1 + p_g)^eps - 1 = expm1(eps log1p(p_g)).
-    p_gt = jnp.exp(jnp.sum(jnp.where(is_gt, log_p, 0.0), axis=-1))
-    w_gt = jnp.expm1(eps * jnp.log1p(p_gt))
-    w = jnp.where(is_gt, w_gt[..., None], jnp.exp(eps * log_p))
-  loss = _soft_cross_entropy(u, w)
+    loss = _ofa_from_logits(u, v, labels, eps)
   return _common.apply_where(loss, where)
