@@ -17,11 +17,12 @@ import pytest
 
 from kd_jax import losses
 from kd_jax.losses import _softmax
+from kd_jax.losses import logits as logits_module
 
 from loss_testing import assert_close_to_reference, jcall, jgrad
 from test_losses_divergences import (np_forward_kl, np_generalized_jsd,
                                      np_reverse_kl, np_total_variation)
-from test_losses_logits import np_kd, np_ofa
+from test_losses_logits import np_dkd, np_kd, np_ofa
 
 T = 1.5
 CASES = {
@@ -176,3 +177,27 @@ def test_ofa_values_and_grads_match_float64(fast_everywhere, kind, eps):
   g = jgrad(lambda x: jnp.sum(fn(x, t)))(s)
   np.testing.assert_allclose(g, _fd_grad_np(ref, s, t), rtol=2e-4,
                              atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["random", "far_first_entry",
+                                  "overflow_row"])
+def test_dkd_values_and_grads_match_float64(fast_everywhere, kind):
+  s, t = _inputs(kind, seed=8)
+  labels = np.array([0, 3, 12, 5, 0], np.int32)
+  kw = dict(alpha=1.0, beta=8.0, temperature=T)
+  fn = functools.partial(losses.dkd_loss, labels=labels, **kw)
+  ref = lambda a, b, dtype=np.float64: np_dkd(a, b, labels, dtype=dtype, **kw)
+  got = jcall(fn, s, t)
+  assert_close_to_reference(got, lambda dt: ref(s, t, dtype=dt),
+                            scale=T * T * 9.0)
+  g = jgrad(lambda x: jnp.sum(fn(x, t)))(s)
+  np.testing.assert_allclose(g, _fd_grad_np(ref, s, t), rtol=2e-4,
+                             atol=2e-5)
+
+
+def test_dkd_not_target_mask_is_exact():
+  x = jnp.zeros((3, 7))
+  labels = jnp.array([0, 6, 3])
+  mask = jax.jit(lambda x, y: logits_module._not_target(x, y, x[:, :1]))(
+      x, labels)
+  np.testing.assert_array_equal(mask, 1.0 - np.eye(7)[np.asarray(labels)])

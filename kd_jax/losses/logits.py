@@ -21,6 +21,7 @@ sunshangquan/logit-standardization-KD), each docstring names its source:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -157,8 +158,8 @@ def _dkd_stats(x, is_gt):
   """Target / non-target statistics of softmax(x), relative to the
   non-target max `m` (small numbers, for float32 accuracy).
 
-  Returns `(d, e, z, d_gt, log_z)` with `d = x - m` (`-inf` at the target),
-  `e = exp(d)`, `z = sum(e)` (keepdims), `d_gt = x_g - m` and
+  Returns `(m, d, e, z, d_gt, log_z)` with `d = x - m` (`-inf` at the
+  target), `e = exp(d)`, `z = sum(e)` (keepdims), `d_gt = x_g - m` and
   `log_z = logsumexp(x) - m`. Then `log p_g = d_gt - log_z`,
   `log sum_{c != g} p_c = log(z) - log_z` and the non-target softmax is
   `e / z`.
@@ -170,71 +171,119 @@ def _dkd_stats(x, is_gt):
   z = jnp.sum(e, axis=-1, keepdims=True)
   d_gt = jnp.sum(jnp.where(is_gt, x, 0.0), axis=-1) - m[..., 0]
   log_z = jnp.logaddexp(jnp.log(z)[..., 0], d_gt)
-  return d, e, z, d_gt, log_z
+  return m, d, e, z, d_gt, log_z
+
+
+def _dkd_binary(du_gt, lzu_nt, dv_gt, lzv_nt):
+  """TCKD from the per-row target / non-target log-sums (any common shift).
+
+  Binary distributions [p_g, sum_{c != g} p_c], logs taken in log space:
+  log sum_{c != g} p_c = logsumexp_{c != g} - logsumexp (= the references'
+  plain log of the sum, without its underflow to log(0)).
+  """
+  log_zu = jnp.logaddexp(lzu_nt, du_gt)
+  log_zv = jnp.logaddexp(lzv_nt, dv_gt)
+  log_qg, log_qn = du_gt - log_zu, lzu_nt - log_zu
+  log_pg, log_pn = dv_gt - log_zv, lzv_nt - log_zv
+  pg, pn = jnp.exp(log_pg), jnp.exp(log_pn)
+  tckd = pg * (log_pg - log_qg) + pn * (log_pn - log_qn)
+  return tckd, (log_qg, log_qn, pg, pn)
 
 
 def _dkd_terms(u, v, is_gt):
-  """TCKD and NCKD (without T^2) for student u = z^s/T, teacher v = z^t/T."""
-  du, eu, zu, du_gt, log_zu = _dkd_stats(u, is_gt)
-  dv, ev, zv, dv_gt, log_zv = _dkd_stats(v, is_gt)
-  # Binary distributions [p_g, sum_{c != g} p_c], logs taken in log space:
-  # log sum_{c != g} p_c = logsumexp_{c != g} - logsumexp (= the references'
-  # plain log of the sum, without its underflow to log(0)).
-  log_zu_nt = jnp.log(zu)[..., 0]
-  log_zv_nt = jnp.log(zv)[..., 0]
-  log_qg = du_gt - log_zu
-  log_qn = log_zu_nt - log_zu
-  log_pg = dv_gt - log_zv
-  log_pn = log_zv_nt - log_zv
-  pg = jnp.exp(log_pg)
-  pn = jnp.exp(log_pn)
-  tckd = pg * (log_pg - log_qg) + pn * (log_pn - log_qn)
+  """TCKD and NCKD (without T^2) for student u = z^s/T, teacher v = z^t/T.
+
+  The exact formulation (non-target maxima, `where` masks). Returns
+  `(tckd, nckd, stats)` with `stats = (m_u, log z_u, m_v, log z_v, u_g - m_u,
+  v_g - m_v)`, `z` the non-target sums.
+  """
+  mu, du, _, zu, du_gt, _ = _dkd_stats(u, is_gt)
+  mv, dv, ev, zv, dv_gt, _ = _dkd_stats(v, is_gt)
+  lzu_nt, lzv_nt = jnp.log(zu)[..., 0], jnp.log(zv)[..., 0]
+  tckd, _ = _dkd_binary(du_gt, lzu_nt, dv_gt, lzv_nt)
   # Non-target distributions: softmax restricted to the K-1 other classes,
   # KL = sum p^ (dv - du) + log z_u - log z_v (the maxima cancel).
   p_hat = ev / zv                                   # 0 at the target class
   diff = jnp.where(p_hat > 0, dv - du, 0.0)
-  nckd = jnp.sum(p_hat * diff, axis=-1) + (log_zu_nt - log_zv_nt)
-  aux = (eu, zu, log_qg, log_qn, pg, pn, p_hat)
-  return tckd, nckd, aux
+  nckd = jnp.sum(p_hat * diff, axis=-1) + (lzu_nt - lzv_nt)
+  return tckd, nckd, (mu, lzu_nt, mv, lzv_nt, du_gt, dv_gt)
+
+
+def _not_target(x, labels, anchor):
+  """1.0 off the target class, 0.0 at it, from `select`-free arithmetic.
+
+  `min(|iota - label|, 1)` (exact for K < 2^24), so it can join a fused
+  reduction pass. `anchor` is a per-row array finite on the fast path; the
+  label and the 1 are offset by `anchor - anchor` (= 0) so that each pass
+  has private broadcasts (see `_softmax.minus_shift`).
+  """
+  zero = anchor - anchor
+  iota = jax.lax.broadcasted_iota(x.dtype, x.shape, x.ndim - 1)
+  y = labels.astype(x.dtype)[..., None] + zero
+  return jnp.minimum(jnp.abs(iota - y), zero + 1.0)
+
+
+def _dkd_fast(u, v, labels):
+  """(TCKD, NCKD) and stats with first-entry shifts: three fused passes."""
+  cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
+  lzu = jnp.log(jnp.sum(jnp.exp(-(cu - u)) * _not_target(u, labels, cu),
+                        axis=-1))
+  lzv = jnp.log(jnp.sum(jnp.exp(-(cv - v)) * _not_target(v, labels, cv),
+                        axis=-1))
+  take = lambda x: jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+  du_gt, dv_gt = take(u) - cu[..., 0], take(v) - cv[..., 0]
+  tckd, _ = _dkd_binary(du_gt, lzu, dv_gt, lzv)
+  du = _softmax.minus_shift(u, cu)
+  dv = _softmax.minus_shift(v, cv)
+  p_hat = jnp.exp(dv - lzv[..., None]) * _not_target(v, labels, cu + cv)
+  nckd = jnp.sum(p_hat * (dv - du), axis=-1) + (lzu - lzv)
+  return tckd, nckd, (cu, lzu, cv, lzv, du_gt, dv_gt)
+
+
+def _dkd_all(u, v, labels):
+  def exact(a, b, y):
+    is_gt = y[..., None] == jnp.arange(a.shape[-1], dtype=y.dtype)
+    return _dkd_terms(a, b, is_gt)
+  return _softmax.fast_or_exact(_dkd_fast, exact, u, v, labels,
+                                checked=lambda out: (out[0], out[1],
+                                                     out[2][1], out[2][3]))
 
 
 @jax.custom_jvp
-def _dkd_from_logits(u, v, is_gt):
-  """(TCKD, NCKD) per example, without the T^2 factor."""
-  tckd, nckd, _ = _dkd_terms(u, v, is_gt)
+def _dkd_from_logits(u, v, labels):
+  """(TCKD, NCKD) per example, without the T^2 factor (custom JVP)."""
+  tckd, nckd, _ = _dkd_all(u, v, labels)
   return tckd, nckd
 
 
 def _dkd_jvp(primals, tangents):
-  u, v, is_gt = primals
+  u, v, labels = primals
   du, dv, _ = tangents
-  tckd, nckd, (eu, zu, log_qg, log_qn, pg, pn, p_hat) = _dkd_terms(
-      u, v, is_gt)
+  tckd, nckd, (cu, lzu, cv, lzv, du_gt, dv_gt) = _dkd_all(u, v, labels)
   t_tckd = jnp.zeros_like(tckd)
   t_nckd = jnp.zeros_like(nckd)
+  is_gt = labels[..., None] == jnp.arange(u.shape[-1], dtype=labels.dtype)
   if not isinstance(du, SymbolicZero):
     # d TCKD / du_c = (p_g + P_n) q_g - p_g            (c = g)
     #              = q^_c ((p_g + P_n) Q_n - P_n)      (c != g)
-    # d NCKD / du_c = q^_c - p^_c (c != g), 0 at g;  q^ = non-target softmax.
-    q_hat = eu / zu
+    # d NCKD / du_c = q^_c - p^_c (c != g), 0 at g; q^ = non-target softmax.
+    _, (log_qg, log_qn, pg, pn) = _dkd_binary(du_gt, lzu, dv_gt, lzv)
+    q_hat = jnp.where(is_gt, 0.0, jnp.exp((u - cu) - lzu[..., None]))
+    p_hat = jnp.where(is_gt, 0.0, jnp.exp((v - cv) - lzv[..., None]))
     mass = pg + pn
-    qg = jnp.exp(log_qg)
-    qn = jnp.exp(log_qn)
-    g_gt = (mass * qg - pg)[..., None]
-    g_nt = (mass * qn - pn)[..., None]
+    g_gt = (mass * jnp.exp(log_qg) - pg)[..., None]
+    g_nt = (mass * jnp.exp(log_qn) - pn)[..., None]
     d_tckd = jnp.where(is_gt, g_gt, q_hat * g_nt)
-    d_nckd = q_hat - p_hat
     t_tckd = t_tckd + jnp.sum(d_tckd * du, axis=-1)
-    t_nckd = t_nckd + jnp.sum(d_nckd * du, axis=-1)
+    t_nckd = t_nckd + jnp.sum((q_hat - p_hat) * du, axis=-1)
   if not isinstance(dv, SymbolicZero):
     # Teacher-side tangents only arise when the temperature itself is
-    # differentiated (the teacher logits are stop_gradient-ed): use autodiff.
+    # differentiated (the teacher logits are stop_gradient-ed): autodiff.
     _, (tv_tckd, tv_nckd) = jax.jvp(
         lambda v_: _dkd_terms(u, v_, is_gt)[:2], (v,), (dv,))
     t_tckd = t_tckd + tv_tckd
     t_nckd = t_nckd + tv_nckd
   return (tckd, nckd), (t_tckd, t_nckd)
-
 
 _dkd_from_logits.defjvp(_dkd_jvp, symbolic_zeros=True)
 
@@ -323,8 +372,7 @@ def dkd_loss(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0,
   if standardize:
     s = standardize_logits(s)
     t = standardize_logits(t)
-  is_gt = labels[..., None] == jnp.arange(s.shape[-1], dtype=labels.dtype)
-  tckd, nckd = _dkd_from_logits(s / temperature, t / temperature, is_gt)
+  tckd, nckd = _dkd_from_logits(s / temperature, t / temperature, labels)
   loss = (alpha * tckd + beta * nckd) * (temperature * temperature)
   return _common.apply_where(loss, where)
 
@@ -484,34 +532,32 @@ def _ofa_all_stats(u, v, labels, eps):
                                 checked=lambda out: (out[0], out[1][4]))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _ofa_from_logits(u, v, labels, eps):
-  """OFA loss per row for scaled logits u, v (custom JVP in `u`)."""
+  """OFA loss per row for scaled logits u, v (custom JVP)."""
+  return _ofa_all_stats(u, v, labels, eps)[0]
 
-  @jax.custom_jvp
-  def f(u, v):
-    return _ofa_all_stats(u, v, labels, eps)[0]
 
-  def f_jvp(primals, tangents):
-    u, v = primals
-    du, dv = tangents
-    loss, (cu, lzu, cv, lzv, total, w_gt) = _ofa_all_stats(u, v, labels, eps)
-    out = jnp.zeros_like(loss)
-    if not isinstance(du, SymbolicZero):
-      # d/du_c = (sum_k w_k) q_c - w_c.
-      q = jnp.exp((u - cu) - lzu)
-      is_gt = labels[..., None] == jnp.arange(u.shape[-1],
-                                               dtype=labels.dtype)
-      w = jnp.where(is_gt, w_gt[..., None], jnp.exp(eps * ((v - cv) - lzv)))
-      out = out + jnp.sum((total[..., None] * q - w) * du, axis=-1)
-    if not isinstance(dv, SymbolicZero):
-      # Teacher tangents only arise when the temperature is differentiated.
-      _, tv = jax.jvp(lambda v_: _ofa_reference(u, v_, labels, eps), (v,),
-                      (dv,))
-      out = out + tv
-    return loss, out
+def _ofa_jvp(eps, primals, tangents):
+  u, v, labels = primals
+  du, dv, _ = tangents
+  loss, (cu, lzu, cv, lzv, total, w_gt) = _ofa_all_stats(u, v, labels, eps)
+  out = jnp.zeros_like(loss)
+  if not isinstance(du, SymbolicZero):
+    # d/du_c = (sum_k w_k) q_c - w_c.
+    q = jnp.exp((u - cu) - lzu)
+    is_gt = labels[..., None] == jnp.arange(u.shape[-1],
+                                             dtype=labels.dtype)
+    w = jnp.where(is_gt, w_gt[..., None], jnp.exp(eps * ((v - cv) - lzv)))
+    out = out + jnp.sum((total[..., None] * q - w) * du, axis=-1)
+  if not isinstance(dv, SymbolicZero):
+    # Teacher tangents only arise when the temperature is differentiated.
+    _, tv = jax.jvp(lambda v_: _ofa_reference(u, v_, labels, eps), (v,),
+                    (dv,))
+    out = out + tv
+  return loss, out
 
-  f.defjvp(f_jvp, symbolic_zeros=True)
-  return f(u, v)
+_ofa_from_logits.defjvp(_ofa_jvp, symbolic_zeros=True)
 
 
 def _ofa_reference(u, v, labels, eps):
