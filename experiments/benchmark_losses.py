@@ -221,6 +221,10 @@ def torch_losses() -> Dict[str, Callable]:
 # ---------------------------------------------------------------------------
 
 
+CLOCK = time.perf_counter
+"""Per-call clock: wall time, or `time.process_time` with `--clock cpu`."""
+
+
 def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
                      min_runs: int, max_runs: int, budget_s: float,
                      max_cell_s: float) -> List[float]:
@@ -248,9 +252,9 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
     if rounds >= 3 and elapsed >= max_cell_s:
       break
     for fn, ts in zip(fns, times):
-      t0 = time.perf_counter()
+      t0 = CLOCK()
       fn()
-      ts.append(time.perf_counter() - t0)
+      ts.append(CLOCK() - t0)
     rounds += 1
   return [statistics.median(ts) for ts in times]
 
@@ -476,6 +480,11 @@ def main(argv=None):
                       help="also time the fwd+bwd of the losses of another "
                       "kd_jax checkout (its kd_jax/losses, imported as a "
                       "separate module), interleaved in the same run")
+  parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                      help="per-call time: wall clock, or this process's CPU "
+                      "time (all its threads). `cpu` is robust to other jobs "
+                      "on a shared machine when everything runs on one core: "
+                      "`taskset -c 1 ... --torch-threads 1 --clock cpu`")
   parser.add_argument("--dtype", default="float32",
                       choices=["float32", "bfloat16"])
   parser.add_argument("--warmup", type=int, default=5)
@@ -504,6 +513,8 @@ def main(argv=None):
                       "table (optionally a comma-separated subset of "
                       + ",".join(FEATURE_SHAPES) + ")")
   args = parser.parse_args(argv)
+  global CLOCK  # pylint: disable=global-statement
+  CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
   if args.tokens:
     run_token_benchmark(args)
     return
@@ -541,7 +552,8 @@ def main(argv=None):
   print(f"# kd_jax loss benchmark | jax {jax.__version__} "
         f"backend={jax.default_backend()} devices={jax.devices()} | "
         f"{platform.processor() or platform.machine()} "
-        f"cpus={os.cpu_count()} | dtype={args.dtype} | load avg "
+        f"cpus={os.cpu_count()} (this process: {len(os.sched_getaffinity(0))})"
+        f" | dtype={args.dtype} | clock={args.clock} | load avg "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
         + (f" | torch {torch.__version__} threads={torch.get_num_threads()}"
            if args.torch else ""))
