@@ -183,7 +183,7 @@ def kl_from_scaled_logits(x: Array, y: Array, k: Array) -> Array:
   return _kl_stats(x, y, k)[0]
 
 
-def _scaled_tangent(x, dx, k, dk):
+def scaled_tangent(x, dx, k, dk):
   """Tangent of `k x` (None when both tangents are symbolic zeros)."""
   out = None
   if not _is_zero(dx):
@@ -201,8 +201,8 @@ def _kl_jvp(primals, tangents):
   log_p = (y - cy) * k - lzy
   p = jnp.exp(log_p)
   out = jnp.zeros_like(kl)
-  du = _scaled_tangent(x, dx, k, dk)
-  dv = _scaled_tangent(y, dy, k, dk)
+  du = scaled_tangent(x, dx, k, dk)
+  dv = scaled_tangent(y, dy, k, dk)
   if du is not None:
     out = out + jnp.sum((jnp.exp(log_q) - p) * du, axis=-1)
   if dv is not None:

@@ -223,67 +223,80 @@ def _not_target(x, labels, anchor):
   return jnp.minimum(jnp.abs(iota - y), zero + 1.0)
 
 
-def _dkd_fast(u, v, labels):
-  """(TCKD, NCKD) and stats with first-entry shifts: three fused passes."""
-  cu, cv = _softmax.first_entry(u), _softmax.first_entry(v)
-  lzu = jnp.log(jnp.sum(jnp.exp(-(cu - u)) * _not_target(u, labels, cu),
-                        axis=-1))
-  lzv = jnp.log(jnp.sum(jnp.exp(-(cv - v)) * _not_target(v, labels, cv),
-                        axis=-1))
-  take = lambda x: jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
-  du_gt, dv_gt = take(u) - cu[..., 0], take(v) - cv[..., 0]
+def _dkd_fast(x, y, labels, k):
+  """(TCKD, NCKD) and stats for `u = k x`, `v = k y` with first-entry shifts.
+
+  Three fused passes. The scale `k` (1 / T) is applied inside each pass
+  with a private per-row copy (see `divergences._kl_fast`); the returned
+  shifts `c` are in units of `x`, the log-sums in units of `u`.
+  """
+  cu, cv = _softmax.first_entry(x), _softmax.first_entry(y)
+  ku, kv = _softmax.per_row(k, cu), _softmax.per_row(k, cv)
+  lzu = jnp.log(jnp.sum(jnp.exp(-(cu - x) * ku)
+                        * _not_target(x, labels, cu), axis=-1))
+  lzv = jnp.log(jnp.sum(jnp.exp(-(cv - y) * kv)
+                        * _not_target(y, labels, cv), axis=-1))
+  take = lambda a: jnp.take_along_axis(a, labels[..., None], axis=-1)[..., 0]
+  du_gt, dv_gt = (take(x) - cu[..., 0]) * k, (take(y) - cv[..., 0]) * k
   tckd, _ = _dkd_binary(du_gt, lzu, dv_gt, lzv)
-  du = _softmax.minus_shift(u, cu)
-  dv = _softmax.minus_shift(v, cv)
-  p_hat = jnp.exp(dv - lzv[..., None]) * _not_target(v, labels, cu + cv)
+  kw = _softmax.per_row(k, cu + cv)
+  du = _softmax.minus_shift(x, cu) * kw
+  dv = _softmax.minus_shift(y, cv) * kw
+  p_hat = jnp.exp(dv - lzv[..., None]) * _not_target(y, labels, cu + cv)
   nckd = jnp.sum(p_hat * (dv - du), axis=-1) + (lzu - lzv)
   return tckd, nckd, (cu, lzu, cv, lzv, du_gt, dv_gt)
 
 
-def _dkd_all(u, v, labels):
-  def exact(a, b, y):
-    is_gt = y[..., None] == jnp.arange(a.shape[-1], dtype=y.dtype)
-    return _dkd_terms(a, b, is_gt)
-  return _softmax.fast_or_exact(_dkd_fast, exact, u, v, labels,
+def _dkd_all(x, y, labels, k):
+  def exact(a, b, lab, kk):
+    is_gt = lab[..., None] == jnp.arange(a.shape[-1], dtype=lab.dtype)
+    tckd, nckd, (mu, lzu, mv, lzv, du_gt, dv_gt) = _dkd_terms(
+        a * kk, b * kk, is_gt)
+    # Shifts back in units of x (the maxima of u = k x are k max x).
+    return tckd, nckd, (mu / kk, lzu, mv / kk, lzv, du_gt, dv_gt)
+  return _softmax.fast_or_exact(_dkd_fast, exact, x, y, labels, k,
                                 checked=lambda out: (out[0], out[1],
                                                      out[2][1], out[2][3]))
 
 
 @jax.custom_jvp
-def _dkd_from_logits(u, v, labels):
-  """(TCKD, NCKD) per example, without the T^2 factor (custom JVP)."""
-  tckd, nckd, _ = _dkd_all(u, v, labels)
+def _dkd_from_logits(x, y, labels, k):
+  """(TCKD, NCKD) per example of `u = k x`, `v = k y`, without T^2."""
+  tckd, nckd, _ = _dkd_all(x, y, labels, k)
   return tckd, nckd
 
 
 def _dkd_jvp(primals, tangents):
-  u, v, labels = primals
-  du, dv, _ = tangents
-  tckd, nckd, (cu, lzu, cv, lzv, du_gt, dv_gt) = _dkd_all(u, v, labels)
+  x, y, labels, k = primals
+  dx, dy, _, dk = tangents
+  tckd, nckd, (cu, lzu, cv, lzv, du_gt, dv_gt) = _dkd_all(x, y, labels, k)
+  du = divergences.scaled_tangent(x, dx, k, dk)   # tangents of u = k x
+  dv = divergences.scaled_tangent(y, dy, k, dk)
   t_tckd = jnp.zeros_like(tckd)
   t_nckd = jnp.zeros_like(nckd)
-  is_gt = labels[..., None] == jnp.arange(u.shape[-1], dtype=labels.dtype)
-  if not isinstance(du, SymbolicZero):
+  is_gt = labels[..., None] == jnp.arange(x.shape[-1], dtype=labels.dtype)
+  if du is not None:
     # d TCKD / du_c = (p_g + P_n) q_g - p_g            (c = g)
     #              = q^_c ((p_g + P_n) Q_n - P_n)      (c != g)
     # d NCKD / du_c = q^_c - p^_c (c != g), 0 at g; q^ = non-target softmax.
     _, (log_qg, log_qn, pg, pn) = _dkd_binary(du_gt, lzu, dv_gt, lzv)
-    q_hat = jnp.where(is_gt, 0.0, jnp.exp((u - cu) - lzu[..., None]))
-    p_hat = jnp.where(is_gt, 0.0, jnp.exp((v - cv) - lzv[..., None]))
+    q_hat = jnp.where(is_gt, 0.0, jnp.exp((x - cu) * k - lzu[..., None]))
+    p_hat = jnp.where(is_gt, 0.0, jnp.exp((y - cv) * k - lzv[..., None]))
     mass = pg + pn
     g_gt = (mass * jnp.exp(log_qg) - pg)[..., None]
     g_nt = (mass * jnp.exp(log_qn) - pn)[..., None]
     d_tckd = jnp.where(is_gt, g_gt, q_hat * g_nt)
     t_tckd = t_tckd + jnp.sum(d_tckd * du, axis=-1)
     t_nckd = t_nckd + jnp.sum((q_hat - p_hat) * du, axis=-1)
-  if not isinstance(dv, SymbolicZero):
+  if dv is not None:
     # Teacher-side tangents only arise when the temperature itself is
     # differentiated (the teacher logits are stop_gradient-ed): autodiff.
     _, (tv_tckd, tv_nckd) = jax.jvp(
-        lambda v_: _dkd_terms(u, v_, is_gt)[:2], (v,), (dv,))
+        lambda v_: _dkd_terms(x * k, v_, is_gt)[:2], (y * k,), (dv,))
     t_tckd = t_tckd + tv_tckd
     t_nckd = t_nckd + tv_nckd
   return (tckd, nckd), (t_tckd, t_nckd)
+
 
 _dkd_from_logits.defjvp(_dkd_jvp, symbolic_zeros=True)
 
@@ -372,7 +385,8 @@ def dkd_loss(student_logits, teacher_logits, labels, *, alpha=1.0, beta=8.0,
   if standardize:
     s = standardize_logits(s)
     t = standardize_logits(t)
-  tckd, nckd = _dkd_from_logits(s / temperature, t / temperature, labels)
+  tckd, nckd = _dkd_from_logits(
+      s, t, labels, divergences.inverse_temperature(temperature, s.dtype))
   loss = (alpha * tckd + beta * nckd) * (temperature * temperature)
   return _common.apply_where(loss, where)
 
