@@ -336,6 +336,9 @@ def js_divergence(student_logits, teacher_logits, *, beta=0.5,
   that is what GKD users compare against. A traced (non-Python) `beta` gets
   the same endpoint behaviour via `jnp.where`.
 
+  For `0 < beta < 1` the derivative is a fused analytic custom JVP
+  (`(1-beta) q (log q - log m - KL(q||m))` for the student; also in `beta`).
+
   Args:
     student_logits: `[..., K]` float array.
     teacher_logits: `[..., K]`, same shape; treated as a constant.
@@ -396,6 +399,10 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
   `p_c = q_c`; the derivative of `|x|` is taken as `sign(x)` (0 at exact
   ties). Near `q = p` the gradient does not vanish (it is a kink, not a
   smooth minimum), so rounding decides its sign there.
+
+  Large inputs use a fused analytic derivative (`1/2 q (sigma - S_q)` with
+  `sigma = sign(q - p)`, `S_q = sum sigma q`: a custom JVP on the fast path
+  of `kd_jax.losses._softmax`); small ones plain autodiff of the softmaxes.
 
   Args:
     student_logits: `[..., K]` float array.
