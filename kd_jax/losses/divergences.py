@@ -400,10 +400,6 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
   ties). Near `q = p` the gradient does not vanish (it is a kink, not a
   smooth minimum), so rounding decides its sign there.
 
-  Large inputs use a fused analytic derivative (`1/2 q (sigma - S_q)` with
-  `sigma = sign(q - p)`, `S_q = sum sigma q`: a custom JVP on the fast path
-  of `kd_jax.losses._softmax`); small ones plain autodiff of the softmaxes.
-
   Args:
     student_logits: `[..., K]` float array.
     teacher_logits: `[..., K]`, same shape; treated as a constant.
@@ -428,84 +424,14 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0,
       student_logits, teacher_logits, vocab_size)
   s, t, where = prepare_logits_pair(student_logits, teacher_logits,
                                     where=where, temperature=temperature)
-  u, v = s / temperature, t / temperature
-  if s.size < _softmax.MIN_FAST_SIZE:
-    # Small inputs: plain autodiff of the softmaxes (fewer kernels).
-    d = jax.nn.softmax(v, axis=-1) - jax.nn.softmax(u, axis=-1)
-    # |d| with derivative sign(d), i.e. 0 at exact ties (jnp.abs gives +-1).
-    tv = 0.5 * jnp.sum(d * jax.lax.stop_gradient(jnp.sign(d)), axis=-1)
-  else:
-    tv = _total_variation(u, v)
+  # Plain autodiff of the two softmaxes: a fused-pass custom JVP (3 + 1
+  # passes, like KL) measured 0.90-0.95x of this on the 2-core VM of
+  # docs/performance.md, because TV needs four exp-heavy reductions.
+  d = (jax.nn.softmax(t / temperature, axis=-1)
+       - jax.nn.softmax(s / temperature, axis=-1))
+  # |d| with derivative sign(d), i.e. 0 at exact ties (jnp.abs gives +-1).
+  tv = 0.5 * jnp.sum(d * jax.lax.stop_gradient(jnp.sign(d)), axis=-1)
   return _common.apply_where(tv, where)
-
-
-# ---------------------------------------------------------------------------
-# Total variation with a fused analytic derivative.
-# ---------------------------------------------------------------------------
-
-
-def _tv_with_shifts(u, v, cu, cv):
-  """TV per row and `S_q = sum sign(q - p) q`, `S_p = sum sign(q - p) p`.
-
-  The sums `S` are needed by the derivative only; computing them here (in
-  the same `lax.cond` as the value) keeps XLA from fusing each of them with
-  the elementwise gradient into one YNNPACK kernel, which runs several times
-  slower than a reduction pass followed by an elementwise pass. (One pass
-  for both sums over a stacked `[..., 2, K]` array is slower still: XLA
-  writes the stack to memory.)
-  """
-  lzu = _softmax.log_sum_exp_shifted(u, cu)
-  lzv = _softmax.log_sum_exp_shifted(v, cv)
-  # Two passes: sum |q - p| and S_q = sum sign(q - p) q (S_p = S_q - 2 TV).
-  q = jnp.exp(_softmax.log_probs(u, cu, lzu, 0))
-  p = jnp.exp(_softmax.log_probs(v, cv, lzv, 0))
-  tv = 0.5 * jnp.sum(jnp.abs(q - p), axis=-1)
-  q1 = jnp.exp(_softmax.log_probs(u, cu, lzu, 1))
-  p1 = jnp.exp(_softmax.log_probs(v, cv, lzv, 1))
-  # sign(q - p) as d / max(|d|, tiny): YNNPACK's `sign` is very slow (5.8
-  # ms for this pass vs ~1 ms) and a `clamp` cannot join the pass. Equal to
-  # sign(d) (0 at ties) except for subnormal |d|, a negligible term.
-  d = q1 - p1
-  sigma = d / jnp.maximum(jnp.abs(d), jnp.finfo(d.dtype).tiny)
-  s_q = jnp.sum(sigma * q1, axis=-1, keepdims=True)
-  s_p = s_q - 2.0 * tv[..., None]
-  return tv, (cu, lzu, cv, lzv, s_q, s_p)
-
-
-def _tv_stats(u, v):
-  fast = lambda a, b: _tv_with_shifts(a, b, _softmax.first_entry(a),
-                                      _softmax.first_entry(b))
-  exact = lambda a, b: _tv_with_shifts(a, b, _softmax.max_shift(a),
-                                       _softmax.max_shift(b))
-  return _softmax.fast_or_exact(fast, exact, u, v)
-
-
-@jax.custom_jvp
-def _total_variation(u, v):
-  r"""`1/2 sum |softmax(v) - softmax(u)|` per row, custom JVP.
-
-  With `sigma = sign(q - p)` (0 at ties) and `S_x = sum_c sigma_c x_c`:
-  `d/du = 1/2 q (sigma - S_q)`, `d/dv = -1/2 p (sigma - S_p)`.
-  """
-  return _tv_stats(u, v)[0]
-
-
-def _tv_jvp(primals, tangents):
-  u, v = primals
-  du, dv = tangents
-  tv, (cu, lzu, cv, lzv, s_q, s_p) = _tv_stats(u, v)
-  q = jnp.exp((u - cu) - lzu)
-  p = jnp.exp((v - cv) - lzv)
-  sigma = jnp.sign(q - p)
-  out = jnp.zeros_like(tv)
-  if not _is_zero(du):
-    out = out + 0.5 * jnp.sum(q * (sigma - s_q) * du, axis=-1)
-  if not _is_zero(dv):
-    out = out - 0.5 * jnp.sum(p * (sigma - s_p) * dv, axis=-1)
-  return tv, out
-
-
-_total_variation.defjvp(_tv_jvp, symbolic_zeros=True)
 
 
 # ---------------------------------------------------------------------------
