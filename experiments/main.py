@@ -205,6 +205,8 @@ def _run_lm(config):
     lm_experiment.run(config, FLAGS.workdir)
     return
   report = lm.train_and_evaluate(config, FLAGS.workdir)
+  if not _is_main():
+    return
   print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in report.items()
                  if k.endswith("_ppl") or k in ("mode", "model", "steps",

@@ -510,6 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                      else 1)))
   if main:
     metrics_io.write_json(os.path.join(workdir, "report.json"), report)
+  mesh_lib.barrier(f"lm phase done {workdir}")  # its files are there
   return report
 
 
