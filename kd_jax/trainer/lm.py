@@ -13,6 +13,13 @@ run sees the same batches); the compiled steps are the engine's
 :math:`\\exp(\\sum \\mathrm{nll} / \\sum n)` of every ``data.eval_splits``
 split is evaluated every ``train.eval_every`` steps and at the end.
 
+``train.mesh`` (+ ``train.sharding_rules``, ``teacher.sharding``) runs
+the phase on a device mesh through the CNN trainer's
+`kd_jax.trainer.mesh.TrainerMesh` (FSDP x tensor parallel by the models'
+logical axis names; `Placement`). With several processes
+(``jax.distributed``) every process runs the phase and feeds its rows of
+each batch; process 0 alone writes, with barriers before the others read.
+
 ``mode = "topk"`` first writes the teacher's top-k cache
 (`kd_jax.data.text.TopkCacheWriter`, bf16 log-probs + int32 indices) of the
 train sequences it will use, unless a matching cache is there, and reads it

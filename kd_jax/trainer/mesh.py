@@ -1,7 +1,9 @@
-"""The trainer's side of mesh sharding: `config.train.mesh`,
+"""The trainers' side of mesh sharding: `config.train.mesh`,
 `config.train.sharding_rules` and `config.teacher.sharding` ->
 `kd_jax.train.sharding.MeshParallel`, with the engine's errors surfaced as
-`ConfigError`s (before any step is compiled).
+`ConfigError`s (before any step is compiled). The CNN trainer
+(`make_parallel`) and the language-model trainer (`kd_jax.trainer.lm`) build
+the same `TrainerMesh`.
 
 A mesh run places the student state by the state rules (FSDP over `'fsdp'`,
 arrays >= 64 KiB; logical names when `tensor` > 1), restores the teacher
