@@ -28,6 +28,7 @@ back through grain zipped with the tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -410,12 +411,12 @@ class _Timer:
 def _loop(rc, run, state, tv, start, writer, mgr):
   """Steps ``start..rc.steps``: train records every ``log_every``, held-out
   perplexity and a checkpoint every ``eval_every`` steps."""
-  place, evals, timer = run["place"], [], _Timer()
+  place, evals, timer = run.place, [], _Timer()
   group: List[Dict[str, Any]] = []
   t = time.perf_counter()
   n_since = 0
   for step in range(start, rc.steps):
-    state, m = run["step"](state, tv, place.batch(run["ds"][step]))
+    state, m = run.step(state, tv, place.batch(run.ds[step]))
     group.append(m)
     n_since += 1
     done = step + 1
@@ -433,8 +434,8 @@ def _loop(rc, run, state, tv, start, writer, mgr):
       writer.write(done, rec, split="train")
       group = []
       if done % rc.eval_every == 0 or done == rc.steps:
-        rec = _eval_record(evaluate(run["eval"], state.variables,
-                                    run["eval_batches"], place.fetch))
+        rec = _eval_record(evaluate(run.eval, state.variables,
+                                    run.eval_batches, place.fetch))
         writer.write(done, rec, split="eval")
         evals.append(dict(rec, step=done))
         if jax.process_index() == 0:
@@ -448,9 +449,21 @@ def _loop(rc, run, state, tv, start, writer, mgr):
   return state, evals, timer
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the loop of one phase uses."""
+  place: Placement
+  student: Any
+  teacher: Any
+  step: Any                     # step(state, teacher_variables, batch)
+  eval: Any                     # eval_step(variables, batch)
+  ds: Any = None                # ds[step]: the global host batch
+  eval_batches: Any = None      # {split: [step inputs]}
+
+
 def _prepare(rc: LMRunConfig):
-  """Models, placement, teacher variables, the (placed) initial state and
-  the compiled train / eval steps."""
+  """Models, placement, teacher variables (placed), the initial host state
+  and the compiled train / eval steps."""
   student, s_vars = build_model(rc.student, rc, "student")
   teacher = t_vars = tv = None
   if rc.teacher is not None:
@@ -463,10 +476,10 @@ def _prepare(rc: LMRunConfig):
     s_vars = _init_variables(student, rc.seed)
   tx = make_optimizer(rc)
   state = create_train_state(s_vars, tx, rng=jax.random.key(rc.seed + 1))
-  run = {"place": place, "student": student, "teacher": teacher,
-         "step": place.compile(make_step(rc, student, teacher, tx)),
-         "eval": place.compile(lm_steps.make_lm_eval_step(student),
-                               donate=False)}
+  run = _Run(place=place, student=student, teacher=teacher,
+             step=place.compile(make_step(rc, student, teacher, tx)),
+             eval=place.compile(lm_steps.make_lm_eval_step(student),
+                                donate=False))
   return run, state, tv
 
 
@@ -483,10 +496,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   main = jax.process_index() == 0
   prepare_workdir(workdir, rc.config_json if main else None)
   run, state, tv = _prepare(rc)
-  place = run["place"]
-  run["ds"], cache_info = train_dataset(rc, run["teacher"], tv, place)
-  run["eval_batches"] = {s: [place.batch(b) for b in eval_batches(rc, s)]
-                         for s in rc.data.eval_splits}
+  place = run.place
+  run.ds, cache_info = train_dataset(rc, run.teacher, tv, place)
+  run.eval_batches = {s: [place.batch(b) for b in eval_batches(rc, s)]
+                      for s in rc.data.eval_splits}
   mgr = (ckpt_lib.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       keep_last=max(rc.checkpoint_keep, 1), keep_best=0, async_save=False)
@@ -508,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if mgr is not None:
       mgr.close()
   evals = [dict(r) for r in old] + evals
-  report = _report(rc, run["student"], run["teacher"], evals, timer, start,
+  report = _report(rc, run.student, run.teacher, evals, timer, start,
                    dict(cache_info, train_s=train_s,
                         wall_s=time.perf_counter() - t0,
                         mesh=dict(mesh_spec(rc.mesh)) or None, memory=memory,
