@@ -241,6 +241,33 @@ def test_validation_train_mode_rejects_kd_terms():
     trainer.parse(c)
 
 
+def test_one_device_parallel_with_several_processes(monkeypatch, capsys):
+  """With >1 process, a plain run's train.parallel 'none' is rejected naming
+  the flag to use; the seed experiment turns its phases' 'none' into 'jit'
+  (one line) and leaves 'jit' / 'pmap' and 1-process runs alone."""
+  from experiments import seed_experiment
+  c = _config("mnist", "student")
+  trainer.parse(c)  # 1 process: 'none' is fine
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(trainer.ConfigError, match=r"^config\.train\.parallel: "
+                     r"'none' runs on one device of one process and cannot "
+                     r"span 2 processes; use --config\.train\.parallel=jit\.$"):
+    trainer.parse(c)
+  c.train.parallel = "single"
+  with pytest.raises(trainer.ConfigError, match="cannot span 2 processes"):
+    trainer.parse(c)
+  s = _config("mnist_seed")
+  out = seed_experiment.span_processes(s)
+  assert out.train.parallel == "jit" and s.train.parallel == "none"
+  assert capsys.readouterr().out.count("every phase runs with "
+                                       "train.parallel='jit'") == 1
+  s.train.parallel = "pmap"
+  assert seed_experiment.span_processes(s) is s
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  s.train.parallel = "none"
+  assert seed_experiment.span_processes(s) is s
+
+
 def test_seed_experiment_validation():
   from experiments import seed_experiment
   c = _config("mnist_seed")

@@ -506,7 +506,8 @@ def _after_call(run: Run, step: int, state_dev, saver: _Saver, writer,
 def _train_loop(run: Run, state_dev, consts, start: int, writer, mgr, evals,
                 timer: LoopTimer):
   bs = run.rc.train.batch_size
-  progress = _Progress(bool(run.rc.train.progress_bar), run.total_steps,
+  progress = _Progress(bool(run.rc.train.progress_bar) and run.is_main,
+                       run.total_steps,
                        start, f"{run.rc.mode} {run.rc.model.name}")
   log = TrainLog(writer, run.dp, run.schedule, run.spe,
                  run.rc.train.log_every_steps)
