@@ -134,6 +134,7 @@ def get_config():
   c.loss.ce_weight = 1.0
   c.loss.terms = ml_collections.ConfigDict({
       "rkd": {"distiller": "rkd", "weight": 1.0},
+      "crd": {"distiller": "crd", "weight": 0.8, "num_negatives": 64},
       "dist": {"weight": 1.0, "temperature": 4.0}})
   return c
 """
@@ -141,10 +142,12 @@ def get_config():
 
 def test_cli_two_processes_global_batch_losses_like_one(tmp_path,
                                                         mnist_teacher):
-  """RKD (pairwise distances and angles over the batch's pooled features)
-  and DIST (per-class correlations across the batch): losses of the whole
-  global batch, which 2 processes must compute over both halves. The
-  distilled student equals a 1-process run (jit) to 1e-5 after 48 steps."""
+  """RKD (pairwise distances and angles over the batch's pooled features),
+  DIST (per-class correlations across the batch) and CRD (negatives from a
+  memory bank that every step updates with the batch's embeddings): losses
+  and state of the whole global batch, which 2 processes must compute over
+  both halves. The distilled student equals a 1-process run (jit) to 1e-5
+  after 48 steps."""
   cfg = tmp_path / "global_batch_config.py"
   cfg.write_text(_GLOBAL_BATCH_CONFIG)
   flags_ = [f"--config={cfg}" if f.startswith("--config=") else
@@ -160,8 +163,8 @@ def test_cli_two_processes_global_batch_losses_like_one(tmp_path,
   recs = [[r for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))
            if r.get("split") == "train"] for d in (one, two)]
   assert [r["step"] for r in recs[0]] == [r["step"] for r in recs[1]]
-  for a, b in zip(*recs):  # the RKD / DIST terms are logged and non-zero
-    for key in ("rkd", "dist", "loss"):
+  for a, b in zip(*recs):  # the terms are logged and non-zero
+    for key in ("rkd", "dist", "crd", "loss"):
       assert abs(a[key]) > 1e-6, (key, a)
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7,
                                  err_msg=f"step {a['step']}: {key}")
