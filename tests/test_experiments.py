@@ -14,6 +14,7 @@
 import glob
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,9 +119,15 @@ def _real_run_specs():
 
 @pytest.mark.parametrize("mod,arg,overrides", _real_run_specs(),
                          ids=[f"{m}:{a}" for m, a, _ in _real_run_specs()])
-def test_config_debug_run(mod, arg, overrides, tmp_path):
+def test_config_debug_run(mod, arg, overrides, tmp_path, caplog):
   c = _debug(mod, arg, **overrides)
+  caplog.set_level(logging.WARNING)
   rep = trainer.train_and_evaluate(c, str(tmp_path))
+  # A debug run (mock data) logs no warnings but its own notice (not TFDS's
+  # about the mock's missing metadata).
+  assert not [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING
+              and not r.getMessage().startswith("debug run: ")]
   assert rep["steps"] == 2 and 0.0 <= rep["last_top1"] <= 1.0
   recs = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
   train = [r for r in recs if r["split"] == "train"]

@@ -263,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       stack.enter_context(tfds.testing.mock_data(
           num_examples=int(rc.data.mock_num_examples)))
+      stack.enter_context(_without_mock_metadata_warning())
     data = feeds_lib.load_data(rc)
     stack.callback(data.close)
     clock.tick("data_loaded")
@@ -276,6 +277,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       out["timings"] = clock.timings
       return out
     return _execute(run, clock)
+
+
+class _MockMetadataFilter(logging.Filter):
+  """Drops TFDS's "Variant folder ... has no dataset_info.json": mocked
+  datasets have no prepared folder, by design."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Variant folder %s has no")
+
+
+@contextlib.contextmanager
+def _without_mock_metadata_warning():
+  log, filt = logging.getLogger("absl"), _MockMetadataFilter()
+  log.addFilter(filt)
+  try:
+    yield
+  finally:
+    log.removeFilter(filt)
 
 
 def prepare_workdir(workdir: str, config_json: Optional[str]) -> None:
