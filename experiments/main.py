@@ -34,6 +34,8 @@ processes sharing one workdir::
 (`--distributed` alone lets `jax.distributed.initialize()` find the
 coordinator in a cluster's environment; on CPU the gloo collectives are
 selected automatically.) Only process 0 writes reports, metrics and plots.
+A run across processes needs `--config.train.parallel=jit` (or `pmap`); a
+seed experiment switches its phases from 'none' to 'jit' itself.
 
 Rerunning a command with the same `--workdir` resumes from the latest
 checkpoint. Outputs in the workdir: `config.json`, `metrics.jsonl`,

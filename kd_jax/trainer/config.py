@@ -555,6 +555,10 @@ def _validate_train(rc: RunConfig) -> None:
     raise ConfigError("train.parallel", f"must be one of "
                       f"{tuple(k for k in PARALLEL if k != 'single')}; got "
                       f"{tr.parallel!r}.")
+  if rc.parallel_mode == "single" and jax.process_count() > 1:
+    raise ConfigError("train.parallel", f"{tr.parallel!r} runs on one device "
+                      f"of one process and cannot span {jax.process_count()} "
+                      "processes; use --config.train.parallel=jit.")
   ndev = num_devices(rc)
   avail = (len(jax.local_devices()) if rc.parallel_mode == "pmap"
            else len(jax.devices()))
