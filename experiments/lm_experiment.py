@@ -142,10 +142,10 @@ def _reuse(wd, pc, deps_ok):
   """(report or None, why-not) as `seed_experiment.reuse_decision`."""
   if not os.path.isdir(wd):
     return None, None
-  rep, stored = _finished(wd), se_lib._stored_config(wd)  # pylint: disable=protected-access
+  rep, stored = _finished(wd), se_lib.stored_config(wd)
   if stored is None:
     return None, ("its stored config.json is missing" if rep else None)
-  diff = se_lib._config_diff(stored, json.loads(pc.to_json_best_effort()))  # pylint: disable=protected-access
+  diff = se_lib.config_diff(stored, json.loads(pc.to_json_best_effort()))
   if diff:
     return None, "its config changed (" + "; ".join(diff[:3]) + ")"
   if not deps_ok:
@@ -166,16 +166,16 @@ def _run_phase(config, workdir, p, seed, seeds, reused):
     t_seed = seeds[0] if t in se.shared_phases else seed
     pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
     deps_ok = reused.get((t, t_seed), False)
-  se_lib._sync(f"decide {wd}")  # pylint: disable=protected-access
+  se_lib.sync(f"decide {wd}")
   rep, why = _reuse(wd, pc, deps_ok)
   # (before anything is moved)
-  se_lib._sync(f"decided {wd}")  # pylint: disable=protected-access
+  se_lib.sync(f"decided {wd}")
   if rep is not None:
     _say(f"[seed {seed}] {p}: done before with the same config, reusing "
          f"{wd}")
     return rep, True
   if why is not None:
-    dest = se_lib._set_aside(wd)  # pylint: disable=protected-access
+    dest = se_lib.set_aside(wd)
     _say(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
          f"{dest}")
   _say(f"[seed {seed}] {p}: {pc.mode}")
@@ -211,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   results = summarize(config, reports)
   results["total_wall_s"] = time.perf_counter() - t0
   md = format_markdown(config, results)
-  if se_lib._is_main():  # pylint: disable=protected-access
+  if se_lib.is_main():
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(md + "\n")
     metrics_io.write_json(os.path.join(workdir, "results.json"), results)
@@ -220,7 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 
 def _say(msg: str) -> None:
-  se_lib._say(msg)  # pylint: disable=protected-access  (process 0 prints)
+  se_lib.say(msg)  # process 0 prints
 
 
 def summarize(config, reports) -> Dict[str, Any]:

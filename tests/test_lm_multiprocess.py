@@ -27,7 +27,7 @@ from test_lm_mesh import _final_params  # noqa: E402
 from test_lm_mesh import teacher  # noqa: E402,F401  (fixture)
 from test_lm_trainer import CONFIG_FILE  # noqa: E402
 from test_lm_trainer import corpus  # noqa: E402,F401  (fixture)
-from test_multiprocess import _free_port  # noqa: E402
+import multiprocess_launch as launch  # noqa: E402
 
 from kd_jax.trainer import lm as lm_trainer  # noqa: E402
 
@@ -44,28 +44,12 @@ def get_config():
 def _launch(config_path, workdir, *flags, devices=2):
   """2 processes of `experiments.main` (`devices` CPU devices each); returns
   their logs after checking both exited 0."""
-  env = dict(os.environ, PYTHONPATH=ROOT, KD_JAX_FAST_CPU_FLAGS="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "experiments.main", f"--config={config_path}",
-       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={pid}", *flags],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for pid in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {pid} failed:\n{log[-4000:]}"
-  return logs
+  env = ["env", f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}",
+         "KD_JAX_FAST_CPU_FLAGS=0"]
+  cmds = [env + launch.main_command(f"--config={config_path}",
+                                    f"--workdir={workdir}", *dist, *flags)
+          for dist in launch.distributed_flags(launch.free_port(), 2)]
+  return launch.run_commands(cmds, TIMEOUT_S)
 
 
 def test_topk_phase_two_processes_equals_one(corpus, teacher, tmp_path):  # noqa: F811

@@ -55,7 +55,7 @@ from kd_jax.trainer.lm_config import LMModel
 from kd_jax.trainer.lm_config import LMRunConfig
 from kd_jax.trainer.lm_config import mesh_spec
 from kd_jax.trainer.lm_config import parse
-from kd_jax.trainer.run import _NullWriter  # pylint: disable=protected-access
+from kd_jax.trainer.run import NullWriter
 from kd_jax.trainer.run import prepare_workdir
 
 
@@ -510,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     memory = place.memory(state, tv)
     writer = (metrics_io.MetricsWriter(workdir, tensorboard=True,
                                        resume_step=start if start else None)
-              if main else _NullWriter())
+              if main else NullWriter())
     old = [r for r in metrics_io.read_jsonl(writer.path)
            if r.get("split") == "eval"] if main else []
     t_train = time.perf_counter()

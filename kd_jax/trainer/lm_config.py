@@ -154,7 +154,7 @@ def _model(c, key, *, teacher: bool) -> LMModel:
   ov = dict(ov.to_dict() if hasattr(ov, "to_dict") else (ov or {}))
   sh = _get(c, "sharding", None) if teacher else None
   sh = (sh or "replicated") if sh is None or isinstance(sh, str) else (
-      config_lib._rules(sh))  # pylint: disable=protected-access
+      config_lib.parse_rules(sh))
   return LMModel(preset=preset, hf_dir=hf_dir, overrides=ov, dtype=dtype,
                  remat=bool(_get(c, "remat", False)), checkpoint=ckpt,
                  sharding=sh)
@@ -247,7 +247,7 @@ def parse(config: ml_collections.ConfigDict) -> LMRunConfig:
   mesh = _get(tr, "mesh", None)
   mesh = tuple(dict(mesh.to_dict() if hasattr(mesh, "to_dict") else
                     (mesh or {})).items())
-  rules = config_lib._rules(_get(tr, "sharding_rules", ()))  # pylint: disable=protected-access
+  rules = config_lib.parse_rules(_get(tr, "sharding_rules", ()))
   _validate_mesh(mesh, rules, data, teacher)
   return LMRunConfig(
       mode=mode, seed=int(config.get("seed", 0)), steps=steps,

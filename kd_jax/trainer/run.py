@@ -145,7 +145,7 @@ class _Progress:
       self._bar.close()
 
 
-class _NullWriter:
+class NullWriter:
   """The metrics writer of processes other than 0."""
   path = None
 
@@ -437,7 +437,7 @@ def _execute(run: Run, clock: Clock) -> Dict[str, Any]:
     raise
   writer = (metrics_io.MetricsWriter(run.workdir, tensorboard=True,
                                      resume_step=start if start else None)
-            if run.is_main else _NullWriter())
+            if run.is_main else NullWriter())
   pretrain = {}
   if run.spec.objective.distiller_terms and start == 0:
     state, pretrain = programs_lib.run_pretrain_stages(run.spec, state, writer)
