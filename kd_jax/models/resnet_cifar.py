@@ -38,6 +38,7 @@ from kd_jax.models import _layers as L
 from kd_jax.models import convert as _convert
 
 Dtype = Any
+FUSION_BOUNDARY = True
 
 
 class BasicBlock(nn.Module):
@@ -50,6 +51,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     d = self.dtype
+    if FUSION_BOUNDARY:
+      x = L.fusion_boundary(x)
     out = L.conv(self.planes, 3, stride=self.stride, padding=1, dtype=d,
                  name="conv1")(x)
     out = nn.relu(L.batch_norm(train, dtype=d, name="bn1")(out))
