@@ -38,7 +38,12 @@ from kd_jax.models import _layers as L
 from kd_jax.models import convert as _convert
 
 Dtype = Any
+
 FUSION_BOUNDARY = True
+"""Pass each block's input through `_layers.fusion_boundary` (read at trace
+time): on CPU XLA then reads it once instead of recomputing the residual
+chain of all earlier blocks inside each block's output fusion (10 % of the
+resnet56->resnet20 step, docs/performance.md). `False` for A/B benchmarks."""
 
 
 class BasicBlock(nn.Module):
