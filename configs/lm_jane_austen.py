@@ -12,7 +12,11 @@ then::
 
     python -m experiments.main --config=configs/lm_jane_austen.py \\
         --workdir=workdirs/lm_jane_austen [--config.scale=8] \\
-        [--config.data.data_dir=workdirs/lm_data]
+        [--config.data.data_dir=workdirs/lm_data] \\
+        [--config.train.mesh='{"fsdp": 4, "tensor": 2}' \\
+         --config.teacher_model.sharding=tensor]
+
+(the mesh, and runs across processes: docs/lm.md).
 
 Phases (train on Emma, Mansfield Park, Pride and Prejudice, Sense and
 Sensibility; perplexity on Northanger Abbey = validation and Persuasion =
@@ -44,9 +48,13 @@ import ml_collections
 
 
 def _model(preset, **overrides):
-  return ml_collections.ConfigDict({"preset": preset, "hf_dir": "",
-                                    "dtype": "float32", "remat": False,
-                                    "overrides": overrides})
+  c = ml_collections.ConfigDict({"preset": preset, "hf_dir": "",
+                                 "dtype": "float32", "remat": False,
+                                 "overrides": overrides})
+  # On a mesh (distilled phases' teacher): 'replicated' | 'fsdp' | 'tensor'
+  # | ((regex, spec), ...).
+  c.sharding = ml_collections.config_dict.placeholder(object)
+  return c
 
 
 def get_config():
@@ -61,6 +69,11 @@ def get_config():
       "eval_splits": ("validation", "test")})
   c.train = ml_collections.ConfigDict({"steps": 120, "log_every": 20,
                                        "eval_every": 60})
+  # A device mesh, as the CNN trainer's: e.g. {"fsdp": 4, "tensor": 2}
+  # (FSDP x tensor parallel; docs/lm.md), with optional (regex, spec) rules
+  # for the student state; teacher_model.sharding places the teacher.
+  c.train.mesh = ml_collections.config_dict.placeholder(object)
+  c.train.sharding_rules = ml_collections.config_dict.placeholder(object)
   c.optimizer = ml_collections.ConfigDict({
       "learning_rate": 3e-3, "warmup_steps": 10, "weight_decay": 0.0,
       "grad_clip": 1.0})

@@ -17,6 +17,14 @@ Cells per workload:
     `git worktree add /tmp/before <commit>`), default XLA flags;
   * `torch` -- a plain PyTorch eager implementation of the same step.
 
+`--inprocess`: instead, one process per workload runs, interleaved call by
+call, the kd_jax step traced with kd_jax's CPU fusion workarounds off
+("before": plain weight-gradient transposes, no ResNet block fusion
+boundary) and on ("after"), and the PyTorch step at 1 and at 2 threads
+(`torch.set_num_threads` switched between calls); medians and minima over
+`--rounds` x `--steps` calls. On a shared machine this is the fairest
+comparison (every cell sees the same load).
+
 Workloads (batch 64, Adam): `cnn_train` -- the MNIST CNN teacher's
 supervised train step; `r56_r20`, `r32x4_r8x4` -- CIFAR-100 distillation
 step (teacher forward in inference mode, student train step, 0.1 CE +
@@ -94,7 +102,96 @@ def _jax_worker(workload: str, steps: int, scan: int) -> float:
   return statistics.median(ts)
 
 
+def _jax_step(workload: str):
+  """(compiled step thunk) for a workload, traced with the current switches."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from kd_jax import models  # pylint: disable=g-import-not-at-top
+  from kd_jax.train import objectives, steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from kd_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  tx = optax.adam(1e-3)
+
+  def make(name, k, shape):
+    m = models.create(name, num_classes=k)
+    return m, jax.jit(lambda: m.init({"params": jax.random.key(1)},
+                                     jnp.zeros((1,) + shape), train=False))()
+
+  if workload == "cnn_train":
+    k, shape = 10, (28, 28, 1)
+    m, v = make("cnn_teacher", k, shape)
+    fn, extra = steps_lib.make_train_step(m, tx), ()
+  else:
+    k, shape = 100, (32, 32, 3)
+    tm, tv = make(PAIRS[workload][0], k, shape)
+    m, v = make(PAIRS[workload][1], k, shape)
+    obj = objectives.Objective(ce_weight=0.1, terms=(
+        objectives.Term("kd", 0.9, temperature=4.0),))
+    fn, extra = steps_lib.make_distill_step(m, tm, obj, tx), (tv,)
+  st = state_lib.create_train_state(v, tx, rng=jax.random.key(3))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(64,) + shape), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, k, size=(64,)), jnp.int32)}
+  comp = jax.jit(fn).lower(st, *extra, batch).compile()
+  return lambda: jax.block_until_ready(comp(st, *extra, batch))
+
+
+def _inprocess(workload: str, rounds: int, steps: int):
+  """Interleaved before/after/torch cells in this process; prints a table."""
+  from kd_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  flags = xla_flags.use_fast_cpu_flags()
+  from kd_jax.models import _canonical_conv, resnet_cifar  # pylint: disable=g-import-not-at-top
+  cells = {}
+  for label, on in (("kd_jax before", False), ("kd_jax after", True)):
+    _canonical_conv.LAYOUT_COPY_VIA_COND = on
+    resnet_cifar.FUSION_BOUNDARY = on
+    cells[label] = _jax_step(workload)
+  _canonical_conv.LAYOUT_COPY_VIA_COND = resnet_cifar.FUSION_BOUNDARY = True
+  import torch  # pylint: disable=g-import-not-at-top
+  tstep = _torch_step(workload)
+  for n in (1, 2):
+    cells[f"torch {n} thread{'s' * (n > 1)}"] = (
+        lambda n=n: (torch.set_num_threads(n), tstep()))
+  for f in cells.values():
+    f(), f()
+  ts = {k: [] for k in cells}
+  loads = [os.getloadavg()[0]]
+  for _ in range(rounds):
+    for k, f in cells.items():
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        f()
+        ts[k].append(1e3 * (time.perf_counter() - t0))
+    loads.append(os.getloadavg()[0])
+  print(f"\n{workload}: {os.cpu_count()} CPUs, XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r} (this call added "
+        f"{flags['added']}), load {min(loads):.1f}-{max(loads):.1f}; "
+        f"{rounds} rounds x {steps} calls per cell, interleaved")
+  print("| cell | median ms | min ms | speed vs torch 1 thread | "
+        "speed vs torch 2 threads |")
+  print("|---|---|---|---|---|")
+  t1 = statistics.median(ts["torch 1 thread"])
+  t2 = statistics.median(ts["torch 2 threads"])
+  for k, v in ts.items():
+    m = statistics.median(v)
+    print(f"| {k} | {m:.1f} | {min(v):.1f} | {t1 / m:.2f}x | {t2 / m:.2f}x |",
+          flush=True)
+
+
 def _torch_worker(workload: str, steps: int) -> float:
+  step = _torch_step(workload)
+  for _ in range(2):
+    step()
+  ts = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def _torch_step(workload: str):
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -132,14 +229,7 @@ def _torch_worker(workload: str, steps: int) -> float:
     loss.backward()
     opt.step()
 
-  for _ in range(2):
-    step()
-  ts = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    step()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+  return step
 
 
 def _cells(workload, args):
@@ -176,6 +266,8 @@ def main(argv=None):
   ap.add_argument("--before-scan", action="store_true",
                   help="also time the old checkout's scanned step (slow)")
   ap.add_argument("--torch-threads", type=int, default=0)
+  ap.add_argument("--inprocess", action="store_true",
+                  help="interleaved before/after/torch cells in one process")
   ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
   ap.add_argument("--scan-steps", type=int, default=0, help=argparse.SUPPRESS)
   ap.add_argument("--torch", action="store_true", help=argparse.SUPPRESS)
@@ -188,6 +280,10 @@ def main(argv=None):
     else:
       sec = _jax_worker(args.worker, args.steps, args.scan_steps)
     print(json.dumps({"ms": sec * 1e3}))
+    return
+  if args.inprocess:
+    for w in args.workloads.split(","):
+      _inprocess(w, args.rounds, args.steps)
     return
   results = {}
   for r in range(args.rounds):

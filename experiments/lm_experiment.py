@@ -142,10 +142,10 @@ def _reuse(wd, pc, deps_ok):
   """(report or None, why-not) as `seed_experiment.reuse_decision`."""
   if not os.path.isdir(wd):
     return None, None
-  rep, stored = _finished(wd), se_lib._stored_config(wd)  # pylint: disable=protected-access
+  rep, stored = _finished(wd), se_lib.stored_config(wd)
   if stored is None:
     return None, ("its stored config.json is missing" if rep else None)
-  diff = se_lib._config_diff(stored, json.loads(pc.to_json_best_effort()))  # pylint: disable=protected-access
+  diff = se_lib.config_diff(stored, json.loads(pc.to_json_best_effort()))
   if diff:
     return None, "its config changed (" + "; ".join(diff[:3]) + ")"
   if not deps_ok:
@@ -166,27 +166,35 @@ def _run_phase(config, workdir, p, seed, seeds, reused):
     t_seed = seeds[0] if t in se.shared_phases else seed
     pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
     deps_ok = reused.get((t, t_seed), False)
+  se_lib.sync(f"decide {wd}")
   rep, why = _reuse(wd, pc, deps_ok)
+  # (before anything is moved)
+  se_lib.sync(f"decided {wd}")
   if rep is not None:
-    print(f"[seed {seed}] {p}: done before with the same config, reusing "
-          f"{wd}", flush=True)
+    _say(f"[seed {seed}] {p}: done before with the same config, reusing "
+         f"{wd}")
     return rep, True
   if why is not None:
-    dest = f"{wd}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(wd, dest)
-    print(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
-          f"{dest}", flush=True)
-  print(f"[seed {seed}] {p}: {pc.mode}", flush=True)
+    dest = se_lib.set_aside(wd)
+    _say(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
+         f"{dest}")
+  _say(f"[seed {seed}] {p}: {pc.mode}")
   rep = lm_trainer.train_and_evaluate(pc, wd)
-  print(f"[seed {seed}] {p}: " + ", ".join(
+  _say(f"[seed {seed}] {p}: " + ", ".join(
       f"{k} {v:.2f}" for k, v in rep.items()
       if k.startswith("last_") and v is not None)
-        + f", {rep['wall_s']:.1f} s", flush=True)
+       + f", {rep['wall_s']:.1f} s")
   return rep, False
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Runs every phase for every seed; returns and saves the results."""
+  """Runs every phase for every seed; returns and saves the results.
+
+  With several processes (`experiments.main --num_processes`) every process
+  runs every phase; the reuse decisions are taken by all after a barrier,
+  process 0 alone moves stale phases aside, writes the phases' files and
+  the tables, and prints.
+  """
   validate(config)
   se = config.seed_experiment
   seeds = [int(s) for s in se.seeds]
@@ -203,11 +211,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   results = summarize(config, reports)
   results["total_wall_s"] = time.perf_counter() - t0
   md = format_markdown(config, results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(md + "\n")
-  metrics_io.write_json(os.path.join(workdir, "results.json"), results)
-  print(md, flush=True)
+  if se_lib.is_main():
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(md + "\n")
+    metrics_io.write_json(os.path.join(workdir, "results.json"), results)
+    print(md, flush=True)
   return results
+
+
+def _say(msg: str) -> None:
+  se_lib.say(msg)  # process 0 prints
 
 
 def summarize(config, reports) -> Dict[str, Any]:

@@ -34,6 +34,8 @@ processes sharing one workdir::
 (`--distributed` alone lets `jax.distributed.initialize()` find the
 coordinator in a cluster's environment; on CPU the gloo collectives are
 selected automatically.) Only process 0 writes reports, metrics and plots.
+A run across processes needs `--config.train.parallel=jit` (or `pmap`); a
+seed experiment switches its phases from 'none' to 'jit' itself.
 
 Rerunning a command with the same `--workdir` resumes from the latest
 checkpoint. Outputs in the workdir: `config.json`, `metrics.jsonl`,
@@ -205,6 +207,8 @@ def _run_lm(config):
     lm_experiment.run(config, FLAGS.workdir)
     return
   report = lm.train_and_evaluate(config, FLAGS.workdir)
+  if not _is_main():
+    return
   print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in report.items()
                  if k.endswith("_ppl") or k in ("mode", "model", "steps",

@@ -18,6 +18,13 @@ again (its old workdir is moved aside to `<phase>.old-<time>`, nothing is
 deleted) and the reason is printed. An interrupted phase with the current
 config resumes from its own checkpoint.
 
+Several processes (`experiments.main --coordinator_address/--num_processes/
+--process_id`): every process runs every phase, data parallel over all
+processes' devices -- a one-device `train.parallel` ('none', the default
+of `configs/mnist_seed.py`) becomes 'jit' -- and process 0 alone decides
+phase reuse (the decision is broadcast), moves stale workdirs aside, prints,
+and writes the tables; the others wait for it at barriers.
+
 Results: a table of last-epoch and best-epoch test accuracy (mean ± std over
 seeds, population std) of the teacher, the student alone and the distilled
 student, the gain of distillation (paired per seed), and wall time and
@@ -38,6 +45,7 @@ import numpy as np
 
 from kd_jax import metrics_io
 from kd_jax import trainer
+from kd_jax.trainer import config as config_lib
 
 _PROPAGATE = ("data", "checkpoint")
 _PROPAGATE_TRAIN = ("progress_bar", "parallel", "num_devices")
@@ -105,7 +113,7 @@ def validate(config):
                              str(e).split(": ", 1)[1]) from None
 
 
-def _stored_config(wd: str):
+def stored_config(wd: str):
   try:
     with open(os.path.join(wd, "config.json")) as f:
       return json.load(f)
@@ -113,13 +121,13 @@ def _stored_config(wd: str):
     return None
 
 
-def _config_diff(old, new, prefix="") -> List[str]:
+def config_diff(old, new, prefix="") -> List[str]:
   """Dotted keys whose values differ between two config dicts."""
   out = []
   for k in sorted(set(old) | set(new)):
     a, b = old.get(k), new.get(k)
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_diff(a, b, f"{prefix}{k}.")
+      out += config_diff(a, b, f"{prefix}{k}.")
     elif a != b:
       out.append(f"{prefix}{k}: {a!r} -> {b!r}")
   return out
@@ -148,11 +156,11 @@ def reuse_decision(wd: str, pc, deps_reused: bool):
       finished = json.load(f).get("last_top1") is not None
   except (OSError, json.JSONDecodeError):
     finished = False
-  stored = _stored_config(wd)
+  stored = stored_config(wd)
   if stored is None:
     return False, ("its stored config.json is missing" if finished else None)
   current = json.loads(trainer.apply_debug(pc).to_json_best_effort())
-  diff = _config_diff(_comparable(stored), _comparable(current))
+  diff = config_diff(_comparable(stored), _comparable(current))
   if diff:
     return False, "its config changed (" + "; ".join(diff[:3]) + (
         "; ..." if len(diff) > 3 else "") + ")"
@@ -161,17 +169,49 @@ def reuse_decision(wd: str, pc, deps_reused: bool):
   return finished, None
 
 
-def _set_aside(wd: str) -> str:
+def set_aside(wd: str) -> str:
   """Moves a stale phase workdir aside (nothing is deleted); in
   multi-process runs process 0 moves it and the others wait for it."""
   dest = f"{wd}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-  if _is_main():
+  if is_main():
     os.replace(wd, dest)
-  _sync(f"set aside {wd}")
+  sync(f"set aside {wd}")
   return dest
 
 
-def _sync(name: str) -> None:
+def agreed(reuse: bool, why):
+  """Process 0's `(reuse, why-not)` on every process (a collective, so also a
+  barrier: process 0 has read the old workdir before anything moves it).
+  Other processes get a placeholder reason; only process 0 prints it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return reuse, why
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  code = int(multihost_utils.broadcast_one_to_all(
+      np.int32(2 * bool(reuse) + (why is not None))))
+  if not is_main():
+    why = "(process 0 decided)" if code & 1 else None
+  return bool(code & 2), why
+
+
+def span_processes(config: ml_collections.ConfigDict
+                   ) -> ml_collections.ConfigDict:
+  """With several processes, a one-device `train.parallel` ('none' /
+  'single') becomes 'jit' (data parallel over every process's devices), said
+  once; otherwise `config` is returned unchanged."""
+  import jax  # pylint: disable=g-import-not-at-top
+  par = config.get("train", {}).get("parallel", "none")
+  if jax.process_count() == 1 or config_lib.PARALLEL.get(par) != "single":
+    return config
+  config = config.copy_and_resolve_references()
+  config.train.parallel = "jit"
+  say(f"train.parallel={par!r} runs on one device; with "
+       f"{jax.process_count()} processes every phase runs with "
+       "train.parallel='jit'.")
+  return config
+
+
+def sync(name: str) -> None:
   """A barrier of all processes (no-op with one process)."""
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
@@ -179,8 +219,8 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _say(msg: str) -> None:
-  if _is_main():
+def say(msg: str) -> None:
+  if is_main():
     print(msg, flush=True)
 
 
@@ -200,22 +240,21 @@ def _run_phase(config, workdir, p, seed, seeds, reused):
   if key in reused:  # a shared phase, done for an earlier seed
     with open(os.path.join(wd, "report.json")) as f:
       return json.load(f), reused[key]
-  _sync(f"decide {wd}")
-  ok, why = reuse_decision(wd, pc, deps_ok)
-  _sync(f"decided {wd}")  # (before anything is moved)
+  ok, why = agreed(*(reuse_decision(wd, pc, deps_ok) if is_main()
+                      else (False, None)))
   if ok:
-    _say(f"[seed {seed}] {p}: done before with the same config, reusing "
+    say(f"[seed {seed}] {p}: done before with the same config, reusing "
          f"{wd}")
     with open(os.path.join(wd, "report.json")) as f:
       return json.load(f), True
   if why is not None:
-    _say(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
-         f"{_set_aside(wd)}")
-  _say(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
+    say(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
+         f"{set_aside(wd)}")
+  say(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
        + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""))
   rep = trainer.train_and_evaluate(pc, wd)
   rep.pop("_final_state", None)
-  _say(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
+  say(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
        f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
        f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s")
   return rep, False
@@ -225,9 +264,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Runs every phase for every seed; returns and saves the results table.
 
   In multi-process runs every process runs every phase; only process 0
-  prints and writes the tables.
+  prints and writes the tables, the others return what it wrote
+  (`results.json`).
   """
-  config = trainer.apply_debug(config)
+  config = span_processes(trainer.apply_debug(config))
   validate(config)
   se = config.seed_experiment
   seeds = [int(s) for s in se.seeds]
@@ -242,18 +282,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       src_seed = seeds[0] if p in se.shared_phases else seed
       reused[(p, src_seed)] = was_reused
       reports[p].append(rep)
-  results = summarize(config, reports)
-  results["total_wall_s"] = time.perf_counter() - t0
-  md = format_markdown(config, results)
-  if _is_main():
+  path = os.path.join(workdir, "results.json")
+  if is_main():
+    results = summarize(config, reports)
+    results["total_wall_s"] = time.perf_counter() - t0
+    md = format_markdown(config, results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(md + "\n")
-    metrics_io.write_json(os.path.join(workdir, "results.json"), results)
-    print(md)
+    metrics_io.write_json(path, results)
+    print(md, flush=True)
+  sync(f"results {workdir}")
+  if not is_main():
+    with open(path) as f:
+      results = json.load(f)
   return results
 
 
-def _is_main() -> bool:
+def is_main() -> bool:
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index() == 0
 

@@ -151,3 +151,51 @@ def test_bfloat16_matches_default():
     assert a.dtype == b.dtype
     np.testing.assert_allclose(np.asarray(a, np.float32),
                                np.asarray(b, np.float32), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("nan_first", [False, True])
+def test_layout_copy_equals_the_plain_transpose(nan_first):
+  # Both branches of the conditional are the same function: the result is
+  # fn(v) bit for bit whichever branch the predicate picks (NaN -> False).
+  v = np.random.default_rng(3).standard_normal((4, 5, 6, 3)).astype(np.float32)
+  if nan_first:
+    v[0, 0, 0, 0] = np.nan
+  fn = lambda a: a[:, :4, :5, :].transpose(3, 1, 2, 0)
+  got = jax.jit(lambda a: cc._layout_copy(fn, a))(jnp.asarray(v))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(got), fn(v))
+
+
+def _chain_conv_grad(x, w, a, b):
+  """d/dw of a conv applied after an elementwise (BN-affine + ReLU) chain."""
+  def loss(ww):
+    h = jax.nn.relu(x * a + b)
+    y = cc.conv_general_dilated(h, ww, (1, 1), ((1, 1), (1, 1)),
+                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jax.nn.relu(y * a[..., :1] + b[..., :1]) ** 2)
+  return jax.grad(loss)(w)
+
+
+def test_weight_gradient_layout_copies_are_fusion_boundaries_on_cpu(
+    monkeypatch):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 3)), jnp.float32)
+  a = jnp.asarray(rng.standard_normal((3,)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((3,)), jnp.float32)
+  on = jax.jit(_chain_conv_grad)
+  text_on = on.lower(x, w, a, b).compile().as_text()
+  monkeypatch.setattr(cc, "LAYOUT_COPY_VIA_COND", False)
+  off = jax.jit(lambda *args: _chain_conv_grad(*args))  # a fresh trace
+  text_off = off.lower(x, w, a, b).compile().as_text()
+  assert " conditional(" in text_on and " conditional(" not in text_off
+  np.testing.assert_array_equal(np.asarray(on(x, w, a, b)),
+                                np.asarray(off(x, w, a, b)))
+  # and both equal the gradient through JAX's own convolution rules
+  def ref(ww):
+    h = jax.nn.relu(x * a + b)
+    y = lax.conv_general_dilated(h, ww, (1, 1), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jax.nn.relu(y * a[..., :1] + b[..., :1]) ** 2)
+  np.testing.assert_allclose(np.asarray(on(x, w, a, b)),
+                             np.asarray(jax.jit(jax.grad(ref))(w)),
+                             rtol=1e-5, atol=1e-4)

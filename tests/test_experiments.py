@@ -14,6 +14,7 @@
 import glob
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,9 +119,15 @@ def _real_run_specs():
 
 @pytest.mark.parametrize("mod,arg,overrides", _real_run_specs(),
                          ids=[f"{m}:{a}" for m, a, _ in _real_run_specs()])
-def test_config_debug_run(mod, arg, overrides, tmp_path):
+def test_config_debug_run(mod, arg, overrides, tmp_path, caplog):
   c = _debug(mod, arg, **overrides)
+  caplog.set_level(logging.WARNING)
   rep = trainer.train_and_evaluate(c, str(tmp_path))
+  # A debug run (mock data) logs no warnings but its own notice (not TFDS's
+  # about the mock's missing metadata).
+  assert not [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING
+              and not r.getMessage().startswith("debug run: ")]
   assert rep["steps"] == 2 and 0.0 <= rep["last_top1"] <= 1.0
   recs = metrics_io.read_jsonl(str(tmp_path / "metrics.jsonl"))
   train = [r for r in recs if r["split"] == "train"]
@@ -239,6 +246,33 @@ def test_validation_train_mode_rejects_kd_terms():
   with pytest.raises(trainer.ConfigError, match=r"config\.loss\.terms: mode "
                      r"'train' is supervised"):
     trainer.parse(c)
+
+
+def test_one_device_parallel_with_several_processes(monkeypatch, capsys):
+  """With >1 process, a plain run's train.parallel 'none' is rejected naming
+  the flag to use; the seed experiment turns its phases' 'none' into 'jit'
+  (one line) and leaves 'jit' / 'pmap' and 1-process runs alone."""
+  from experiments import seed_experiment
+  c = _config("mnist", "student")
+  trainer.parse(c)  # 1 process: 'none' is fine
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(trainer.ConfigError, match=r"^config\.train\.parallel: "
+                     r"'none' runs on one device of one process and cannot "
+                     r"span 2 processes; use --config\.train\.parallel=jit\.$"):
+    trainer.parse(c)
+  c.train.parallel = "single"
+  with pytest.raises(trainer.ConfigError, match="cannot span 2 processes"):
+    trainer.parse(c)
+  s = _config("mnist_seed")
+  out = seed_experiment.span_processes(s)
+  assert out.train.parallel == "jit" and s.train.parallel == "none"
+  assert capsys.readouterr().out.count("every phase runs with "
+                                       "train.parallel='jit'") == 1
+  s.train.parallel = "pmap"
+  assert seed_experiment.span_processes(s) is s
+  monkeypatch.setattr(jax, "process_count", lambda: 1)
+  s.train.parallel = "none"
+  assert seed_experiment.span_processes(s) is s
 
 
 def test_seed_experiment_validation():

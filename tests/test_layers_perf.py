@@ -72,3 +72,33 @@ def test_max_pool_nonoverlapping_bfloat16_and_jit():
 def test_max_pool_nonoverlapping_rejects_bad_input(shape, k):
   with pytest.raises(ValueError, match="max_pool_nonoverlapping"):
     L.max_pool_nonoverlapping(jnp.zeros(shape), k)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fusion_boundary_is_the_identity_with_identity_gradient(dtype):
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+  x[0, 0, 0, 0] = np.nan            # the predicate is False: same values
+  x[0, 0, 0, 1] = np.inf
+  xj = jnp.asarray(x, dtype)
+  y = jax.jit(L.fusion_boundary)(xj)
+  assert y.dtype == xj.dtype and y.shape == xj.shape
+  np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                np.asarray(xj, np.float32))
+  g = jnp.asarray(rng.standard_normal(x.shape), dtype)
+  _, vjp = jax.vjp(L.fusion_boundary, xj)
+  np.testing.assert_array_equal(np.asarray(vjp(g)[0], np.float32),
+                                np.asarray(g, np.float32))
+
+
+def test_fusion_boundary_under_vmap_scan_and_in_the_compiled_program():
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 2, 5)),
+                  jnp.float32)
+  f = lambda v: jnp.sum(jnp.sin(L.fusion_boundary(jnp.cos(v))) ** 2)
+  ref = lambda v: jnp.sum(jnp.sin(jnp.cos(v)) ** 2)
+  np.testing.assert_allclose(jax.vmap(jax.grad(f))(x),
+                             jax.vmap(jax.grad(ref))(x), rtol=1e-6)
+  scanned = lambda v: jax.lax.scan(lambda c, r: (c + f(r), None), 0.0, v)[0]
+  np.testing.assert_allclose(jax.jit(scanned)(x), ref(x), rtol=1e-6)
+  text = jax.jit(jax.grad(f)).lower(x).compile().as_text()
+  assert (" conditional(" in text) == (jax.default_backend() == "cpu")

@@ -6,50 +6,25 @@ single-process, single-device run of `multiprocess_worker.run('single')`.
 """
 
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import multiprocess_launch as launch  # noqa: E402
 import multiprocess_worker as mw  # noqa: E402
 
 TIMEOUT_S = 180
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_process_fsdp_run_with_sharded_checkpoint(tmp_path):
-  port = _free_port()
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # workers set 4 CPU devices themselves
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(HERE)] + [p for p in [env.get("PYTHONPATH")] if p])
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "sharding_worker.py"), str(pid),
-       "2", str(port), str(tmp_path)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for pid in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-  except subprocess.TimeoutExpired:
-    pytest.fail(f"2-process run did not finish within {TIMEOUT_S} s")
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for pid, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f"process {pid} failed:\n{log[-3000:]}"
+  port = launch.free_port()
+  logs = launch.run_commands(  # (the workers set 4 CPU devices themselves)
+      [[sys.executable, os.path.join(HERE, "sharding_worker.py"), str(pid),
+        "2", str(port), str(tmp_path)] for pid in range(2)], TIMEOUT_S)
+  for pid, log in enumerate(logs):
     assert f"process {pid}: done, devices=8" in log, log[-3000:]
 
   # Each process wrote its own OCDBT shard store of the sharded state.

@@ -231,7 +231,8 @@ class GrainImagePipeline:
     image_size, resize_size: output crop size; eval resize of the shorter side.
     scale, ratio: RandomResizedCrop parameters.
     num_workers: grain worker processes (0: decode in the calling process).
-    num_threads: reader threads per process (grain `ReadOptions`).
+    num_threads: reader threads per process (grain `ReadOptions`; at most
+      `prefetch_batches` of them, the read-ahead it holds).
     prefetch_batches: batches buffered per worker.
     process_index, process_count: this process's shard (default: JAX's).
     with_index: add `batch['index']`.
@@ -361,9 +362,12 @@ class GrainBatchIterator:
     start = self._global()
     stop = None if self.num_epochs is None else max(start, self.num_epochs * spe)
     self._stop = stop
+    # (grain's read-ahead holds `prefetch_buffer_size` elements, here
+    # batches: more reader threads than that would sit idle.)
+    buffer = max(1, self._p.prefetch_batches)
     ds = self._p.dataset(start, stop).to_iter_dataset(grain.ReadOptions(
-        num_threads=self._p.num_threads,
-        prefetch_buffer_size=max(1, self._p.prefetch_batches)))
+        num_threads=min(self._p.num_threads, buffer),
+        prefetch_buffer_size=buffer))
     if self._p.num_workers > 0:
       _ensure_absl_flags_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(

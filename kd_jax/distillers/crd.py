@@ -72,6 +72,55 @@ class Embed(nn.Module):
     return x
 
 
+def _other_class_with_replacement(keys, index, labels, k):
+  """`[B, k]` uniform draws (with replacement) among the examples whose label
+  differs from each example's: indices into the label-sorted order that
+  skip the example's own class block."""
+  num_data = labels.shape[0]
+  order = jnp.argsort(labels, stable=True)
+  sorted_labels = labels[order]
+  own = labels[index]
+  start = jnp.searchsorted(sorted_labels, own, side="left")
+  stop = jnp.searchsorted(sorted_labels, own, side="right")
+  count = num_data - (stop - start)
+
+  def draw(key, s, c, n):
+    u = jax.random.randint(key, (k,), 0, jnp.maximum(n, 1))
+    return order[jnp.where(u < s, u, u + c)]
+
+  return jax.vmap(draw)(keys, start, stop - start, count)
+
+
+def _other_class_without_replacement(keys, index, labels, k):
+  """`[B, k]` distinct examples of the other classes: the top-`k` of i.i.d.
+  uniform priorities, the own class masked out."""
+  num_data = labels.shape[0]
+
+  def draw(key, y):
+    pr = jax.random.uniform(key, (num_data,))
+    pr = jnp.where(labels == y, -1.0, pr)
+    return jax.lax.top_k(pr, k)[1]
+
+  return jax.vmap(draw)(keys, labels[index])
+
+
+def _other_example_with_replacement(keys, index, num_data, k):
+  """`[B, k]` uniform draws (with replacement) among the other examples."""
+  def draw(key, i):
+    u = jax.random.randint(key, (k,), 0, num_data - 1)
+    return jnp.where(u < i, u, u + 1)
+  return jax.vmap(draw)(keys, index)
+
+
+def _other_example_without_replacement(keys, index, num_data, k):
+  """`[B, k]` distinct other examples (top-`k` of uniform priorities)."""
+  def draw(key, i):
+    pr = jax.random.uniform(key, (num_data,))
+    pr = pr.at[i].set(-1.0)
+    return jax.lax.top_k(pr, k)[1]
+  return jax.vmap(draw)(keys, index)
+
+
 def sample_negatives(rng, index, *, num_data: int, num_negatives: int,
                      dataset_labels=None, replace: bool = False):
   r"""CRD's contrast indices `[B, K+1]`: the positive, then `K` negatives.
@@ -119,50 +168,21 @@ def sample_negatives(rng, index, *, num_data: int, num_negatives: int,
                      f"{num_data}, {num_negatives}.")
   index = index.astype(jnp.int32)
   keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(index)
-  k = num_negatives
   if dataset_labels is not None:
     labels = jnp.asarray(dataset_labels, jnp.int32)
     if labels.shape != (num_data,):
       raise ValueError(f"`dataset_labels` must have shape ({num_data},); got "
                        f"{tuple(labels.shape)}.")
-    if replace:
-      order = jnp.argsort(labels, stable=True)
-      sorted_labels = labels[order]
-      own = labels[index]
-      start = jnp.searchsorted(sorted_labels, own, side="left")
-      stop = jnp.searchsorted(sorted_labels, own, side="right")
-      count = num_data - (stop - start)
-
-      def draw(key, s, c, n):
-        u = jax.random.randint(key, (k,), 0, jnp.maximum(n, 1))
-        return order[jnp.where(u < s, u, u + c)]
-
-      neg = jax.vmap(draw)(keys, start, stop - start, count)
-    else:
-      own = labels[index]
-
-      def draw(key, y):
-        pr = jax.random.uniform(key, (num_data,))
-        pr = jnp.where(labels == y, -1.0, pr)
-        return jax.lax.top_k(pr, k)[1]
-
-      neg = jax.vmap(draw)(keys, own)
+    draw = (_other_class_with_replacement if replace
+            else _other_class_without_replacement)
+    neg = draw(keys, index, labels, num_negatives)
   else:
-    if replace:
-      def draw(key, i):
-        u = jax.random.randint(key, (k,), 0, num_data - 1)
-        return jnp.where(u < i, u, u + 1)
-      neg = jax.vmap(draw)(keys, index)
-    else:
-      if k > num_data - 1:
-        raise ValueError(f"cannot draw {k} distinct negatives from "
-                         f"{num_data - 1} examples; use replace=True.")
-
-      def draw(key, i):
-        pr = jax.random.uniform(key, (num_data,))
-        pr = pr.at[i].set(-1.0)
-        return jax.lax.top_k(pr, k)[1]
-      neg = jax.vmap(draw)(keys, index)
+    if not replace and num_negatives > num_data - 1:
+      raise ValueError(f"cannot draw {num_negatives} distinct negatives from "
+                       f"{num_data - 1} examples; use replace=True.")
+    draw = (_other_example_with_replacement if replace
+            else _other_example_without_replacement)
+    neg = draw(keys, index, num_data, num_negatives)
   return jnp.concatenate([index[:, None], neg.astype(jnp.int32)], axis=1)
 
 

@@ -709,35 +709,41 @@ def ofd_loss(student_preacts, teacher_preacts, margins):
   bsz = None
   for i, (s, t, mg) in enumerate(zip(student_preacts, teacher_preacts,
                                      margins)):
-    ns, nt, nm = (f"student_preacts[{i}]", f"teacher_preacts[{i}]",
-                  f"margins[{i}]")
-    s = _f32(s, ns)
-    t = _teacher(t, nt)
-    mg = jax.lax.stop_gradient(_f32(mg, nm))
-    _check_nhwc(s, ns)
-    _check_nhwc(t, nt)
-    _check_batch(s, t, ns, nt)
-    _check_channels(s, t, ns, nt)
-    if mg.shape != (s.shape[-1],):
-      raise ValueError(
-          f"`{nm}` must have shape ({s.shape[-1]},) (one margin per channel); "
-          f"got {tuple(mg.shape)}.")
-    if t.shape[1] < s.shape[1]:
-      raise ValueError(
-          f"`{nt}` is spatially smaller than `{ns}` ({tuple(t.shape[1:3])} vs "
-          f"{tuple(s.shape[1:3])}); OFD pools only the teacher.")
-    if t.shape[1:3] != s.shape[1:3]:
-      t = _common.adaptive_avg_pool_to(t, s.shape[1])
-      if t.shape[1:3] != s.shape[1:3]:
-        raise ValueError(
-            f"`{nt}` cannot be pooled to the size of `{ns}` "
-            f"({tuple(s.shape[1:3])}); maps must be square.")
+    s, target = _ofd_group(i, s, t, mg)
     if bsz is None:
       bsz = s.shape[0]
-    target = jnp.maximum(t, mg)
     mask = jax.lax.stop_gradient(((s > target) | (target > 0)).astype(s.dtype))
     total = total + jnp.sum((s - target) ** 2 * mask) / (2.0 ** (n - 1 - i))
   return total / bsz
+
+
+def _ofd_group(i, s, t, mg):
+  """Checked float32 student map and its target `max(t, margin)` of OFD
+  group `i` (the teacher average-pooled to the student's size)."""
+  ns, nt, nm = (f"student_preacts[{i}]", f"teacher_preacts[{i}]",
+                f"margins[{i}]")
+  s = _f32(s, ns)
+  t = _teacher(t, nt)
+  mg = jax.lax.stop_gradient(_f32(mg, nm))
+  _check_nhwc(s, ns)
+  _check_nhwc(t, nt)
+  _check_batch(s, t, ns, nt)
+  _check_channels(s, t, ns, nt)
+  if mg.shape != (s.shape[-1],):
+    raise ValueError(
+        f"`{nm}` must have shape ({s.shape[-1]},) (one margin per channel); "
+        f"got {tuple(mg.shape)}.")
+  if t.shape[1] < s.shape[1]:
+    raise ValueError(
+        f"`{nt}` is spatially smaller than `{ns}` ({tuple(t.shape[1:3])} vs "
+        f"{tuple(s.shape[1:3])}); OFD pools only the teacher.")
+  if t.shape[1:3] != s.shape[1:3]:
+    t = _common.adaptive_avg_pool_to(t, s.shape[1])
+    if t.shape[1:3] != s.shape[1:3]:
+      raise ValueError(
+          f"`{nt}` cannot be pooled to the size of `{ns}` "
+          f"({tuple(s.shape[1:3])}); maps must be square.")
+  return s, jnp.maximum(t, mg)
 
 
 # ------------------------------------------------------------- ReviewKD HCL --

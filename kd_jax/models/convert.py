@@ -271,16 +271,31 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], *,
   sd = unwrap_state_dict(state_dict)
   shapes = _variable_shapes(name, num_classes)
   entries = key_map(shapes)
-
   expected = dict(_leaves_with_paths(shapes))
+  _check_key_map(name, entries, expected)
+  variables, used, missing, misshaped = _convert_entries(entries, sd, expected)
+  unexpected = sorted(k for k in sd if k not in used and
+                      not k.endswith(_IGNORED_SUFFIXES))
+  if missing or unexpected or misshaped:
+    raise ValueError(_conversion_error(name, num_classes, missing, unexpected,
+                                       misshaped))
+  return jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+def _check_key_map(name, entries, expected) -> None:
+  """Every Flax variable covered exactly once by the family's key map (a
+  `RuntimeError` is a bug in the key map, not in the input)."""
   covered = [e.flax_path for e in entries]
   uncovered = sorted(set(expected) - set(covered))
   unknown = sorted(set(covered) - set(expected))
   if uncovered or unknown or len(covered) != len(set(covered)):
-    raise RuntimeError(  # a bug in the family's key map, not in the input
+    raise RuntimeError(
         f"key map of {name!r} is inconsistent with its Flax variables: "
         f"uncovered={uncovered}, unknown={unknown}")
 
+
+def _convert_entries(entries, sd, expected):
+  """(variables, used torch keys, missing keys, mis-shaped descriptions)."""
   used = set()
   missing, misshaped = [], []
   variables: Dict[str, Any] = {}
@@ -305,25 +320,24 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], *,
                        f"{'/'.join(entry.flax_path)} expects {want}")
       continue
     _set_path(variables, entry.flax_path, value)
+  return variables, used, missing, misshaped
 
-  unexpected = sorted(k for k in sd if k not in used and
-                      not k.endswith(_IGNORED_SUFFIXES))
-  if missing or unexpected or misshaped:
-    parts = []
-    if missing:
-      parts.append(_fmt_list("missing keys", missing))
-    if unexpected:
-      parts.append(_fmt_list("unexpected keys", unexpected))
-    if misshaped:
-      parts.append(_fmt_list("mis-shaped keys", misshaped))
-    hint = ""
-    if misshaped:
-      hint = (f"\n  (num_classes={num_classes}; a mis-shaped classifier "
-              f"usually means a different num_classes)")
-    raise ValueError(
-        f"cannot convert the state_dict to {name!r}:\n" + "\n".join(parts)
-        + hint)
-  return jax.tree_util.tree_map(jnp.asarray, variables)
+
+def _conversion_error(name, num_classes, missing, unexpected,
+                      misshaped) -> str:
+  parts = []
+  if missing:
+    parts.append(_fmt_list("missing keys", missing))
+  if unexpected:
+    parts.append(_fmt_list("unexpected keys", unexpected))
+  if misshaped:
+    parts.append(_fmt_list("mis-shaped keys", misshaped))
+  hint = ""
+  if misshaped:
+    hint = (f"\n  (num_classes={num_classes}; a mis-shaped classifier "
+            f"usually means a different num_classes)")
+  return (f"cannot convert the state_dict to {name!r}:\n" + "\n".join(parts)
+          + hint)
 
 
 def infer_num_classes(name: str, state_dict: Mapping[str, Any]) -> int:

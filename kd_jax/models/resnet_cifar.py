@@ -39,6 +39,12 @@ from kd_jax.models import convert as _convert
 
 Dtype = Any
 
+FUSION_BOUNDARY = True
+"""Pass each block's input through `_layers.fusion_boundary` (read at trace
+time): on CPU XLA then reads it once instead of recomputing the residual
+chain of all earlier blocks inside each block's output fusion (10 % of the
+resnet56->resnet20 step, docs/performance.md). `False` for A/B benchmarks."""
+
 
 class BasicBlock(nn.Module):
   """3x3 conv-BN-ReLU-3x3 conv-BN + shortcut; returns (relu(out), out)."""
@@ -50,6 +56,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     d = self.dtype
+    if FUSION_BOUNDARY:
+      x = L.fusion_boundary(x)
     out = L.conv(self.planes, 3, stride=self.stride, padding=1, dtype=d,
                  name="conv1")(x)
     out = nn.relu(L.batch_norm(train, dtype=d, name="bn1")(out))

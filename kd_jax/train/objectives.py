@@ -236,6 +236,32 @@ class Term:
     return jnp.mean(out) if out.ndim else out
 
 
+def _check_logits_labels(s, labels) -> None:
+  """`[batch, classes]` student logits and integer labels of that batch."""
+  if s.ndim != 2:
+    raise ValueError(
+        f"`student_logits` must have shape [batch, num_classes]; got "
+        f"{tuple(s.shape)}.")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise TypeError(
+        f"`labels` must hold integer class indices; got dtype "
+        f"{jnp.result_type(labels)}.")
+  if tuple(labels.shape) != s.shape[:1]:
+    raise ValueError(
+        f"`labels` must have shape {s.shape[:1]} (the batch of the "
+        f"student logits); got {tuple(labels.shape)}.")
+
+
+def _distiller_value(t, distiller_params, distiller_state, inputs):
+  """(scalar value, new state) of distiller term `t`."""
+  p = (distiller_params or {}).get(t.label)
+  st = (distiller_state or {}).get(t.label, {})
+  value, st_new = t.distiller(p, st, inputs)
+  value = jnp.asarray(value, jnp.float32)
+  value = jnp.mean(value) if value.ndim else value
+  return value, (st_new if st_new is not None else {})
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   r"""Weighted hard-label CE + KD terms with a DKD-style warm-up factor.
@@ -363,50 +389,12 @@ class Objective:
                distiller_params=None, distiller_state=None, train=True,
                rng=None, axis_name=None, batch=None, step=None, views=None):
     s = jnp.asarray(student_logits, jnp.float32)
-    if s.ndim != 2:
-      raise ValueError(
-          f"`student_logits` must have shape [batch, num_classes]; got "
-          f"{tuple(s.shape)}.")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-      raise TypeError(
-          f"`labels` must hold integer class indices; got dtype "
-          f"{jnp.result_type(labels)}.")
-    if tuple(labels.shape) != s.shape[:1]:
-      raise ValueError(
-          f"`labels` must have shape {s.shape[:1]} (the batch of the "
-          f"student logits); got {tuple(labels.shape)}.")
-    metrics: Dict[str, Array] = {}
-    if self.label_smoothing:
-      onehot = optax.smooth_labels(
-          jax.nn.one_hot(labels, s.shape[-1]), self.label_smoothing)
-      ce = jnp.mean(optax.softmax_cross_entropy(s, onehot))
-    else:
-      ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, labels))
-    metrics["ce"] = ce
+    _check_logits_labels(s, labels)
+    ce = self._cross_entropy(s, labels)
+    metrics: Dict[str, Array] = {"ce": ce}
     total = self.ce_weight * ce
     factor = self.warmup_factor(epoch)
-
-    teachers = None
-    if teacher_logits is not None:
-      teachers = (list(teacher_logits)
-                  if isinstance(teacher_logits, (list, tuple))
-                  else [teacher_logits])
-      teachers = [jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
-                  for t in teachers]
-      for i, t in enumerate(teachers):
-        if t.shape != s.shape:
-          raise ValueError(
-              f"teacher logits {i} must have the student's shape "
-              f"{tuple(s.shape)}; got {tuple(t.shape)}.")
-      if self.teacher_weights is not None and len(teachers) > 1:
-        if len(self.teacher_weights) != len(teachers):
-          raise ValueError(
-              f"`teacher_weights` has {len(self.teacher_weights)} entries "
-              f"but {len(teachers)} teacher logits were given.")
-        tw = self.teacher_weights  # (one combined logits array: no weights)
-      else:
-        tw = (1.0,) * len(teachers)
-      tw = tuple(w / sum(tw) for w in tw)
+    teachers, tw = self._teachers(teacher_logits, s)
     if teacher_features is not None:
       teacher_features = jax.lax.stop_gradient(teacher_features)
 
@@ -423,12 +411,8 @@ class Objective:
                  else jax.random.fold_in(rng, ti)),
             axis_name=axis_name, epoch=epoch, batch=batch, step=step,
             views=views)
-        p = (distiller_params or {}).get(t.label)
-        st = (distiller_state or {}).get(t.label, {})
-        value, st_new = t.distiller(p, st, inputs)
-        value = jnp.asarray(value, jnp.float32)
-        value = jnp.mean(value) if value.ndim else value
-        new_dstate[t.label] = st_new if st_new is not None else {}
+        value, new_dstate[t.label] = _distiller_value(
+            t, distiller_params, distiller_state, inputs)
       elif t.features is not None:
         value = self._feature_value(t, student_features, teacher_features,
                                     labels, axis_name)
@@ -448,3 +432,36 @@ class Objective:
         (jnp.argmax(s, axis=-1) == labels).astype(jnp.float32))
     metrics["kd_factor"] = factor
     return total, {"metrics": metrics, "distiller_state": new_dstate}
+
+  def _cross_entropy(self, s, labels):
+    """Mean CE of the student's logits (with label smoothing when set)."""
+    if self.label_smoothing:
+      onehot = optax.smooth_labels(
+          jax.nn.one_hot(labels, s.shape[-1]), self.label_smoothing)
+      return jnp.mean(optax.softmax_cross_entropy(s, onehot))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, labels))
+
+  def _teachers(self, teacher_logits, s):
+    """(list of float32 stop-gradient teacher logits, their normalized
+    weights), or (None, None) without teacher logits."""
+    if teacher_logits is None:
+      return None, None
+    teachers = (list(teacher_logits)
+                if isinstance(teacher_logits, (list, tuple))
+                else [teacher_logits])
+    teachers = [jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
+                for t in teachers]
+    for i, t in enumerate(teachers):
+      if t.shape != s.shape:
+        raise ValueError(
+            f"teacher logits {i} must have the student's shape "
+            f"{tuple(s.shape)}; got {tuple(t.shape)}.")
+    if self.teacher_weights is not None and len(teachers) > 1:
+      if len(self.teacher_weights) != len(teachers):
+        raise ValueError(
+            f"`teacher_weights` has {len(self.teacher_weights)} entries "
+            f"but {len(teachers)} teacher logits were given.")
+      tw = self.teacher_weights  # (one combined logits array: no weights)
+    else:
+      tw = (1.0,) * len(teachers)
+    return teachers, tuple(w / sum(tw) for w in tw)

@@ -328,6 +328,61 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
   return step
 
 
+def _check_teachers(teacher_apply, objective: Objective, multi_teacher: str,
+                    teacher_weights):
+  """Checks `make_distill_step`'s teacher arguments; returns the objective
+  (with the teacher weights of a multi-teacher step) and the weights as a
+  tuple of floats (or None)."""
+  if multi_teacher not in MULTI_TEACHER_MODES:
+    raise ValueError(
+        f"`multi_teacher` must be one of {MULTI_TEACHER_MODES}; got "
+        f"{multi_teacher!r}.")
+  if not objective.terms:
+    raise ValueError(
+        "the objective has no KD terms; use `make_train_step` for "
+        "supervised training.")
+  if teacher_weights is not None:
+    teacher_weights = tuple(float(w) for w in teacher_weights)
+    if any(w < 0 for w in teacher_weights) or sum(teacher_weights) <= 0:
+      raise ValueError(
+          f"`teacher_weights` must be >= 0 with a positive sum; got "
+          f"{teacher_weights}.")
+    if isinstance(teacher_apply, (list, tuple)) and len(teacher_weights) != len(
+        teacher_apply):
+      raise ValueError(
+          f"`teacher_weights` has {len(teacher_weights)} entries for "
+          f"{len(teacher_apply)} teachers.")
+  if isinstance(teacher_apply, (list, tuple)):
+    # mean_losses: weights of the logit terms; both modes: feature terms
+    # (`Term(features=...)`) average over the teachers' features.
+    objective = dataclasses.replace(objective, teacher_weights=teacher_weights)
+
+  if teacher_apply is None and objective.views:
+    raise ValueError(
+        f"distillers declaring input views {objective.views} need a teacher "
+        "apply function (precomputed teacher logits exist for one view only).")
+  return objective, teacher_weights
+
+
+def _teacher_fn(teacher_apply, teacher_logits_key: str, multi_teacher: str,
+                teacher_weights):
+  """`(teacher_variables, x, batch) -> (logits, features)`: the teacher's
+  forward, or the precomputed logits of the batch when `teacher_apply` is
+  None."""
+  if teacher_apply is None:
+    def teacher_fn(teacher_variables, x, batch):
+      del teacher_variables, x
+      _check_batch(batch, (teacher_logits_key,))
+      return jax.lax.stop_gradient(batch[teacher_logits_key]), None
+  else:
+    def teacher_fn(teacher_variables, x, batch):
+      del batch
+      return teacher_forward(teacher_apply, teacher_variables, x,
+                             multi_teacher=multi_teacher,
+                             teacher_weights=teacher_weights)
+  return teacher_fn
+
+
 def make_distill_step(student_apply, teacher_apply, objective: Objective,
                       tx: optax.GradientTransformation, *,
                       axis_name: Optional[str] = None,
@@ -376,46 +431,10 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
   program); the teacher runs in inference mode, outside the differentiated
   function, and its outputs are wrapped in `stop_gradient`.
   """
-  if multi_teacher not in MULTI_TEACHER_MODES:
-    raise ValueError(
-        f"`multi_teacher` must be one of {MULTI_TEACHER_MODES}; got "
-        f"{multi_teacher!r}.")
-  if not objective.terms:
-    raise ValueError(
-        "the objective has no KD terms; use `make_train_step` for "
-        "supervised training.")
-  if teacher_weights is not None:
-    teacher_weights = tuple(float(w) for w in teacher_weights)
-    if any(w < 0 for w in teacher_weights) or sum(teacher_weights) <= 0:
-      raise ValueError(
-          f"`teacher_weights` must be >= 0 with a positive sum; got "
-          f"{teacher_weights}.")
-    if isinstance(teacher_apply, (list, tuple)) and len(teacher_weights) != len(
-        teacher_apply):
-      raise ValueError(
-          f"`teacher_weights` has {len(teacher_weights)} entries for "
-          f"{len(teacher_apply)} teachers.")
-  if isinstance(teacher_apply, (list, tuple)):
-    # mean_losses: weights of the logit terms; both modes: feature terms
-    # (`Term(features=...)`) average over the teachers' features.
-    objective = dataclasses.replace(objective, teacher_weights=teacher_weights)
-
-  if teacher_apply is None and objective.views:
-    raise ValueError(
-        f"distillers declaring input views {objective.views} need a teacher "
-        "apply function (precomputed teacher logits exist for one view only).")
-  if teacher_apply is None:
-    def teacher_fn(teacher_variables, x, batch):
-      del teacher_variables, x
-      _check_batch(batch, (teacher_logits_key,))
-      return jax.lax.stop_gradient(batch[teacher_logits_key]), None
-  else:
-    def teacher_fn(teacher_variables, x, batch):
-      del batch
-      return teacher_forward(teacher_apply, teacher_variables, x,
-                             multi_teacher=multi_teacher,
-                             teacher_weights=teacher_weights)
-
+  objective, teacher_weights = _check_teachers(
+      teacher_apply, objective, multi_teacher, teacher_weights)
+  teacher_fn = _teacher_fn(teacher_apply, teacher_logits_key, multi_teacher,
+                           teacher_weights)
   return _make_step(student_apply, teacher_fn, objective, tx,
                     axis_name=axis_name, image_key=image_key,
                     label_key=label_key, steps_per_epoch=steps_per_epoch,
@@ -541,6 +560,31 @@ def make_dml_step(student_applies: Sequence[Any], objective: Objective,
   """
   applies = [as_student_apply(f) for f in student_applies]
   n = len(applies)
+  txs = _check_dml(objective, tx, n, steps_per_epoch)
+  obj = dataclasses.replace(objective, teacher_weights=None)
+
+  def step(states, batch: Batch):
+    if len(states) != n:
+      raise ValueError(f"`states` must hold {n} TrainStates; got {len(states)}.")
+    _check_batch(batch, (image_key, label_key))
+    if preprocess is not None:
+      batch = preprocess(batch)
+    keys = [_step_rng(s.rng, s.step, axis_name) for s in states]
+    rngs = [{name: jax.random.fold_in(k, i) for i, name in enumerate(rng_streams)}
+            for k in keys]
+    loss_fn = _dml_loss_fn(applies, obj, states, batch[image_key],
+                           batch[label_key], rngs,
+                           _epoch(states[0].step, steps_per_epoch), axis_name)
+    trainables = [s.trainable() for s in states]
+    grads, (auxes, updates) = jax.grad(loss_fn, has_aux=True)(trainables)
+    return _dml_update(states, txs, trainables, _pmean(grads, axis_name),
+                       auxes, updates, axis_name)
+
+  return step
+
+
+def _check_dml(objective: Objective, tx, n: int, steps_per_epoch):
+  """Checks `make_dml_step`'s arguments; returns one optimizer per student."""
   if n < 2:
     raise ValueError(f"DML needs at least 2 students; got {n}.")
   if any(t.is_distiller for t in objective.terms):
@@ -559,53 +603,48 @@ def make_dml_step(student_applies: Sequence[Any], objective: Objective,
     raise ValueError(
         f"the objective has warmup_epochs={objective.warmup_epochs}; pass "
         "`steps_per_epoch` so the step can count epochs.")
-  obj = dataclasses.replace(objective, teacher_weights=None)
+  return txs
 
-  def step(states, batch: Batch):
-    if len(states) != n:
-      raise ValueError(f"`states` must hold {n} TrainStates; got {len(states)}.")
-    _check_batch(batch, (image_key, label_key))
-    if preprocess is not None:
-      batch = preprocess(batch)
-    x, labels = batch[image_key], batch[label_key]
-    keys = [_step_rng(s.rng, s.step, axis_name) for s in states]
-    rngs = [{name: jax.random.fold_in(k, i) for i, name in enumerate(rng_streams)}
-            for k in keys]
-    epoch = _epoch(states[0].step, steps_per_epoch)
 
-    def loss_fn(trainables):
-      outs = []
-      for k in range(n):
-        v = student_variables(trainables[k]["student"], states[k].batch_stats)
-        outs.append(_split_student_out(applies[k](v, x, train=True,
-                                                  rngs=rngs[k])))
-      logits = [o[0].astype(jnp.float32) for o in outs]
-      total, auxes = 0.0, []
-      for k in range(n):
-        peers = [jax.lax.stop_gradient(logits[l]) for l in range(n) if l != k]
-        loss, aux = obj(logits[k], labels, teacher_logits=peers, epoch=epoch,
-                        axis_name=axis_name)
-        total = total + loss
-        auxes.append(aux["metrics"])
-      return total, (auxes, [o[2] for o in outs])
+def _dml_loss_fn(applies, obj: Objective, states, x, labels, rngs, epoch,
+                 axis_name):
+  """`trainables -> (sum of the students' losses, (metrics, BN updates))`,
+  each student's KD terms against its peers' stop-gradient logits."""
+  n = len(applies)
 
-    trainables = [s.trainable() for s in states]
-    grads, (auxes, updates) = jax.grad(loss_fn, has_aux=True)(trainables)
-    grads = _pmean(grads, axis_name)
-    new_states, metrics = [], {}
-    for k, s in enumerate(states):
-      upd, opt_state = txs[k].update(grads[k], s.opt_state, trainables[k])
-      tr = optax.apply_updates(trainables[k], upd)
-      bs = _pmean(updates[k].get("batch_stats", s.batch_stats), axis_name)
-      new_states.append(s.replace(step=s.step + 1, params=tr["student"],
-                                  distiller_params=tr["distiller"],
-                                  batch_stats=bs, opt_state=opt_state))
-      for name, v in auxes[k].items():
-        metrics[f"student{k}/{name}"] = v
-    metrics = _pmean(metrics, axis_name)
-    return tuple(new_states), metrics
+  def loss_fn(trainables):
+    outs = []
+    for k in range(n):
+      v = student_variables(trainables[k]["student"], states[k].batch_stats)
+      outs.append(_split_student_out(applies[k](v, x, train=True,
+                                                rngs=rngs[k])))
+    logits = [o[0].astype(jnp.float32) for o in outs]
+    total, auxes = 0.0, []
+    for k in range(n):
+      peers = [jax.lax.stop_gradient(logits[l]) for l in range(n) if l != k]
+      loss, aux = obj(logits[k], labels, teacher_logits=peers, epoch=epoch,
+                      axis_name=axis_name)
+      total = total + loss
+      auxes.append(aux["metrics"])
+    return total, (auxes, [o[2] for o in outs])
 
-  return step
+  return loss_fn
+
+
+def _dml_update(states, txs, trainables, grads, auxes, updates, axis_name):
+  """Every student's optimizer update; metrics keyed `student{k}/{name}`."""
+  new_states, metrics = [], {}
+  for k, s in enumerate(states):
+    upd, opt_state = txs[k].update(grads[k], s.opt_state, trainables[k])
+    tr = optax.apply_updates(trainables[k], upd)
+    bs = _pmean(updates[k].get("batch_stats", s.batch_stats), axis_name)
+    new_states.append(s.replace(step=s.step + 1, params=tr["student"],
+                                distiller_params=tr["distiller"],
+                                batch_stats=bs, opt_state=opt_state))
+    for name, v in auxes[k].items():
+      metrics[f"student{k}/{name}"] = v
+  metrics = _pmean(metrics, axis_name)
+  return tuple(new_states), metrics
 
 
 # ---------------------------------------------------------------------------

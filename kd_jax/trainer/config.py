@@ -206,7 +206,7 @@ def _plain(v):
   return v
 
 
-def _rules(rules):
+def parse_rules(rules):
   """(regex, spec) rules -> tuples (specs: tuples of axis names / None)."""
   out = []
   for r in rules or ():
@@ -234,11 +234,11 @@ def section(config, name: str):
     kw["paper"] = tuple(dict(kw.get("paper") or {}).items())
   elif name == "train":
     kw["mesh"] = tuple(dict(kw.get("mesh") or {}).items())
-    kw["sharding_rules"] = _rules(kw.get("sharding_rules"))
+    kw["sharding_rules"] = parse_rules(kw.get("sharding_rules"))
   elif name == "teacher":
     sh = kw.get("sharding")
     kw["sharding"] = (sh or "replicated") if (sh is None or isinstance(
-        sh, str)) else _rules(sh)
+        sh, str)) else parse_rules(sh)
   elif name == "optimizer" and "decay_epochs" in kw:
     kw["decay_epochs"] = tuple(kw["decay_epochs"] or ())
   return cls(**kw)
@@ -555,6 +555,10 @@ def _validate_train(rc: RunConfig) -> None:
     raise ConfigError("train.parallel", f"must be one of "
                       f"{tuple(k for k in PARALLEL if k != 'single')}; got "
                       f"{tr.parallel!r}.")
+  if rc.parallel_mode == "single" and jax.process_count() > 1:
+    raise ConfigError("train.parallel", f"{tr.parallel!r} runs on one device "
+                      f"of one process and cannot span {jax.process_count()} "
+                      "processes; use --config.train.parallel=jit.")
   ndev = num_devices(rc)
   avail = (len(jax.local_devices()) if rc.parallel_mode == "pmap"
            else len(jax.devices()))

@@ -137,7 +137,10 @@ def _mock_arrays(name: str, split: str, n: int):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   info = sources_lib.dataset_info(name)
   with tfds.testing.mock_data(num_examples=n):
-    src = tfds.data_source(name, split=split)
+    # (The builder's own data source: the same records as
+    # `tfds.data_source`, without its "is it prepared?" probe, which warns
+    # that the mock's metadata folder has no dataset_info.json.)
+    src = tfds.builder(name).as_data_source(split=split)
     recs = [src[i] for i in range(len(src))]
   images = np.stack([np.asarray(r["image"], np.uint8) for r in recs])
   labels = np.asarray([int(r["label"]) % info.num_classes for r in recs],

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping, Optional, Tuple
 
 import ml_collections
 
+from kd_jax.trainer import config as config_lib
 from kd_jax.trainer.config import ConfigError
 
 MODES = ("train", "token_kd", "seq_kd", "gkd", "topk")
@@ -53,6 +55,8 @@ class LMModel:
   dtype: str
   remat: bool
   checkpoint: str = ""   # teacher: an LM run's workdir (its checkpoints)
+  # teacher on a mesh: 'replicated' | 'fsdp' | 'tensor' | ((regex, spec), ...)
+  sharding: Any = "replicated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +115,11 @@ class LMRunConfig:
   checkpoint_enabled: bool
   checkpoint_keep: int
   config_json: str
+  # (('data', d), ('fsdp', f), ('tensor', t)): a device mesh (as the CNN
+  # trainer's `train.mesh`); () = one device (or, with several processes,
+  # {'data': all devices}).
+  mesh: Tuple[Tuple[str, int], ...] = ()
+  sharding_rules: Tuple[Any, ...] = ()  # ((regex, spec), ...) of the state
 
 
 def _get(c, key, default):
@@ -143,8 +152,12 @@ def _model(c, key, *, teacher: bool) -> LMModel:
                       f"{dtype!r}.")
   ov = _get(c, "overrides", None)
   ov = dict(ov.to_dict() if hasattr(ov, "to_dict") else (ov or {}))
+  sh = _get(c, "sharding", None) if teacher else None
+  sh = (sh or "replicated") if sh is None or isinstance(sh, str) else (
+      config_lib.parse_rules(sh))
   return LMModel(preset=preset, hf_dir=hf_dir, overrides=ov, dtype=dtype,
-                 remat=bool(_get(c, "remat", False)), checkpoint=ckpt)
+                 remat=bool(_get(c, "remat", False)), checkpoint=ckpt,
+                 sharding=sh)
 
 
 def read_metadata(folder: str, key: str = "data") -> dict:
@@ -231,6 +244,11 @@ def parse(config: ml_collections.ConfigDict) -> LMRunConfig:
   opt = config.get("optimizer", ml_collections.ConfigDict())
   tc, ck = config.get("topk"), config.get("checkpoint")
   steps = _positive("train.steps", _get(tr, "steps", 100))
+  mesh = _get(tr, "mesh", None)
+  mesh = tuple(dict(mesh.to_dict() if hasattr(mesh, "to_dict") else
+                    (mesh or {})).items())
+  rules = config_lib.parse_rules(_get(tr, "sharding_rules", ()))
+  _validate_mesh(mesh, rules, data, teacher)
   return LMRunConfig(
       mode=mode, seed=int(config.get("seed", 0)), steps=steps,
       log_every=_positive("train.log_every", _get(tr, "log_every", 10)),
@@ -249,4 +267,56 @@ def parse(config: ml_collections.ConfigDict) -> LMRunConfig:
                     grad_clip=float(_get(opt, "grad_clip", 1.0))),
       checkpoint_enabled=bool(_get(ck, "enabled", True)),
       checkpoint_keep=int(_get(ck, "keep", 1)),
-      config_json=config.to_json_best_effort(indent=2, sort_keys=True))
+      config_json=config.to_json_best_effort(indent=2, sort_keys=True),
+      mesh=mesh, sharding_rules=rules)
+
+
+def mesh_spec(mesh) -> Tuple[Tuple[str, int], ...]:
+  """The mesh a run uses: `train.mesh`, else with several processes
+  ``{'data': all devices}`` (data parallel), else () (one device)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if mesh:
+    return tuple(mesh)
+  return (("data", -1),) if jax.process_count() > 1 else ()
+
+
+def _validate_mesh(mesh, rules, data: LMData, teacher) -> None:
+  """`train.mesh` / `train.sharding_rules` / `teacher.sharding` (the checks
+  that need no model: the engine's `make_mesh` / `state_rules` /
+  `teacher_rules`); the batch sizes must split over data x fsdp and the
+  processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kd_jax.train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  if not mesh:
+    if rules:
+      raise ConfigError("train.sharding_rules", "needs train.mesh (a device "
+                        "mesh).")
+    if teacher is not None and teacher.sharding != "replicated":
+      raise ConfigError("teacher.sharding", f"{teacher.sharding!r} needs "
+                        "train.mesh (a device mesh).")
+  mesh = mesh_spec(mesh)
+  if not mesh:
+    return
+  try:
+    m = sharding_lib.make_mesh(dict(mesh))
+    sharding_lib.state_rules(m, rules=rules)
+  except (TypeError, ValueError) as e:
+    raise ConfigError("train.sharding_rules" if isinstance(e, TypeError)
+                      else "train.mesh", str(e)) from None
+  if teacher is not None:
+    try:
+      sharding_lib.teacher_rules(teacher.sharding)
+    except ValueError as e:
+      raise ConfigError("teacher.sharding", str(e)) from None
+  div = m.shape["data"] * m.shape["fsdp"]
+  div = div * jax.process_count() // math.gcd(div, jax.process_count())
+  procs = jax.process_count()
+  where = f"train.mesh {dict(mesh)}" + (f", {procs} processes" if procs > 1
+                                        else "")
+  for key in ("batch_size", "eval_batch_size"):
+    bs = getattr(data, key)
+    if bs % div:
+      raise ConfigError(
+          f"data.{key}", f"{bs} is not divisible by data x fsdp = "
+          f"{m.shape['data']} x {m.shape['fsdp']} ({where}); use a multiple "
+          f"of {div}.")

@@ -1,7 +1,9 @@
-"""The trainer's side of mesh sharding: `config.train.mesh`,
+"""The trainers' side of mesh sharding: `config.train.mesh`,
 `config.train.sharding_rules` and `config.teacher.sharding` ->
 `kd_jax.train.sharding.MeshParallel`, with the engine's errors surfaced as
-`ConfigError`s (before any step is compiled).
+`ConfigError`s (before any step is compiled). The CNN trainer
+(`make_parallel`) and the language-model trainer (`kd_jax.trainer.lm`) build
+the same `TrainerMesh`.
 
 A mesh run places the student state by the state rules (FSDP over `'fsdp'`,
 arrays >= 64 KiB; logical names when `tensor` > 1), restores the teacher
@@ -15,6 +17,7 @@ from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kd_jax.train import sharding as sharding_lib
 from kd_jax.trainer import checkpointing
@@ -27,31 +30,52 @@ def _teacher_spec(rc: config_lib.RunConfig):
 
 
 class TrainerMesh(sharding_lib.MeshParallel):
-  """`MeshParallel` + what the trainer asks of its parallelism object:
+  """`MeshParallel` + what the trainers ask of their parallelism object:
   `place_state` / `place_teacher` / `teacher_target` (with the models'
-  logical axis names) and `fetch(tree, replicated=...)`."""
+  logical axis names) and `fetch(tree, replicated=...)`.
 
-  def __init__(self, rc: config_lib.RunConfig, student, teacher,
-               image_shape):
-    mesh = dict(rc.train.mesh)
+  Args:
+    mesh: `config.train.mesh` (`{'data': d, 'fsdp': f, 'tensor': t}`).
+    rules: `config.train.sharding_rules` (`(regex, spec)` pairs).
+    student, teacher: the Linen models (teacher None without one).
+    example: an input of the models (logical names are read from an
+      abstract `init(example, train=False)`).
+    teacher_spec: `config.teacher.sharding`.
+  """
+
+  def __init__(self, mesh, rules, student, teacher, example,
+               teacher_spec="replicated"):
     try:
-      m = sharding_lib.make_mesh(mesh)
-      rules = sharding_lib.state_rules(
-          m, rules=[tuple(r) for r in rc.train.sharding_rules])
+      m = sharding_lib.make_mesh(dict(mesh))
+      rules = sharding_lib.state_rules(m, rules=[tuple(r) for r in rules])
       super().__init__(m, state_rules=rules)
     except ValueError as e:
       raise config_lib.ConfigError("train.mesh", str(e)) from None
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     tensor = m.shape.get("tensor", 1) > 1
-    self.student_names = (sharding_lib.logical_axis_names(student, x,
+    self.student_names = (sharding_lib.logical_axis_names(student, example,
                                                           train=False)
                           if tensor else None)
-    spec = _teacher_spec(rc) if rc.distill else "replicated"
-    self.teacher_spec = spec
+    self.teacher_spec = teacher_spec
     self.teacher_names = None
-    if teacher is not None and spec != "replicated":
-      self.teacher_names = sharding_lib.logical_axis_names(teacher, x,
+    if teacher is not None and teacher_spec != "replicated":
+      self.teacher_names = sharding_lib.logical_axis_names(teacher, example,
                                                            train=False)
+
+  def local_rows(self, batch):
+    """This process's rows of a global batch (the rows its devices hold
+    under the batch sharding; all rows with one process): what
+    `shard_batch` takes."""
+    if jax.process_count() == 1:
+      return batch
+    sh = self.batch_sharding()
+
+    def rows(x):
+      idx = sh.addressable_devices_indices_map(np.shape(x)).values()
+      lo = min(s[0].start or 0 for s in idx)
+      hi = max(len(x) if s[0].stop is None else s[0].stop for s in idx)
+      return x[lo:hi]
+
+    return jax.tree.map(rows, batch)
 
   def fetch(self, tree, replicated: bool = True):  # pylint: disable=W0221
     """Host NumPy (`replicated` is `DataParallel`'s flag: unused here)."""
@@ -105,7 +129,9 @@ def make_parallel(rc: config_lib.RunConfig, student, teacher, image_shape
   """A `TrainerMesh` when `config.train.mesh` is set, else None."""
   if not rc.train.mesh:
     return None
-  return TrainerMesh(rc, student, teacher, image_shape)
+  spec = _teacher_spec(rc) if rc.distill else "replicated"
+  return TrainerMesh(rc.train.mesh, rc.train.sharding_rules, student, teacher,
+                     jnp.zeros((1,) + tuple(image_shape), jnp.float32), spec)
 
 
 def place_state(dp, state):
@@ -133,3 +159,11 @@ def memory(dp, fn, state_dev, consts, batch) -> Optional[Dict[str, Any]]:
   return rep
 
 
+
+
+def barrier(name: str) -> None:
+  """A barrier of all processes (a no-op with one): after process 0 wrote
+  files that the others read next."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

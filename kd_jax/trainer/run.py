@@ -145,7 +145,7 @@ class _Progress:
       self._bar.close()
 
 
-class _NullWriter:
+class NullWriter:
   """The metrics writer of processes other than 0."""
   path = None
 
@@ -263,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       stack.enter_context(tfds.testing.mock_data(
           num_examples=int(rc.data.mock_num_examples)))
+      stack.enter_context(_without_mock_metadata_warning())
     data = feeds_lib.load_data(rc)
     stack.callback(data.close)
     clock.tick("data_loaded")
@@ -276,6 +277,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       out["timings"] = clock.timings
       return out
     return _execute(run, clock)
+
+
+class _MockMetadataFilter(logging.Filter):
+  """Drops TFDS's "Variant folder ... has no dataset_info.json": mocked
+  datasets have no prepared folder, by design."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Variant folder %s has no")
+
+
+@contextlib.contextmanager
+def _without_mock_metadata_warning():
+  log, filt = logging.getLogger("absl"), _MockMetadataFilter()
+  log.addFilter(filt)
+  try:
+    yield
+  finally:
+    log.removeFilter(filt)
 
 
 def prepare_workdir(workdir: str, config_json: Optional[str]) -> None:
@@ -418,7 +437,7 @@ def _execute(run: Run, clock: Clock) -> Dict[str, Any]:
     raise
   writer = (metrics_io.MetricsWriter(run.workdir, tensorboard=True,
                                      resume_step=start if start else None)
-            if run.is_main else _NullWriter())
+            if run.is_main else NullWriter())
   pretrain = {}
   if run.spec.objective.distiller_terms and start == 0:
     state, pretrain = programs_lib.run_pretrain_stages(run.spec, state, writer)
@@ -506,7 +525,8 @@ def _after_call(run: Run, step: int, state_dev, saver: _Saver, writer,
 def _train_loop(run: Run, state_dev, consts, start: int, writer, mgr, evals,
                 timer: LoopTimer):
   bs = run.rc.train.batch_size
-  progress = _Progress(bool(run.rc.train.progress_bar), run.total_steps,
+  progress = _Progress(bool(run.rc.train.progress_bar) and run.is_main,
+                       run.total_steps,
                        start, f"{run.rc.mode} {run.rc.model.name}")
   log = TrainLog(writer, run.dp, run.schedule, run.spe,
                  run.rc.train.log_every_steps)
