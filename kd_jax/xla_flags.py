@@ -25,7 +25,11 @@ What it sets (`FAST_CPU_FLAGS`):
 Safety rules, each one a reason to leave `XLA_FLAGS` untouched:
 
 * the flag is experimental: it is added only if the installed jaxlib knows it
-  (its name occurs in jaxlib's XLA library; an unknown flag would abort);
+  (its name occurs in jaxlib's XLA library; an unknown flag would abort) and
+  XLA:CPU starts with it in a child process (some names occur in the library
+  yet abort as unknown flags); that verdict is cached per jaxlib version
+  under `$XDG_CACHE_HOME/kd_jax` (default `~/.cache/kd_jax`), so only the
+  first run pays the child's start-up (~0.5 s here);
 * a flag the user already set in `XLA_FLAGS` (any value) is never overridden;
 * `KD_JAX_FAST_CPU_FLAGS=0` in the environment disables the whole helper;
 * if JAX's backends are already initialised the flags could no longer take
@@ -36,8 +40,10 @@ Safety rules, each one a reason to leave `XLA_FLAGS` untouched:
 from __future__ import annotations
 
 import functools
+import json
 import mmap
 import os
+import subprocess
 import sys
 from typing import Dict, List, MutableMapping, Optional
 
@@ -84,6 +90,64 @@ def jaxlib_knows_flag(name: str) -> bool:
   return False
 
 
+def _cache_file() -> str:
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "kd_jax", "xla_flags.json")
+
+
+def _jaxlib_key() -> str:
+  try:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+    return f"{jaxlib.__version__}:{os.path.dirname(jaxlib.__file__)}"
+  except ImportError:
+    return "none"
+
+
+def _read_cache() -> Dict[str, bool]:
+  try:
+    with open(_cache_file()) as f:
+      data = json.load(f)
+    return data if isinstance(data, dict) else {}
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_cache(key: str, ok: bool) -> None:
+  data = _read_cache()
+  data[key] = ok
+  path = _cache_file()
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump(data, f)
+    os.replace(tmp, path)
+  except OSError:
+    pass  # no writable cache: the check runs again next time
+
+
+@functools.lru_cache(maxsize=None)
+def xla_accepts_flag(flag: str) -> bool:
+  """True if XLA:CPU starts with `XLA_FLAGS=flag` (checked in a child process,
+  which XLA would abort on a flag it rejects; cached per jaxlib)."""
+  key = f"{_jaxlib_key()}|{flag}"
+  cached = _read_cache().get(key)
+  if isinstance(cached, bool):
+    return cached
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+  env[DISABLE_ENV] = "0"
+  try:
+    ok = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices('cpu')"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        timeout=120).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False  # not cached: a transient failure should not stick
+  _write_cache(key, ok)
+  return ok
+
+
 def _backends_initialized() -> bool:
   if "jax" not in sys.modules:
     return False
@@ -127,7 +191,7 @@ def use_fast_cpu_flags(environ: Optional[MutableMapping[str, str]] = None
     name = _flag_name(flag)
     if name in user_names:
       skipped[flag] = "already set in XLA_FLAGS"
-    elif not jaxlib_knows_flag(name):
+    elif not jaxlib_knows_flag(name) or not xla_accepts_flag(flag):
       skipped[flag] = "not supported by the installed jaxlib"
     else:
       added.append(flag)

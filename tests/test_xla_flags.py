@@ -75,3 +75,25 @@ def test_flags_accepted_by_xla_in_a_fresh_process():
   assert f" {float(expected)} " in r.stdout
   if xla_flags.jaxlib_knows_flag(NAME):
     assert f"--{NAME}=dot,reduce" in r.stdout
+
+
+def test_name_in_library_but_rejected_by_xla(tmp_path, monkeypatch):
+  """Some flag names occur in jaxlib's library yet abort XLA as unknown
+  flags (this jaxlib: `xla_cpu_use_multi_output_fusion`); the child-process
+  check rejects them, accepts the real flag, and caches both verdicts."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  xla_flags.xla_accepts_flag.cache_clear()
+  bogus = "--xla_cpu_use_multi_output_fusion=true"
+  if not xla_flags.jaxlib_knows_flag(NAME):
+    pytest.skip("the installed jaxlib has no " + NAME)
+  assert xla_flags.xla_accepts_flag(xla_flags.FAST_CPU_FLAGS[0])
+  if xla_flags.jaxlib_knows_flag("xla_cpu_use_multi_output_fusion"):
+    assert not xla_flags.xla_accepts_flag(bogus)
+  monkeypatch.setattr(xla_flags, "FAST_CPU_FLAGS", (bogus,))
+  monkeypatch.setattr(xla_flags, "jaxlib_knows_flag", lambda name: True)
+  env = {}
+  out = xla_flags.use_fast_cpu_flags(env)
+  assert out["added"] == [] and "XLA_FLAGS" not in env
+  cache = (tmp_path / "kd_jax" / "xla_flags.json").read_text()
+  assert bogus in cache and NAME in cache
+  xla_flags.xla_accepts_flag.cache_clear()
