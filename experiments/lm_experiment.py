@@ -154,18 +154,11 @@ def _reuse(wd, pc, deps_ok):
 
 
 def _run_phase(config, workdir, p, seed, seeds, reused):
-  se = config.seed_experiment
-  src = seeds[0] if p in se.shared_phases else seed
-  wd = os.path.join(workdir, f"seed{src}", p)
+  wd, pc, deps_ok = se_lib.phase_inputs(config, workdir, p, seed, seeds,
+                                        reused, make_config=phase_config)
+  src = seeds[0] if p in config.seed_experiment.shared_phases else seed
   if (p, src) in reused:
     return _finished(wd), reused[(p, src)]
-  pc = phase_config(config, p, src)
-  deps_ok = True
-  if p in se.distill_from:
-    t = se.distill_from[p]
-    t_seed = seeds[0] if t in se.shared_phases else seed
-    pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
-    deps_ok = reused.get((t, t_seed), False)
   se_lib.sync(f"decide {wd}")
   rep, why = _reuse(wd, pc, deps_ok)
   # (before anything is moved)

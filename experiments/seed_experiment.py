@@ -224,19 +224,29 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _run_phase(config, workdir, p, seed, seeds, reused):
-  """Runs (or reuses) phase `p` of `seed`; returns (report, reused)."""
+def phase_inputs(config, workdir, p, seed, seeds, reused,
+                 make_config=phase_config):
+  """(workdir, config, teacher phase reused) of phase `p` for `seed`: a shared
+  phase lives under the first seed; a distillation phase gets its teacher
+  phase's workdir as `teacher.checkpoint`. `make_config(config, p, seed)`
+  builds the phase's config (the LM experiment passes its own)."""
   se = config.seed_experiment
   src_seed = seeds[0] if p in se.shared_phases else seed
   wd = os.path.join(workdir, f"seed{src_seed}", p)
-  pc = phase_config(config, p, src_seed)
+  pc = make_config(config, p, src_seed)
   deps_ok = True
   if p in se.distill_from:
     t = se.distill_from[p]
     t_seed = seeds[0] if t in se.shared_phases else seed
     pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
     deps_ok = reused.get((t, t_seed), False)
-  key = (p, src_seed)
+  return wd, pc, deps_ok
+
+
+def _run_phase(config, workdir, p, seed, seeds, reused):
+  """Runs (or reuses) phase `p` of `seed`; returns (report, reused)."""
+  wd, pc, deps_ok = phase_inputs(config, workdir, p, seed, seeds, reused)
+  key = (p, seeds[0] if p in config.seed_experiment.shared_phases else seed)
   if key in reused:  # a shared phase, done for an earlier seed
     with open(os.path.join(wd, "report.json")) as f:
       return json.load(f), reused[key]
