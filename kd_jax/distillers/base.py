@@ -40,6 +40,7 @@ import optax
 
 from kd_jax.train import objectives as _objectives
 from kd_jax.train import state as _state
+from kd_jax.train import step_utils
 from kd_jax.train import steps as _steps
 
 Array = Any
@@ -389,9 +390,9 @@ def _apply_module(module: nn.Module, params, stats, *args, train: bool):
 # ----------------------------------------------------- term inputs / init --
 
 def _forward_student(student_apply, variables, x, rng):
-  apply = _steps.as_student_apply(student_apply)
+  apply = step_utils.as_student_apply(student_apply)
   out = apply(variables, x, train=True, rngs={"dropout": rng})
-  logits, feats, _ = _steps._split_student_out(out)  # pylint: disable=protected-access
+  logits, feats, _ = step_utils.split_apply_output(out)
   return logits, feats
 
 

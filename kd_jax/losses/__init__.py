@@ -5,11 +5,12 @@ relation-based (`relations`) and token-level losses for language models
 (`tokens`: fused LM-head divergences in bounded memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
-`LOGIT_LOSSES` and `FEATURE_LOSSES` are the explicit registries behind the
-short names of `kd_jax.train.Term` (`Term('kd', ...)` is `kd_loss`):
-logit losses are functions `(student_logits, teacher_logits, ...)`, feature
-losses take two feature arrays (or lists of them). Add a loss with
-`register_loss(name, fn, on=...)` (or an entry in the dict).
+`LOGIT_LOSSES`, `FEATURE_LOSSES` and `TOPK_LOSSES` are the explicit
+registries behind the short names of `kd_jax.train.Term` (`Term('kd', ...)`
+is `kd_loss`): logit losses are functions `(student_logits, teacher_logits,
+...)`, feature losses take two feature arrays (or lists of them), top-k
+losses a sparse teacher `(student_logits, logprobs, indices, ...)`. Add a
+loss with `register_loss(name, fn, on=...)` (or an entry in the dict).
 """
 
 from typing import Callable, Dict
@@ -79,7 +80,14 @@ FEATURE_LOSSES: Dict[str, Callable] = {
 }
 """Short name -> loss of two feature arrays (or lists of them)."""
 
-_KINDS = {"logits": LOGIT_LOSSES, "features": FEATURE_LOSSES}
+TOPK_LOSSES: Dict[str, Callable] = {
+    "topk_kd": topk_kd_loss,
+}
+"""Short name -> loss of `(student_logits, teacher_topk_logprobs,
+teacher_topk_indices, ...)`: a teacher given by a top-k cache."""
+
+_KINDS = {"logits": LOGIT_LOSSES, "features": FEATURE_LOSSES,
+          "topk": TOPK_LOSSES}
 
 
 def register_loss(name: str, fn: Callable, *, on: str = "logits") -> Callable:

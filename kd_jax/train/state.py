@@ -51,6 +51,22 @@ class TrainState(flax.struct.PyTreeNode):
     """The pytree the optimizer updates."""
     return {"student": self.params, "distiller": self.distiller_params}
 
+  def apply_gradients(self, tx: optax.GradientTransformation, grads, *,
+                      batch_stats=None, distiller_state=None) -> "TrainState":
+    """One optimizer step: `tx`'s update of `trainable()` by `grads` (or by
+    the `{'task', 'distill'}` pair of a split-gradient optimizer), the step
+    count + 1, and the new `batch_stats` / `distiller_state` when given."""
+    trainable = self.trainable()
+    updates, opt_state = tx.update(grads, self.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return self.replace(
+        step=self.step + 1, params=trainable["student"],
+        distiller_params=trainable["distiller"],
+        batch_stats=self.batch_stats if batch_stats is None else batch_stats,
+        distiller_state=(self.distiller_state if distiller_state is None
+                         else distiller_state),
+        opt_state=opt_state)
+
 
 def student_variables(params, batch_stats) -> dict:
   v = {"params": params}

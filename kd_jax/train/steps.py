@@ -58,90 +58,21 @@ import optax
 from kd_jax.train.objectives import Objective
 from kd_jax.train.state import TrainState
 from kd_jax.train.state import student_variables
+from kd_jax.train.step_utils import as_student_apply
+from kd_jax.train.step_utils import as_teacher_apply
+from kd_jax.train.step_utils import check_batch as _check_batch
+from kd_jax.train.step_utils import linen_student_apply  # noqa: F401
+from kd_jax.train.step_utils import linen_teacher_apply  # noqa: F401
+from kd_jax.train.step_utils import pmean_floats as _pmean
+from kd_jax.train.step_utils import split_apply_output as _split_student_out
+from kd_jax.train.step_utils import step_rng as _step_rng
+from kd_jax.train.step_utils import stream_rngs
+from kd_jax.train.step_utils import teacher_output as _teacher_out
 
 PyTree = Any
 Batch = Dict[str, Any]
 
 MULTI_TEACHER_MODES = ("mean_logits", "mean_losses")
-
-
-# ---------------------------------------------------------------------------
-# Apply-function adapters.
-
-
-def linen_student_apply(module: nn.Module,
-                        mutable: Sequence[str] = ("batch_stats",)):
-  """Wraps a Linen module as `apply(variables, x, train, rngs)`.
-
-  In training mode, collections of `mutable` present in `variables` are
-  made mutable and returned: `((logits, features), updates)`.
-  """
-  mutable = tuple(mutable)
-
-  def apply(variables, x, train=True, rngs=None):
-    muts = [c for c in mutable if c in variables] if train else []
-    if muts:
-      return module.apply(variables, x, train=train, rngs=rngs, mutable=muts)
-    return module.apply(variables, x, train=train, rngs=rngs)
-
-  return apply
-
-
-def linen_teacher_apply(module: nn.Module):
-  """Wraps a Linen module as `apply(variables, x)` in inference mode."""
-
-  def apply(variables, x):
-    return module.apply(variables, x, train=False)
-
-  return apply
-
-
-def as_student_apply(fn):
-  return linen_student_apply(fn) if isinstance(fn, nn.Module) else fn
-
-
-def as_teacher_apply(fn):
-  return linen_teacher_apply(fn) if isinstance(fn, nn.Module) else fn
-
-
-def _split_student_out(out, where="student_apply"):
-  """`(logits, feats)` or `((logits, feats), updates)` -> (logits, feats, upd)."""
-  if not isinstance(out, (tuple, list)) or len(out) != 2:
-    raise TypeError(
-        f"`{where}` must return `(logits, features)` or `((logits, features), "
-        f"updated_collections)`; got {type(out).__name__}.")
-  if isinstance(out[0], (tuple, list)):
-    (logits, feats), updates = out
-    return logits, feats, dict(updates)
-  return out[0], out[1], {}
-
-
-def _teacher_out(out):
-  if not isinstance(out, (tuple, list)) or len(out) != 2:
-    raise TypeError(
-        "`teacher_apply` must return `(logits, features)`; got "
-        f"{type(out).__name__}.")
-  return out[0], out[1]
-
-
-def _check_batch(batch, keys):
-  if not isinstance(batch, dict):
-    raise TypeError(f"`batch` must be a dict; got {type(batch).__name__}.")
-  for k in keys:
-    if k not in batch:
-      raise KeyError(
-          f"`batch` has no key {k!r}; it has {sorted(batch)}.")
-
-
-def _pmean(tree, axis_name):
-  """`pmean` of the floating leaves (integer leaves, e.g. counters, are the
-  same on every device and keep their dtype)."""
-  if axis_name is None:
-    return tree
-  return jax.tree_util.tree_map(
-      lambda x: (jax.lax.pmean(x, axis_name)
-                 if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x),
-      tree)
 
 
 def _sync_distiller_state(objective, dstate, axis_name):
@@ -159,13 +90,6 @@ def _sync_distiller_state(objective, dstate, axis_name):
             if getattr(t.distiller, "state_is_synced", False)}
   return {k: (v if k in synced else _pmean(v, axis_name))
           for k, v in dstate.items()}
-
-
-def _step_rng(state_rng, step, axis_name):
-  key = jax.random.fold_in(state_rng, step)
-  if axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  return key
 
 
 def _epoch(step, steps_per_epoch):
@@ -276,15 +200,13 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
     t_logits, t_feats = teacher_fn(teacher_variables, x, batch)
     key = _step_rng(state.rng, state.step, axis_name)
     dkey, okey = jax.random.split(key)
-    rngs = {name: jax.random.fold_in(dkey, i)
-            for i, name in enumerate(rng_streams)}
+    rngs = stream_rngs(dkey, rng_streams)
     epoch = _epoch(state.step, steps_per_epoch)
     if strong:
       _check_batch(batch, (STRONG_IMAGE_KEY,))
       xs = batch[STRONG_IMAGE_KEY]
       ts_logits, _ = teacher_fn(teacher_variables, xs, batch)
-      rngs_strong = {name: jax.random.fold_in(dkey, len(rng_streams) + i)
-                     for i, name in enumerate(rng_streams)}
+      rngs_strong = stream_rngs(dkey, rng_streams, offset=len(rng_streams))
 
     def loss_fn(trainable):
       variables = student_variables(trainable["student"], state.batch_stats)
@@ -313,17 +235,12 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
       grads, (aux, updates) = jax.grad(loss_fn, has_aux=True)(trainable)
     grads = _pmean(grads, axis_name)
     metrics = _pmean(aux["metrics"], axis_name)
-    upd, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, upd)
-    batch_stats = updates.get("batch_stats", state.batch_stats)
-    batch_stats = _pmean(batch_stats, axis_name)
+    batch_stats = _pmean(updates.get("batch_stats", state.batch_stats),
+                         axis_name)
     dstate = _sync_distiller_state(objective, aux["distiller_state"],
                                    axis_name)
-    new_state = state.replace(
-        step=state.step + 1, params=trainable["student"],
-        distiller_params=trainable["distiller"], batch_stats=batch_stats,
-        distiller_state=dstate, opt_state=opt_state)
-    return new_state, metrics
+    return state.apply_gradients(tx, grads, batch_stats=batch_stats,
+                                 distiller_state=dstate), metrics
 
   return step
 
@@ -577,7 +494,7 @@ def make_dml_step(student_applies: Sequence[Any], objective: Objective,
                            _epoch(states[0].step, steps_per_epoch), axis_name)
     trainables = [s.trainable() for s in states]
     grads, (auxes, updates) = jax.grad(loss_fn, has_aux=True)(trainables)
-    return _dml_update(states, txs, trainables, _pmean(grads, axis_name),
+    return _dml_update(states, txs, _pmean(grads, axis_name),
                        auxes, updates, axis_name)
 
   return step
@@ -631,16 +548,12 @@ def _dml_loss_fn(applies, obj: Objective, states, x, labels, rngs, epoch,
   return loss_fn
 
 
-def _dml_update(states, txs, trainables, grads, auxes, updates, axis_name):
+def _dml_update(states, txs, grads, auxes, updates, axis_name):
   """Every student's optimizer update; metrics keyed `student{k}/{name}`."""
   new_states, metrics = [], {}
   for k, s in enumerate(states):
-    upd, opt_state = txs[k].update(grads[k], s.opt_state, trainables[k])
-    tr = optax.apply_updates(trainables[k], upd)
     bs = _pmean(updates[k].get("batch_stats", s.batch_stats), axis_name)
-    new_states.append(s.replace(step=s.step + 1, params=tr["student"],
-                                distiller_params=tr["distiller"],
-                                batch_stats=bs, opt_state=opt_state))
+    new_states.append(s.apply_gradients(txs[k], grads[k], batch_stats=bs))
     for name, v in auxes[k].items():
       metrics[f"student{k}/{name}"] = v
   metrics = _pmean(metrics, axis_name)
