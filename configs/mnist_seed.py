@@ -56,7 +56,7 @@ def get_config():
   phases.teacher_cnn = mnist.get_config("cnn_teacher")
   phases.teacher_cnn.train.num_epochs = se.get_ref("cnn_teacher_epochs")
   phases.distill_cnn = mnist.get_config("distill_cnn")
-  phases.distill_cnn.teacher.precompute_logits = True
+  phases.distill_cnn.teacher.precompute = True
   se.phases = phases
   se.order = ("student", "teacher_mlp", "distill_mlp", "teacher_cnn",
               "distill_cnn")

@@ -72,6 +72,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax.train import state as state_lib
 from kd_jax.train.parallel import _leaves_with_paths
 from kd_jax.train.parallel import _put_global
 
@@ -458,7 +459,9 @@ class MeshParallel:
 
   def __init__(self, mesh: Union[None, Mapping[str, int], Mesh] = None, *,
                devices: Optional[Sequence[jax.Device]] = None,
-               state_rules: Optional[ShardingRules] = None):
+               state_rules: Optional[ShardingRules] = None,
+               student_names=None, teacher_sharding="replicated",
+               teacher_names=None):
     if isinstance(mesh, Mesh):
       missing = set(BATCH_AXES) - set(mesh.axis_names)
       if missing:
@@ -471,6 +474,11 @@ class MeshParallel:
     self.rules = (state_rules if state_rules is not None
                   else _default_state_rules(self.mesh))
     self.replicated = NamedSharding(self.mesh, P())
+    # The placement protocol (`kd_jax.train.placement`): the student's and
+    # the teacher's logical axis names, the teacher's sharding strategy.
+    self.student_names = student_names
+    self.teacher_sharding = teacher_sharding
+    self.teacher_names = teacher_names
 
   # -- sizes ---------------------------------------------------------------
 
@@ -580,6 +588,57 @@ class MeshParallel:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
       return np.asarray(x)
     return jax.tree.map(get, tree)
+
+  # -- the placement protocol (kd_jax.train.placement) ----------------------
+
+  def place_state(self, state: PyTree) -> PyTree:
+    """The train state in its shards (the state rules, the student's
+    logical names)."""
+    return self.shard_state(state, logical_names=self.student_names)
+
+  def teacher_target(self, abstract_teacher: PyTree) -> PyTree:
+    """The teacher's `NamedSharding`s: the restore target of a teacher
+    checkpoint (each array read straight into its shards)."""
+    return self.teacher_shardings(abstract_teacher, self.teacher_sharding,
+                                  logical_names=self.teacher_names)
+
+  def place_teacher(self, teacher_variables: PyTree) -> PyTree:
+    return put(teacher_variables, self.teacher_target(teacher_variables))
+
+  def local_rows(self, batch: PyTree) -> PyTree:
+    """This process's rows of a global host batch (what `shard_batch`
+    takes; all rows with one process)."""
+    if jax.process_count() == 1:
+      return batch
+    sh = self.batch_sharding()
+
+    def rows(x):
+      idx = sh.addressable_devices_indices_map(np.shape(x)).values()
+      lo = min(s[0].start or 0 for s in idx)
+      hi = max(len(x) if s[0].stop is None else s[0].stop for s in idx)
+      return x[lo:hi]
+
+    return jax.tree.map(rows, batch)
+
+  def checkpoint_tree(self, state) -> PyTree:
+    """The saved tree: each process writes its own shards."""
+    return state_lib.state_to_tree(state)
+
+  def restore_template(self, state) -> PyTree:
+    """`ShapeDtypeStruct`s with the state's shardings: a checkpoint saved on
+    any mesh is restored straight into this one's shards."""
+    tree = state_lib.state_to_tree(state)
+    sh = self.state_shardings(tree, logical_names=self.student_names)
+    return abstract_with_shardings(tree, sh)
+
+  def restored_state(self, tree: PyTree, impl):
+    """The train state of a restored `restore_template` tree (already in
+    its shards; `place_state` keeps them)."""
+    return state_lib.tree_to_state(tree, impl)
+
+  def memory(self, state, teacher_variables=None, compiled=None):
+    """`memory_report` of the placed state / teacher / compiled step."""
+    return memory_report(state, teacher_variables, compiled)
 
   # -- compiling -----------------------------------------------------------
 

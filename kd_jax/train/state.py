@@ -115,3 +115,25 @@ def create_train_state(variables: Mapping[str, PyTree],
                     batch_stats=batch_stats, opt_state=opt_state,
                     distiller_params=distiller_params,
                     distiller_state=distiller_state, rng=rng)
+
+
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state",
+                "distiller_params", "distiller_state", "rng")
+
+
+def state_to_tree(state: TrainState) -> dict:
+  """The checkpointed tree of a train state: its fields as a dict, the PRNG
+  key as its raw key data (host or device arrays, as they are)."""
+  tree = {f: getattr(state, f) for f in STATE_FIELDS}
+  rng = tree["rng"]
+  if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype,
+                                                   jax.dtypes.prng_key):
+    tree["rng"] = jax.random.key_data(rng)
+  return tree
+
+
+def tree_to_state(tree: Mapping[str, Any], impl) -> TrainState:
+  """Inverse of `state_to_tree` (`impl`: the key's `jax.random.key_impl`)."""
+  d = dict(tree)
+  d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
+  return TrainState(**d)

@@ -14,28 +14,10 @@ import logging
 import os
 from typing import Any, Dict, Mapping, Optional
 
-import jax
-import jax.numpy as jnp
-
 from kd_jax.train import checkpoints as ckpt_lib
-from kd_jax.train import state as state_lib
-
-STATE_FIELDS = ("step", "params", "batch_stats", "opt_state",
-                "distiller_params", "distiller_state", "rng")
-
 
 class CheckpointRestoreError(RuntimeError):
   """No checkpoint of a run's checkpoint directory can be restored."""
-
-
-def state_to_tree(host_state: state_lib.TrainState) -> Dict[str, Any]:
-  return {f: getattr(host_state, f) for f in STATE_FIELDS}
-
-
-def tree_to_state(tree: Mapping[str, Any], impl) -> state_lib.TrainState:
-  d = dict(tree)
-  d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
-  return state_lib.TrainState(**d)
 
 
 def _cause(e: BaseException) -> str:
@@ -86,12 +68,17 @@ def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
   return None
 
 
-def open_manager(ck_cfg, workdir: str) -> Optional[ckpt_lib.CheckpointManager]:
-  """The run's `CheckpointManager` (None when checkpoints are disabled)."""
+def open_manager(ck_cfg, workdir: str, *, best: str = "accuracy",
+                 higher: bool = True
+                 ) -> Optional[ckpt_lib.CheckpointManager]:
+  """The run's `CheckpointManager` (None when checkpoints are disabled);
+  `best` / `higher`: the eval metric its kept-best checkpoint maximizes /
+  minimizes."""
   if not ck_cfg.enabled:
     return None
   return ckpt_lib.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       save_every_steps=None, keep_last=int(ck_cfg.keep),
-      keep_best=1 if ck_cfg.keep_best else 0, best_metric="accuracy",
+      keep_best=1 if ck_cfg.keep_best else 0, best_metric=best,
+      best_mode="max" if higher else "min",
       async_save=bool(ck_cfg.async_save))

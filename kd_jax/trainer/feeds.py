@@ -24,7 +24,8 @@ from kd_jax.data import augment as augment_lib
 from kd_jax.data import pipeline as pipeline_lib
 from kd_jax.data import sources as sources_lib
 from kd_jax.train import steps as steps_lib
-from kd_jax.trainer import config as config_lib
+from kd_jax.trainer import classify_config
+from kd_jax.trainer.errors import ConfigError
 
 
 class InMemoryFeed:
@@ -148,7 +149,7 @@ def _mock_arrays(name: str, split: str, n: int):
   return images, labels
 
 
-def load_data(rc: config_lib.RunConfig) -> Data:
+def load_data(rc: Any) -> Data:
   """Train/eval data of a run (TFDS mock data when `data.mock`)."""
   info = sources_lib.dataset_info(rc.data.name)
   if not info.in_memory:
@@ -167,7 +168,7 @@ def load_data(rc: config_lib.RunConfig) -> Data:
     ev = (ev[0][:d.eval_subset], ev[1][:d.eval_subset])
   bs = rc.train.batch_size
   if tr[0].shape[0] < bs:
-    raise config_lib.ConfigError("train.batch_size", f"{bs} exceeds the "
+    raise ConfigError("train.batch_size", f"{bs} exceeds the "
                                  f"{tr[0].shape[0]} training examples.")
   train = pipeline_lib.InMemoryPipeline(
       tr[0], tr[1], global_batch_size=bs, seed=rc.seed, shuffle=True,
@@ -176,14 +177,14 @@ def load_data(rc: config_lib.RunConfig) -> Data:
       ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
       shuffle=False, drop_remainder=False, with_index=False, mean=info.mean,
       std=info.std)
-  augment = config_lib.augments(rc)
+  augment = classify_config.augments(rc)
   return Data(info=info, train=InMemoryFeed(train), eval_pipe=evalp,
               image_shape=tuple(tr[0].shape[1:]), mean=info.mean,
               std=info.std, crop_padding=info.crop_padding if augment else None,
               flip=info.flip and augment)
 
 
-def _load_grain_data(rc: config_lib.RunConfig, info) -> Data:
+def _load_grain_data(rc: Any, info) -> Data:
   """ImageNet: grain pipeline, per-record decode + crop in worker processes."""
   from kd_jax.data import imagenet as imagenet_lib  # pylint: disable=g-import-not-at-top
   d = rc.data
@@ -219,7 +220,7 @@ def strong_augment_fn(label: str) -> Callable:
     mod = None
   fn = getattr(mod, "strong_augment", None)
   if fn is None:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"loss.terms.{label}", "this method needs a strong augmentation view "
         "(views=('strong',)), but kd_jax.data.strong_augment.strong_augment "
         "is not available.")
