@@ -3,14 +3,13 @@ r"""Entry point: train a teacher, a student alone, distill, or a seed experiment
     python -m experiments.main --config=configs/<name>.py[:<arg>] \
         --workdir=<dir> [--config.<key>=<value> ...]
 
-The config's `mode` selects what runs (`configs/base.py` documents every
-key): `'train'` (supervised: a teacher or a student alone), `'distill'`
-(a student from a frozen teacher, `teacher.checkpoint` = a teacher run's
-workdir or a converted checkpoint) or `'seed_experiment'` (several phases
-over several seeds, `configs/mnist_seed.py`). `task = 'lm'` selects the
-language-model trainer (`kd_jax.trainer.lm`, modes train / token_kd /
-seq_kd / gkd / topk, or `experiments.lm_experiment` for a seed experiment,
-`configs/lm_jane_austen.py`). Examples::
+The config's `task` selects what is trained (`'classify'`: images, the
+default; `'lm'`: language models) and its `mode` what runs
+(`configs/base.py` documents every key): `'train'` (supervised: a teacher
+or a student alone), `'distill'` (a student from a frozen teacher,
+`teacher.checkpoint` = a teacher run's workdir or a converted checkpoint)
+or `'seed_experiment'` (several phases over several seeds,
+`configs/mnist_seed.py`, `configs/lm_jane_austen.py`). Examples::
 
     TFDS_DATA_DIR=../shared/data/tfds python -m experiments.main \
         --config=configs/mnist_seed.py --workdir=workdirs/mnist_seed
@@ -144,17 +143,16 @@ def parse_flags(argv):
 
 
 def _summary(report) -> str:
-  keys = ("mode", "model", "teacher", "steps", "epochs", "last_top1",
-          "best_top1", "best_epoch", "teacher_top1", "wall_s",
-          "examples_per_sec", "steady_examples_per_sec")
-  parts = []
-  for k in keys:
-    v = report.get(k)
-    if v is None:
-      continue
-    if isinstance(v, float):
-      v = f"{v:.4f}" if k.endswith("top1") else f"{v:,.1f}"
-    parts.append(f"{k}={v}")
+  keys = ("task", "mode", "model", "teacher", "steps", "epochs")
+  parts = [f"{k}={report[k]}" for k in keys if report.get(k) is not None]
+  for k, v in report.items():
+    if (k.startswith(("last_", "best_")) or k == "teacher_top1") and (
+        isinstance(v, float)):
+      parts.append(f"{k}={v:.4f}")
+  for k in ("wall_s", "examples_per_sec", "steady_examples_per_sec",
+            "tokens_per_sec", "steady_tokens_per_sec"):
+    if isinstance(report.get(k), float):
+      parts.append(f"{k}={report[k]:,.1f}")
   return " ".join(parts)
 
 
@@ -186,34 +184,15 @@ def main(argv):
   from experiments import seed_experiment  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   try:
-    if config.get("task", None) == "lm":
-      _run_lm(config)
-    elif config.get("mode", None) == "seed_experiment":
+    if config.get("mode", None) == "seed_experiment":
       seed_experiment.run(config, FLAGS.workdir)
     else:
       report = trainer.train_and_evaluate(config, FLAGS.workdir)
-      if report.get("num_processes", 1) == 1 or _is_main():
+      if _is_main():
         print(_summary(report), flush=True)
   except (trainer.ConfigError, trainer.CheckpointRestoreError,
           sources.DatasetNotFoundError) as e:
     _fail(str(e))
-
-
-def _run_lm(config):
-  """`task = 'lm'`: one language-model phase, or an LM seed experiment."""
-  from experiments import lm_experiment  # pylint: disable=g-import-not-at-top
-  from kd_jax.trainer import lm  # pylint: disable=g-import-not-at-top
-  if config.get("mode", None) == "seed_experiment":
-    lm_experiment.run(config, FLAGS.workdir)
-    return
-  report = lm.train_and_evaluate(config, FLAGS.workdir)
-  if not _is_main():
-    return
-  print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in report.items()
-                 if k.endswith("_ppl") or k in ("mode", "model", "steps",
-                                                "wall_s", "tokens_per_sec")),
-        flush=True)
 
 
 def _is_main() -> bool:

@@ -191,10 +191,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def write_json(path: str, obj: Any):
   """Atomically writes `obj` as indented JSON."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True,
+                              default=_json_default))
+
+
+def write_text(path: str, text: str):
+  """Atomically writes `text` (a temp file in the same folder, renamed):
+  readers see the old file or the new one, never a part."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _json_default(o):

@@ -31,6 +31,7 @@ from configs import recipes
 from kd_jax import metrics_io
 from kd_jax import trainer
 from kd_jax.train import state as state_lib
+from kd_jax.train import optim as optim_lib
 from kd_jax.trainer import feeds as feeds_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,14 +173,13 @@ def test_seed_experiment_debug(tmp_path):
   res = seed_experiment.run(c, str(tmp_path))
   assert set(res["phases"]) == {"student", "teacher_mlp", "distill_mlp",
                                 "teacher_cnn", "distill_cnn"}
-  assert [r["distill_phase"] for r in res["rows"]] == ["distill_mlp",
-                                                       "distill_cnn"]
-  for r in res["rows"]:
-    d = res["phases"][r["distill_phase"]]["last_top1"]
+  assert list(res["gains"]) == ["distill_mlp", "distill_cnn"]
+  for p, g in res["gains"].items():
+    d = res["phases"][p]["last_top1"]
     s = res["phases"]["student"]["last_top1"]
-    np.testing.assert_allclose(r["gain_last"], np.subtract(d, s))
+    np.testing.assert_allclose(g["last_top1"]["per_seed"], np.subtract(d, s))
   md = (tmp_path / "results.md").read_text()
-  assert "distilled last" in md and "examples/s" in md
+  assert "gain top-1 % last" in md and "examples/s" in md
   assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0]
 
 
@@ -228,7 +228,7 @@ def _mnist_distill(**overrides):
     ({"teacher.checkpoint": ""}, r"config\.teacher\.checkpoint: distillation "
      r"needs a trained teacher"),
     ({"data.augment": True, "data.name": "cifar100", "model.num_classes": 100,
-      "teacher.num_classes": 100, "teacher.precompute_logits": True},
+      "teacher.num_classes": 100, "teacher.precompute": True},
      r"config\.teacher\.precompute_logits: .*augment"),
 ])
 def test_validation_errors_name_the_key(overrides, pattern, tmp_path):
@@ -381,7 +381,7 @@ def test_cli_config_error_exit_code(tmp_path):
 def test_step_schedule_matches_mdistiller_rule():
   c = _config("cifar100_kd", "resnet56-resnet20")
   spe = 7
-  _, sched = trainer.make_optimizer(c.optimizer, steps_per_epoch=spe,
+  _, sched = optim_lib.make_optimizer(c.optimizer, steps_per_epoch=spe,
                                  total_steps=240 * spe)
   for epoch in (1, 150, 151, 180, 181, 210, 211, 240):  # 1-based epochs
     lr = 0.05 * 0.1 ** sum(epoch > d for d in (150, 180, 210))
@@ -395,7 +395,7 @@ def test_sgd_coupled_weight_decay_matches_torch_formula():
       name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False,
       weight_decay=5e-4, schedule="constant", decay_epochs=(),
       decay_factor=0.1, warmup_epochs=0))
-  tx, _ = trainer.make_optimizer(cfg, steps_per_epoch=1, total_steps=3)
+  tx, _ = optim_lib.make_optimizer(cfg, steps_per_epoch=1, total_steps=3)
   rng = np.random.default_rng(0)
   p = rng.normal(size=5)
   grads = [rng.normal(size=5) for _ in range(3)]

@@ -84,10 +84,10 @@ def test_dot_validation_errors(overrides, pattern):
 def test_dot_pretrain_stage_uses_sgd():
   """A distiller's pretrain stage (one loss) gets SGD with DOT's LR,
   momentum and weight decay."""
-  from kd_jax.trainer import optim
+  from kd_jax.train import optim
   opt = config_lib.OptimizerConfig(name="dot", momentum=0.9, delta=0.075,
                                    weight_decay=5e-4)
-  st = optim.stage_optimizer_config(opt)
+  st = optim.stage_spec(opt)
   assert (st.name, st.momentum, st.weight_decay) == ("sgd", 0.9, 5e-4)
   assert optim.split_gradients(opt) and not optim.split_gradients(st)
 

@@ -75,8 +75,10 @@ def _check_model(key: str, name: str, num_classes, dtype, want_classes: int,
     raise ConfigError(f"{key}.num_classes",
                       f"must be a positive int; got {num_classes!r}.")
   if num_classes != want_classes:
-    raise ConfigError(f"{key}.num_classes", f"{num_classes} does not match "
-                      f"{what} ({want_classes} classes).")
+    raise ConfigError(f"{key}.num_classes", (
+        f"{num_classes} does not match {what} ({want_classes} classes)."
+        if key == "model" else f"teacher has {num_classes} classes but "
+        f"{what} has {want_classes}; they must match."))
   if dtype not in DTYPES:
     raise ConfigError(f"{key}.dtype", f"must be one of {DTYPES}; got "
                       f"{dtype!r}.")

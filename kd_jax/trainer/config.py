@@ -137,7 +137,9 @@ class TaskSchema:
   extra: its own sections `{name: dataclass}`.
   validate: `(rc, check_paths) -> rc` (may fill derived fields).
   debug: `(ConfigDict) -> None`, shrinks a debug run's task sections.
-  top_keys: other top-level keys it accepts (e.g. a seed experiment's).
+  top_keys: other top-level keys it accepts.
+  scale: `(phase config dict, factor) -> dict`, a seed experiment's
+    ``seed_experiment.scale`` (widths, steps, data).
   """
   data: type
   model: type
@@ -146,6 +148,7 @@ class TaskSchema:
   debug: Callable
   extra: Mapping[str, type] = dataclasses.field(default_factory=dict)
   top_keys: Tuple[str, ...] = ()
+  scale: Optional[Callable] = None  # (phase dict, factor) -> phase dict
 
 
 TASK_SCHEMAS: Dict[str, TaskSchema] = {}

@@ -216,7 +216,8 @@ class LMTask(loop.Task):
     return create_train_state(state.variables, self.tx, rng=state.rng,
                               distiller_params=params, distiller_state=dstate)
 
-  def _teacher_variables(self):
+  def teacher_variables(self):
+    """The teacher's variables, placed (its checkpoint or HF folder)."""
     rc, t = self.rc, self.rc.teacher
     if self._t_vars is not None:
       return self.placement.place_teacher(self._t_vars)
@@ -231,7 +232,7 @@ class LMTask(loop.Task):
                         "tokens_per_step": self.units["tokens"]}
     tv = None
     if self.teacher is not None:
-      tv = self._teacher_variables()
+      tv = self.teacher_variables()
       info["teacher_params"] = self.teacher.config.num_params
       if not rc.teacher.precompute:
         consts["teacher"] = tv

@@ -265,5 +265,5 @@ def scale(d: dict, factor: float) -> dict:
 
 config_lib.register_task("lm", config_lib.TaskSchema(
     data=TextDataConfig, model=LMModelConfig, teacher=LMTeacherConfig,
-    validate=validate, debug=debug,
+    validate=validate, debug=debug, scale=scale,
     extra={"generation": GenerationConfig}))

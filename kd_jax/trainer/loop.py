@@ -181,8 +181,7 @@ def prepare_workdir(workdir: str, config_json: Optional[str]) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
     if config_json is not None:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_json)
+      metrics_io.write_text(os.path.join(workdir, "config.json"), config_json)
     elif not os.access(workdir, os.W_OK):
       raise PermissionError(workdir)
   except OSError as e:
