@@ -27,7 +27,9 @@ all seeds; then per seed a student (D=64, 1 layer, 0.30M; the top-level
 reverse KL (MiniLLM's direction), JSD (beta 0.5), offline top-k KD (k=32
 cache of the teacher, written by the phase itself next to the teacher's
 workdir) and on-policy GKD (TRL's defaults lmbda=0.5, beta=0.5,
-temperature=0.9; 16 new tokens after a 48-token prompt). Every student
+temperature=0.9; 16 new tokens after a 48-token prompt), and forward KL
+plus intermediate layers (hidden states, TinyBERT; attention relations,
+MiniLMv2), compared with forward KL alone (paired over seeds). Every student
 phase has the same steps, batch, optimizer and data order (the seed sets
 the initialization and the order). Token-level KD phases use 0.5 NLL + 0.5
 divergence.
@@ -78,6 +80,18 @@ def get_config():
   topk = _distill(topk_kd={"weight": 0.5, "temperature": 1.0,
                            "tail": "bucket"})
   topk["teacher"] = {"precompute": True, "topk": 32}
+  # Logit KD + intermediate layers: the student's block -> the teacher's
+  # last (uniform map), hidden states by cosine distance through a learned
+  # 64 -> 128 projection (TinyBERT / DistillKit hs_cosine), and MiniLMv2's
+  # q-q / k-k / v-v relations with 4 relation heads (2 + 1 KV student heads
+  # vs 4 + 2 teacher heads).
+  inter = _distill(
+      forward_kl={"weight": 0.5, "temperature": 1.0},
+      hidden={"distiller": "tinybert", "weight": 0.5, "loss": "cosine",
+              "layers": "uniform"},
+      attention={"distiller": "minilm", "weight": 0.5,
+                 "relations": ("qq", "kk", "vv"), "num_relation_heads": 4,
+                 "layers": "uniform"})
   se = c.seed_experiment = ml_collections.ConfigDict()
   se.seeds = (0, 1, 2)
   se.scale = 1.0
@@ -92,12 +106,15 @@ def get_config():
                                      "beta": 0.5}),
       "topk_offline": topk,
       "gkd_on_policy": gkd,
+      "forward_kl_inter": inter,
   })
   se.order = ("teacher", "student", "forward_kl", "reverse_kl", "jsd",
-              "topk_offline", "gkd_on_policy")
+              "topk_offline", "gkd_on_policy", "forward_kl_inter")
+  se.comparisons = (("forward_kl_inter", "forward_kl"),)
   se.shared_phases = ("teacher",)
   se.student_phase = "student"
   se.distill_from = ml_collections.ConfigDict({
       p: "teacher" for p in ("forward_kl", "reverse_kl", "jsd",
-                             "topk_offline", "gkd_on_policy")})
+                             "topk_offline", "gkd_on_policy",
+                             "forward_kl_inter")})
   return c

@@ -34,8 +34,9 @@ Results: one row per phase -- the task's metrics (`Task.metrics`: top-1
 accuracy, held-out perplexity per split) after the final evaluation and at
 the best one, mean ± std over seeds -- with, for distillation phases, the
 paired gain over ``seed_experiment.student_phase`` (same seed; > 0 =
-distillation helps) and its 95% t-interval; wall time and throughput per
-phase. Printed, and saved as ``results.md`` / ``results.json``.
+distillation helps) and its 95% t-interval, the paired gains of the phase
+pairs in ``seed_experiment.comparisons`` (e.g. a method against plain
+KD), and wall time and throughput per phase. Printed, and saved as ``results.md`` / ``results.json``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import loop
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
-         "student_phase", "scale")
+         "student_phase", "scale", "comparisons")
 _COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
 
 
@@ -135,6 +136,11 @@ def validate(config) -> None:
     if p not in phases:
       raise trainer.ConfigError("seed_experiment.shared_phases",
                                 f"unknown phase {p!r}; phases: {phases}.")
+  for pair in se.get("comparisons", ()) or ():
+    if len(pair) != 2 or any(p not in phases for p in pair):
+      raise trainer.ConfigError("seed_experiment.comparisons",
+                                f"{pair!r}: expected (phase, phase) of "
+                                f"{phases}.")
   student = se.get("student_phase", "")
   if student and student not in phases:
     raise trainer.ConfigError("seed_experiment.student_phase",
@@ -427,19 +433,29 @@ def summarize(config, reports) -> Dict[str, Any]:
               cache_s=[r.get("cache_s", 0.0) or 0.0 for r in uniq])
     out["phases"][p] = ph
   student = se.get("student_phase", "")
-  for p in [q for q in reports if q in se.distill_from]:
-    if student not in out["phases"]:
+  if student in out["phases"]:
+    for p in [q for q in reports if q in se.distill_from]:
+      out["gains"][p] = _gains(out["phases"][p], out["phases"][student],
+                               metrics)
+  out["comparisons"] = {
+      f"{a} vs {b}": _gains(out["phases"][a], out["phases"][b], metrics)
+      for a, b in (se.get("comparisons", ()) or ())}
+  return out
+
+
+def _gains(ph_a, ph_b, metrics) -> Dict[str, Any]:
+  """Paired gains of phase a over phase b (same seeds; > 0: a is better)
+  on the gain metric, last and best."""
+  out = {}
+  for m in metrics:
+    if not m.gain:
       continue
-    out["gains"][p] = {}
-    for m in metrics:
-      if not m.gain:
-        continue
-      for w in ("last", "best"):
-        s = np.asarray(out["phases"][student][f"{w}_{m.key}"], np.float64)
-        d = np.asarray(out["phases"][p][f"{w}_{m.key}"], np.float64)
-        diff = (d - s) if m.higher else (s - d)
-        out["gains"][p][f"{w}_{m.key}"] = dict(
-            paired_interval(m.scale * diff), per_seed=diff.tolist())
+    for w in ("last", "best"):
+      a = np.asarray(ph_a[f"{w}_{m.key}"], np.float64)
+      b = np.asarray(ph_b[f"{w}_{m.key}"], np.float64)
+      diff = (a - b) if m.higher else (b - a)
+      out[f"{w}_{m.key}"] = dict(paired_interval(m.scale * diff),
+                                 per_seed=diff.tolist())
   return out
 
 
@@ -488,6 +504,14 @@ def format_markdown(config, results) -> str:
       row += [_fmt_gain(g.get(f"{w}_{gain.key}")) for w in ("last", "best")]
     rows.append(row)
   lines.append(metrics_io.markdown_table(header, rows))
+  if results.get("comparisons") and gain:
+    lines += ["", f"Comparisons (paired over seeds, {gain.label}; > 0: the "
+              "first phase is better):", ""]
+    lines.append(metrics_io.markdown_table(
+        ["phases", "gain last", "gain best"],
+        [[k, _fmt_gain(g.get(f"last_{gain.key}")),
+          _fmt_gain(g.get(f"best_{gain.key}"))]
+         for k, g in results["comparisons"].items()]))
   unit = "tokens" if any("tokens_per_sec" in v for v in ph.values()) else (
       "examples")
   lines += ["", f"Per phase (mean over runs): wall time includes data "

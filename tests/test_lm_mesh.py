@@ -54,6 +54,15 @@ _MODES = {
                "generation": {"max_new_tokens": 4, "seq_kd": True}},
     "topk": {"loss": {"ce_weight": 0.5, "terms": {"topk_kd": {
         "weight": 0.5, "tail": "bucket"}}}},
+    # Logit KD + hidden states (projection 64 -> 64: 'always') + MiniLMv2
+    # relations, every student block -> the teacher's (uniform map).
+    "inter": {"loss": {"ce_weight": 0.5, "terms": {
+        "forward_kl": {"weight": 0.5},
+        "hidden": {"distiller": "tinybert", "weight": 0.5,
+                   "projection": "always", "embeddings": True},
+        "attention": {"distiller": "minilm", "weight": 0.5,
+                      "relations": ("qq", "kk", "vv"),
+                      "num_relation_heads": 4}}}},
 }
 
 
@@ -197,6 +206,20 @@ def test_gkd_on_policy_generation_on_mesh_equals_one_device(
                **{"generation.lmbda": 1.0, "teacher.sharding": "fsdp"})
   recs = _train_records(str(tmp_path / "mesh"))
   assert all(r["on_policy"] == 1.0 for r in recs)
+
+
+def test_intermediate_layers_on_mesh_equal_one_device(corpus, teacher,  # noqa: F811
+                                                      tmp_path):
+  """Hidden-state + attention-relation distillation with the teacher
+  tensor-parallel (its q/k/v heads split over 'tensor'): the same student
+  as one device; the learned projections live in the checkpoint."""
+  _one_vs_mesh(corpus, tmp_path, "inter", teacher,
+               **{"teacher.sharding": "tensor"})
+  item = os.path.join(str(tmp_path / "mesh"), "checkpoints", "4", "state")
+  meta = ckpt_lib._tree_metadata(item)  # pylint: disable=protected-access
+  proj = meta["distiller_params"]["hidden"]
+  assert sorted(proj) == ["proj_0", "proj_1"]  # embeddings + the block
+  assert proj["proj_1"]["kernel"].shape == (64, 64)
 
 
 def test_topk_cache_written_on_mesh_equals_one_device(corpus, teacher,  # noqa: F811

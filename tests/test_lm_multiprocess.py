@@ -115,4 +115,4 @@ def test_seed_experiment_two_processes_equals_one(corpus, tmp_path):  # noqa: F8
       np.testing.assert_allclose(r2["phases"][p][k], v[k], rtol=1e-4,
                                  err_msg=f"{p} {k}")
   logs = _launch(str(cfg), two, devices=1)
-  assert logs[0].count("done before with the same config") == 8
+  assert logs[0].count("done before with the same config") == 9

@@ -123,9 +123,16 @@ def get_config():
       "gkd": _distill(loss=_kd(0.0, js_divergence=jsd),
                       generation={{"max_new_tokens": 4, "lmbda": 1.0,
                                    "temperature": 0.9}}),
+      "inter": _distill(loss=_kd(
+          forward_kl={{"weight": 0.5}},
+          hidden={{"distiller": "tinybert", "weight": 0.5}},
+          attention={{"distiller": "minilm", "weight": 0.5,
+                      "relations": ("qq", "kk", "vv"),
+                      "num_relation_heads": 2}})),
   }})
   se.order = ("teacher", "student", "forward_kl", "reverse_kl_fused", "jsd",
-              "seq_kd", "topk", "gkd")
+              "seq_kd", "topk", "gkd", "inter")
+  se.comparisons = (("inter", "forward_kl"),)
   se.shared_phases = ("teacher",)
   se.student_phase = "student"
   se.distill_from = ml_collections.ConfigDict(
@@ -161,7 +168,7 @@ def test_every_mode_runs_end_to_end(experiment):
   with open(os.path.join(wd, "results.json")) as f:
     res = json.load(f)
   phases = ("teacher", "student", "forward_kl", "reverse_kl_fused", "jsd",
-            "seq_kd", "topk", "gkd")
+            "seq_kd", "topk", "gkd", "inter")
   assert set(res["phases"]) == set(phases)
   for p in phases:
     for k in ("last_validation_ppl", "best_validation_ppl", "last_test_ppl"):
@@ -179,13 +186,21 @@ def test_every_mode_runs_end_to_end(experiment):
   assert "gain test ppl last" in stdout and "steady tokens/s" in stdout
   with open(os.path.join(wd, "results.md")) as f:
     assert "| gkd | distill |" in f.read()
+  # Logit KD + hidden states + attention relations vs logit KD, paired.
+  c = res["comparisons"]["inter vs forward_kl"]["last_test_ppl"]
+  want = (res["phases"]["forward_kl"]["last_test_ppl"][0]
+          - res["phases"]["inter"]["last_test_ppl"][0])
+  assert c["per_seed"][0] == pytest.approx(want)
+  with open(os.path.join(wd, "seed0", "inter", "report.json")) as f:
+    rep = json.load(f)
+  assert rep["finished"]
 
 
 def test_rerun_reuses_finished_phases(experiment):
   cfg, wd, _ = experiment
   out = _cli(cfg, wd, "--config.seed_experiment.seeds=(0,)")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.count("done before with the same config") == 8
+  assert out.stdout.count("done before with the same config") == 9
 
 
 def test_topk_cache_round_trip_through_grain(experiment, corpus):

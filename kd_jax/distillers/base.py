@@ -52,7 +52,7 @@ __all__ = [
     "Distiller", "PretrainStage", "RunInfo", "register", "registry",
     "LayerwiseDistiller", "OneLayerDistiller", "parse_layers",
     "select_features", "make_term_inputs", "init_distillers",
-    "run_pretrain_stage",
+    "run_pretrain_stage", "layer_pairs", "token_mean",
 ]
 
 
@@ -166,6 +166,51 @@ def _float32(x):
   return jnp.asarray(x, jnp.float32)
 
 
+def layer_pairs(spec, num_student: int, num_teacher: int
+                ) -> Tuple[Tuple[int, int], ...]:
+  """Student layer -> teacher layer pairs (1-based block numbers).
+
+  `spec`: ``'uniform'`` (TinyBERT's :math:`g(m) = m N / M`: student block
+  m of M is paired with teacher block round(m N / M) of N), ``'last'``
+  (MiniLM: the last blocks), or explicit ``[(student, teacher), ...]`` pairs
+  of block numbers (negative numbers count from the end: -1 = the last).
+
+  >>> layer_pairs("uniform", 4, 12), layer_pairs("last", 4, 12)
+  (((1, 3), (2, 6), (3, 9), (4, 12)), ((4, 12),))
+  >>> layer_pairs([(1, -2), (-1, -1)], 2, 6)
+  ((1, 5), (2, 6))
+  """
+  if spec == "uniform":
+    return tuple((m, max(1, round(m * num_teacher / num_student)))
+                 for m in range(1, num_student + 1))
+  if spec == "last":
+    return ((num_student, num_teacher),)
+  if isinstance(spec, str) or not all(
+      isinstance(p, (list, tuple)) and len(p) == 2 for p in spec or ()):
+    raise ValueError(f"layer map {spec!r}: use 'uniform', 'last' or a list of "
+                     "(student block, teacher block) pairs.")
+  out = []
+  for s, t in spec:
+    for v, n, who in ((s, num_student, "student"), (t, num_teacher, "teacher")):
+      if not isinstance(v, int) or not (1 <= v <= n or -n <= v <= -1):
+        raise ValueError(f"layer map {spec!r}: {who} block {v!r} is out of "
+                         f"range for {n} blocks (1..{n} or -1..-{n}).")
+    out.append((s if s > 0 else num_student + 1 + s,
+                t if t > 0 else num_teacher + 1 + t))
+  if not out:
+    raise ValueError("layer map: no pairs given.")
+  return tuple(out)
+
+
+def token_mean(per_position, where):
+  """Mean of a per-position ``[B, T]`` value over the `where` positions
+  (all when None): the token-level average of the LM objectives."""
+  if where is None:
+    return jnp.mean(per_position)
+  denom = jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
+  return jnp.sum(jnp.where(where, per_position, 0.0)) / denom
+
+
 # -------------------------------------------------------------- registry --
 
 _REGISTRY: Dict[str, type] = {}
@@ -243,7 +288,7 @@ class Distiller(abc.ABC):
   Subclasses are registered with `@register(name)` and implement `init` and
   `__call__`; adapters are Flax Linen modules whose `'params'` are the
   distiller params and whose `'batch_stats'` live in the distiller state (see
-  `_init_module` / `_apply_module`). `pretrain` is a `PretrainStage` for
+  `init_module` / `apply_module`). `pretrain` is a `PretrainStage` for
   two-stage methods.
 
   `views` names the extra input views the method needs: with `'strong'` the
@@ -363,7 +408,7 @@ class OneLayerDistiller(Distiller):
     return {}, {}
 
 
-def _init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:
+def init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:
   """`(params, batch_stats)` of a Linen adapter (`{}` when it has no BN)."""
   variables = module.init(rng, *args, train=False)
   variables = dict(variables)
@@ -375,7 +420,7 @@ def _init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:
   return params, stats
 
 
-def _apply_module(module: nn.Module, params, stats, *args, train: bool):
+def apply_module(module: nn.Module, params, stats, *args, train: bool):
   """Applies an adapter; returns `(output, new_batch_stats)`."""
   variables = {"params": params}
   if stats:

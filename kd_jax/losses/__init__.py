@@ -1,8 +1,10 @@
 """Distillation losses: pure functions of arrays.
 
 Response-based (`logits`), divergences, feature-based (`features`),
-relation-based (`relations`) and token-level losses for language models
-(`tokens`: fused LM-head divergences in bounded memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
+relation-based (`relations`), transformers' intermediate layers
+(`transformer`: hidden states, self-attention relations) and token-level
+losses for language models (`tokens`: fused LM-head divergences in bounded
+memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
 `LOGIT_LOSSES`, `FEATURE_LOSSES` and `TOPK_LOSSES` are the explicit
@@ -15,6 +17,7 @@ loss with `register_loss(name, fn, on=...)` (or an entry in the dict).
 
 from typing import Callable, Dict
 
+from kd_jax.losses._common import adaptive_avg_pool_to
 from kd_jax.losses.divergences import forward_kl
 from kd_jax.losses.divergences import js_divergence
 from kd_jax.losses.divergences import reverse_kl
@@ -23,15 +26,15 @@ from kd_jax.losses.features import ab_loss
 from kd_jax.losses.features import at_loss
 from kd_jax.losses.features import attention_map
 from kd_jax.losses.features import fitnet_loss
-from kd_jax.losses.features import fsp_loss
 from kd_jax.losses.features import ft_loss
 from kd_jax.losses.features import hcl_loss
-from kd_jax.losses.features import kdsvd_loss
 from kd_jax.losses.features import nst_loss
 from kd_jax.losses.features import ofd_loss
 from kd_jax.losses.features import ofd_margin
 from kd_jax.losses.features import vid_init_log_scale
 from kd_jax.losses.features import vid_loss
+from kd_jax.losses.flow import fsp_loss
+from kd_jax.losses.flow import kdsvd_loss
 from kd_jax.losses.logits import dist_loss
 from kd_jax.losses.logits import dkd_loss
 from kd_jax.losses.logits import kd_loss
@@ -44,6 +47,8 @@ from kd_jax.losses.relations import crd_normalization
 from kd_jax.losses.relations import pkt_loss
 from kd_jax.losses.relations import rkd_loss
 from kd_jax.losses.relations import sp_loss
+from kd_jax.losses.transformer import attention_relation_loss
+from kd_jax.losses.transformer import hidden_state_loss
 # Token-level losses for language models (fused LM heads, sparse teachers).
 from kd_jax.losses.tokens import fused_head_divergence
 from kd_jax.losses.tokens import fused_head_topk_kd

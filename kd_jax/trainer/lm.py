@@ -60,7 +60,7 @@ def build_model(spec, rc, key: str, features=()):
       raise ConfigError(f"{key}.overrides", str(e)) from None
     model = lm_models.Transformer(cfg, dtype=dtype, remat=spec.remat)
   if features:
-    model = model.clone(features=tuple(features))
+    model = model.clone(capture=tuple(features))
   try:
     lm_models.load_tokenizer(rc.data.folder,
                              vocab_size=model.config.vocab_size)

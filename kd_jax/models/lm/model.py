@@ -58,7 +58,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,7 @@ import numpy as np
 from kd_jax.models.lm.config import LMConfig
 
 Array = jax.Array
+CAPTURE = ("hidden_states", "attention")
 
 
 def _init(config: LMConfig, names):
@@ -141,9 +142,15 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nn.Module):
-  """Causal grouped-query self-attention with RoPE and an optional KV cache."""
+  """Causal grouped-query self-attention with RoPE and an optional KV cache.
+
+  With `capture` the call also returns ``{"q", "k", "v"}`` (after the
+  projections, q and k after RoPE; ``[B, T, H or KVH, Dh]``) for attention
+  distillation, else None.
+  """
   config: LMConfig
   dtype: Any = jnp.bfloat16
+  capture: bool = False
 
   def _proj(self, heads, bias, name):
     c = self.config
@@ -163,6 +170,7 @@ class Attention(nn.Module):
     v = self._proj(c.num_kv_heads, c.qkv_bias, "v_proj")(x)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    captured = {"q": q, "k": k, "v": v} if self.capture else None
     new_cache = None
     if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(
@@ -177,7 +185,7 @@ class Attention(nn.Module):
         c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, dtype=self.dtype,
         param_dtype=jnp.float32, kernel_init=_init(c, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="o_proj")(out)
-    return out, new_cache
+    return out, new_cache, captured
 
 
 def _gqa(q, k, v, q_slots, k_slots, key_mask):
@@ -222,18 +230,20 @@ class SwiGLU(nn.Module):
 class DecoderBlock(nn.Module):
   config: LMConfig
   dtype: Any = jnp.bfloat16
+  capture: bool = False
 
   @nn.compact
   def __call__(self, h, ctx, layer_cache=None):
     c = self.config
-    a, new_cache = Attention(c, self.dtype, name="self_attn")(
+    a, new_cache, captured = Attention(c, self.dtype, self.capture,
+                                       name="self_attn")(
         RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h),
         ctx, layer_cache)
     h = h + a
     h = h + SwiGLU(c, self.dtype, name="mlp")(
         RMSNorm(c.rms_norm_eps, self.dtype,
                 name="post_attention_layernorm")(h))
-    return h, new_cache
+    return h, new_cache, captured
 
 
 class Transformer(nn.Module):
@@ -244,10 +254,17 @@ class Transformer(nn.Module):
     dtype: compute dtype (parameters are float32).
     remat: recompute each block's activations in the backward pass
       (``nn.remat``; same parameters and values, less activation memory).
+    capture: extra features for intermediate-layer distillation:
+      ``'hidden_states'`` (``features["hidden_states"]``: the embeddings and
+      every block's output, ``num_layers + 1`` arrays ``[B, T, D]``, as
+      Hugging Face's ``output_hidden_states`` before the final norm) and
+      ``'attention'`` (``features["attention"]``: per block ``{"q", "k",
+      "v"}``, see `Attention`).
   """
   config: LMConfig
   dtype: Any = jnp.bfloat16
   remat: bool = False
+  capture: Tuple[str, ...] = ()
 
   def _check_tokens(self, tokens, cache):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -294,15 +311,25 @@ class Transformer(nn.Module):
                      name="embed_tokens")
     h = embed(tokens)
     ctx, new_mask = self._context(tokens, cache, positions, attention_mask)
-    stages, new_layers = [], []
+    unknown = set(self.capture) - set(CAPTURE)
+    if unknown:
+      raise ValueError(f"capture: unknown features {sorted(unknown)}; valid: "
+                       f"{CAPTURE}.")
+    embedded, stages, new_layers, attention = h, [], [], []
     block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
     for i in range(c.num_layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      h, new = block(c, self.dtype, name=f"layers_{i}")(h, ctx, layer_cache)
+      h, new, captured = block(c, self.dtype, "attention" in self.capture,
+                               name=f"layers_{i}")(h, ctx, layer_cache)
       stages.append(h)
       new_layers.append(new)
+      attention.append(captured)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
     features = {"hidden": h, "stages": stages}
+    if "hidden_states" in self.capture:
+      features["hidden_states"] = [embedded] + stages
+    if "attention" in self.capture:
+      features["attention"] = attention
     if cache is not None:
       features["cache"] = {"index": cache["index"] + tokens.shape[1],
                            "mask": new_mask, "layers": new_layers}
