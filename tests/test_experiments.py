@@ -229,7 +229,7 @@ def _mnist_distill(**overrides):
      r"needs a trained teacher"),
     ({"data.augment": True, "data.name": "cifar100", "model.num_classes": 100,
       "teacher.num_classes": 100, "teacher.precompute": True},
-     r"config\.teacher\.precompute_logits: .*augment"),
+     r"config\.teacher\.precompute: .*augment"),
 ])
 def test_validation_errors_name_the_key(overrides, pattern, tmp_path):
   assert len(jax.devices()) == 8  # conftest: 8 simulated CPU devices

@@ -102,7 +102,7 @@ def test_adding_a_feature_distiller(registered_distiller, tmp_path):
 @pytest.fixture
 def registered_optimizer():
   optim.register_optimizer("lion_test", optim.OptimizerEntry(
-      lambda spec, schedule: optax.lion(schedule)))
+      lambda spec, schedule: optax.lion(schedule, weight_decay=0.0)))
   yield
   del optim.OPTIMIZERS["lion_test"]
 

@@ -175,8 +175,10 @@ def test_mesh_batch_needs_only_data_times_fsdp():
      r"config\.train\.batch_size: 12 is not divisible by data x fsdp"),
     ({"train.mesh": _MESH, "teacher.sharding": "zigzag"},
      r"config\.teacher\.sharding: .*zigzag"),
-    ({"teacher.sharding": "fsdp"}, r"config\.teacher\.sharding: .*needs "
-     r"train\.mesh"),
+    # (train.parallel='jit' alone is the mesh {'data': n}: a teacher may be
+    # sharded over it; one device may not.)
+    ({"teacher.sharding": "fsdp", "train.parallel": "none"},
+     r"config\.teacher\.sharding: .*needs a device mesh"),
 ])
 def test_mesh_config_errors(overrides, pattern):
   with pytest.raises(config_lib.ConfigError, match=pattern):

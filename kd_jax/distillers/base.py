@@ -301,6 +301,8 @@ class Distiller(abc.ABC):
   state_is_synced: bool = True
   pretrain: Optional["PretrainStage"] = None
   views: Tuple[str, ...] = ()
+  # Config keys `from_config` accepts beyond the constructor's arguments.
+  config_args: Tuple[str, ...] = ()
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any], run_info: RunInfo

@@ -242,6 +242,8 @@ class CRDDistiller(Distiller):
     self.index_key = index_key
     self.contrast_key = contrast_key
 
+  config_args = ("class_negatives",)
+
   @classmethod
   def from_config(cls, cfg, run_info):
     """Injects `num_data` and (unless `class_negatives=False`) the dataset

@@ -145,6 +145,9 @@ class ClassifyTask(loop.Task):
     # A dry run without checkpoints has abstract teacher variables: OFD then
     # estimates its margins from data instead of the teacher's BN parameters.
     abstract = self.dry_run and not any(t.checkpoint for t in rc.teachers)
+    placement_lib.check_rules(rc, self.placement, None, [
+        jax.eval_shape(lambda r, m=m: programs_lib.init_variables(
+            m, r, data.image_shape), teacher_rng) for m in teachers])
     tvs = [teacher_variables(rc, t, m, data.image_shape,
                              jax.random.fold_in(teacher_rng, i)
                              if i else teacher_rng, self.placement,

@@ -139,6 +139,9 @@ class LMTask(loop.Task):
     x = jnp.zeros((1, min(8, rc.data.seq_len)), jnp.int32)
     self.placement = placement_lib.make_placement(
         rc, self.student, [self.teacher] if self.teacher else [], x)
+    if self.teacher is not None:
+      placement_lib.check_rules(rc, self.placement, None, [jax.eval_shape(
+          lambda: init_variables(self.teacher, 0))])
     tokens = lm_data.source(rc, "train", rc.data.train_sequences)
     self.steps_per_epoch = max(1, len(tokens) // rc.train.batch_size)
     self.total_steps = config_lib.total_steps(rc, self.steps_per_epoch)

@@ -55,11 +55,12 @@ def check_rules(rc: RunConfig, placement, host_state, abstract_teachers
   `ConfigError` (checked on shapes, nothing placed)."""
   if not isinstance(placement, sharding_lib.MeshParallel):
     return
-  try:
-    placement.state_shardings(jax.eval_shape(lambda: host_state),
-                              logical_names=placement.student_names)
-  except ValueError as e:
-    raise ConfigError("train.sharding_rules", str(e)) from None
+  if host_state is not None:
+    try:
+      placement.state_shardings(jax.eval_shape(lambda: host_state),
+                                logical_names=placement.student_names)
+    except ValueError as e:
+      raise ConfigError("train.sharding_rules", str(e)) from None
   for t, abstract in zip(rc.teachers, abstract_teachers):
     try:
       placement.teacher_target(abstract)

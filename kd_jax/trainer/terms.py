@@ -82,7 +82,8 @@ def _parse_one(label: str, entry: Mapping[str, Any]) -> TermSpec:
       raise ConfigError(f"{key}.distiller", f"unknown distiller {name!r}; "
                         f"valid: {', '.join(distillers_lib.available())}."
                         ) from None
-    valid = distillers_lib.base.constructor_args(cls)
+    valid = sorted(set(distillers_lib.base.constructor_args(cls))
+                   | set(getattr(cls, "config_args", ())))
     for k in cfg:
       if k not in valid:
         raise ConfigError(f"{key}.{k}", f"unknown argument of distiller "
