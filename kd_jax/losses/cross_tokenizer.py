@@ -463,6 +463,8 @@ def hybrid_uld_loss(student_logits, teacher_logits, student_ids, teacher_ids,
   """
   s, t = _check_pair(student_logits, teacher_logits, "student_logits",
                      "teacher_logits")
+  where = _common.check_where(where, s.shape[:-1])
+  s, t = _common.mask_inputs(where, s, t)  # before the softmax (NaN rows)
   ls = _log_probs(s, student_temperature, "student_temperature")
   lt = _log_probs(t, teacher_temperature, "teacher_temperature")
   return hybrid_distance(ls, lt, student_ids, teacher_ids, beta=beta,
