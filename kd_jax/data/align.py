@@ -311,7 +311,11 @@ class Aligner:
   Both tokenizers must be byte-level BPE or metaspace (`tokenizer_kind`).
   Special tokens pair by their string (``<|endoftext|>`` with
   ``<|endoftext|>``); a student special token the teacher lacks leaves a
-  hole (its group is not scored).
+  hole (its group is not scored). A metaspace student's leading space at the
+  start of the sequence or after a special token is read as the mark it
+  prepends to a document (not text); inside a packed window that space may
+  have been real, which only changes the teacher's context before the first
+  scored group.
 
   Args:
     student_tokenizer, teacher_tokenizer: ``tokenizers.Tokenizer`` objects.
@@ -372,10 +376,17 @@ class Aligner:
           t_mask.append(mask[a])
         pos += 1
         continue
-      lengths = self.student.lengths[ids[a:b]]
+      lengths = self.student.lengths[ids[a:b]].copy()
+      data = self.student.spell(ids[a:b])
+      if (self.student.kind == "metaspace" and data[:1] == b" "
+          and (a == 0 or self.student.bytes[ids[a - 1]] is None)):
+        # The space metaspace prepends to a document's first word (a
+        # sequence start is taken as one): not text.
+        lengths[0] -= 1
+        data = data[1:]
       ends = pos + np.cumsum(lengths)
       s_spans[a:b, 0], s_spans[a:b, 1] = ends - lengths, ends
-      for offset, text in _utf8_pieces(self.student.spell(ids[a:b])):
+      for offset, text in _utf8_pieces(data):
         tid, tlen = self.teacher.encode(text)
         tend = pos + offset + np.cumsum(tlen)
         t_ids.extend(tid.tolist())
