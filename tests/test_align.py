@@ -245,3 +245,61 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match="pre_tokenizer must be"):
     text_lib.train_bpe_tokenizer(["a b"], vocab_size=300,
                                  pre_tokenizer="whitespace")
+
+
+@pytest.mark.parametrize("pair", [("bpe2k", "meta4k"), ("meta4k", "bytes")])
+def test_align_samples_retokenizes_prompt_and_completion(pair):
+  """On-policy: prompts + sampled completions (EOS, then anything)."""
+  s_tok, t_tok = ctt.tokenizer(pair[0]), ctt.tokenizer(pair[1])
+  s_ids, t_ids = text_lib.special_ids(s_tok), text_lib.special_ids(t_tok)
+  aligner = align.Aligner(s_tok, t_tok)
+  paras = ctt.heldout_paragraphs(2, 200)
+  prompt_len, length = 6, 40
+  rows, texts = [], []
+  for i, p in enumerate(paras):
+    ids = s_tok.encode(p).ids
+    comp = ids[prompt_len:prompt_len + 20 + 5 * i]
+    garbage = s_tok.encode(" and then more text").ids
+    row = (ids[:prompt_len] + comp + [s_ids["eos_id"]] + garbage)[:length]
+    rows.append(row + [s_ids["pad_id"]] * (length - len(row)))
+    texts.append((s_tok.decode(ids[:prompt_len]), s_tok.decode(comp)))
+  tokens = np.asarray(rows, np.int32)
+  out = align.align_samples(aligner, tokens, prompt_len=prompt_len,
+                            eos_id=s_ids["eos_id"], teacher_len=160)
+  np.testing.assert_array_equal(
+      out["student_mask"],
+      align.completion_mask(tokens, prompt_len, s_ids["eos_id"]))
+  for i, (prompt, comp) in enumerate(texts):
+    assert out["student_mask"][i].sum() == 20 + 5 * i + 1  # + EOS
+    want = (t_tok.encode(prompt).ids + t_tok.encode(comp).ids
+            + [t_ids["eos_id"]])
+    got = out["teacher_tokens"][i]
+    assert list(got[:len(want)]) == want
+    assert (got[len(want):] == t_ids["pad_id"]).all()  # no garbage
+    assert out["teacher_mask"][i].sum() == len(t_tok.encode(comp).ids) + 1
+  assert out["group_mask"].any(axis=1).all()
+
+
+def test_prepare_corpus_metaspace_and_byte_counts(tmp_path):
+  from experiments import prepare_corpus  # pylint: disable=g-import-not-at-top
+  paths = {}
+  paras = ctt.excerpt()["train"][:20000].split("\n")
+  for split, part in (("train", paras[:-20]), ("validation", paras[-20:-10]),
+                      ("test", paras[-10:] + [ctt.UNICODE_TEXT])):
+    paths[split] = str(tmp_path / f"{split}.txt")
+    with open(paths[split], "w", encoding="utf-8") as fh:
+      fh.write("\n".join(part))
+  prepare_corpus.main(["--data_dir", str(tmp_path / "out"), "--name", "m",
+                       "--vocab_size", "400", "--seq_len", "16",
+                       "--pre_tokenizer", "metaspace",
+                       "--train_files", paths["train"],
+                       "--validation_files", paths["validation"],
+                       "--test_files", paths["test"]])
+  folder = tmp_path / "out" / "m" / "1.0.0"
+  meta = json.loads((folder / "kd_jax_text.json").read_text())
+  tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+  assert align.tokenizer_kind(tok) == ("metaspace", "\u2581")
+  assert meta["pre_tokenizer"] == "metaspace"
+  test_text = open(paths["test"], encoding="utf-8").read()
+  assert meta["stats"]["test"]["bytes"] == len(test_text.encode("utf-8"))
+  assert meta["stats"]["test"]["bytes"] > meta["stats"]["test"]["characters"]

@@ -23,23 +23,28 @@ token ``k``: kd_jax's ``merge="first"`` reproduces it when given
 ``logits[:, 1:]`` (shifted by one). kd_jax's trainer uses the causal rows.
 """
 
+import os
 import types
 
 import numpy as np
 import pytest
 
-gold = pytest.importorskip(
-    "trl.experimental.gold.gold_trainer",
-    reason="TRL is the reference of these tests (pip install '.[test]')")
-torch = pytest.importorskip("torch", reason="TRL needs torch")
-trl_utils = pytest.importorskip("trl.experimental.utils",
-                                reason="TRL's GOLD utilities")
+pytest.importorskip(
+    "trl", reason="TRL is the reference of these tests (pip install "
+    "'.[test]'; it needs Python >= 3.11)")
 
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+# Installed TRL must import: a broken or changed TRL fails, not skips.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # (its API warning)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import torch
+from trl.experimental import utils as trl_utils
+from trl.experimental.gold import gold_trainer as gold
+import jax.numpy as jnp
 
-from kd_jax.data import align  # pylint: disable=wrong-import-position
-from kd_jax.losses import cross_tokenizer as xt  # pylint: disable=wrong-import-position
-from tests import cross_tokenizer_testing as ctt  # pylint: disable=wrong-import-position
+from kd_jax.data import align
+from kd_jax.losses import cross_tokenizer as xt
+from tests import cross_tokenizer_testing as ctt
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 RTOL, ATOL = 2e-5, 2e-6
 EOS, PAD = 1, 0
@@ -279,3 +284,41 @@ def test_groups_match_trl_walk(pair):
     if all(v for _, _, v in ours):  # contiguous spans: the same walk
       assert [g[0] for g in ours] == s_groups
       assert [g[1] for g in ours] == t_groups
+
+
+@pytest.mark.parametrize("pair", [("meta4k", "bpe2k"), ("bpe2k", "bytes")])
+def test_align_samples_teacher_inputs_match_trl(pair):
+  """On-policy re-tokenization: TRL's ``build_teacher_inputs_from_texts``
+  (prompt and completion texts -> teacher ids, labels, completion byte
+  offsets; byte-level teachers only) vs `align.align_samples` on the
+  student's token ids."""
+  transformers = pytest.importorskip("transformers")
+  s_tok, t_tok = ctt.tokenizer(pair[0]), ctt.tokenizer(pair[1])
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=t_tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+  prompt_len, rows, prompts, comps = 5, [], [], []
+  for i, p in enumerate(ctt.heldout_paragraphs(3, 160)):
+    ids = s_tok.encode(p).ids
+    comp = ids[prompt_len:prompt_len + 12 + 4 * i]
+    rows.append(ids[:prompt_len] + comp + [EOS])
+    # (Not `decode`: a metaspace decoder strips the completion's first space.)
+    spell = align.TokenBytes(s_tok).spell
+    prompts.append(spell(ids[:prompt_len]).decode().removeprefix(" "))
+    comps.append(spell(comp).decode())
+  length = max(map(len, rows))
+  tokens = np.asarray([r + [PAD] * (length - len(r)) for r in rows])
+  t_ids, t_labels, _, t_offs = gold.build_teacher_inputs_from_texts(
+      hf, prompts, comps)
+  t_ids, t_labels, t_offs = (x.numpy() for x in (t_ids, t_labels, t_offs))
+  out = align.align_samples(align.Aligner(s_tok, t_tok), tokens,
+                            prompt_len=prompt_len, eos_id=EOS,
+                            teacher_len=t_ids.shape[1])
+  np.testing.assert_array_equal(out["teacher_tokens"], t_ids)
+  np.testing.assert_array_equal(out["teacher_mask"], t_labels != -100)
+  aligner = align.Aligner(s_tok, t_tok)
+  for i, row in enumerate(tokens):
+    al = aligner.align(row, out["student_mask"][i])
+    m = al.teacher_mask
+    rel = al.teacher_spans[m] - al.teacher_spans[m][0, 0]
+    rel[-1] = rel[-2, 1]  # TRL: the EOS is (content_len, content_len)
+    np.testing.assert_array_equal(rel, t_offs[i][:len(m)][m])

@@ -525,3 +525,50 @@ def teacher_length_for(aligner: Aligner, student_tokens, *,
             for row in np.asarray(student_tokens)]
   need = float(np.quantile(counts, quantile)) if counts else 2.0
   return max(2, int(math.ceil(need / multiple) * multiple))
+
+
+# ---------------------------------------------------------------------------
+# On-policy: the student's samples, re-tokenized for the teacher (host).
+# ---------------------------------------------------------------------------
+
+
+def completion_mask(tokens, prompt_len: int, eos_id: Optional[int]):
+  """bool ``[B, L]``: positions >= `prompt_len` up to and including the
+  first `eos_id` there (NumPy twin of ``kd_jax.train.lm_steps.
+  completion_mask``)."""
+  tokens = np.asarray(tokens)
+  gen = np.arange(tokens.shape[1])[None, :] >= prompt_len
+  if eos_id is None:
+    return np.broadcast_to(gen, tokens.shape).copy()
+  eos = gen & (tokens == eos_id)
+  return gen & (np.cumsum(eos, axis=1) - eos == 0)
+
+
+def align_samples(aligner: Aligner, tokens, *, prompt_len: int,
+                  eos_id: Optional[int], teacher_len: int,
+                  num_groups: Optional[int] = None) -> dict:
+  """Teacher tokens and alignment of sampled sequences (on-policy, host).
+
+  `tokens` ``[B, L]`` are prompts (``tokens[:, :prompt_len]``) followed by
+  the student's samples. The completion (up to and including the first
+  `eos_id`) is the trained part; what follows it is replaced by the
+  student's pad token before re-tokenizing, so it costs no teacher tokens.
+  The prompt and the completion are re-tokenized separately (their boundary
+  is a group boundary), as TRL GOLD does.
+
+  Returns:
+    `Aligner.align_batch`'s arrays plus ``student_mask`` (bool ``[B, L]``,
+    the completion mask).
+  """
+  tokens = np.asarray(tokens)
+  if not 1 <= prompt_len < tokens.shape[1]:
+    raise ValueError(f"prompt_len must be in [1, {tokens.shape[1]}), got "
+                     f"{prompt_len}")
+  mask = completion_mask(tokens, prompt_len, eos_id)
+  pad = aligner.student.specials.get("<|pad|>", eos_id)
+  after = np.arange(tokens.shape[1])[None, :] >= prompt_len
+  clean = tokens if pad is None else np.where(after & ~mask, pad, tokens)
+  out = aligner.align_batch(clean, mask, teacher_len=teacher_len,
+                            num_groups=num_groups)
+  out["student_mask"] = mask
+  return out
