@@ -228,6 +228,22 @@ def _directional_check(f, x, args, seed, eps=1e-6, rtol=1e-5):
   return g
 
 
+@pytest.mark.parametrize("vp,vq", [(9, 6), (5, 8)])
+def test_sorted_l1_custom_jvp_in_both_arguments(x64, vp, vq):
+  """The sort-free derivative (binary search for each entry's rank) against
+  central differences, tangents in both arguments, unequal lengths."""
+  rng = np.random.default_rng(vp)
+  p, q = rng.random((4, vp)), rng.random((4, vq))
+  dp, dq = rng.standard_normal(p.shape), rng.standard_normal(q.shape)
+  f = jax.jit(lambda a, b: jnp.sum(xt._sorted_l1(a, b)))  # pylint: disable=protected-access
+  _, tangent = jax.jvp(f, (p, q), (dp, dq))
+  eps = 1e-6
+  num = (f(p + eps * dp, q + eps * dq) - f(p - eps * dp, q - eps * dq)) / (
+      2 * eps)
+  np.testing.assert_allclose(tangent, num, rtol=1e-7)
+  np.testing.assert_allclose(f(p, q), np_sorted_l1(p, q).sum(), rtol=1e-12)
+
+
 def test_uld_loss_gradient_finite_differences(x64):
   s, t = random_logits(7, (3, 6, 11))
   s, t = s.astype(np.float64), t[..., :8].astype(np.float64)
