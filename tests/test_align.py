@@ -303,3 +303,49 @@ def test_prepare_corpus_metaspace_and_byte_counts(tmp_path):
   test_text = open(paths["test"], encoding="utf-8").read()
   assert meta["stats"]["test"]["bytes"] == len(test_text.encode("utf-8"))
   assert meta["stats"]["test"]["bytes"] > meta["stats"]["test"]["characters"]
+
+
+def test_retokenize_fn_inside_compiled_scan_and_cond():
+  """The on-policy host step as a callback in a compiled program."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  s_tok, t_tok = ctt.tokenizer("bpe2k"), ctt.tokenizer("meta4k")
+  aligner = align.Aligner(s_tok, t_tok)
+  eos = text_lib.special_ids(s_tok)["eos_id"]
+  tokens = ctt.windows("bpe2k", 24, 4, seed=6)
+  tokens[1, 15] = eos
+  kw = dict(prompt_len=5, eos_id=eos, teacher_len=40)
+  fn = align.make_retokenize_fn(aligner, **kw)
+  want = align.align_samples(aligner, tokens, **kw)
+
+  @jax.jit
+  def run(tokens, flags):
+    def body(carry, flag):
+      out = jax.lax.cond(flag, fn, lambda t: jax.tree.map(
+          jnp.zeros_like, jax.eval_shape(fn, t)), tokens)
+      return carry + out["group_mask"].sum(), out
+    return jax.lax.scan(body, 0, flags)
+
+  total, outs = run(jnp.asarray(tokens), jnp.asarray([True, False, True]))
+  for k, v in outs.items():
+    np.testing.assert_array_equal(v[0], want[k])
+    np.testing.assert_array_equal(v[2], want[k])
+    assert not np.asarray(v[1]).any()
+  assert int(total) == 2 * want["group_mask"].sum()
+
+
+def test_aligned_source_batches_with_lm_dataset():
+  s_tok, t_tok = ctt.tokenizer("bpe2k"), ctt.tokenizer("bytes")
+  aligner = align.Aligner(s_tok, t_tok)
+  rows = ctt.windows("bpe2k", 16, 6, seed=7)
+  src = align.AlignedSource(rows, aligner, teacher_len=80)
+  ds = text_lib.lm_dataset(src, batch_size=3, shuffle=False, num_epochs=1)
+  batch = ds[1]
+  want = aligner.align_batch(rows[3:6], teacher_len=80)
+  np.testing.assert_array_equal(batch["tokens"], rows[3:6])
+  for k in align.ALIGNMENT_KEYS:
+    np.testing.assert_array_equal(batch[k], want[k])
+  shapes = align.alignment_shapes(3, 16, 80)
+  assert {k: (batch[k].shape, batch[k].dtype) for k in shapes} == {
+      k: (s, np.dtype(d)) for k, (s, d) in shapes.items()}

@@ -572,3 +572,90 @@ def align_samples(aligner: Aligner, tokens, *, prompt_len: int,
                             num_groups=num_groups)
   out["student_mask"] = mask
   return out
+
+
+ALIGNMENT_KEYS = ("teacher_tokens", "teacher_mask", "student_base",
+                  "student_group", "teacher_base", "teacher_group",
+                  "group_mask")
+
+
+def alignment_shapes(batch: int, length: int, teacher_len: int,
+                     num_groups: Optional[int] = None) -> dict:
+  """``{key: (shape, dtype)}`` of `Aligner.align_batch`'s main arrays."""
+  g = length - 1 if num_groups is None else int(num_groups)
+  i32, b = np.int32, np.bool_
+  return {"teacher_tokens": ((batch, teacher_len), i32),
+          "teacher_mask": ((batch, teacher_len), b),
+          "student_base": ((batch, g), i32),
+          "student_group": ((batch, length - 1), i32),
+          "teacher_base": ((batch, g), i32),
+          "teacher_group": ((batch, teacher_len - 1), i32),
+          "group_mask": ((batch, g), b)}
+
+
+def make_retokenize_fn(aligner: Aligner, *, prompt_len: int,
+                       eos_id: Optional[int], teacher_len: int,
+                       num_groups: Optional[int] = None):
+  """``fn(tokens int32 [B, L]) -> {key: array}``, traceable, for a step.
+
+  `align_samples` run on the host through ``jax.pure_callback``, so a
+  compiled on-policy step (generation -> re-tokenization -> teacher forward
+  -> loss -> update) stays one program, also inside ``lax.scan`` and
+  ``lax.cond`` (the callback runs only when its branch is taken). Per call:
+  one device -> host copy of the ``[B, L]`` sampled ids, the host work
+  (tokenizers, Python), one host -> device copy of the int32 / bool arrays
+  (`alignment_shapes`, plus ``student_mask``). Under a sharded ``jit``
+  the callback sees the whole batch.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def host(tokens):
+    out = align_samples(aligner, np.asarray(tokens), prompt_len=prompt_len,
+                        eos_id=eos_id, teacher_len=teacher_len,
+                        num_groups=num_groups)
+    return {k: out[k] for k in ALIGNMENT_KEYS + ("student_mask",)}
+
+  def fn(tokens):
+    b, length = tokens.shape
+    shapes = alignment_shapes(b, length, teacher_len, num_groups)
+    shapes["student_mask"] = ((b, length), np.bool_)
+    spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+    return jax.pure_callback(host, spec, tokens, vmap_method="sequential")
+
+  return fn
+
+
+class AlignedSource:
+  """Random-access source adding a teacher's tokens + alignment to each
+  sequence of a student token source (offline cross-tokenizer distillation).
+
+  Items are ``{"tokens": [L], "teacher_tokens": [Lt], "student_base": [G],
+  ...}`` (`ALIGNMENT_KEYS`, no batch axis): `kd_jax.data.text.lm_dataset`
+  batches them as it batches tokens. The alignment is computed when an item
+  is read (about 0.5 ms per 64-token sequence on one CPU core; grain's
+  worker processes parallelize it).
+
+  Args:
+    source: items ``{"tokens": [L]}`` (a TFDS token split) or ``[L]`` arrays.
+    aligner: the `Aligner` (student tokenizer = the source's).
+    teacher_len: ``Lt``.
+    num_groups: ``G`` (default ``L - 1``).
+  """
+
+  def __init__(self, source, aligner: Aligner, *, teacher_len: int,
+               num_groups: Optional[int] = None):
+    self._source, self._aligner = source, aligner
+    self._teacher_len, self._num_groups = teacher_len, num_groups
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    item = self._source[i]
+    item = dict(item) if isinstance(item, dict) else {"tokens": item}
+    tokens = np.asarray(item["tokens"], np.int32)
+    out = self._aligner.align_batch(tokens[None], teacher_len=self._teacher_len,
+                                    num_groups=self._num_groups)
+    item["tokens"] = tokens
+    item.update({k: out[k][0] for k in ALIGNMENT_KEYS})
+    return item
