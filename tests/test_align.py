@@ -316,18 +316,21 @@ def test_retokenize_fn_inside_compiled_scan_and_cond():
   tokens = ctt.windows("bpe2k", 24, 4, seed=6)
   tokens[1, 15] = eos
   kw = dict(prompt_len=5, eos_id=eos, teacher_len=40)
-  fn = align.make_retokenize_fn(aligner, **kw)
+  fn = align.make_retokenize_fn(aligner, teacher_len=40)
   want = align.align_samples(aligner, tokens, **kw)
+  mask = align.completion_mask(tokens, 5, eos)
 
   @jax.jit
-  def run(tokens, flags):
+  def run(tokens, mask, flags):
     def body(carry, flag):
-      out = jax.lax.cond(flag, fn, lambda t: jax.tree.map(
-          jnp.zeros_like, jax.eval_shape(fn, t)), tokens)
+      out = jax.lax.cond(flag, fn, lambda t, m: jax.tree.map(
+          jnp.zeros_like, jax.eval_shape(fn, t, m)), tokens, mask)
       return carry + out["group_mask"].sum(), out
     return jax.lax.scan(body, 0, flags)
 
-  total, outs = run(jnp.asarray(tokens), jnp.asarray([True, False, True]))
+  total, outs = run(jnp.asarray(tokens), jnp.asarray(mask),
+                    jnp.asarray([True, False, True]))
+  assert set(outs) == set(align.ALIGNMENT_KEYS)
   for k, v in outs.items():
     np.testing.assert_array_equal(v[0], want[k])
     np.testing.assert_array_equal(v[2], want[k])
@@ -339,10 +342,13 @@ def test_aligned_source_batches_with_lm_dataset():
   s_tok, t_tok = ctt.tokenizer("bpe2k"), ctt.tokenizer("bytes")
   aligner = align.Aligner(s_tok, t_tok)
   rows = ctt.windows("bpe2k", 16, 6, seed=7)
-  src = align.AlignedSource(rows, aligner, teacher_len=80)
+  src = align.AlignedSource(rows, aligner, teacher_len=80, prompt_len=4)
   ds = text_lib.lm_dataset(src, batch_size=3, shuffle=False, num_epochs=1)
   batch = ds[1]
-  want = aligner.align_batch(rows[3:6], teacher_len=80)
+  mask = np.broadcast_to(np.arange(16) >= 4, (3, 16))
+  want = aligner.align_batch(rows[3:6], mask, teacher_len=80)
+  unmasked = aligner.align_batch(rows[3:6], teacher_len=80)
+  assert want["group_mask"].sum() < unmasked["group_mask"].sum()  # prompts
   np.testing.assert_array_equal(batch["tokens"], rows[3:6])
   for k in align.ALIGNMENT_KEYS:
     np.testing.assert_array_equal(batch[k], want[k])

@@ -403,7 +403,8 @@ class Aligner:
                              np.asarray(t_mask, bool), groups)
 
   def align_batch(self, student_tokens, mask=None, *, teacher_len: int,
-                  num_groups: Optional[int] = None) -> dict:
+                  num_groups: Optional[int] = None,
+                  pad_after_mask: bool = False) -> dict:
     """Fixed-shape arrays for `kd_jax.losses.cross_tokenizer` (one batch).
 
     Args:
@@ -414,6 +415,9 @@ class Aligner:
         not scored.
       num_groups: ``G``, groups kept per sequence (default ``L - 1``, the
         most there can be: every scored group holds a student target).
+      pad_after_mask: read the student tokens after a row's last trained
+        token as the student's pad token (what a sampler emits after EOS is
+        not text the teacher should spend tokens on).
 
     Returns:
       NumPy arrays: ``teacher_tokens`` int32 ``[B, Lt]``; ``teacher_mask``
@@ -433,8 +437,17 @@ class Aligner:
       raise ValueError(f"teacher_len must be >= 2, got {teacher_len}")
     b, length = student_tokens.shape
     g_max = length - 1 if num_groups is None else int(num_groups)
-    if mask is None:
-      mask = np.ones((b, length), bool)
+    mask = (np.ones((b, length), bool) if mask is None
+            else np.asarray(mask, bool))
+    if mask.shape != (b, length):
+      raise ValueError(f"mask must have shape {(b, length)}; got "
+                       f"{mask.shape}")
+    pad = self.student.specials.get("<|pad|>")
+    if pad_after_mask and pad is not None:
+      last = np.where(mask.any(1), length - 1 - np.argmax(mask[:, ::-1], 1),
+                      length - 1)
+      after = np.arange(length)[None, :] > last[:, None]
+      student_tokens = np.where(after, pad, student_tokens)
     out = {
         "teacher_tokens": np.full((b, teacher_len), self.teacher_pad_id,
                                   np.int32),
@@ -448,7 +461,7 @@ class Aligner:
         "dropped": np.zeros((b,), np.int32),
     }
     for i in range(b):
-      al = self.align(student_tokens[i], np.asarray(mask)[i])
+      al = self.align(student_tokens[i], mask[i])
       n_t = min(len(al.teacher_ids), teacher_len)
       out["teacher_tokens"][i, :n_t] = al.teacher_ids[:n_t]
       out["teacher_mask"][i, :n_t] = al.teacher_mask[:n_t]
@@ -551,10 +564,10 @@ def align_samples(aligner: Aligner, tokens, *, prompt_len: int,
 
   `tokens` ``[B, L]`` are prompts (``tokens[:, :prompt_len]``) followed by
   the student's samples. The completion (up to and including the first
-  `eos_id`) is the trained part; what follows it is replaced by the
-  student's pad token before re-tokenizing, so it costs no teacher tokens.
-  The prompt and the completion are re-tokenized separately (their boundary
-  is a group boundary), as TRL GOLD does.
+  `eos_id`, `completion_mask`) is the trained part; what follows it is read
+  as the student's pad token, so it costs no teacher tokens. The prompt and
+  the completion are re-tokenized separately (their boundary is a group
+  boundary), as TRL GOLD does.
 
   Returns:
     `Aligner.align_batch`'s arrays plus ``student_mask`` (bool ``[B, L]``,
@@ -565,23 +578,20 @@ def align_samples(aligner: Aligner, tokens, *, prompt_len: int,
     raise ValueError(f"prompt_len must be in [1, {tokens.shape[1]}), got "
                      f"{prompt_len}")
   mask = completion_mask(tokens, prompt_len, eos_id)
-  pad = aligner.student.specials.get("<|pad|>", eos_id)
-  after = np.arange(tokens.shape[1])[None, :] >= prompt_len
-  clean = tokens if pad is None else np.where(after & ~mask, pad, tokens)
-  out = aligner.align_batch(clean, mask, teacher_len=teacher_len,
-                            num_groups=num_groups)
+  out = aligner.align_batch(tokens, mask, teacher_len=teacher_len,
+                            num_groups=num_groups, pad_after_mask=True)
   out["student_mask"] = mask
   return out
 
 
 ALIGNMENT_KEYS = ("teacher_tokens", "teacher_mask", "student_base",
                   "student_group", "teacher_base", "teacher_group",
-                  "group_mask")
+                  "group_mask", "truncated", "dropped")
 
 
 def alignment_shapes(batch: int, length: int, teacher_len: int,
                      num_groups: Optional[int] = None) -> dict:
-  """``{key: (shape, dtype)}`` of `Aligner.align_batch`'s main arrays."""
+  """``{key: (shape, dtype)}`` of `Aligner.align_batch`'s arrays."""
   g = length - 1 if num_groups is None else int(num_groups)
   i32, b = np.int32, np.bool_
   return {"teacher_tokens": ((batch, teacher_len), i32),
@@ -590,37 +600,39 @@ def alignment_shapes(batch: int, length: int, teacher_len: int,
           "student_group": ((batch, length - 1), i32),
           "teacher_base": ((batch, g), i32),
           "teacher_group": ((batch, teacher_len - 1), i32),
-          "group_mask": ((batch, g), b)}
+          "group_mask": ((batch, g), b),
+          "truncated": ((batch,), i32), "dropped": ((batch,), i32)}
 
 
-def make_retokenize_fn(aligner: Aligner, *, prompt_len: int,
-                       eos_id: Optional[int], teacher_len: int,
+def make_retokenize_fn(aligner: Aligner, *, teacher_len: int,
                        num_groups: Optional[int] = None):
-  """``fn(tokens int32 [B, L]) -> {key: array}``, traceable, for a step.
+  """``fn(tokens int [B, L], mask bool [B, L]) -> {key: array}`` (traceable).
 
-  `align_samples` run on the host through ``jax.pure_callback``, so a
-  compiled on-policy step (generation -> re-tokenization -> teacher forward
-  -> loss -> update) stays one program, also inside ``lax.scan`` and
-  ``lax.cond`` (the callback runs only when its branch is taken). Per call:
-  one device -> host copy of the ``[B, L]`` sampled ids, the host work
-  (tokenizers, Python), one host -> device copy of the int32 / bool arrays
-  (`alignment_shapes`, plus ``student_mask``). Under a sharded ``jit``
-  the callback sees the whole batch.
+  `Aligner.align_batch` (``pad_after_mask=True``) run on the host through
+  ``jax.pure_callback``, so a compiled on-policy step (generation ->
+  re-tokenization -> teacher forward -> loss -> update) stays one program,
+  also inside ``lax.scan`` and ``lax.cond`` (the callback runs only when
+  its branch is taken). `mask` is the step's trained-token mask (the
+  completion mask of samples, or the data's). Per call: one device -> host
+  copy of the ``[B, L]`` ids and mask, the host work (tokenizers, Python),
+  one host -> device copy of the arrays of `alignment_shapes`. Under a
+  sharded ``jit`` the callback receives the whole batch; call it inside
+  ``shard_map`` for per-shard (multi-host) work.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  def host(tokens):
-    out = align_samples(aligner, np.asarray(tokens), prompt_len=prompt_len,
-                        eos_id=eos_id, teacher_len=teacher_len,
-                        num_groups=num_groups)
-    return {k: out[k] for k in ALIGNMENT_KEYS + ("student_mask",)}
+  def host(tokens, mask):
+    out = aligner.align_batch(np.asarray(tokens), np.asarray(mask),
+                              teacher_len=teacher_len, num_groups=num_groups,
+                              pad_after_mask=True)
+    return {k: out[k] for k in ALIGNMENT_KEYS}
 
-  def fn(tokens):
+  def fn(tokens, mask):
     b, length = tokens.shape
-    shapes = alignment_shapes(b, length, teacher_len, num_groups)
-    shapes["student_mask"] = ((b, length), np.bool_)
-    spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-    return jax.pure_callback(host, spec, tokens, vmap_method="sequential")
+    spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in
+            alignment_shapes(b, length, teacher_len, num_groups).items()}
+    return jax.pure_callback(host, spec, tokens, mask,
+                             vmap_method="sequential")
 
   return fn
 
@@ -640,12 +652,16 @@ class AlignedSource:
     aligner: the `Aligner` (student tokenizer = the source's).
     teacher_len: ``Lt``.
     num_groups: ``G`` (default ``L - 1``).
+    prompt_len: optional: only tokens at positions ``>= prompt_len`` are
+      trained (prompt and completion are re-tokenized separately).
   """
 
   def __init__(self, source, aligner: Aligner, *, teacher_len: int,
-               num_groups: Optional[int] = None):
+               num_groups: Optional[int] = None,
+               prompt_len: Optional[int] = None):
     self._source, self._aligner = source, aligner
     self._teacher_len, self._num_groups = teacher_len, num_groups
+    self._prompt_len = prompt_len
 
   def __len__(self):
     return len(self._source)
@@ -654,7 +670,11 @@ class AlignedSource:
     item = self._source[i]
     item = dict(item) if isinstance(item, dict) else {"tokens": item}
     tokens = np.asarray(item["tokens"], np.int32)
-    out = self._aligner.align_batch(tokens[None], teacher_len=self._teacher_len,
+    mask = None
+    if self._prompt_len is not None:
+      mask = np.arange(len(tokens))[None, :] >= self._prompt_len
+    out = self._aligner.align_batch(tokens[None], mask,
+                                    teacher_len=self._teacher_len,
                                     num_groups=self._num_groups)
     item["tokens"] = tokens
     item.update({k: out[k][0] for k in ALIGNMENT_KEYS})
