@@ -355,3 +355,39 @@ def test_aligned_source_batches_with_lm_dataset():
   shapes = align.alignment_shapes(3, 16, 80)
   assert {k: (batch[k].shape, batch[k].dtype) for k in shapes} == {
       k: (s, np.dtype(d)) for k, (s, d) in shapes.items()}
+
+
+def _llama2_like(texts):
+  """Llama-2's layout: no pre-tokenizer, normalizer Prepend + Replace."""
+  from tokenizers import decoders, models, normalizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True))
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                         normalizers.Replace(" ", "\u2581")])
+  tok.decoder = decoders.Sequence([
+      decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+  tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+      vocab_size=600, special_tokens=["<|pad|>", "<|endoftext|>"]
+      + byte_tokens, show_progress=False))
+  spec = json.loads(tok.to_str())
+  spec["added_tokens"] = spec["added_tokens"][:2]
+  return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
+def test_llama2_and_qwen_style_tokenizers_align():
+  """Layouts of public checkpoints, rebuilt locally: Llama-2 (metaspace by a
+  normalizer) and Qwen2 (byte-level with an NFC normalizer)."""
+  texts = ctt.excerpt()["train"][:20000].split("\n")
+  llama = _llama2_like(texts)
+  spec = json.loads(ctt.tokenizer("bpe2k").to_str())
+  spec["normalizer"] = {"type": "NFC"}
+  qwen = tokenizers.Tokenizer.from_str(json.dumps(spec))
+  assert align.tokenizer_kind(llama) == ("metaspace", "\u2581")
+  assert align.tokenizer_kind(qwen) == ("byte_level", None)
+  aligner = align.Aligner(qwen, llama)
+  for text in ctt.heldout_paragraphs(2) + [ctt.UNICODE_TEXT]:
+    al = aligner.align(qwen.encode(text).ids)
+    assert list(al.teacher_ids) == llama.encode(text).ids
+    assert al.teacher_spans[-1, 1] == len(text.encode("utf-8"))
+    assert all(g[2] for g in al.groups[1:])

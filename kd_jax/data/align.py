@@ -93,30 +93,47 @@ def _component_types(spec) -> list:
   if spec is None:
     return []
   if spec.get("type") == "Sequence":
-    inner = spec.get("pretokenizers") or spec.get("decoders") or []
+    inner = (spec.get("pretokenizers") or spec.get("decoders")
+             or spec.get("normalizers") or [])
     return [t for s in inner for t in _component_types(s)]
   return [spec]
+
+
+def _space_replacement(norm) -> Optional[str]:
+  """The character a ``Replace(" " -> c)`` normalizer writes for spaces."""
+  pattern = norm.get("pattern") or {}
+  if norm.get("type") == "Replace" and pattern.get("String") == " ":
+    return norm.get("content")
+  return None
 
 
 def tokenizer_kind(tokenizer) -> tuple:
   """``("byte_level", None)`` or ``("metaspace", replacement)``.
 
-  Read from the tokenizer's JSON: a ByteLevel pre-tokenizer or decoder, or a
-  Metaspace pre-tokenizer. Tokenizers with a normalizer (lower-casing,
-  NFKC, ...) change the text before splitting it, so their tokens do not
-  spell it: they are rejected.
+  Read from the tokenizer's JSON: a ByteLevel pre-tokenizer or decoder
+  (GPT-2, Llama-3, Qwen), or metaspace pieces -- a Metaspace pre-tokenizer,
+  or Llama-2's normalizer ``Prepend("▁") + Replace(" ", "▁")``.
+  Normalizers that rewrite text (lower-casing, NFKC, accents, a
+  SentencePiece charsmap) are rejected: the tokens would not spell the text.
+  NFC is accepted (the spelling is checked per text anyway).
   """
   spec = json.loads(tokenizer.to_str())
-  if spec.get("normalizer") is not None:
-    raise ValueError(
-        "cross-tokenizer alignment needs a tokenizer without a normalizer "
-        f"(got {spec['normalizer'].get('type')}): its tokens must spell the "
-        "text byte for byte")
+  replacement = None
+  for norm in _component_types(spec.get("normalizer")):
+    rep = _space_replacement(norm)
+    if rep is not None:
+      replacement = rep
+    elif norm.get("type") not in ("NFC", "Prepend"):
+      raise ValueError(
+          "cross-tokenizer alignment needs tokens that spell the text; the "
+          f"tokenizer's normalizer {norm.get('type')} rewrites it")
   pre = _component_types(spec.get("pre_tokenizer"))
   dec = _component_types(spec.get("decoder"))
   for part in pre:
     if part.get("type") == "Metaspace":
       return "metaspace", part.get("replacement", "\u2581")
+  if replacement is not None:
+    return "metaspace", replacement
   if any(p.get("type") == "ByteLevel" for p in pre + dec):
     return "byte_level", None
   raise ValueError(
