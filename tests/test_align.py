@@ -359,7 +359,8 @@ def test_aligned_source_batches_with_lm_dataset():
 
 def _llama2_like(texts):
   """Llama-2's layout: no pre-tokenizer, normalizer Prepend + Replace."""
-  from tokenizers import decoders, models, normalizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import decoders, models, normalizers, trainers
   tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True))
   tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
                                          normalizers.Replace(" ", "\u2581")])
