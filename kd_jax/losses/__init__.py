@@ -2,9 +2,11 @@
 
 Response-based (`logits`), divergences, feature-based (`features`),
 relation-based (`relations`), transformers' intermediate layers
-(`transformer`: hidden states, self-attention relations) and token-level
-losses for language models (`tokens`: fused LM-head divergences in bounded
-memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
+(`transformer`: hidden states, self-attention relations), token-level losses
+for language models (`tokens`: fused LM-head divergences in bounded memory,
+sparse top-k teachers) and across tokenizers (`cross_tokenizer`: ULD, GOLD's
+extended ULD and hybrid loss, bits per byte). Every function validates
+shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
 `LOGIT_LOSSES`, `FEATURE_LOSSES` and `TOPK_LOSSES` are the explicit
@@ -18,6 +20,20 @@ loss with `register_loss(name, fn, on=...)` (or an entry in the dict).
 from typing import Callable, Dict
 
 from kd_jax.losses._common import adaptive_avg_pool_to
+# Distillation across tokenizers (ULD, GOLD's extended ULD and hybrid).
+from kd_jax.losses.cross_tokenizer import TokenAlignment
+from kd_jax.losses.cross_tokenizer import aligned_log_probs
+from kd_jax.losses.cross_tokenizer import bits_per_byte
+from kd_jax.losses.cross_tokenizer import extended_uld_loss
+from kd_jax.losses.cross_tokenizer import hybrid_distance
+from kd_jax.losses.cross_tokenizer import hybrid_uld_loss
+from kd_jax.losses.cross_tokenizer import matched_jsd
+from kd_jax.losses.cross_tokenizer import merge_token_groups
+from kd_jax.losses.cross_tokenizer import sequence_mean
+from kd_jax.losses.cross_tokenizer import target_bytes
+from kd_jax.losses.cross_tokenizer import uld_distance
+from kd_jax.losses.cross_tokenizer import uld_loss
+from kd_jax.losses.cross_tokenizer import uld_objective
 from kd_jax.losses.divergences import forward_kl
 from kd_jax.losses.divergences import js_divergence
 from kd_jax.losses.divergences import reverse_kl
