@@ -53,10 +53,12 @@ Where kd_jax differs from the authors' code (on purpose, documented):
 * Top-k / top-p sampling is not supported (their scripts use ``top_k=0,
   top_p=1.0``; with filtering their losses mask the filtered vocabulary).
 
-This module is the method's wiring as pure functions of logits (no model,
-no optimizer); the trainer's LM task runs the forward passes and updates.
-It registers no `Distiller` (MiniLLM is a training procedure, not a loss
-term on one batch).
+The pieces are pure functions of logits (`make_rollout`, `minillm_loss`,
+`ppo_minibatches`); `make_update_fn` assembles one outer step (rollout +
+``ppo_epochs`` passes of optimizer updates) from apply functions, a
+generate function and an optax optimizer, for the trainer's LM task to
+call. The module registers no `Distiller` (MiniLLM is a training
+procedure, not a loss term on one batch).
 """
 
 from __future__ import annotations
@@ -320,3 +322,113 @@ def minillm_loss(student_logits, teacher_logits, rollout: Rollout,
     loss = loss + config.lm_coef * metrics["pt_loss"]
   metrics["tot_loss"] = loss
   return loss, metrics
+
+
+def make_update_fn(student_apply, teacher_apply, generate, tx,
+                   config: MiniLLMConfig, *, prompt_len: int,
+                   batch_size: int, chunk_size: Optional[int] = None,
+                   eos_id: Optional[int] = None, axis_name=None):
+  """One MiniLLM outer step -- a rollout and its PPO updates -- as a pure
+  function (jit it; no host loop).
+
+  ``fn(params, opt_state, teacher_variables, batch, rng) -> (params,
+  opt_state, metrics)`` with ``batch = {"tokens": int [N, L]}`` (the
+  prompts are ``tokens[:, :prompt_len]``; N = the authors'
+  ``num_rollouts``) and optionally ``"pt_tokens": int [U, b', L']``, one
+  plain-text batch per update (``U = ppo_epochs * (N // batch_size)``).
+
+  1. Rollout, in chunks of `chunk_size` rows (``lax.map``; default all N):
+     ``generate(params, teacher_variables, prompts, key) -> [n, L]``
+     (teacher-mixed sampling, e.g. `kd_jax.models.lm.make_generate_fn` with
+     ``mix_in_model=teacher, mix_in_alpha=config.teacher_mixed_alpha``),
+     then the student (these ``params``) and the teacher on the samples
+     and `make_rollout` -- only the ``[n, R]`` statistics are kept.
+  2. ``U`` updates (``lax.scan`` over `ppo_minibatches`): the student on its
+     minibatch of rollouts and on ``pt_tokens[u]`` (with gradient), the
+     teacher on both (no gradient; recomputed per minibatch as the authors
+     do, so no ``[N, L, V]`` array is kept), `minillm_loss`, ``tx``.
+
+  Args:
+    student_apply: ``(params, tokens [B, T]) -> logits [B, T, V]``.
+    teacher_apply: ``(teacher_variables, tokens) -> logits``.
+    generate: see 1.
+    tx: the optax optimizer of ``params``.
+    config: `MiniLLMConfig` (``ppo_epochs``, the loss terms).
+    prompt_len, eos_id: the rollout's prompt length and end token.
+    batch_size: PPO minibatch rows (``--batch-size``).
+    chunk_size: rollout chunk rows (``--chunk-size``), dividing N.
+    axis_name: data-parallel axis (``pmap``): gradients and metrics are
+      averaged over it, advantages whitened over the global minibatch.
+
+  Returns:
+    The step function; its metrics are the updates' means of
+    `minillm_loss`'s terms plus the rollout's `rollout_metrics` (means over
+    the chunks).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def rollout_chunk(params, tv, prompts_and_key):
+    prompts, key = prompts_and_key
+    tokens = jax.lax.stop_gradient(generate(params, tv, prompts, key))
+    if tokens.shape[1] <= prompt_len:
+      raise ValueError(f"generate returned {tokens.shape[1]} tokens; the "
+                       f"prompts alone have {prompt_len}")
+    s = student_apply(params, tokens[:, :-1])
+    t = teacher_apply(tv, tokens[:, :-1])
+    return make_rollout(tokens, s, t, config, prompt_len=prompt_len,
+                        eos_id=eos_id)
+
+  def step(params, opt_state, tv, batch, rng):
+    prompts = batch["tokens"][:, :prompt_len]
+    n = prompts.shape[0]
+    chunk = n if chunk_size is None else chunk_size
+    if n % chunk:
+      raise ValueError(f"chunk_size {chunk} must divide the {n} rollouts")
+    k_gen, k_order = jax.random.split(rng)
+    keys = jax.random.split(k_gen, n // chunk)
+    parts, roll_metrics = jax.lax.map(
+        lambda xs: rollout_chunk(params, tv, xs),
+        (prompts.reshape((n // chunk, chunk) + prompts.shape[1:]), keys))
+    rollout = Rollout(*(x.reshape((n,) + x.shape[2:]) for x in parts))
+    order = ppo_minibatches(k_order, n, batch_size, config.ppo_epochs)
+    order = order.reshape(-1, batch_size)
+    pt = batch.get("pt_tokens")
+    if pt is not None and pt.shape[0] != order.shape[0]:
+      raise ValueError(f"pt_tokens needs one batch per update: "
+                       f"{order.shape[0]} (ppo_epochs x N // batch_size), "
+                       f"got {pt.shape[0]}")
+
+    def update(carry, xs):
+      params, opt_state = carry
+      idx, pt_tokens = xs
+      mb = select(rollout, idx)
+      t_mb = jax.lax.stop_gradient(teacher_apply(tv, mb.tokens[:, :-1]))
+      pt_t = None
+      if pt_tokens is not None and config.kd_ratio > 0:
+        pt_t = jax.lax.stop_gradient(teacher_apply(tv, pt_tokens[:, :-1]))
+
+      def loss_fn(p):
+        pt_batch = None
+        if pt_tokens is not None:
+          pt_batch = (student_apply(p, pt_tokens[:, :-1]), pt_t,
+                      pt_tokens[:, 1:],
+                      jnp.ones(pt_tokens[:, 1:].shape, bool))
+        return minillm_loss(student_apply(p, mb.tokens[:, :-1]), t_mb, mb,
+                            config, prompt_len=prompt_len, pt=pt_batch,
+                            axis_name=axis_name)
+
+      grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+      if axis_name is not None:
+        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), metrics
+
+    (params, opt_state), ms = jax.lax.scan(update, (params, opt_state),
+                                           (order, pt))
+    metrics = {k: jnp.mean(v) for k, v in ms.items()}
+    metrics.update({k: jnp.mean(v) for k, v in roll_metrics.items()})
+    if axis_name is not None:
+      metrics = jax.lax.pmean(metrics, axis_name)
+    return params, opt_state, metrics
+
+  return step
