@@ -64,6 +64,7 @@ procedure, not a loss term on one batch).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
@@ -365,31 +366,13 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
     `minillm_loss`'s terms plus the rollout's `rollout_metrics` (means over
     the chunks).
   """
-  import optax  # pylint: disable=g-import-not-at-top
-
-  def rollout_chunk(params, tv, prompts_and_key):
-    prompts, key = prompts_and_key
-    tokens = jax.lax.stop_gradient(generate(params, tv, prompts, key))
-    if tokens.shape[1] <= prompt_len:
-      raise ValueError(f"generate returned {tokens.shape[1]} tokens; the "
-                       f"prompts alone have {prompt_len}")
-    s = student_apply(params, tokens[:, :-1])
-    t = teacher_apply(tv, tokens[:, :-1])
-    return make_rollout(tokens, s, t, config, prompt_len=prompt_len,
-                        eos_id=eos_id)
+  spec = _StepSpec(student_apply, teacher_apply, generate, tx, config,
+                   prompt_len, batch_size, chunk_size, eos_id, axis_name)
 
   def step(params, opt_state, tv, batch, rng):
-    prompts = batch["tokens"][:, :prompt_len]
-    n = prompts.shape[0]
-    chunk = n if chunk_size is None else chunk_size
-    if n % chunk:
-      raise ValueError(f"chunk_size {chunk} must divide the {n} rollouts")
     k_gen, k_order = jax.random.split(rng)
-    keys = jax.random.split(k_gen, n // chunk)
-    parts, roll_metrics = jax.lax.map(
-        lambda xs: rollout_chunk(params, tv, xs),
-        (prompts.reshape((n // chunk, chunk) + prompts.shape[1:]), keys))
-    rollout = Rollout(*(x.reshape((n,) + x.shape[2:]) for x in parts))
+    rollout, roll_metrics = _rollout(spec, params, tv, batch["tokens"], k_gen)
+    n = rollout.tokens.shape[0]
     order = ppo_minibatches(k_order, n, batch_size, config.ppo_epochs)
     order = order.reshape(-1, batch_size)
     pt = batch.get("pt_tokens")
@@ -397,32 +380,7 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
       raise ValueError(f"pt_tokens needs one batch per update: "
                        f"{order.shape[0]} (ppo_epochs x N // batch_size), "
                        f"got {pt.shape[0]}")
-
-    def update(carry, xs):
-      params, opt_state = carry
-      idx, pt_tokens = xs
-      mb = select(rollout, idx)
-      t_mb = jax.lax.stop_gradient(teacher_apply(tv, mb.tokens[:, :-1]))
-      pt_t = None
-      if pt_tokens is not None and config.kd_ratio > 0:
-        pt_t = jax.lax.stop_gradient(teacher_apply(tv, pt_tokens[:, :-1]))
-
-      def loss_fn(p):
-        pt_batch = None
-        if pt_tokens is not None:
-          pt_batch = (student_apply(p, pt_tokens[:, :-1]), pt_t,
-                      pt_tokens[:, 1:],
-                      jnp.ones(pt_tokens[:, 1:].shape, bool))
-        return minillm_loss(student_apply(p, mb.tokens[:, :-1]), t_mb, mb,
-                            config, prompt_len=prompt_len, pt=pt_batch,
-                            axis_name=axis_name)
-
-      grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
-      if axis_name is not None:
-        grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), metrics
-
+    update = functools.partial(_ppo_update, spec, tv, rollout)
     (params, opt_state), ms = jax.lax.scan(update, (params, opt_state),
                                            (order, pt))
     metrics = {k: jnp.mean(v) for k, v in ms.items()}
@@ -432,3 +390,70 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
     return params, opt_state, metrics
 
   return step
+
+
+class _StepSpec(NamedTuple):
+  student_apply: Any
+  teacher_apply: Any
+  generate: Any
+  tx: Any
+  config: MiniLLMConfig
+  prompt_len: int
+  batch_size: int
+  chunk_size: Optional[int]
+  eos_id: Optional[int]
+  axis_name: Any
+
+
+def _rollout(spec: _StepSpec, params, tv, tokens, key):
+  """`make_rollout` of the samples of every prompt, `chunk_size` rows at a
+  time (``lax.map``); per-chunk metrics stacked."""
+  prompts = tokens[:, :spec.prompt_len]
+  n = prompts.shape[0]
+  chunk = n if spec.chunk_size is None else spec.chunk_size
+  if n % chunk:
+    raise ValueError(f"chunk_size {chunk} must divide the {n} rollouts")
+
+  def one(xs):
+    p, k = xs
+    sampled = jax.lax.stop_gradient(spec.generate(params, tv, p, k))
+    if sampled.shape[1] <= spec.prompt_len:
+      raise ValueError(f"generate returned {sampled.shape[1]} tokens; the "
+                       f"prompts alone have {spec.prompt_len}")
+    s = spec.student_apply(params, sampled[:, :-1])
+    t = spec.teacher_apply(tv, sampled[:, :-1])
+    return make_rollout(sampled, s, t, spec.config,
+                        prompt_len=spec.prompt_len, eos_id=spec.eos_id)
+
+  keys = jax.random.split(key, n // chunk)
+  parts, metrics = jax.lax.map(
+      one, (prompts.reshape((n // chunk, chunk) + prompts.shape[1:]), keys))
+  return Rollout(*(x.reshape((n,) + x.shape[2:]) for x in parts)), metrics
+
+
+def _ppo_update(spec: _StepSpec, tv, rollout: Rollout, carry, xs):
+  """One minibatch update (a ``lax.scan`` body): the teacher on the
+  minibatch (and the pt batch), `minillm_loss`, the optimizer."""
+  import optax  # pylint: disable=g-import-not-at-top
+  params, opt_state = carry
+  idx, pt_tokens = xs
+  mb = select(rollout, idx)
+  t_mb = jax.lax.stop_gradient(spec.teacher_apply(tv, mb.tokens[:, :-1]))
+  pt_t = None
+  if pt_tokens is not None and spec.config.kd_ratio > 0:
+    pt_t = jax.lax.stop_gradient(spec.teacher_apply(tv, pt_tokens[:, :-1]))
+
+  def loss_fn(p):
+    pt_batch = None
+    if pt_tokens is not None:
+      pt_batch = (spec.student_apply(p, pt_tokens[:, :-1]), pt_t,
+                  pt_tokens[:, 1:], jnp.ones(pt_tokens[:, 1:].shape, bool))
+    return minillm_loss(spec.student_apply(p, mb.tokens[:, :-1]), t_mb, mb,
+                        spec.config, prompt_len=spec.prompt_len, pt=pt_batch,
+                        axis_name=spec.axis_name)
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+  if spec.axis_name is not None:
+    grads, metrics = jax.lax.pmean((grads, metrics), spec.axis_name)
+  updates, opt_state = spec.tx.update(grads, opt_state, params)
+  return (optax.apply_updates(params, updates), opt_state), metrics
