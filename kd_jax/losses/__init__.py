@@ -4,9 +4,9 @@ Response-based (`logits`), divergences, feature-based (`features`),
 relation-based (`relations`), transformers' intermediate layers
 (`transformer`: hidden states, self-attention relations), token-level losses
 for language models (`tokens`: fused LM-head divergences in bounded memory,
-sparse top-k teachers) and across tokenizers (`cross_tokenizer`: ULD, GOLD's
-extended ULD and hybrid loss, bits per byte). Every function validates
-shapes/dtypes at trace
+sparse top-k teachers; `minillm`: MiniLLM's policy-gradient terms) and across
+tokenizers (`cross_tokenizer`: ULD, GOLD's extended ULD and hybrid loss, bits
+per byte). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
 `LOGIT_LOSSES`, `FEATURE_LOSSES` and `TOPK_LOSSES` are the explicit
@@ -56,6 +56,15 @@ from kd_jax.losses.logits import dkd_loss
 from kd_jax.losses.logits import kd_loss
 from kd_jax.losses.logits import ofa_loss
 from kd_jax.losses.logits import standardize_logits
+# MiniLLM's policy-gradient terms (per token; rollout quantities in, not
+# logit pairs: not in LOGIT_LOSSES).
+from kd_jax.losses.minillm import minillm_advantages
+from kd_jax.losses.minillm import minillm_pg_loss
+from kd_jax.losses.minillm import minillm_pt_loss
+from kd_jax.losses.minillm import minillm_rewards
+from kd_jax.losses.minillm import reverse_kl_estimate
+from kd_jax.losses.minillm import teacher_mixed_weights
+from kd_jax.losses.minillm import token_log_probs
 from kd_jax.losses.relations import cc_loss
 from kd_jax.losses.relations import crd_loss
 from kd_jax.losses.relations import crd_memory_update
