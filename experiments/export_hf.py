@@ -72,7 +72,7 @@ def load_lm_run(run_dir: str):
   cfg, folder = run_dataset(run_dir)
   meta = _read_json(os.path.join(folder, "kd_jax_text.json"),
                     f"the dataset of run {run_dir}")
-  spec = cfg.get("student") or {}
+  spec = cfg.get("model") or cfg.get("student") or {}  # (earlier runs)
   if spec.get("hf_dir"):
     config = lm.config_from_hf(_read_json(
         os.path.join(spec["hf_dir"], "config.json"), "the run's student.hf_dir"))

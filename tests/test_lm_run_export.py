@@ -41,7 +41,7 @@ def _docs(n, seed):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """(dataset folder, run directory) of a 2-step LM training run."""
-  from kd_jax.trainer import lm as lm_trainer  # pylint: disable=g-import-not-at-top
+  from kd_jax import trainer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("run")
   tok = text.train_bpe_tokenizer(_docs(4, 0), vocab_size=300)
   splits = {s: text.pack_stream(text.encode_documents(
@@ -53,19 +53,20 @@ def run(tmp_path_factory):
            "remat": False, "overrides": {"hidden_size": 16,
                                          "intermediate_size": 32}}
   cfg = ml_collections.ConfigDict({
-      "task": "lm", "mode": "train", "seed": 0, "student": model,
+      "task": "lm", "mode": "train", "seed": 0, "model": model,
       "data": {"data_dir": str(root / "data"), "name": "toy",
-               "version": "1.0.0", "batch_size": 4, "eval_batch_size": 8,
-               "eval_sequences": 0, "train_sequences": 0,
-               "eval_splits": ("validation",)},
-      "train": {"steps": 2, "log_every": 1, "eval_every": 2},
-      "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1,
+               "version": "1.0.0", "eval_sequences": 0,
+               "train_sequences": 0, "eval_splits": ("validation",)},
+      "train": {"num_steps": 2, "num_epochs": 0, "batch_size": 4,
+                "eval_batch_size": 8, "log_every_steps": 1,
+                "eval_every_steps": 2},
+      "optimizer": {"name": "adamw", "schedule": "warmup_cosine",
+                    "learning_rate": 1e-2, "warmup_steps": 1,
                     "weight_decay": 0.0, "grad_clip": 1.0},
-      "checkpoint": {"enabled": True, "keep": 1},
-      # mode "train" still validates the gkd defaults (32 new tokens).
-      "gkd": {"max_new_tokens": 4}})
+      "checkpoint": {"enabled": True, "keep": 1, "keep_best": False,
+                     "async_save": False}})
   workdir = str(root / "run")
-  lm_trainer.train_and_evaluate(cfg, workdir)
+  trainer.train_and_evaluate(cfg, workdir)
   return folder, workdir
 
 
