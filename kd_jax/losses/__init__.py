@@ -1,7 +1,8 @@
 """Distillation losses: pure functions of arrays.
 
 Response-based (`logits`), divergences, feature-based (`features`),
-relation-based (`relations`) and token-level losses for language models
+relation-based (`relations`), self-distillation (`self_distillation`: BYOT,
+Tf-KD_reg) and token-level losses for language models
 (`tokens`: fused LM-head divergences in bounded memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
@@ -43,6 +44,10 @@ from kd_jax.losses.relations import crd_normalization
 from kd_jax.losses.relations import pkt_loss
 from kd_jax.losses.relations import rkd_loss
 from kd_jax.losses.relations import sp_loss
+from kd_jax.losses.self_distillation import byot_feature_loss
+from kd_jax.losses.self_distillation import soft_cross_entropy
+from kd_jax.losses.self_distillation import tf_kd_reg_loss
+from kd_jax.losses.self_distillation import virtual_teacher
 # Token-level losses for language models (fused LM heads, sparse teachers).
 from kd_jax.losses.tokens import fused_head_divergence
 from kd_jax.losses.tokens import fused_head_topk_kd
@@ -57,6 +62,7 @@ LOGIT_LOSSES: Dict[str, Callable] = {
     "reverse_kl": reverse_kl,
     "js_divergence": js_divergence,
     "total_variation": total_variation,
+    "soft_cross_entropy": soft_cross_entropy,
 }
 """Short name -> loss of `(student_logits, teacher_logits, ...)`."""
 
