@@ -476,3 +476,45 @@ def test_cskd_config_recipe():
 @pytest.mark.parametrize("name", ["byot", "cskd", "tfkd"])
 def test_teacher_free_distillers_declare_it(name):
   assert D.registry()[name].needs_teacher is False
+
+
+# ------------------------------------------------- TAKD on MNIST (CLI) --
+
+def test_paired_gains_between_phases():
+  from experiments import paired_gains
+  res = {"phases": {
+      "a": {"shared_across_seeds": False, "last_top1": [0.91, 0.93, 0.92],
+            "best_top1": [0.92, 0.93, 0.94]},
+      "b": {"shared_across_seeds": False, "last_top1": [0.90, 0.90, 0.93],
+            "best_top1": [0.92, 0.91, 0.92]},
+      "t": {"shared_across_seeds": True, "last_top1": [0.99],
+            "best_top1": [0.99]}}}
+  g = paired_gains.paired_gains(res, "a", "b")
+  d = np.array([1.0, 3.0, -1.0])
+  np.testing.assert_allclose(g["last"]["diffs"], d, atol=1e-9)
+  half = 4.303 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+  np.testing.assert_allclose(g["last"]["ci95"], [1 - half, 1 + half])
+  assert "+1.00" in paired_gains.format_gains(g, "a", "b")
+  with pytest.raises(ValueError, match="shared across seeds"):
+    paired_gains.paired_gains(res, "a", "t")
+  with pytest.raises(ValueError, match="unknown phase"):
+    paired_gains.paired_gains(res, "a", "nope")
+
+
+@pytest.mark.slow
+def test_mnist_takd_debug_run(tmp_path):
+  from experiments import paired_gains
+  from experiments import seed_experiment
+  c = importlib.import_module("configs.mnist_takd").get_config()
+  c.debug = True
+  res = seed_experiment.run(c, str(tmp_path))
+  ph = res["phases"]
+  assert ph["ta"]["model"] == "mlp_teacher"
+  assert ph["ta"]["teacher"] == ph["student_direct"]["teacher"] == (
+      "cnn_teacher")
+  assert ph["student_takd"]["teacher"] == "mlp_teacher"
+  g = paired_gains.paired_gains(res, "student_takd", "student_direct")
+  np.testing.assert_allclose(
+      g["last"]["diffs"], 100 * (np.asarray(ph["student_takd"]["last_top1"])
+                                 - np.asarray(ph["student_direct"][
+                                     "last_top1"])))
