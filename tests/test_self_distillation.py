@@ -259,9 +259,10 @@ def test_byot_exit_eval_step_reports_every_classifier():
   d = D.create("byot")
   obj = train.Objective(ce_weight=0.9,
                         terms=(train.Term("byot", 1.0, distiller=d),))
+  # No teacher: the distillers are initialized from the student alone.
   dp, ds = D.init_distillers(obj, jax.random.PRNGKey(1), student_apply=student,
-                             teacher_apply=student, student_variables=sv,
-                             teacher_variables=sv,
+                             teacher_apply=None, student_variables=sv,
+                             teacher_variables=None,
                              batch={"image": x, "label": y})
   mask = np.array([True] * 8 + [False] * 2)
   batch = {"image": x, "label": y, "mask": mask}
