@@ -48,6 +48,7 @@ def data(seed=0, n=B):
   rs = np.random.RandomState(seed)
   return {"image": rs.randn(n, HW, HW, 1).astype(np.float32),
           "image_strong": rs.randn(n, HW, HW, 1).astype(np.float32),
+          "image_pair": rs.randn(n, HW, HW, 1).astype(np.float32),
           "label": (np.arange(n) % K).astype(np.int32),
           "index": (np.arange(n) * 3 + seed).astype(np.int32)}
 
