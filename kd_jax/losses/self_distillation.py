@@ -25,8 +25,6 @@ CS-KD's class-wise term is Hinton KD between two examples of a class
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -118,7 +116,8 @@ def byot_feature_loss(student_features, target_features, *,
                      what="([batch, ...])")
   _common.check_same_shape(student_features, target_features,
                            "student_features", "target_features")
-  dtype = divergences._compute_dtype(student_features, target_features)  # pylint: disable=protected-access
+  dtype = divergences._compute_dtype(  # pylint: disable=protected-access
+      student_features, target_features)
   f = jnp.asarray(student_features, dtype)
   g = jax.lax.stop_gradient(jnp.asarray(target_features, dtype))
   where = _common.check_where(where, f.shape[:1])
