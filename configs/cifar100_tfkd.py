@@ -30,7 +30,9 @@ warm-up epoch (linear). Losses with the authors' `params.json` values:
   `--self_training`): `(1 - alpha)·CE + alpha·multiplier·T^2·KL_mean`, i.e.
   a `kd` term with weight `alpha · multiplier / K` (`tfkd.self_kd_weight`)
   and the teacher `teacher.name = model.name` loaded from the `base` run's
-  workdir.
+  workdir. The authors distill from the base run's `best.pth.tar` (the
+  epoch with the best *test* accuracy); kd_jax loads the workdir's latest
+  checkpoint (the last epoch).
 
 Published top-1 (the authors' README tables, figures/Tf-self.png and
 Reg-Normal-LSR.png): baseline MobileNetV2 68.38, ShuffleNetV2 70.34,
