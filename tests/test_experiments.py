@@ -54,7 +54,20 @@ def _all_configs():
   # Logit methods with their own trainer hooks: MLKD (strong view), CTKD
   # (steps_per_epoch for its schedule), DOT (optimizer, split gradients).
   specs += [(f"cifar100_{m}", "vgg13-vgg8") for m in ("mlkd", "ctkd", "dot")]
+  # Tf-KD's baseline and Tf-KD_self (KD from a copy of the same network);
+  # its teacher-free `reg` variant waits for the trainer (PENDING below).
+  specs += [("cifar100_tfkd", "base-shufflenetv2"),
+            ("cifar100_tfkd", "self-shufflenetv2")]
   return specs
+
+
+# Configs the trainer cannot run yet (teacher-free distiller terms in mode
+# 'train', the same-class pair view, multi-exit evaluation: notes/selfkd.md);
+# their terms and recipes are tested in tests/test_self_distillation.py.
+PENDING_TRAINER = {"cifar100_byot", "cifar100_cskd"}
+# Seed-experiment chains (validated and debug-run in
+# tests/test_self_distillation.py) and their helper module.
+CHAINS = {"mnist_takd", "cifar100_takd", "cifar100_ban", "chains"}
 
 
 def _feature_methods():
@@ -84,6 +97,7 @@ def test_every_config_file_is_covered():
            for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
   files -= {"__init__", "base", "recipes", "mnist_seed", "feature_methods",
             "lm_jane_austen"}  # (LM: tests/test_lm_trainer.py)
+  files -= PENDING_TRAINER | CHAINS
   assert files == {m for m, _ in _all_configs()}
 
 

@@ -295,7 +295,15 @@ class Distiller(abc.ABC):
   batch must carry `batch['image_strong']` (a strongly augmented copy, see
   `kd_jax.data.strong_augment`), the engine runs the student and the teacher
   on it as well and hands the logits to the distiller as
-  `inputs.views['strong'] = (student_logits, teacher_logits)`.
+  `inputs.views['strong'] = (student_logits, teacher_logits)`. With
+  `'pair'` (CS-KD) the batch carries `batch['image_pair']` (a same-class
+  partner per example, `InMemoryPipeline(same_class_pairs=True)`) and the
+  student's logits on it arrive as `inputs.views['pair'] =
+  (student_logits, None)`, without gradient.
+
+  `needs_teacher = False` marks self-distillation methods (BYOT, CS-KD,
+  Tf-KD_reg) that use no teacher network: they read only the student's
+  outputs, so a run of such terms alone needs no teacher.
   """
   name: str = "distiller"
   state_is_synced: bool = True
@@ -303,6 +311,7 @@ class Distiller(abc.ABC):
   views: Tuple[str, ...] = ()
   # Config keys `from_config` accepts beyond the constructor's arguments.
   config_args: Tuple[str, ...] = ()
+  needs_teacher: bool = True
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any], run_info: RunInfo
@@ -452,6 +461,8 @@ def make_term_inputs(student_apply, teacher_apply, student_variables,
 
   What the engine builds inside its step, for initializing distillers on a
   real batch (their adapters take their shapes from the features).
+  `teacher_apply=None` (self-distillation, `Distiller.needs_teacher =
+  False`): no teacher outputs.
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   batch = dict(batch)
@@ -460,12 +471,17 @@ def make_term_inputs(student_apply, teacher_apply, student_variables,
   x, labels = batch[image_key], batch[label_key]
   s_logits, s_feats = _forward_student(student_apply, student_variables, x,
                                        rng)
-  t_logits, t_feats = _steps.teacher_forward(teacher_apply, teacher_variables,
-                                             x)
+  if teacher_apply is None:
+    t_logits = t_feats = None
+  else:
+    t_logits, t_feats = _steps.teacher_forward(
+        teacher_apply, teacher_variables, x)
+    t_logits = _float32(t_logits)
+    t_feats = jax.lax.stop_gradient(t_feats)
   return TermInputs(
       student_logits=_float32(s_logits), labels=jnp.asarray(labels),
-      teacher_logits=_float32(t_logits), student_features=s_feats,
-      teacher_features=jax.lax.stop_gradient(t_feats), train=True, rng=rng,
+      teacher_logits=t_logits, student_features=s_feats,
+      teacher_features=t_feats, train=True, rng=rng,
       axis_name=None, epoch=jnp.ones((), jnp.int32), batch=batch,
       step=jnp.zeros((), jnp.int32))
 

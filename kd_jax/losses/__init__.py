@@ -1,12 +1,13 @@
 """Distillation losses: pure functions of arrays.
 
 Response-based (`logits`), divergences, feature-based (`features`),
-relation-based (`relations`), transformers' intermediate layers
-(`transformer`: hidden states, self-attention relations), token-level losses
-for language models (`tokens`: fused LM-head divergences in bounded memory,
-sparse top-k teachers; `minillm`: MiniLLM's policy-gradient terms) and across
-tokenizers (`cross_tokenizer`: ULD, GOLD's extended ULD and hybrid loss, bits
-per byte). Every function validates shapes/dtypes at trace
+relation-based (`relations`), self-distillation (`self_distillation`: BYOT,
+Tf-KD_reg), transformers' intermediate layers (`transformer`: hidden states,
+self-attention relations), token-level losses for language models (`tokens`:
+fused LM-head divergences in bounded memory, sparse top-k teachers;
+`minillm`: MiniLLM's policy-gradient terms) and across tokenizers
+(`cross_tokenizer`: ULD, GOLD's extended ULD and hybrid loss, bits per byte).
+Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
 `LOGIT_LOSSES`, `FEATURE_LOSSES` and `TOPK_LOSSES` are the explicit
@@ -72,6 +73,10 @@ from kd_jax.losses.relations import crd_normalization
 from kd_jax.losses.relations import pkt_loss
 from kd_jax.losses.relations import rkd_loss
 from kd_jax.losses.relations import sp_loss
+from kd_jax.losses.self_distillation import byot_feature_loss
+from kd_jax.losses.self_distillation import soft_cross_entropy
+from kd_jax.losses.self_distillation import tf_kd_reg_loss
+from kd_jax.losses.self_distillation import virtual_teacher
 from kd_jax.losses.transformer import attention_relation_loss
 from kd_jax.losses.transformer import hidden_state_loss
 # Token-level losses for language models (fused LM heads, sparse teachers).
@@ -88,6 +93,7 @@ LOGIT_LOSSES: Dict[str, Callable] = {
     "reverse_kl": reverse_kl,
     "js_divergence": js_divergence,
     "total_variation": total_variation,
+    "soft_cross_entropy": soft_cross_entropy,
 }
 """Short name -> loss of `(student_logits, teacher_logits, ...)`."""
 
