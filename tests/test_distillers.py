@@ -85,16 +85,6 @@ CASES = {
     "cskd": (STUDENT, {}),
     "tfkd": (STUDENT, {"multiplier": 5.0}),
 }
-# Methods whose input view the engine does not build yet (CS-KD's same-class
-# partner view, `notes/selfkd.md`): the engine step refuses them. Strict
-# xfail: once the engine has the view, these must be moved back.
-NO_ENGINE_VIEW = {"cskd": "the engine has no 'pair' view yet"}
-
-
-def engine_params(names):
-  return [pytest.param(n, marks=pytest.mark.xfail(
-      raises=ValueError, strict=True, reason=NO_ENGINE_VIEW[n]))
-          if n in NO_ENGINE_VIEW else n for n in names]
 STAGED = ("ab", "fsp")  # main-training loss is 0 (reference); stage tested
 
 
@@ -120,7 +110,7 @@ def test_every_registered_distiller_has_a_case():
   assert sorted(CASES) == sorted(D.available())
 
 
-@pytest.mark.parametrize("name", engine_params(sorted(D.available())))
+@pytest.mark.parametrize("name", sorted(D.available()))
 def test_round_trip_and_training_steps(name):
   st, d, sv, obj, dp, ds = setup(name)
   for leaf in jax.tree_util.tree_leaves(dp):

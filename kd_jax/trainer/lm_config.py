@@ -183,6 +183,10 @@ def _validate_generation(rc) -> None:
 
 def _validate_loss(rc) -> None:
   lo, g = rc.loss, rc.section("generation")
+  if not rc.distill and lo.terms:
+    raise ConfigError("loss.terms", "task 'lm' in mode 'train' takes no "
+                      f"terms; got {[s.label for s in lo.terms]} (teacher-free "
+                      "distillers are image methods).")
   if rc.distill and not lo.terms and not g.seq_kd:
     raise ConfigError("loss.terms", "mode 'distill' needs a KD term (e.g. "
                       "{'forward_kl': {'weight': 0.5}}) or the teacher's "
