@@ -11,7 +11,8 @@ checkpoints) <- `kd_jax.distillers` (the methods) <- `kd_jax.trainer`:
 * the tasks: `classify` (images: `feeds`, `programs`) and `lm` (language
   models: `lm_data`); `teachers` (restoring them), `placement` (config ->
   the engine's mesh / pmap placement), `checkpointing` (resume with
-  fallback), `reporting` (timers, progress, train records).
+  fallback), `reporting` (timers, progress, train records), `ensemble`
+  (the test-set ensemble of finished runs: Born-Again generations).
 
     from kd_jax import trainer
     report = trainer.train_and_evaluate(config, workdir)
@@ -31,6 +32,7 @@ from kd_jax.trainer.checkpointing import CheckpointRestoreError
 from kd_jax.trainer.config import RunConfig
 from kd_jax.trainer.config import apply_debug
 from kd_jax.trainer.config import parse
+from kd_jax.trainer.ensemble import evaluate_ensemble
 from kd_jax.trainer.errors import ConfigError
 from kd_jax.trainer.programs import clear_program_cache
 from kd_jax.trainer.terms import build_objective
@@ -73,4 +75,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 __all__ = ["CheckpointRestoreError", "ConfigError", "RunConfig",
            "apply_debug", "build_objective", "clear_program_cache",
-           "make_task", "parse", "train_and_evaluate"]
+           "evaluate_ensemble", "make_task", "parse", "train_and_evaluate"]
