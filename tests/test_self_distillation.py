@@ -470,7 +470,8 @@ def test_cskd_config_recipe():
   c = _config("cskd")
   assert c.mode == "train"
   # The 'pair' view makes the trainer pair same-class examples.
-  assert classify_config.same_class_pairs(trainer.parse(c))
+  assert classify_config.same_class_pairs(trainer.parse(
+      trainer.apply_debug(c)))
   assert c.loss.ce_weight == 1.0 and c.loss.terms.cskd.weight == 1.0
   # adjust_learning_rate runs after each epoch: epoch 100 (0-based) still
   # trains at 0.1, the decay applies from epoch 101 (and 151).

@@ -42,9 +42,9 @@ def _config(name, arg=None, debug=True, **overrides):
 def test_teacher_free_terms_are_accepted_in_train_mode_only():
   for name, arg in (("cifar100_byot", None), ("cifar100_cskd", None),
                     ("cifar100_tfkd", "reg-resnet18_cifar")):
-    rc = trainer.parse(_config(name, arg, debug=False))
+    rc = trainer.parse(trainer.apply_debug(_config(name, arg)))
     assert rc.mode == "train" and rc.loss.terms and not rc.teachers
-  c = _config("cifar100_byot", debug=False)
+  c = trainer.apply_debug(_config("cifar100_byot"))
   c.loss.terms.kd = {"weight": 0.5, "temperature": 4.0}
   with pytest.raises(trainer.ConfigError, match=r"^config\.loss\.terms: mode "
                      r"'train' is supervised training \(or self-distillation "
@@ -54,13 +54,14 @@ def test_teacher_free_terms_are_accepted_in_train_mode_only():
 
 
 def test_same_class_pairs_follow_the_pair_view():
-  assert classify_config.same_class_pairs(trainer.parse(_config(
-      "cifar100_cskd", debug=False)))
-  assert not classify_config.same_class_pairs(trainer.parse(_config(
-      "cifar100_byot", debug=False)))
-  c = _config("cifar100_cskd", debug=False, **{
+  assert classify_config.same_class_pairs(trainer.parse(trainer.apply_debug(
+      _config("cifar100_cskd"))))
+  assert not classify_config.same_class_pairs(trainer.parse(
+      trainer.apply_debug(_config("cifar100_byot"))))
+  c = _config("cifar100_cskd", **{
       "data.name": "imagenet2012", "model.num_classes": 1000,
       "model.name": "resnet18"})
+  c = trainer.apply_debug(c)
   with pytest.raises(trainer.ConfigError, match=r"^config\.loss\.terms\.cskd: "
                      r"same-class pairs \(CS-KD\) need an in-memory dataset"):
     trainer.parse(c)

@@ -114,7 +114,10 @@ def distiller_metrics(rc) -> Tuple[loop.Metric, ...]:
   if key not in _DISTILLER_METRICS:
     student, _ = create_models(dataclasses.replace(rc, teachers=()))
     objective = terms_lib.build_objective(rc.loss)
-    names = programs_lib.distiller_eval_names(student, objective, shape)
+    names = sorted(  # per term: its exits shallow to deep, then the rest
+        programs_lib.distiller_eval_names(student, objective, shape),
+        key=lambda n: (n.split("/")[0], *(
+            (0, int(m.group(2))) if (m := _EXIT.match(n)) else (1, 0)), n))
     deepest = max((int(m.group(2)) for m in map(_EXIT.match, names) if m),
                   default=0)
     out = []
