@@ -356,7 +356,7 @@ def _run_ensemble(config, workdir, name, seed, seeds):
     cfgs.append(phase_config(config, p, src))
   say(f"[seed {seed}] {name}: ensemble of {', '.join(members)}")
   rep = trainer.evaluate_ensemble(cfgs, wds, os.path.join(
-      workdir, f"seed{seed}", name))
+      workdir, f"seed{seed}", name), key=f"seed_experiment.ensembles.{name}")
   rep["members"] = list(members)
   say(f"[seed {seed}] {name}: " + _headline(rep, _metrics(config)))
   return rep

@@ -470,6 +470,7 @@ def test_cskd_config_recipe():
   c = _config("cskd")
   assert c.mode == "train"
   # The 'pair' view makes the trainer pair same-class examples.
+  c.debug = True  # (batch sizes for the tests' 8 devices)
   assert classify_config.same_class_pairs(trainer.parse(
       trainer.apply_debug(c)))
   assert c.loss.ce_weight == 1.0 and c.loss.terms.cskd.weight == 1.0

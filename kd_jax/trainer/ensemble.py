@@ -49,7 +49,7 @@ def check_members(rcs: Sequence[Any], names: Sequence[str], key: str) -> None:
                       f"{sorted(models)} on {sorted(data)}.")
 
 
-def _evaluate(rc, workdirs):
+def _evaluate(rc, workdirs, key):
   """Per-batch ensemble metrics over the test set."""
   data = feeds_lib.load_data(rc)
   try:
@@ -58,8 +58,7 @@ def _evaluate(rc, workdirs):
     placement = placement_lib.make_placement(rc, student, [], example)
     abstract = jax.eval_shape(lambda r: programs_lib.init_variables(
         student, r, data.image_shape), jax.random.key(0))
-    members = [teachers_lib.restore(wd, abstract, placement,
-                                    f"ensemble member {wd}")
+    members = [teachers_lib.restore(wd, abstract, placement, key)
                for wd in workdirs]
     fn = placement.compile(ban.make_ensemble_eval_step(
         student, axis_name=placement.axis_name,
@@ -72,19 +71,22 @@ def _evaluate(rc, workdirs):
 
 
 def evaluate_ensemble(configs: Sequence[Any], workdirs: Sequence[str],
-                      out_dir: str) -> Dict[str, Any]:
+                      out_dir: str, *, key: str = "ensemble"
+                      ) -> Dict[str, Any]:
   """Evaluates the ensemble of the runs in `workdirs` (their phase configs
-  `configs`, `ConfigDict`s); returns (and writes to `out_dir`) its report."""
+  `configs`, `ConfigDict`s); returns (and writes to `out_dir`) its report.
+  Errors (members of different networks, a missing or mismatched
+  checkpoint) are `ConfigError`s naming `key`."""
   t0 = time.perf_counter()
   rcs = [config_lib.parse(c, check_paths=False) for c in configs]
-  check_members(rcs, [os.path.basename(w) for w in workdirs], "ensemble")
+  check_members(rcs, [os.path.basename(w) for w in workdirs], key)
   rc = rcs[0]
   with contextlib.ExitStack() as stack:
     if rc.data.mock and not sources_lib.dataset_info(rc.data.name).in_memory:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       stack.enter_context(tfds.testing.mock_data(
           num_examples=int(rc.data.mock_num_examples)))
-    outs = _evaluate(rc, workdirs)
+    outs = _evaluate(rc, workdirs, key)
   ev = classify._weighted_eval(outs)  # pylint: disable=protected-access
   report = {"task": rc.task, "mode": "ensemble", "model": rc.model.name,
             "teacher": None, "members": [str(w) for w in workdirs],
