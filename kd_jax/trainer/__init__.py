@@ -31,6 +31,7 @@ from kd_jax.trainer import workdir as workdir_lib
 from kd_jax.trainer.checkpointing import CheckpointRestoreError
 from kd_jax.trainer.config import RunConfig
 from kd_jax.trainer.config import apply_debug
+from kd_jax.trainer.config import build_objective
 from kd_jax.trainer.config import parse
 from kd_jax.trainer.errors import ConfigError
 from kd_jax.trainer.errors import KDError
@@ -39,7 +40,6 @@ from kd_jax.trainer.errors import Preempted
 from kd_jax.trainer.errors import StorageError
 from kd_jax.trainer.errors import WorkdirLocked
 from kd_jax.trainer.programs import clear_program_cache
-from kd_jax.trainer.terms import build_objective
 
 
 def make_task(rc: RunConfig, workdir: str, *, dry_run: bool = False):

@@ -561,3 +561,11 @@ def check_number(key: str, v, lo: Optional[float] = None,
       f"<= {hi:g}" if hi is not None else "") if w) or "a finite number"
   _check(key, v, ok, want)
   return float(v)
+
+
+def build_objective(loss, *, run_info=None):
+  """The `Objective` of a `config.loss` section (a `LossConfig`, a mapping
+  or a `ConfigDict`): `terms.build_objective` after parsing it."""
+  if not isinstance(loss, LossConfig):
+    loss = section(LossConfig, loss, "loss.")
+  return terms_lib.build_objective(loss, run_info=run_info)
