@@ -513,6 +513,17 @@ def main(argv=None):
   parser.add_argument("--ce-weight", type=float, default=0.5,
                       help="--tokens loss: (1-w) forward_kl + w CE; 0 = no "
                       "labels (default: %(default)s)")
+  parser.add_argument("--processes", type=int, default=0, metavar="N",
+                      help="run the logit table in N fresh processes, one "
+                      "after the other, and print the spread across them "
+                      "(per-process medians; ratio to torch per process)")
+  parser.add_argument("--order", choices=["shuffled", "fixed"],
+                      default="shuffled", help="with --processes: loss "
+                      "order in each process (shuffled: seeded by its index)")
+  parser.add_argument("--shuffle-losses", type=int, default=None,
+                      metavar="SEED", help=argparse.SUPPRESS)
+  parser.add_argument("--json", default=None, metavar="PATH",
+                      help="also write the logit table's cells as JSON")
   parser.add_argument("--features", nargs="?", const=",".join(FEATURE_SHAPES),
                       default=None, help="only the feature / relation loss "
                       "table (optionally a comma-separated subset of "
@@ -540,6 +551,22 @@ def main(argv=None):
   unknown = sorted(set(names) - set(ALL_LOSSES))
   if unknown:
     parser.error(f"unknown --losses {unknown}; choose from {ALL_LOSSES}")
+  if args.processes:
+    from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+    benchmark_spread.run(argv, args.processes, shuffle=args.order == "shuffled")
+    return
+  if args.shuffle_losses is not None:
+    random.Random(args.shuffle_losses).shuffle(names)
+  records = run_logits(names, args)
+  if args.json:
+    import json  # pylint: disable=g-import-not-at-top
+    with open(args.json, "w") as f:
+      json.dump({"order": names, "records": records,
+                 "loadavg": os.getloadavg()}, f)
+
+
+def run_logits(names: List[str], args) -> List[dict]:
+  """Prints the logit-loss table; returns its cells as dicts (seconds)."""
   sizes = parse_sizes(args.sizes)
   jdtype = jnp.dtype(args.dtype)
   itemsize = jdtype.itemsize
@@ -575,6 +602,7 @@ def main(argv=None):
   print("| " + " | ".join(cols) + " |")
   print("|" + "|".join(["---"] * len(cols)) + "|")
 
+  records = []
   rng = np.random.default_rng(0)
   for shape in sizes:
     nbytes_one = int(np.prod(shape)) * 4
@@ -647,7 +675,14 @@ def main(argv=None):
         row += [f"{tt_fwd * 1e6:.0f}", f"{tt_bwd * 1e6:.0f}",
                 f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
       print("| " + " | ".join(row) + " |", flush=True)
+      records.append({"loss": name, "shape": shape_str, "jax_fwd": t_fwd,
+                      "jax_fwd_bwd": t_bwd})
+      if tl is not None:
+        records[-1].update(torch_fwd=tt_fwd, torch_fwd_bwd=tt_bwd)
     del s, t, y
+  return records
+
+
 
 
 # ---------------------------------------------------------------------------
