@@ -23,6 +23,8 @@ Usage:
   python experiments/benchmark_losses.py --features --torch   # feature losses
   python experiments/benchmark_losses.py --torch --before /path/to/old/checkout
       # adds the old checkout's fwd+bwd, interleaved in the same run
+  python experiments/benchmark_losses.py --torch --sizes 1024x1000 --processes 10
+      # 10 fresh processes, the spread across them (see benchmark_spread.py)
 
 The token-level size `[8, 512, 32000]` needs a few GB; sizes whose estimated
 working set does not fit in the available memory are skipped (reported).
@@ -34,6 +36,7 @@ variant).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -453,21 +456,15 @@ def run_features(names: List[str], args) -> None:
 def mem_available_bytes() -> Optional[int]:
   try:
     with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
+      lines = [l for l in f if l.startswith("MemAvailable:")]
+    return int(lines[0].split()[1]) * 1024 if lines else None
   except OSError:
-    pass
-  return None
+    return None
 
 
 def parse_sizes(text: str):
-  sizes = []
-  for item in text.split(","):
-    item = item.strip().lower()
-    if item:
-      sizes.append(tuple(int(d) for d in item.split("x")))
-  return sizes
+  return [tuple(int(d) for d in item.strip().lower().split("x"))
+          for item in text.split(",") if item.strip()]
 
 
 def main(argv=None):
@@ -514,16 +511,13 @@ def main(argv=None):
                       help="--tokens loss: (1-w) forward_kl + w CE; 0 = no "
                       "labels (default: %(default)s)")
   parser.add_argument("--processes", type=int, default=0, metavar="N",
-                      help="run the logit table in N fresh processes, one "
-                      "after the other, and print the spread across them "
-                      "(per-process medians; ratio to torch per process)")
+                      help="the logit table in N fresh processes and the "
+                      "spread across them")
   parser.add_argument("--order", choices=["shuffled", "fixed"],
-                      default="shuffled", help="with --processes: loss "
-                      "order in each process (shuffled: seeded by its index)")
-  parser.add_argument("--shuffle-losses", type=int, default=None,
-                      metavar="SEED", help=argparse.SUPPRESS)
-  parser.add_argument("--json", default=None, metavar="PATH",
-                      help="also write the logit table's cells as JSON")
+                      default="shuffled", help="--processes: loss order")
+  parser.add_argument("--shuffle-losses", type=int, metavar="SEED",
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--json", metavar="PATH", help="also write the cells")
   parser.add_argument("--features", nargs="?", const=",".join(FEATURE_SHAPES),
                       default=None, help="only the feature / relation loss "
                       "table (optionally a comma-separated subset of "
@@ -552,17 +546,18 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown --losses {unknown}; choose from {ALL_LOSSES}")
   if args.processes:
-    from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+    try:  # pylint: disable=g-import-not-at-top
+      from experiments import benchmark_spread
+    except ImportError:  # run as a script without the repository on sys.path
+      import benchmark_spread  # pytype: disable=import-error
     benchmark_spread.run(argv, args.processes, shuffle=args.order == "shuffled")
     return
   if args.shuffle_losses is not None:
     random.Random(args.shuffle_losses).shuffle(names)
   records = run_logits(names, args)
   if args.json:
-    import json  # pylint: disable=g-import-not-at-top
     with open(args.json, "w") as f:
-      json.dump({"order": names, "records": records,
-                 "loadavg": os.getloadavg()}, f)
+      json.dump({"order": names, "records": records}, f)
 
 
 def run_logits(names: List[str], args) -> List[dict]:
