@@ -16,8 +16,6 @@ kd_jax itself never imports torch.
 Usage:
   python experiments/benchmark_losses.py                      # all sizes
   python experiments/benchmark_losses.py --torch --sizes 1024x1000
-  python experiments/benchmark_losses.py --losses kd,dkd --torch
-  python experiments/benchmark_losses.py --sizes 256x100,1024x1000,8x512x32000
   python experiments/benchmark_losses.py --tokens --torch --min-runs 3
       # fused LM-head forward_kl + CE vs materialized, N x V x D = 2048x32768x256
   python experiments/benchmark_losses.py --features --torch   # feature losses
@@ -227,6 +225,7 @@ def torch_losses() -> Dict[str, Callable]:
 
 CLOCK = time.perf_counter
 """Per-call clock: wall time, or `time.process_time` with `--clock cpu`."""
+CPU_PER_WALL: List[float] = []  # last time_interleaved: median CPU/wall per fn
 
 
 def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
@@ -248,6 +247,7 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
       if i >= 1 and time.perf_counter() - t0 > 0.5:
         break  # slow cell: compiled and warm after 2 calls
   times: List[List[float]] = [[] for _ in fns]
+  ratios: List[List[float]] = [[] for _ in fns]
   start = time.perf_counter()
   rounds = 0
   order = list(range(len(fns)))
@@ -260,10 +260,13 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
       break
     shuffle(order)
     for i in order:
-      t0 = CLOCK()
+      w0, c0 = time.perf_counter(), time.process_time()
       fns[i]()
-      times[i].append(CLOCK() - t0)
+      w, c = time.perf_counter() - w0, time.process_time() - c0
+      times[i].append(c if CLOCK is time.process_time else w)
+      ratios[i].append(c / max(w, 1e-9))
     rounds += 1
+  CPU_PER_WALL[:] = [statistics.median(r) for r in ratios]
   return [statistics.median(ts) for ts in times]
 
 
@@ -526,13 +529,10 @@ def main(argv=None):
   global CLOCK  # pylint: disable=global-statement
   CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
   if args.tokens:
-    run_token_benchmark(args)
-    return
-
+    return run_token_benchmark(args)
   if args.features is not None:
     feats = [n.strip() for n in args.features.split(",") if n.strip()]
-    bad = sorted(set(feats) - set(FEATURE_SHAPES))
-    if bad:
+    if bad := sorted(set(feats) - set(FEATURE_SHAPES)):
       parser.error(f"unknown --features {bad}; choose from "
                    f"{tuple(FEATURE_SHAPES)}")
     if args.torch and args.torch_threads:
@@ -671,7 +671,7 @@ def run_logits(names: List[str], args) -> List[dict]:
                 f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
       print("| " + " | ".join(row) + " |", flush=True)
       records.append({"loss": name, "shape": shape_str, "jax_fwd": t_fwd,
-                      "jax_fwd_bwd": t_bwd})
+                      "jax_fwd_bwd": t_bwd, "jax_cpu_wall": CPU_PER_WALL[1]})
       if tl is not None:
         records[-1].update(torch_fwd=tt_fwd, torch_fwd_bwd=tt_bwd)
     del s, t, y

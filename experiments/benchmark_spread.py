@@ -14,7 +14,11 @@ history), and prints:
   (kd_jax fwd+bwd and PyTorch fwd+bwd), the spread `max / min` of kd_jax's
   fwd+bwd, and the per-process ratio `torch / jax` (min / median / max, and how
   many processes had kd_jax slower than PyTorch);
-* the per-process ratios themselves, one column per process.
+* per process (one column each): kd_jax's fwd+bwd time with its CPU/wall
+  ratio (process CPU time over wall time per call: ~2 when a call kept both
+  cores busy, <= 1 when its threads ran on one core at a time — the number
+  that tells the two modes of issue 23 apart on a quiet machine), and the
+  ratio to PyTorch.
 
 Why: within one process the calls of a jitted function are tightly
 distributed, but which *mode* a process lands in can depend on the process
@@ -135,7 +139,10 @@ def print_spread(procs: List[Dict]) -> None:
   has_torch = all("torch_fwd_bwd" in r for rs in cells.values() for r in rs)
   print(f"\n## spread across {len(procs)} fresh processes (per-process "
         "medians; min / median / max over processes; µs)\n")
+  has_par = all("jax_cpu_wall" in r for rs in cells.values() for r in rs)
   cols = ["loss", "shape", "jax fwd+bwd", "jax max/min"]
+  if has_par:
+    cols.append("jax CPU/wall")
   if has_torch:
     cols += ["torch fwd+bwd", "ratio torch/jax", "procs jax slower"]
   print("| " + " | ".join(cols) + " |")
@@ -143,18 +150,27 @@ def print_spread(procs: List[Dict]) -> None:
   for (loss, shape), rs in cells.items():
     jb = [r["jax_fwd_bwd"] for r in rs]
     row = [loss, shape, _fmt(jb), f"{max(jb) / min(jb):.2f}"]
+    if has_par:
+      row.append(_fmt([r["jax_cpu_wall"] for r in rs], 1, "{:.2f}"))
     if has_torch:
       tb = [r["torch_fwd_bwd"] for r in rs]
       ratio = [r["torch_fwd_bwd"] / r["jax_fwd_bwd"] for r in rs]
       slower = sum(x < 1 for x in ratio)
       row += [_fmt(tb), _fmt(ratio, 1, "{:.2f}x"), f"{slower}/{len(rs)}"]
     print("| " + " | ".join(row) + " |")
-  if not has_torch:
-    return
-  print("\n## fwd+bwd ratio torch / jax in each process\n")
-  print("| loss | shape | " + " | ".join(f"p{i + 1}" for i in
-                                         range(len(procs))) + " |")
-  print("|" + "|".join(["---"] * (len(procs) + 2)) + "|")
+  if has_par:
+    _per_process(cells, len(procs), "jax fwd+bwd µs (CPU/wall: ~2 = both "
+                 "cores busy, <= 1 = one)", lambda r: (
+                     f"{r['jax_fwd_bwd'] * 1e6:.0f} ({r['jax_cpu_wall']:.2f})"))
+  if has_torch:
+    _per_process(cells, len(procs), "fwd+bwd ratio torch / jax",
+                 lambda r: f"{r['torch_fwd_bwd'] / r['jax_fwd_bwd']:.2f}")
+
+
+def _per_process(cells: Dict[tuple, List[Dict]], n: int, title: str,
+                 cell) -> None:
+  print(f"\n## {title} in each process\n")
+  print("| loss | shape | " + " | ".join(f"p{i + 1}" for i in range(n)) + " |")
+  print("|" + "|".join(["---"] * (n + 2)) + "|")
   for (loss, shape), rs in cells.items():
-    print(f"| {loss} | {shape} | " + " | ".join(
-        f"{r['torch_fwd_bwd'] / r['jax_fwd_bwd']:.2f}" for r in rs) + " |")
+    print(f"| {loss} | {shape} | " + " | ".join(cell(r) for r in rs) + " |")

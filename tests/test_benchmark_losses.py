@@ -64,6 +64,19 @@ def test_spread_table_counts_slower_processes(capsys):
   assert per_process == ["| tv | 8x4 | 2.00 | 0.50 | 1.00 |"]
 
 
+def test_spread_table_shows_cpu_per_wall(capsys):
+  from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+  procs = [{"records": [{"loss": "kd", "shape": "8x4", "jax_fwd": 1e-3,
+                         "jax_fwd_bwd": t, "jax_cpu_wall": r}]}
+           for t, r in ((2e-3, 1.9), (4e-3, 0.98))]
+  benchmark_spread.print_spread(procs)
+  out = capsys.readouterr().out
+  header = [l for l in out.splitlines() if l.startswith("| loss | shape |")][0]
+  assert "jax CPU/wall" in header and "torch" not in header
+  assert "| kd | 8x4 | 2000 / 3000 / 4000 | 2.00 | 0.98 / 1.44 / 1.90 |" in out
+  assert "| kd | 8x4 | 2000 (1.90) | 4000 (0.98) |" in out
+
+
 def test_json_output_of_one_process(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   path = tmp_path / "cells.json"
@@ -76,6 +89,7 @@ def test_json_output_of_one_process(tmp_path):
   assert [r["loss"] for r in data["records"]] == data["order"]
   for r in data["records"]:
     assert r["shape"] == "4x16" and r["jax_fwd_bwd"] > 0 and r["jax_fwd"] > 0
+    assert 0 < r["jax_cpu_wall"] < 8
 
 
 @pytest.mark.slow
@@ -88,4 +102,6 @@ def test_two_fresh_processes_end_to_end(capsys):
   assert "# process 1/2" in out and "# process 2/2" in out
   assert "order kd,tv" in out or "order tv,kd" in out
   rows = [l for l in out.splitlines() if l.startswith(("| kd | 4x16", "| tv | 4x16"))]
-  assert len(rows) == 2 and all(r.rstrip().endswith("|") for r in rows)
+  # Summary rows (min / median / max) and the per-process rows (µs, CPU/wall).
+  assert len(rows) == 4 and all(r.rstrip().endswith("|") for r in rows)
+  assert sum(" / " in r for r in rows) == 2
