@@ -678,8 +678,6 @@ def run_logits(names: List[str], args) -> List[dict]:
   return records
 
 
-
-
 # ---------------------------------------------------------------------------
 # Token section (--tokens): fused LM-head divergence vs materialized logits.
 # ---------------------------------------------------------------------------
