@@ -122,7 +122,9 @@ _BYOT_EXITS = {f"byot/top1_exit{i}" for i in (1, 2, 3, 4)} | {
 
 def _check_dry_run(c, out):
   assert out["dry_run"] and out["num_params"] > 0
-  expected = {"ce", "loss", "top1", "kd_factor"} | set(c.loss.terms.keys())
+  # (`nonfinite`: the step's NaN/inf flag, `train.on_nonfinite`.)
+  expected = {"ce", "loss", "top1", "kd_factor", "nonfinite"} | set(
+      c.loss.terms.keys())
   if any("distiller" in t for t in c.loss.terms.values()):
     assert out["num_distiller_params"] >= 0
   assert set(out["metrics"]) == expected
