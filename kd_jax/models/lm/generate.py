@@ -158,7 +158,8 @@ def _generate(model, temperature, top_k, top_p, max_new_tokens, eos_id, pad,
               variables, prompt, rng, prompt_mask):
   b, t = prompt.shape
   total = t + max_new_tokens
-  cache = init_cache(model.config, b, total, model.dtype)
+  cache = init_cache(model.config, b, total, model.dtype,
+                     getattr(model, "scan_layers", False))
   lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # real tokens
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
   logits, feats = model.apply(variables, prompt, train=False, cache=cache,
