@@ -1,0 +1,170 @@
+r"""On-paper step-time bounds and the markdown tables of `plan_scale`.
+
+Published per-chip numbers (dense bfloat16 peak, HBM capacity and
+bandwidth, interconnect bandwidth per direction):
+
+* TPU v5p: 459 TFLOP/s, 95 GiB at 2,765 GB/s, ICI 1,200 GB/s bidirectional
+  per chip (4,800 Gbps); https://cloud.google.com/tpu/docs/v5p
+* TPU v5e: 197 TFLOP/s, 16 GiB at 819 GB/s, ICI 400 GB/s bidirectional per
+  chip (1,600 Gbps); https://cloud.google.com/tpu/docs/v5e
+* NVIDIA H100 SXM: 989 TFLOP/s (1,979 "with sparsity"), 80 GB HBM3 at
+  3.35 TB/s, NVLink 900 GB/s bidirectional between the 8 GPUs of a node;
+  https://www.nvidia.com/en-us/data-center/h100/ ; across nodes one
+  400 Gb/s ConnectX-7 (InfiniBand NDR) port per GPU in a DGX H100
+  (https://docs.nvidia.com/dgx/dgxh100-user-guide/introduction-to-dgxh100.html).
+
+Lower bound of one step on a device (perfect overlap of compute, memory
+traffic and communication; every term is itself optimistic):
+
+.. math::
+  t \ge \max\Big(\frac{F}{P},\ \frac{B_{hbm}}{W_{hbm}},\
+  \sum_{c} \frac{w_c}{W_{link}(n_c)}\Big)
+
+with F the matmul FLOPs per device from the compiled HLO (loops multiplied
+out, remat recomputation included), P the peak, :math:`B_{hbm}` the bytes
+that must cross HBM at least once (every argument read, every output
+written, every all-gathered weight written and read back), :math:`w_c` the
+ring-algorithm bytes a device sends for collective c over a group of
+:math:`n_c` devices (source dtype, see `experiments.hlo_stats`) and
+:math:`W_{link}` the per-direction bandwidth: 600 GB/s (v5p), 200 GB/s
+(v5e), 450 GB/s NVLink for H100 groups of <= 8 GPUs (one node) and 50 GB/s
+(400 Gb/s InfiniBand per GPU) for larger groups. The MFU ceiling is the
+model FLOPs (:math:`6N` per trained token, :math:`2N` per teacher token,
+plus attention :math:`12 L H d_h T` / :math:`4 L H d_h T`; PaLM, Chowdhery
+et al. 2022, App. B) over :math:`P \cdot t`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+GIB = 2 ** 30
+
+HARDWARE = {
+    "v5p": {"name": "TPU v5p", "tflops": 459.0, "hbm_gib": 95.0,
+            "hbm_gbs": 2765.0, "link_gbs": 600.0, "node": 0,
+            "node_gbs": 600.0},
+    "v5e": {"name": "TPU v5e", "tflops": 197.0, "hbm_gib": 16.0,
+            "hbm_gbs": 819.0, "link_gbs": 200.0, "node": 0,
+            "node_gbs": 200.0},
+    "h100": {"name": "H100 SXM", "tflops": 989.0, "hbm_gib": 80.0,
+             "hbm_gbs": 3350.0, "link_gbs": 50.0, "node": 8,
+             "node_gbs": 450.0},
+}
+
+
+def link_gbs(hw: dict, group: int) -> float:
+  """Per-direction bandwidth (GB/s) a device has for a group of `group`."""
+  if hw["node"] and group <= hw["node"]:
+    return hw["node_gbs"]
+  return hw["link_gbs"]
+
+
+def peak_bytes(r: dict) -> int:
+  """XLA's per-device peak estimate: arguments + outputs - aliased + temp."""
+  m = r["memory"]
+  return m["argument"] + m["output"] - m["alias"] + m["temp"]
+
+
+def bounds(r: dict, hw: dict) -> Dict[str, float]:
+  """Seconds: compute, hbm, comm, the bound (max) and the MFU ceiling."""
+  flops = r["hlo"]["dot_flops"]
+  compute = flops / (hw["tflops"] * 1e12)
+  hbm = r["hbm_bytes"] / (hw["hbm_gbs"] * 1e9)
+  comm = 0.0
+  for c in r["hlo"]["collectives"].values():
+    for n, wire in c["by_group"].items():
+      comm += wire / (link_gbs(hw, int(n)) * 1e9)
+  t = max(compute, hbm, comm)
+  model = r["model_flops_per_device"]
+  mfu = model / (hw["tflops"] * 1e12 * t) if t else 0.0
+  which = max((("compute", compute), ("HBM", hbm), ("comm", comm)),
+              key=lambda kv: kv[1])[0]
+  return {"compute_s": compute, "hbm_s": hbm, "comm_s": comm, "step_s": t,
+          "mfu": mfu, "bound_by": which}
+
+
+def _gib(n: float) -> str:
+  return f"{n / GIB:.2f}" if n < 10 * GIB else f"{n / GIB:.1f}"
+
+
+def _fits(r: dict) -> str:
+  p = peak_bytes(r)
+  return "/".join("yes" if p <= hw["hbm_gib"] * GIB else "no"
+                  for hw in HARDWARE.values())
+
+
+def _coll(r: dict) -> str:
+  c = r["hlo"]["collectives"]
+  ag = c["all-gather"]["src_bytes"]
+  red = c["all-reduce"]["src_bytes"] + c["reduce-scatter"]["src_bytes"]
+  other = c["all-to-all"]["src_bytes"] + c["collective-permute"]["src_bytes"]
+  s = f"{_gib(ag)} / {_gib(red)}"
+  return s + (f" / {_gib(other)}" if other else "")
+
+
+def _time(r: dict, key: str) -> str:
+  b = bounds(r, HARDWARE[key])
+  return f"{b['step_s']:.2f} ({b['bound_by'][0]}, {100 * b['mfu']:.0f}%)"
+
+
+DISTILL_HEAD = (
+    "| pair | devices | mesh | teacher | remat | batch | state | teacher "
+    "| temp | peak | fits v5p/v5e/H100 | all-gather / all-reduce GiB | "
+    "v5p s (bound, MFU) | v5e s | H100 s | compile s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def distill_line(r: dict) -> str:
+  row, m = r["row"], r["memory"]
+  mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
+  return (f"| {row['pair']} | {row['devices']} | {mesh} | "
+          f"{row['placement']} | {'on' if row['remat'] else 'off'} | "
+          f"{row['batch']} | {_gib(r['state_bytes'])} | "
+          f"{_gib(r['teacher_bytes'])} | {_gib(m['temp'])} | "
+          f"{_gib(peak_bytes(r))} | {_fits(r)} | {_coll(r)} | "
+          f"{_time(r, 'v5p')} | {_time(r, 'v5e')} | {_time(r, 'h100')} | "
+          f"{r['compile_s']:.0f} |")
+
+
+GENERATE_HEAD = (
+    "| student | devices | mesh | student weights | batch | prompt + new "
+    "| params | temp (KV cache, ...) | peak | fits v5p/v5e/H100 | "
+    "all-gather GiB | v5p s (bound) | v5e s | H100 s | compile s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def generate_line(r: dict) -> str:
+  row, m = r["row"], r["memory"]
+  mesh = "x".join(f"{k[0]}{v}" for k, v in r["mesh"].items() if v > 1)
+  times = []
+  for key in HARDWARE:
+    b = bounds(r, HARDWARE[key])
+    times.append(f"{b['step_s']:.1f} ({b['bound_by'][0]})")
+  ag = r["hlo"]["collectives"]["all-gather"]["src_bytes"]
+  return (f"| {row['student']} | {row['devices']} | {mesh} | "
+          f"{row['placement']} | {row['batch']} | "
+          f"{row['prompt']} + {row['new_tokens']} | "
+          f"{_gib(r['state_bytes'])} | {_gib(m['temp'])} | "
+          f"{_gib(peak_bytes(r))} | {_fits(r)} | {_gib(ag)} | "
+          f"{' | '.join(times)} | {r['compile_s']:.0f} |")
+
+
+def tables(results: List[dict]) -> str:
+  """The markdown tables of a list of results (failed rows listed)."""
+  ok = [r for r in results if "error" not in r]
+  dist = [r for r in ok if r["row"]["program"] == "distill"]
+  gen = [r for r in ok if r["row"]["program"] == "generate"]
+  out = []
+  if dist:
+    out += ["Distillation step (token KD, fused head loss). Bytes per "
+            "device in GiB.", "", DISTILL_HEAD]
+    out += [distill_line(r) for r in dist] + [""]
+  if gen:
+    out += ["On-policy generation (KV cache, `make_generate_fn`).", "",
+            GENERATE_HEAD]
+    out += [generate_line(r) for r in gen] + [""]
+  bad = [r for r in results if "error" in r]
+  for r in bad:
+    out.append(f"* not compiled: `{r['key']}`: {r['error']}")
+  return "\n".join(out)
