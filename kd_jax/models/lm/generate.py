@@ -30,6 +30,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.lm.model import head_kernel
 from kd_jax.models.lm.model import init_cache
 
 Array = jax.Array
@@ -153,6 +154,14 @@ def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 0.0,
   return fn
 
 
+def _head(model, variables, hidden):
+  """The model's head on ``hidden`` ``[B, D]``: the same product as its
+  ``lm_head`` Dense / tied ``embed.attend`` (both operands in the compute
+  dtype)."""
+  kernel = head_kernel(variables, model.config)
+  return jnp.dot(hidden.astype(model.dtype), kernel.astype(model.dtype))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _generate(model, temperature, top_k, top_p, max_new_tokens, eos_id, pad,
               variables, prompt, rng, prompt_mask):
@@ -162,12 +171,14 @@ def _generate(model, temperature, top_k, top_p, max_new_tokens, eos_id, pad,
                      getattr(model, "scan_layers", False))
   lengths = jnp.sum(prompt_mask, axis=1).astype(jnp.int32)  # real tokens
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
-  logits, feats = model.apply(variables, prompt, train=False, cache=cache,
-                              positions=positions,
-                              attention_mask=prompt_mask)
+  # prefill without the head: only the last position's logits are needed
+  # (the head over all T positions would be a [B, T, V] array)
+  _, feats = model.apply(variables, prompt, train=False, cache=cache,
+                         positions=positions, attention_mask=prompt_mask,
+                         logits=False)
   pick = functools.partial(_next_token, temperature=temperature, top_k=top_k,
                            top_p=top_p)
-  tok = pick(logits[:, -1], rng, 0)
+  tok = pick(_head(model, variables, feats["hidden"][:, -1]), rng, 0)
   out = jnp.concatenate(
       [prompt, jnp.full((b, max_new_tokens), pad, jnp.int32)], axis=1)
   out = out.at[:, t].set(tok)
