@@ -15,7 +15,9 @@ module from ``ENTRY`` through every called computation (fusions, calls,
   sends (``wire_bytes``: all-gather :math:`S(n-1)/n` of the gathered size,
   reduce-scatter :math:`S(n-1)` of the scattered size, all-reduce
   :math:`2S(n-1)/n`, all-to-all :math:`S(n-1)/n`, permute :math:`S`; n the
-  replica-group size), split by group size in ``by_group``.
+  replica-group size), split in ``by_group`` by group size, ``"n"``, or
+  ``"n/node"`` for a group of devices within one aligned block of 8 (an
+  8-GPU node, `group_key`).
 
 Loops are multiplied out: a ``while`` with XLA's ``known_trip_count``
 counts its body that many times (``nn.scan`` over layers), one without it
@@ -55,9 +57,12 @@ TPU/GPU program, which keeps bfloat16 end to end, would move.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from typing import Dict, List, Optional, Tuple
+
+import numpy as np
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
          "collective-permute")
@@ -146,21 +151,57 @@ def parse_module(text: str) -> Tuple[Dict[str, Dict[str, Instr]], str]:
   return comps, entry
 
 
-def group_size(attrs: str, num_devices: int) -> int:
-  """Devices per replica group of a collective's ``replica_groups=``."""
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+def first_group(attrs: str, num_devices: int) -> List[int]:
+  """Device ids (positions in the program's device assignment, i.e. in the
+  mesh's flattened order) of the first replica group of a collective."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*(?:,\s*device_ids="
+                r"\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?\s*\{([^}]*)\}", attrs)
   if m:
-    sizes = dict((k, int(v)) for k, v in
-                 re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-    return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
-  m = re.search(r"replica_groups=\[([\d,]+)\]<=", attrs)
+    axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+    names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+    order = np.arange(math.prod(sizes))
+    if m.group(2):  # the mesh's devices: an iota reshaped and transposed
+      order = order.reshape([int(x) for x in m.group(2).split(",")])
+      if m.group(3):
+        order = order.transpose([int(x) for x in m.group(3).split(",")])
+    order = order.reshape(sizes)
+    chosen = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4))]
+    index = [0] * len(sizes)
+    ids = []
+    for coords in itertools.product(*[range(sizes[i]) for i in chosen]):
+      for c, i in zip(coords, chosen):
+        index[i] = c
+      ids.append(int(order[tuple(index)]))
+    return sorted(ids)
+  m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\]"
+                r"(?:T\(([\d,]+)\))?", attrs)
   if m:
-    return int(m.group(1).split(",")[-1])
+    shape = [int(x) for x in m.group(1).split(",")]
+    ids = np.arange(math.prod(shape)).reshape(
+        [int(x) for x in m.group(2).split(",")])
+    if m.group(3):
+      ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+    return sorted(int(i) for i in ids.reshape(shape[0], -1)[0])
   m = re.search(r"replica_groups=\{\{([\d,]*)\}", attrs)
   if m:
-    return len(m.group(1).split(","))
-  m = re.search(r"source_target_pairs=", attrs)
-  return 2 if m else num_devices
+    return sorted(int(x) for x in m.group(1).split(","))
+  if "source_target_pairs=" in attrs:
+    pair = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", attrs)
+    return sorted(int(x) for x in pair.groups()) if pair else [0, 1]
+  return list(range(num_devices))
+
+
+def group_size(attrs: str, num_devices: int) -> int:
+  """Devices per replica group of a collective's ``replica_groups=``."""
+  return len(first_group(attrs, num_devices))
+
+
+def group_key(ids: List[int], node: int = 8) -> str:
+  """``"n"``, or ``"n/node"`` when the group lies within one aligned block
+  of `node` consecutive devices (one 8-GPU node when the mesh puts its
+  fastest axes there, as `make_mesh` does with ``'tensor'``)."""
+  local = ids and ids[0] // node == ids[-1] // node
+  return f"{len(ids)}/node" if local else f"{len(ids)}"
 
 
 def _calls(ins: Instr) -> List[str]:
@@ -237,7 +278,8 @@ class _Walker:
     parts = arrays(ins.shape)
     if ins.opcode == "all-gather-start" and len(parts) > 1:
       parts = parts[len(parts) // 2:]
-    n = group_size(ins.attrs, self.n)
+    ids = first_group(ins.attrs, self.n)
+    n = len(ids)
     tup = len(parts) > 1
     size = src = 0.0
     for i, (dtype, dims) in enumerate(parts):
@@ -254,7 +296,8 @@ class _Walker:
     for key, v in (("count", 1.0), ("bytes", size), ("src_bytes", src),
                    ("wire_bytes", src * factor)):
       out[(kind, key)] = out.get((kind, key), 0.0) + v
-    out[(kind, "wire", n)] = out.get((kind, "wire", n), 0.0) + src * factor
+    key = (kind, "wire", group_key(ids))
+    out[key] = out.get(key, 0.0) + src * factor
 
   def _flops(self, comp: str, ins: Instr) -> float:
     result = sum(math.prod(d) for _, d in arrays(ins.shape))
@@ -322,7 +365,7 @@ def hlo_stats(text: str, num_devices: int, *,
   for kind in KINDS:
     c = {k: tot.get((kind, k), 0.0) for k in ("count", "bytes", "src_bytes",
                                                "wire_bytes")}
-    c["by_group"] = {int(k[2]): v for k, v in tot.items()
+    c["by_group"] = {k[2]: v for k, v in tot.items()
                      if k[0] == kind and len(k) == 3}
     coll[kind] = c
   return {"dot_flops": tot.get(("flops",), 0.0), "collectives": coll,

@@ -27,8 +27,10 @@ written, every all-gathered weight written and read back), :math:`w_c` the
 ring-algorithm bytes a device sends for collective c over a group of
 :math:`n_c` devices (source dtype, see `experiments.hlo_stats`) and
 :math:`W_{link}` the per-direction bandwidth: 600 GB/s (v5p), 200 GB/s
-(v5e), 450 GB/s NVLink for H100 groups of <= 8 GPUs (one node) and 50 GB/s
-(400 Gb/s InfiniBand per GPU) for larger groups. The MFU ceiling is the
+(v5e), 450 GB/s NVLink for H100 groups inside one node (8 consecutive
+devices of the mesh: the ``'tensor'`` axis of 8) and 50 GB/s (400 Gb/s
+InfiniBand per GPU) for groups across nodes. Bound letters: F compute, M
+HBM, N network. The MFU ceiling is the
 model FLOPs (:math:`6N` per trained token, :math:`2N` per teacher token,
 plus attention :math:`12 L H d_h T` / :math:`4 L H d_h T`; PaLM, Chowdhery
 et al. 2022, App. B) over :math:`P \cdot t`.
@@ -53,9 +55,11 @@ HARDWARE = {
 }
 
 
-def link_gbs(hw: dict, group: int) -> float:
-  """Per-direction bandwidth (GB/s) a device has for a group of `group`."""
-  if hw["node"] and group <= hw["node"]:
+def link_gbs(hw: dict, group: str) -> float:
+  """Per-direction bandwidth (GB/s) a device has in a replica group
+  (`hlo_stats.group_key`: ``"n"``, or ``"n/node"`` within one 8-device
+  block: NVLink on H100)."""
+  if hw["node"] and str(group).endswith("/node"):
     return hw["node_gbs"]
   return hw["link_gbs"]
 
@@ -84,8 +88,8 @@ def bounds(r: dict, hw: dict) -> Dict[str, float]:
   hbm = r["hbm_bytes"] / (hw["hbm_gbs"] * 1e9)
   comm = 0.0
   for c in r["hlo"]["collectives"].values():
-    for n, wire in c["by_group"].items():
-      comm += wire / (link_gbs(hw, int(n)) * 1e9)
+    for group, wire in c["by_group"].items():
+      comm += wire / (link_gbs(hw, group) * 1e9)
   t = max(compute, hbm, comm)
   model = r["model_flops_per_device"]
   mfu = model / (hw["tflops"] * 1e12 * t) if t else 0.0
@@ -93,6 +97,9 @@ def bounds(r: dict, hw: dict) -> Dict[str, float]:
               key=lambda kv: kv[1])[0]
   return {"compute_s": compute, "hbm_s": hbm, "comm_s": comm, "step_s": t,
           "mfu": mfu, "bound_by": which}
+
+
+_SHORT = {"compute": "F", "HBM": "M", "comm": "N"}
 
 
 def _gib(n: float) -> str:
@@ -119,7 +126,7 @@ def _coll(r: dict) -> str:
 
 def _time(r: dict, key: str) -> str:
   b = bounds(r, HARDWARE[key])
-  return f"{b['step_s']:.2f} ({b['bound_by'][0]}, {100 * b['mfu']:.0f}%)"
+  return f"{b['step_s']:.2f} ({_SHORT[b['bound_by']]}, {100 * b['mfu']:.0f}%)"
 
 
 DISTILL_HEAD = (
@@ -156,7 +163,7 @@ def generate_line(r: dict) -> str:
   times = []
   for key in HARDWARE:
     b = bounds(r, HARDWARE[key])
-    times.append(f"{b['step_s']:.1f} ({b['bound_by'][0]})")
+    times.append(f"{b['step_s']:.1f} ({_SHORT[b['bound_by']]})")
   ag = r["hlo"]["collectives"]["all-gather"]["src_bytes"]
   return (f"| {row['student']} | {row['devices']} | {mesh} | "
           f"{row['placement']} | {row['batch']} | "
@@ -181,7 +188,29 @@ def tables(results: List[dict]) -> str:
     out += ["On-policy generation (KV cache, `make_generate_fn`).", "",
             GENERATE_HEAD]
     out += [generate_line(r) for r in gen] + [""]
+  out += compile_summary(ok)
   bad = [r for r in results if "error" in r]
   for r in bad:
     out.append(f"* not compiled: `{r['key']}`: {r['error']}")
   return "\n".join(out)
+
+
+def compile_summary(ok: List[dict]) -> List[str]:
+  """Compile seconds per program x model x devices x scan (median, max)."""
+  groups: Dict[tuple, List[float]] = {}
+  for r in ok:
+    row = r["row"]
+    name = row.get("pair") or row.get("student")
+    key = (row["program"], name, row["devices"],
+           "scanned" if row["scan"] else "unrolled")
+    groups.setdefault(key, []).append(r["compile_s"])
+  if not groups:
+    return []
+  out = ["Compile time on this machine (seconds; lowering excluded):", "",
+         "| program | model(s) | devices | layers | rows | median | max |",
+         "|---|---|---|---|---|---|---|"]
+  for key in sorted(groups):
+    v = sorted(groups[key])
+    out.append(f"| {' | '.join(str(k) for k in key)} | {len(v)} | "
+               f"{v[len(v) // 2]:.0f} | {v[-1]:.0f} |")
+  return out + [""]

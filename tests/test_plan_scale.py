@@ -23,7 +23,11 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import plan_scale
 from experiments import plan_scale_report as report
+from experiments.hlo_stats import KINDS
+from experiments.hlo_stats import first_group
+from experiments.hlo_stats import group_key
 from experiments.hlo_stats import hlo_stats
+from experiments.hlo_stats import parse_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +69,7 @@ def test_all_gather_bytes_and_ring_wire_bytes():
   # [64, 32] input): the ring bytes follow from its group size 8
   for kind, c in coll.items():
     if c["count"]:
-      assert c["by_group"] and set(c["by_group"]) == {8}, kind
+      assert c["by_group"] and set(c["by_group"]) == {"8/node"}, kind
       n = 8
       factor = {"all-gather": (n - 1) / n, "all-reduce": 2 * (n - 1) / n,
                 "reduce-scatter": n - 1, "all-to-all": (n - 1) / n,
@@ -74,9 +78,31 @@ def test_all_gather_bytes_and_ring_wire_bytes():
   assert stats["dot_flops"] == 2 * 64 * 32 * 16 / 8
 
 
+def test_replica_groups_of_mesh_axes():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))
+  x = jax.device_put(np.ones((8, 8), np.float32),
+                     NamedSharding(mesh, P("fsdp", "tensor")))
+  # a sum over the tensor axis reduces within pairs {0, 1}, ...; over fsdp
+  # within {0, 2, 4, 6}, ... (mesh order: tensor fastest); replicating the
+  # fsdp sum also gathers over tensor
+  for axis, spec, want in ((1, P("fsdp"), [[0, 1]]),
+                           (0, P(None), [[0, 1], [0, 2, 4, 6]]),
+                           (0, P("tensor"), [[0, 2, 4, 6]])):
+    f = jax.jit(lambda x, a=axis: jnp.sum(x, axis=a),
+                out_shardings=NamedSharding(mesh, spec))
+    comps, _ = parse_module(f.lower(x).compile().as_text())
+    got = sorted(first_group(i.attrs, 8) for c in comps.values()
+                 for i in c.values() if i.opcode in KINDS)
+    assert got == want, (axis, spec, got)
+  assert group_key([0, 1]) == "2/node" and group_key([0, 8]) == "2"
+  assert group_key(list(range(8, 16))) == "8/node"
+
+
 def test_bounds_pick_the_largest_term():
   r = {"hlo": {"dot_flops": 459e12, "collectives": {
-      "all-gather": {"by_group": {64: 1200e9}}}},
+      "all-gather": {"by_group": {"64": 1200e9}}}},
        "hbm_bytes": 2765e9 / 2, "model_flops_per_device": 459e12 / 2}
   b = report.bounds(r, report.HARDWARE["v5p"])
   assert b["compute_s"] == pytest.approx(1.0)
@@ -86,6 +112,9 @@ def test_bounds_pick_the_largest_term():
   assert b["mfu"] == pytest.approx(0.25)
   h = report.bounds(r, report.HARDWARE["h100"])  # 64 GPUs: across nodes
   assert h["comm_s"] == pytest.approx(1200e9 / 50e9)
+  r["hlo"]["collectives"]["all-gather"]["by_group"] = {"8/node": 900e9}
+  h = report.bounds(r, report.HARDWARE["h100"])  # inside a node: NVLink
+  assert h["comm_s"] == pytest.approx(2.0) and h["bound_by"] == "comm"
 
 
 def test_rows_of_the_default_matrix():
