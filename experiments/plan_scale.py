@@ -104,6 +104,7 @@ PAIRS = {"8b-1b": ("llama-3.1-8b", "llama-3.2-1b"),
 MESHES = ("fsdp", "fsdp_tensor", "data_fsdp")
 PLACEMENTS = ("replicated", "fsdp", "tensor", "fsdp_tensor")
 RESULT_TAG = "PLAN_RESULT "
+HLO_STATS_VERSION = 2  # = plan_scale_programs.HLO_STATS_VERSION
 
 
 def mesh_spec(name: str, devices: int, tensor: int, data: int) -> dict:
@@ -222,7 +223,9 @@ def _read(path: str) -> list:
 def run_rows(rows: list, a) -> list:
   """Every row in its own child (or all of one device count in one child
   with ``--one_process``), appended to ``a.out`` as they finish."""
-  done = {r["key"]: r for r in _read(a.out)} if a.resume else {}
+  done = {r["key"]: r for r in _read(a.out)
+          if "error" in r or r.get("hlo_stats_version") == HLO_STATS_VERSION
+          } if a.resume else {}
   results = []
   todo = [r for r in rows if row_key(r) not in done]
   results += [done[row_key(r)] for r in rows if row_key(r) in done]

@@ -30,6 +30,7 @@ from kd_jax.train.mesh_losses import shard_fused_loss
 
 EXAMPLE = np.zeros((1, 8), np.int32)
 CHUNK = 1024
+HLO_STATS_VERSION = 2  # results of older versions are recomputed
 
 
 def model(name: str, *, remat: bool = False, scan: bool = True):
@@ -227,6 +228,7 @@ def measure(row: dict) -> dict:
     hbm += row["new_tokens"] * (meta["weights_read_per_token"] +
                                 meta["kv_cache_bytes"])
   return dict(row=row, key=row_key(row), mesh=dict(par.mesh.shape),
+              hlo_stats_version=HLO_STATS_VERSION,
               lower_s=t1 - t0, compile_s=t2 - t1, memory=mem, hlo=stats,
               cost_analysis_flops=_cost_flops(compiled), hbm_bytes=hbm,
               model_flops_per_device=meta["model_flops"] / row["devices"],
