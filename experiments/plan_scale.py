@@ -104,7 +104,7 @@ PAIRS = {"8b-1b": ("llama-3.1-8b", "llama-3.2-1b"),
 MESHES = ("fsdp", "fsdp_tensor", "data_fsdp")
 PLACEMENTS = ("replicated", "fsdp", "tensor", "fsdp_tensor")
 RESULT_TAG = "PLAN_RESULT "
-HLO_STATS_VERSION = 2  # = plan_scale_programs.HLO_STATS_VERSION
+HLO_STATS_VERSION = 2  # results of older versions are recomputed (--resume)
 
 
 def mesh_spec(name: str, devices: int, tensor: int, data: int) -> dict:

@@ -19,6 +19,7 @@ import optax
 
 from experiments import hlo_stats as hlo_lib
 from experiments.plan_scale import HF_CONFIGS
+from experiments.plan_scale import HLO_STATS_VERSION
 from experiments.plan_scale import PAIRS
 from experiments.plan_scale import mesh_spec
 from experiments.plan_scale import row_key
@@ -30,7 +31,6 @@ from kd_jax.train.mesh_losses import shard_fused_loss
 
 EXAMPLE = np.zeros((1, 8), np.int32)
 CHUNK = 1024
-HLO_STATS_VERSION = 2  # results of older versions are recomputed
 
 
 def model(name: str, *, remat: bool = False, scan: bool = True):
