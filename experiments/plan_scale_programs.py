@@ -178,7 +178,9 @@ def generate_program(row: dict, par):
 
   c = student.config
   total = row["prompt"] + row["new_tokens"]
-  flops = row["batch"] * total * token_flops(c, total, False)
+  head = 2 * c.hidden_size * c.vocab_size  # the prefill needs it once
+  flops = row["batch"] * (total * token_flops(c, total, False)
+                          - (row["prompt"] - 1) * head)
   kv = (c.num_layers * row["batch"] * total * c.num_kv_heads * c.head_dim
         * 2 * 2)
   tensor = min(par.mesh.shape["tensor"], c.num_kv_heads)
