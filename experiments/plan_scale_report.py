@@ -174,19 +174,51 @@ def generate_line(r: dict) -> str:
           f"{' | '.join(times)} | {r['compile_s']:.0f} |")
 
 
+_PAIRS = {"8b-1b": 0, "70b-8b": 1}
+_MESHES = {"fsdp": 0, "fsdp_tensor": 1, "data_fsdp": 2}
+_PLACES = {"replicated": 0, "fsdp": 1, "tensor": 2, "fsdp_tensor": 3,
+           "state": 0, "gather": 1}
+
+
+def _sort_key(r: dict):
+  row = r["row"]
+  return (row["program"], _PAIRS.get(row.get("pair"), 9),
+          row.get("student", ""), row["devices"], _MESHES[row["mesh"]],
+          _PLACES.get(row["placement"], 9), not row.get("remat", False),
+          row["batch"], not row["scan"])
+
+
+def _distill_sections(dist: List[dict]) -> List[str]:
+  main = [r for r in dist if r["row"]["scan"]
+          and r["row"]["batch"] == r["row"]["devices"]]
+  sweep = [r for r in dist if r["row"]["scan"] and r["row"]["mesh"] == "fsdp"
+           and r["row"]["placement"] == "fsdp" and r["row"]["remat"]]
+  unrolled = [r for r in dist if not r["row"]["scan"]]
+  twins = [r for r in main if any(
+      dict(u["row"], scan=True) == r["row"] for u in unrolled)]
+  out = ["Distillation step (token KD, fused head loss), one sequence of "
+         "4,096 tokens per device (batch = devices). Bytes per device in "
+         "GiB.", "", DISTILL_HEAD] + [distill_line(r) for r in main] + [""]
+  if sweep:
+    out += ["Batch sweep (`{fsdp: N}`, teacher FSDP, remat on):", "",
+            DISTILL_HEAD] + [distill_line(r) for r in sweep] + [""]
+  if unrolled:
+    out += ["Layers unrolled (`scan_layers=False`) next to the scanned "
+            "step:", "", DISTILL_HEAD]
+    out += [distill_line(r) for r in sorted(twins + unrolled,
+                                            key=_sort_key)] + [""]
+  return out
+
+
 def tables(results: List[dict]) -> str:
   """The markdown tables of a list of results (failed rows listed)."""
-  ok = [r for r in results if "error" not in r]
+  ok = sorted((r for r in results if "error" not in r), key=_sort_key)
   dist = [r for r in ok if r["row"]["program"] == "distill"]
   gen = [r for r in ok if r["row"]["program"] == "generate"]
-  out = []
-  if dist:
-    out += ["Distillation step (token KD, fused head loss). Bytes per "
-            "device in GiB.", "", DISTILL_HEAD]
-    out += [distill_line(r) for r in dist] + [""]
+  out = _distill_sections(dist) if dist else []
   if gen:
-    out += ["On-policy generation (KV cache, `make_generate_fn`).", "",
-            GENERATE_HEAD]
+    out += ["On-policy generation (KV cache, `make_generate_fn`, sampling "
+            "at temperature 0.9).", "", GENERATE_HEAD]
     out += [generate_line(r) for r in gen] + [""]
   out += compile_summary(ok)
   bad = [r for r in results if "error" in r]
