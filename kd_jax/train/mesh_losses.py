@@ -7,8 +7,9 @@ resolves that by all-gathering the scanned tokens: every device then
 computes the head loss of the *global* batch, and sharding propagation
 carries the replicated layout back into the models (compiling the Llama-3.1
 8B -> Llama-3.2 1B step of `experiments/plan_scale.py` on 64 simulated
-devices at 64 x 4096 tokens: 546 GiB of temporaries per device, against
-14.8 GiB with `shard_fused_loss`; docs/scaling.md).
+devices at 64 x 4096 tokens: 547 GiB of temporaries and 1,236 TFLOP of
+matmuls per device, against 15.5 GiB and 120 TFLOP with
+`shard_fused_loss`; docs/scaling.md).
 
 `shard_fused_loss(mesh)` returns a drop-in `fused_loss` for
 `kd_jax.train.lm_steps.make_lm_distill_step(fused=True, fused_loss=...)`
