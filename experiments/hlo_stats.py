@@ -44,7 +44,7 @@ TPU/GPU program, which keeps bfloat16 end to end, would move.
 ... }
 ... ENTRY %main (a: f32[4,8]) -> f32[4,8] {
 ...   %a = f32[4,8]{1,0} parameter(0)
-...   %w = (s32[], f32[4,8]{1,0}) while(%t0), condition=%c, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+...   %w = (s32[], f32[4,8]) while(%t0), body=%body, backend_config={"known_trip_count":{"n":"3"}}
 ...   ROOT %r = f32[4,8]{1,0} get-tuple-element(%w), index=1
 ... }'''
 >>> s = hlo_stats(text, 2)

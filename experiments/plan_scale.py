@@ -104,6 +104,7 @@ PAIRS = {"8b-1b": ("llama-3.1-8b", "llama-3.2-1b"),
 MESHES = ("fsdp", "fsdp_tensor", "data_fsdp")
 PLACEMENTS = ("replicated", "fsdp", "tensor", "fsdp_tensor")
 RESULT_TAG = "PLAN_RESULT "
+CHECK_TAG = "PLAN_CHECK "
 HLO_STATS_VERSION = 2  # results of older versions are recomputed (--resume)
 
 
@@ -190,9 +191,9 @@ def all_rows(a) -> list:
 # Running rows in child processes (the device count is fixed per process).
 
 
-def run_child(args: list, devices: int, timeout: float) -> list:
-  """Runs ``plan_scale`` with `args` under N simulated devices; the
-  ``PLAN_RESULT`` lines it prints, or one error record."""
+def _child(args: list, devices: int, timeout: float):
+  """(stdout, error or None) of ``plan_scale`` run with `args` under N
+  simulated devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={devices}"
@@ -204,13 +205,24 @@ def run_child(args: list, devices: int, timeout: float) -> list:
                        cwd=os.path.dirname(os.path.dirname(
                            os.path.abspath(__file__))))
   except subprocess.TimeoutExpired:
-    return [{"error": f"compile did not finish within {timeout:.0f} s"}]
-  out = [json.loads(line[len(RESULT_TAG):]) for line in p.stdout.splitlines()
-         if line.startswith(RESULT_TAG)]
-  if p.returncode and not out:
+    return "", f"compile did not finish within {timeout:.0f} s"
+  if p.returncode:
     tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return [{"error": f"child exited {p.returncode}: {tail[:300]}"}]
-  return out
+    return p.stdout, f"child exited {p.returncode}: {tail[:300]}"
+  return p.stdout, None
+
+
+def _records(stdout: str, tag: str) -> list:
+  return [json.loads(line[len(tag):]) for line in stdout.splitlines()
+          if line.startswith(tag)]
+
+
+def run_child(args: list, devices: int, timeout: float,
+              tag: str = RESULT_TAG) -> list:
+  """The records a child prints after `tag`, or one error record."""
+  stdout, error = _child(args, devices, timeout)
+  out = _records(stdout, tag)
+  return out if out or not error else [{"error": error}]
 
 
 def _read(path: str) -> list:
@@ -236,8 +248,8 @@ def run_rows(rows: list, a) -> list:
     if not group:
       continue
     t0 = time.perf_counter()
-    got = run_child(["--_rows", json.dumps(group)], group[0]["devices"],
-                    a.timeout * len(group))
+    got = run_child(["--_rows", json.dumps({"rows": group})],
+                    group[0]["devices"], a.timeout * len(group))
     if len(got) != len(group):  # a crash: attribute the error to the rest
       err = got[-1].get("error", "no result") if got else "no result"
       got = got[:-1] if got and "error" in got[-1] else got
@@ -304,7 +316,6 @@ def parse(argv=None):
   p.add_argument("--tiny", action="store_true",
                  help="CI: tiny models on 8 devices, all rows + the check")
   p.add_argument("--_rows", default="", help=argparse.SUPPRESS)
-  p.add_argument("--_check", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a.tiny:  # one distill row, one generate row, one cross-check row
     a.pairs, a.devices, a.seq, a.new_tokens = ["tiny"], [8], 64, 16
@@ -326,20 +337,26 @@ def parse(argv=None):
 
 
 def _child_main(a) -> None:
-  """Inside a child: compile the rows (or the check) and print results."""
-  if a._rows:  # pylint: disable=protected-access
-    from experiments import plan_scale_programs as programs  # pylint: disable=g-import-not-at-top
-    for row in json.loads(a._rows):  # pylint: disable=protected-access
-      try:
-        out = programs.measure(row)
-      except Exception as e:  # pylint: disable=broad-except
-        out = {"row": row, "key": row_key(row),
-               "error": f"{type(e).__name__}: {str(e)[:400]}"}
-      print(RESULT_TAG + json.dumps(out), flush=True)
-    return
-  from experiments import plan_scale_check as check  # pylint: disable=g-import-not-at-top
-  for row in json.loads(a._check):  # pylint: disable=protected-access
-    print(RESULT_TAG + json.dumps(check.check_row(row)), flush=True)
+  """Inside a child: compile ``{"rows": [...], "check": [...]}`` and print
+  one record per row (the cross-check of a row also compiled as a row
+  reuses its compile-only numbers)."""
+  from experiments import plan_scale_programs as programs  # pylint: disable=g-import-not-at-top
+  spec = json.loads(a._rows)  # pylint: disable=protected-access
+  measured = {}
+  for row in spec.get("rows", []):
+    try:
+      out = programs.measure(row)
+    except Exception as e:  # pylint: disable=broad-except
+      out = {"row": row, "key": row_key(row),
+             "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    measured[row_key(row)] = out
+    print(RESULT_TAG + json.dumps(out), flush=True)
+  if spec.get("check"):
+    from experiments import plan_scale_check as check  # pylint: disable=g-import-not-at-top
+    for row in spec["check"]:
+      got = measured.get(row_key(row))
+      out = check.check_row(row, got if got and "error" not in got else None)
+      print(CHECK_TAG + json.dumps(out), flush=True)
 
 
 def _update_doc(path: str, text: str, tag: str) -> None:
@@ -353,42 +370,68 @@ def _update_doc(path: str, text: str, tag: str) -> None:
     f.write(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
-def run_check(a) -> str:
-  from experiments.plan_scale_check import check_rows, check_table  # pylint: disable=g-import-not-at-top
-  if a.tiny:
-    rows = check_rows("tiny", 64, 8, ["fsdp_tensor"], ["fsdp_tensor"],
-                      [False])
-  else:
-    rows = check_rows("small", 512, 16, list(MESHES), list(PLACEMENTS),
-                      [True, False])
+def _check_rows(a) -> list:
+  from experiments.plan_scale_check import check_rows  # pylint: disable=g-import-not-at-top
+  if a.tiny:  # the tiny distill row itself
+    return check_rows("tiny", a.seq, a.batch_for(8)[0], a.meshes,
+                      a.placements, a.remat)
+  return check_rows("small", 512, 16, list(MESHES), list(PLACEMENTS),
+                    [True, False])
+
+
+def run_check(a, got=None) -> str:
+  """The cross-check table: computed in a child (or `got`, already
+  computed; with ``--resume``, read back from ``<out>.check``)."""
+  from experiments.plan_scale_check import check_table  # pylint: disable=g-import-not-at-top
+  rows = _check_rows(a)
   saved = a.out + ".check" if a.out else ""
-  if a.resume and saved and os.path.exists(saved):
-    got = _read(saved)  # rendered again, not recomputed
-    return check_table([g for g in got if g["row"] in rows])
-  got = run_child(["--_check", json.dumps(rows)], 8, a.timeout * len(rows))
+  if got is None and a.resume and saved and os.path.exists(saved):
+    return check_table([g for g in _read(saved) if g["row"] in rows])
+  if got is None:
+    got = run_child(["--_rows", json.dumps({"check": rows})], 8,
+                    a.timeout * len(rows), tag=CHECK_TAG)
   bad = [g for g in got if "error" in g]
-  if bad:
-    raise SystemExit(f"cross-check failed: {bad[0]['error']}")
+  if bad or not got:
+    raise SystemExit(f"cross-check failed: "
+                     f"{bad[0]['error'] if bad else 'no result'}")
   if saved:
     with open(saved, "w") as f:
       f.write("\n".join(json.dumps(g) for g in got) + "\n")
   return check_table(got)
 
 
+def run_tiny(a):
+  """CI: the tiny rows and the cross-check of the distill row, in one child
+  process (8 devices). Returns (results, checks)."""
+  spec = {"rows": all_rows(a), "check": _check_rows(a)}
+  stdout, error = _child(["--_rows", json.dumps(spec)], 8, a.timeout)
+  if error:
+    raise SystemExit(f"plan_scale --tiny failed: {error}")
+  results = _records(stdout, RESULT_TAG)
+  if a.out:
+    with open(a.out, "w") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in results))
+  return results, _records(stdout, CHECK_TAG)
+
+
 def main(argv=None) -> None:
   a = parse(argv)
-  if a._rows or a._check:  # pylint: disable=protected-access
+  if a._rows:  # pylint: disable=protected-access
     _child_main(a)
     return
-  if a.check or a.tiny:
-    t0 = time.perf_counter()
+  if a.tiny:
+    results, checks = run_tiny(a)
+    table = run_check(a, checks)
+  elif a.check:
     table = run_check(a)
-    print(table + f"\n(cross-check {time.perf_counter() - t0:.0f} s)\n")
+  if a.check or a.tiny:
+    print(table + "\n")
     if a.doc:
       _update_doc(a.doc, table, "plan_scale_check")
     if a.check:
       return
-  results = run_rows(all_rows(a), a)
+  else:
+    results = run_rows(all_rows(a), a)
   md = report.tables(results)
   print(md)
   if a.doc:

@@ -99,11 +99,17 @@ def _run_sampled(fn, args) -> int:
   return max(peak[0], _rss()) - base
 
 
-def check_row(row: dict) -> dict:
+def check_row(row: dict, measured=None) -> dict:
+  """Compile-only vs real for one distill row; `measured` (the row's
+  `plan_scale_programs.measure` result) saves the compile-only compile."""
   spec = mesh_spec(row["mesh"], row["devices"], row["tensor"], row["data"])
   par = S.MeshParallel(spec)
   fn, args, meta = P.distill_program(row, par)
-  abstract = P._memory(fn.lower(*args).compile())  # pylint: disable=protected-access
+  if measured is None:
+    abstract = P._memory(fn.lower(*args).compile())  # pylint: disable=protected-access
+  else:
+    abstract = dict(measured["memory"])
+    meta = {k: measured[k] for k in ("state_bytes", "teacher_bytes")}
   state, tv, batch = _real_inputs(row, par)
   compiled = fn.lower(state, tv, batch).compile()
   rep = S.memory_report(state, tv, compiled)
