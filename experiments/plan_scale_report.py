@@ -198,7 +198,12 @@ def _distill_sections(dist: List[dict]) -> List[str]:
       dict(u["row"], scan=True) == r["row"] for u in unrolled)]
   out = ["Distillation step (token KD, fused head loss), one sequence of "
          "4,096 tokens per device (batch = devices). Bytes per device in "
-         "GiB.", "", DISTILL_HEAD] + [distill_line(r) for r in main] + [""]
+         "GiB; mesh `f8xt8` = `{fsdp: 8, tensor: 8}`, `d4xf16` = `{data: 4, "
+         "fsdp: 16}`; fits: `yes` = XLA:CPU's peak fits the HBM, `yes*` = "
+         "only with its float32 copies counted at bf16 size; per "
+         "accelerator the step-time lower bound in seconds, what bounds it "
+         "(F compute, M HBM, N network) and the MFU ceiling.", "",
+         DISTILL_HEAD] + [distill_line(r) for r in main] + [""]
   if sweep:
     out += ["Batch sweep (`{fsdp: N}`, teacher FSDP, remat on):", "",
             DISTILL_HEAD] + [distill_line(r) for r in sweep] + [""]
