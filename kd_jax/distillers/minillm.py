@@ -336,7 +336,9 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
   opt_state, metrics)`` with ``batch = {"tokens": int [N, L]}`` (the
   prompts are ``tokens[:, :prompt_len]``; N = the authors'
   ``num_rollouts``) and optionally ``"pt_tokens": int [U, b', L']``, one
-  plain-text batch per update (``U = ppo_epochs * (N // batch_size)``).
+  plain-text batch per update (``U = ppo_epochs * (N // batch_size)``),
+  with an optional bool ``"pt_mask"`` ``[U, b', L']`` (which tokens are
+  pre-training *targets*, as the LM steps' ``mask``; default all).
 
   1. Rollout, in chunks of `chunk_size` rows (``lax.map``; default all N):
      ``generate(params, teacher_variables, prompts, key) -> [n, L]``
@@ -380,9 +382,14 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
       raise ValueError(f"pt_tokens needs one batch per update: "
                        f"{order.shape[0]} (ppo_epochs x N // batch_size), "
                        f"got {pt.shape[0]}")
+    pt_mask = batch.get("pt_mask")
+    if pt_mask is not None and (pt is None or pt_mask.shape != pt.shape):
+      raise ValueError(f"pt_mask must have pt_tokens' shape "
+                       f"{None if pt is None else tuple(pt.shape)}; got "
+                       f"{tuple(pt_mask.shape)}")
     update = functools.partial(_ppo_update, spec, tv, rollout)
     (params, opt_state), ms = jax.lax.scan(update, (params, opt_state),
-                                           (order, pt))
+                                           (order, pt, pt_mask))
     metrics = {k: jnp.mean(v) for k, v in ms.items()}
     metrics.update({k: jnp.mean(v) for k, v in roll_metrics.items()})
     if axis_name is not None:
@@ -436,7 +443,7 @@ def _ppo_update(spec: _StepSpec, tv, rollout: Rollout, carry, xs):
   minibatch (and the pt batch), `minillm_loss`, the optimizer."""
   import optax  # pylint: disable=g-import-not-at-top
   params, opt_state = carry
-  idx, pt_tokens = xs
+  idx, pt_tokens, pt_mask = xs
   mb = select(rollout, idx)
   t_mb = jax.lax.stop_gradient(spec.teacher_apply(tv, mb.tokens[:, :-1]))
   pt_t = None
@@ -446,8 +453,10 @@ def _ppo_update(spec: _StepSpec, tv, rollout: Rollout, carry, xs):
   def loss_fn(p):
     pt_batch = None
     if pt_tokens is not None:
+      where = (jnp.ones(pt_tokens[:, 1:].shape, bool) if pt_mask is None
+               else pt_mask[:, 1:].astype(bool))
       pt_batch = (spec.student_apply(p, pt_tokens[:, :-1]), pt_t,
-                  pt_tokens[:, 1:], jnp.ones(pt_tokens[:, 1:].shape, bool))
+                  pt_tokens[:, 1:], where)
     return minillm_loss(spec.student_apply(p, mb.tokens[:, :-1]), t_mb, mb,
                         spec.config, prompt_len=spec.prompt_len, pt=pt_batch,
                         axis_name=spec.axis_name)
