@@ -1,17 +1,16 @@
 """The LM main job: language-model distillation on Jane Austen's novels.
 
 Prepare the corpus once (Debian package r-cran-janeaustenr: public-domain
-texts from Project Gutenberg, MIT-licensed package; ~15 s)::
+texts from Project Gutenberg, MIT-licensed package; the .deb is downloaded
+into the data folder; ~15 s)::
 
     mkdir -p workdirs/lm_data && (cd workdirs/lm_data && apt-get download r-cran-janeaustenr)
-    python experiments/prepare_corpus.py --data_dir workdirs/lm_data \\
-        --name jane_austen_v2048_s64 --vocab_size 2048 --seq_len 64 \\
-        --source workdirs/lm_data/r-cran-janeaustenr_1.0.0-1_all.deb
+    python experiments/prepare_corpus.py --data_dir workdirs/lm_data --name jane_austen_v2048_s64 --vocab_size 2048 --seq_len 64
 
 then::
 
     python -m experiments.main --config=configs/lm_jane_austen.py \\
-        --workdir=workdirs/lm_jane_austen [--config.seed_experiment.scale=8] \\
+        --workdir=workdirs/lm_jane_austen [--config.seed_experiment.scale=4] \\
         [--config.data.data_dir=workdirs/lm_data] \\
         [--config.train.parallel=jit --config.train.mesh='{"fsdp": 4, "tensor": 2}' \\
          --config.teacher.sharding=tensor]

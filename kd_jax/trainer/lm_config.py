@@ -160,7 +160,8 @@ def read_metadata(folder: str, key: str = "data", *,
   the folder and the command that prepares it when it is missing)."""
   from kd_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(folder, text_lib.METADATA_FILE)
-  how = ("prepare it with `" + prepare_command(data_dir, name) + "` (docs/lm.md)"
+  how = ("prepare it with `" + prepare_command(data_dir, name)
+         + "` (docs/lm.md)"
          if name else "prepare it with experiments/prepare_corpus.py "
          "(docs/lm.md)")
   if not os.path.isdir(folder):
