@@ -210,7 +210,7 @@ class LMTask(loop.Task):
     step = lm_steps.make_lm_step(
         self.student, teacher, self.objective, self.tx,
         generation=_generation(rc, self.student, self.teacher), fused=fused,
-        axis_name=p.axis_name)
+        axis_name=p.axis_name, on_nonfinite=rc.train.on_nonfinite)
     fn = lambda state, consts, batch: step(  # noqa: E731
         state, consts.get("teacher"), batch)
     self.single = p.compile(fn)

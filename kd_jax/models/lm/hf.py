@@ -157,7 +157,12 @@ def load_tokenizer(path: str, *, vocab_size: Optional[int] = None):
     path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no tokenizer file at {path}")
-  tok = tokenizers.Tokenizer.from_file(path)
+  try:
+    tok = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # pylint: disable=broad-except  (tokenizers' errors)
+    raise ValueError(f"tokenizer file {path} cannot be read "
+                     f"({_first_line(e)}): truncated or not a tokenizer"
+                     ) from None
   if vocab_size is not None:
     check_tokenizer(tok, vocab_size)
   return tok
@@ -180,14 +185,28 @@ def read_safetensors(path: str) -> dict:
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
 
   out = {}
-  with safe_open(path, framework="numpy") as fh:
-    for name in fh.keys():
-      try:
-        out[name] = fh.get_tensor(name)
-      except TypeError:  # bfloat16
-        with safe_open(path, framework="flax") as fj:
-          out[name] = np.asarray(fj.get_tensor(name).astype(jnp.float32))
+  try:
+    with safe_open(path, framework="numpy") as fh:
+      for name in fh.keys():
+        try:
+          out[name] = fh.get_tensor(name)
+        except TypeError:  # bfloat16
+          with safe_open(path, framework="flax") as fj:
+            out[name] = np.asarray(fj.get_tensor(name).astype(jnp.float32))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"weights file {path} cannot be read "
+                     f"({_first_line(e)}): truncated or damaged") from None
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError)
+    if type(e).__name__ != "SafetensorError":
+      raise
+    raise ValueError(f"weights file {path} cannot be read "
+                     f"({_first_line(e)}): truncated or damaged") from None
   return out
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def load_hf_folder(path: str, *, dtype=jnp.bfloat16):
