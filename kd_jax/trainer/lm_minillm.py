@@ -41,8 +41,9 @@ def prompt_len(rc) -> int:
 
 def make_step(rc, student, teacher, tx):
   """``step(state, teacher_variables, batch) -> (state, metrics)``: one
-  outer step; metrics are ``[U]`` (the updates' values; rollout statistics
-  repeated) so the loop's train records average them per update."""
+  outer step; metrics are ``[U]`` (the updates' values, ``nonfinite``
+  included; rollout statistics repeated) so the loop's train records and
+  its NaN / inf checks see every update."""
   cfg = lm_config.minillm_config(rc)
   m, g = rc.section("minillm"), rc.section("generation")
   u, p, eos = lm_config.minillm_updates(rc), prompt_len(rc), rc.data.eos_id
@@ -61,7 +62,8 @@ def make_step(rc, student, teacher, tx):
       lambda tr, x: student.apply(params(tr), x)[0].astype(jnp.float32),
       lambda tv, x: teacher.apply(tv, x)[0].astype(jnp.float32),
       generate, tx, cfg, prompt_len=p, batch_size=rc.train.batch_size,
-      chunk_size=m.chunk_size or None, eos_id=eos)
+      chunk_size=m.chunk_size or None, eos_id=eos, per_update_metrics=True,
+      on_nonfinite=rc.train.on_nonfinite)
   completion = m.pt_positions == "completion"
 
   def step(state, teacher_variables, batch):
@@ -78,8 +80,7 @@ def make_step(rc, student, teacher, tx):
     new = state.replace(step=state.step + u, params=trainable["student"],
                         distiller_params=trainable["distiller"],
                         opt_state=opt_state)
-    metrics["loss"] = metrics["tot_loss"]
-    return new, {k: jnp.broadcast_to(v, (u,)) for k, v in metrics.items()}
+    return new, dict(metrics, loss=metrics["tot_loss"])
 
   return step
 
