@@ -390,3 +390,12 @@ def test_single_run_configs_parse(mode, corpus):  # noqa: F811
     assert rc.model.init_checkpoint == "workdirs/lm_single/train"
   with pytest.raises(ValueError, match="unknown mode 'kd'"):
     importlib.import_module("configs.lm_single").get_config("kd")
+
+
+def test_single_config_without_a_known_mode_is_one_line(tmp_path):
+  for spec, want in (("configs/lm_single.py:kd", "unknown mode 'kd'"),
+                     ("configs/lm_single.py", "needs a mode")):
+    out = _cli(os.path.join(ROOT, spec), str(tmp_path / "wd"))
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-2000:]
+    assert want in errors[0] and "gkd, minillm" in errors[0]
