@@ -213,6 +213,7 @@ def test_gkd_on_policy_generation_on_mesh_equals_one_device(
   assert all(r["on_policy"] == 1.0 for r in recs)
 
 
+@pytest.mark.slow
 def test_minillm_on_mesh_equals_one_device(corpus, teacher, tmp_path):  # noqa: F811
   """MiniLLM's outer steps (teacher-mixed sampling in chunks, the PPO
   minibatch gathers, advantages whitened over the global minibatch) on the
