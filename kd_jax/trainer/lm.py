@@ -7,7 +7,12 @@ restored into its placement), the token-level `Objective`
 (`terms.build_objective`), the optimizer (`kd_jax.train.optim`), and the
 engine's one LM step (`kd_jax.train.lm_steps.make_lm_step`) with the run's
 options: `generation` (Seq-KD / on-policy GKD), the teacher's top-k cache
-(``teacher.precompute``) or the fused head loss (``loss.fused_head``).
+(``teacher.precompute``) or the fused head loss (``loss.fused_head``);
+or, with ``minillm.enabled``, MiniLLM's outer steps (`lm_minillm`: one call
+= rollouts + U optimizer updates; the loop's steps count the updates).
+``model.init_checkpoint`` starts the student from another run's newest
+parameters. ``units['tokens']`` and the report's ``loss_tokens`` /
+``teacher_tokens`` / ``generated_tokens`` are the run's budget (`budget`).
 Held-out perplexity :math:`\\exp(\\sum \\mathrm{nll} / \\sum n)` of every
 ``data.eval_splits`` split is the evaluation.
 """
