@@ -36,7 +36,9 @@ the best one, mean ± std over seeds -- with, for distillation phases, the
 paired gain over ``seed_experiment.student_phase`` (same seed; > 0 =
 distillation helps) and its 95% t-interval, the paired gains of the phase
 pairs in ``seed_experiment.comparisons`` (e.g. a method against plain
-KD), and wall time and throughput per phase. Printed, and saved as ``results.md`` / ``results.json``.
+KD), and wall time and throughput per phase. The gains are on the task's
+gain metric, or on ``seed_experiment.gain_metric`` (a metric key, e.g.
+``'test_bpb'``: bits per byte compares models with different tokenizers). Printed, and saved as ``results.md`` / ``results.json``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import loop
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
-         "student_phase", "scale", "comparisons")
+         "student_phase", "scale", "comparisons", "gain_metric")
 _COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
 
 
@@ -145,6 +147,8 @@ def validate(config) -> None:
   if student and student not in phases:
     raise trainer.ConfigError("seed_experiment.student_phase",
                               f"unknown phase {student!r}; phases: {phases}.")
+  if se.get("gain_metric", ""):
+    _metrics(config)  # a known metric
   for p in phases:
     pc = phase_config(config, p, tuple(se.seeds)[0])
     try:
@@ -399,11 +403,20 @@ def paired_interval(diffs) -> Dict[str, Any]:
 
 
 def _metrics(config) -> Tuple[loop.Metric, ...]:
-  """The task's metrics (from the first phase's parsed config)."""
+  """The task's metrics (from the first phase's parsed config), the gain
+  on ``seed_experiment.gain_metric`` when given."""
   p = phase_order(config)[0]
   rc = trainer.parse(phase_config(config, p, tuple(
       config.seed_experiment.seeds)[0]), check_paths=False)
-  return loop.TASKS[rc.task].metrics(rc)
+  metrics = loop.TASKS[rc.task].metrics(rc)
+  key = config.seed_experiment.get("gain_metric", "") or ""
+  if not key:
+    return metrics
+  if key not in [m.key for m in metrics]:
+    raise trainer.ConfigError("seed_experiment.gain_metric", f"unknown "
+                              f"metric {key!r}; the task's: "
+                              f"{[m.key for m in metrics]}.")
+  return tuple(dataclasses.replace(m, gain=m.key == key) for m in metrics)
 
 
 def _rates(reps) -> Dict[str, List[Any]]:

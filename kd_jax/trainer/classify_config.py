@@ -139,6 +139,11 @@ def _validate_loss(rc) -> None:
   if lo.fused_head:
     raise ConfigError("loss.fused_head", "a fused head loss is for language "
                       "models (task 'lm').")
+  for s in lo.terms:
+    if s.kind == "cross_tokenizer":
+      raise ConfigError(f"loss.terms.{s.label}", f"{s.name!r} distils "
+                        "across tokenizers: a language-model term (task "
+                        "'lm').")
   if not rc.distill:
     return
   if not lo.terms:
