@@ -68,6 +68,14 @@ Language models (`lm_config()`): `data` = a prepared text dataset
 (+ the teacher's `topk` / `cache_dir` for `precompute`); `generation` =
 `max_new_tokens` (0: train on the data), `lmbda`, `seq_kd`, `temperature`,
 `top_k`, `top_p` (Seq-KD / on-policy GKD, TRL's names; docs/lm.md).
+A teacher with its own tokenizer (docs/cross_tokenizer.md,
+`configs/lm_cross_tokenizer.py`): `teacher.data_name` (its prepared dataset
+in `data.data_dir`) or `teacher.tokenizer` (a tokenizer.json), optional
+`teacher.seq_len` (teacher tokens per window, 0 = automatic), and
+cross-tokenizer terms `loss.terms.<label> = {'name': 'uld' |
+'extended_uld' | 'hybrid', 'weight', temperatures, 'merge', 'beta',
+'matched_by', ...}`. Every LM evaluation reports perplexity and bits per
+byte (`<split>_bpb`) per held-out split.
 """
 
 import ml_collections
