@@ -294,8 +294,8 @@ def _headline(rep: Dict[str, Any], metrics) -> str:
     if not m.table or rep.get(f"last_{m.key}") is None:
       continue
     last, best = rep[f"last_{m.key}"], rep[f"best_{m.key}"]
-    parts.append(f"{m.label} last {m.scale * last:.2f}, best "
-                 f"{m.scale * best:.2f}")
+    parts.append(f"{m.label} last {m.scale * last:.{m.digits}f}, best "
+                 f"{m.scale * best:.{m.digits}f}")
   return "; ".join(parts) + f", {rep['wall_s']:.1f} s"
 
 
@@ -472,12 +472,13 @@ def _gains(ph_a, ph_b, metrics) -> Dict[str, Any]:
   return out
 
 
-def _fmt_gain(g) -> str:
+def _fmt_gain(g, digits: int = 2) -> str:
   if g is None:
     return ""
+  f = lambda x: f"{x:+.{digits}f}"  # noqa: E731
   if g["ci95"] is None:
-    return f"{g['mean']:+.2f}"
-  return f"{g['mean']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
+    return f(g["mean"])
+  return f"{f(g['mean'])} [{f(g['ci95'][0])}, {f(g['ci95'][1])}]"
 
 
 def _fmt_rate(v) -> str:
@@ -510,11 +511,13 @@ def format_markdown(config, results) -> str:
     model += f" <- {v['teacher']}" if v.get("teacher") else ""
     row = [p + shared, v["mode"], model]
     for m in shown:
-      row += [metrics_io.fmt_mean_std(v[f"{w}_{m.key}"], scale=m.scale)
+      row += [metrics_io.fmt_mean_std(v[f"{w}_{m.key}"], scale=m.scale,
+                                      digits=m.digits)
               for w in ("last", "best")]
     g = results["gains"].get(p, {})
     if gain:
-      row += [_fmt_gain(g.get(f"{w}_{gain.key}")) for w in ("last", "best")]
+      row += [_fmt_gain(g.get(f"{w}_{gain.key}"), gain.digits)
+              for w in ("last", "best")]
     rows.append(row)
   lines.append(metrics_io.markdown_table(header, rows))
   if results.get("comparisons") and gain:
@@ -522,8 +525,8 @@ def format_markdown(config, results) -> str:
               "first phase is better):", ""]
     lines.append(metrics_io.markdown_table(
         ["phases", "gain last", "gain best"],
-        [[k, _fmt_gain(g.get(f"last_{gain.key}")),
-          _fmt_gain(g.get(f"best_{gain.key}"))]
+        [[k, _fmt_gain(g.get(f"last_{gain.key}"), gain.digits),
+          _fmt_gain(g.get(f"best_{gain.key}"), gain.digits)]
          for k, g in results["comparisons"].items()]))
   unit = "tokens" if any("tokens_per_sec" in v for v in ph.values()) else (
       "examples")

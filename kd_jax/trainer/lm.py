@@ -138,8 +138,8 @@ class LMTask(loop.Task):
     out = tuple(loop.Metric(f"{s}_ppl", f"{s} ppl", higher=False,
                             gain=s == splits[-1]) for s in splits)
     if lm_cross.folder_byte_lengths(rc.data.folder) is not None:
-      out += tuple(loop.Metric(f"{s}_bpb", f"{s} bits/byte", higher=False)
-                   for s in splits)
+      out += tuple(loop.Metric(f"{s}_bpb", f"{s} bits/byte", higher=False,
+                               digits=3) for s in splits)
     return out
 
   def __init__(self, rc, workdir: str, *, dry_run: bool = False):
