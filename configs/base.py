@@ -44,7 +44,10 @@ Keys (both tasks):
   `eval_every_steps` (> 0: evaluate every N steps instead), `log_every_steps`,
   `parallel` (none | jit | pmap), `num_devices` (0 = all), `progress_bar`,
   `pretrain_max_steps` (cap on a distiller's initialization stage -- AB /
-  FT / FSP; 0 = the stage's own `epochs`), `mesh` / `sharding_rules`
+  FT / FSP; 0 = the stage's own `epochs`), `on_nonfinite` ('stop': a NaN /
+  inf loss or gradient stops the run naming the step, the last good
+  checkpoint kept; 'skip_update': such updates are skipped, the run stops
+  after `max_consecutive_skips` in a row), `mesh` / `sharding_rules`
   (docs/parallelism.md).
 * `checkpoint`: `enabled`, `every_steps` (0 = only at epoch ends, see
   `every_epochs`), `every_epochs`, `keep`, `keep_best`, `async_save`.
@@ -155,6 +158,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_devices = 0
   c.train.progress_bar = True
   c.train.pretrain_max_steps = 0  # cap on distiller init stages (0: none)
+  c.train.on_nonfinite = "stop"   # NaN / inf: 'stop' | 'skip_update'
+  c.train.max_consecutive_skips = 10
   # A device mesh (parallel 'jit'), e.g. {'data': 2, 'fsdp': 4, 'tensor': 1},
   # and optional (regex, spec) rules for the student state on it
   # (docs/parallelism.md). None: 'jit' is data parallel over all devices.

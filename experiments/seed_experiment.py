@@ -57,6 +57,7 @@ from kd_jax import metrics_io
 from kd_jax import trainer
 from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import loop
+from kd_jax.trainer import workdir as workdir_lib
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
          "student_phase", "scale", "comparisons", "gain_metric")
@@ -338,10 +339,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """
   config = span_processes(trainer.apply_debug(config))
   validate(config)
+  with workdir_lib.locked(workdir, main=is_main()):
+    return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> Dict[str, Any]:
   se = config.seed_experiment
   seeds = [int(s) for s in se.seeds]
   phases = phase_order(config)
-  os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in phases}
   reused: Dict[Any, bool] = {}

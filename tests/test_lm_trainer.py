@@ -319,3 +319,27 @@ def test_main_job_config_validates_and_scales(corpus):
   assert big.data.train_sequences == 2 * base.data.train_sequences
   assert big.teacher.overrides.hidden_size == 2 * 128  # llama_1m: D=128
   assert se_lib.phase_config(c, "teacher", 0).data.train_sequences == 0
+
+
+def test_unknown_keys_are_refused_with_the_closest_name(corpus):
+  """The one schema refuses unknown keys in the LM task too."""
+  c = _run_config(corpus, "distill", "/unused")
+  c.loss.terms.forward_kl.temprature = 2.0
+  with pytest.raises(ConfigError, match=r"loss\.terms\.forward_kl.*"
+                     r"unknown hyperparameter 'temprature'"):
+    trainer.parse(c)
+  c = _run_config(corpus)
+  c.data.batch_size = 4  # (the LM schema of earlier versions)
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size: unknown "
+                     r"key"):
+    trainer.parse(c)
+  c = _run_config(corpus)
+  c.generation = {"max_new_token": 4}
+  with pytest.raises(ConfigError, match=r"config\.generation\.max_new_token: "
+                     r"unknown key; did you mean 'max_new_tokens'\?"):
+    trainer.parse(c)
+  c = _run_config(corpus, "distill", "/unused")
+  c.loss.terms.forward_kl.temperature = 0.0
+  with pytest.raises(ConfigError, match=r"config\.loss\.terms\.forward_kl: "
+                     r".*temperature"):
+    trainer.parse(c, check_paths=False)

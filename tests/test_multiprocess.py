@@ -215,9 +215,9 @@ def test_seed_experiment_two_processes_like_one(tmp_path):
   logs = launch.run_commands(cmds, 2 * TIMEOUT_S)
   assert logs[1].count("with 2 processes every phase runs with "
                        "train.parallel='jit'") == 1, logs[1][-3000:]
-  assert logs[1].count("| phase | mode |") == 1 and "| phase | mode |" in (
-      logs[0])
-  assert "| phase | mode |" not in logs[2] and "[seed 0]" not in logs[2]
+  head = "| phase | mode | model |"
+  assert logs[1].count(head) == 1 and head in logs[0]
+  assert head not in logs[2] and "[seed 0]" not in logs[2]
   for p in _SEED_PHASES:
     r1, r2 = (json.load(open(os.path.join(d, "seed0", p, "report.json")))
               for d in (one, two))
@@ -270,8 +270,8 @@ def test_seed_experiment_debug_two_processes(tmp_path):
   for err in (err0, err1):
     assert not [l for l in err.splitlines()
                 if "WARNING" in l or l.startswith("W1")], err[-3000:]
-  assert out0.count("| phase | mode |") == 1 and "| phase | mode |" not in (
-      out1)
+  head = "| phase | mode | model |"
+  assert out0.count(head) == 1 and head not in out1
   assert "[seed 0]" not in out1
   res = json.load(open(os.path.join(wd, "results.json")))
   assert sorted(res["phases"]) == sorted(_SEED_PHASES)

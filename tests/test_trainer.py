@@ -31,7 +31,7 @@ from kd_jax import trainer
 from kd_jax.data import sources
 from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import classify as classify_lib
-from kd_jax.trainer import loop as loop_lib
+from kd_jax.trainer import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +163,7 @@ def test_unwritable_workdir_is_a_config_error(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "makedirs", deny)
   with pytest.raises(trainer.ConfigError,
                      match=r"config\.workdir: cannot write to .*Permission"):
-    loop_lib.prepare_workdir(str(tmp_path / "ro"), "{}")
+    workdir_lib.prepare(str(tmp_path / "ro"), "{}", main=True)
 
 
 def test_unknown_config_key_in_a_section():

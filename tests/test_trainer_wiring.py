@@ -218,3 +218,52 @@ def test_mesh_teacher_checkpoint_restored_into_shards(tmp_path):
   mem = mesh["memory"]
   per, total = mem["teacher_bytes_per_device"], mem["teacher_bytes_total"]
   assert per <= total / 8 * 1.05
+
+
+# ---------------------------------------------------------------------------
+# Several teachers.
+
+
+def _teacher_dir(tmp_path, seed):
+  t = _mnist("teacher", **{"train.num_steps": 3, "seed": seed})
+  wd = str(tmp_path / f"t{seed}")
+  trainer.train_and_evaluate(t, wd)
+  return wd
+
+
+def _two_teachers(t1, t2, w=(1.0, 1.0), **overrides):
+  c = _mnist(**{"train.num_steps": 4, **overrides})
+  base = c.teacher.to_dict()
+  del c["teacher"]
+  c.teachers = {"a": dict(base, checkpoint=t1, weight=w[0]),
+                "b": dict(base, checkpoint=t2, weight=w[1])}
+  return c
+
+
+def test_several_teachers_from_the_config(tmp_path):
+  """`teachers.<label>`: two copies of one teacher distil exactly like that
+  teacher alone (their weighted mean logits / mean losses are its own);
+  two different teachers do not; the report names both."""
+  t1, t2 = _teacher_dir(tmp_path, 0), _teacher_dir(tmp_path, 1)
+  one = trainer.train_and_evaluate(
+      _mnist(**{"train.num_steps": 4, "teacher.checkpoint": t1}),
+      str(tmp_path / "one"))
+  same = trainer.train_and_evaluate(_two_teachers(t1, t1, (1.0, 3.0)),
+                                    str(tmp_path / "same"))
+  same_losses = trainer.train_and_evaluate(
+      _two_teachers(t1, t1, **{"loss.multi_teacher": "mean_losses"}),
+      str(tmp_path / "same_losses"))
+  other = trainer.train_and_evaluate(_two_teachers(t1, t2),
+                                     str(tmp_path / "other"))
+  ref = _leaves(one["_final_state"].params)
+  for rep in (same, same_losses):
+    for x, y in zip(ref, _leaves(rep["_final_state"].params)):
+      np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
+  assert max(float(np.max(np.abs(x - y))) for x, y in zip(
+      ref, _leaves(other["_final_state"].params))) > 1e-6
+  assert other["teacher"] == ["mlp_teacher", "mlp_teacher"]
+  c = _two_teachers(t1, t2)
+  c.teacher = c.teachers.a.to_dict()
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teachers: give "
+                     r"`teacher` \(one\) or `teachers.<label>`"):
+    config_lib.parse(c)

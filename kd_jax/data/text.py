@@ -377,8 +377,8 @@ class TopkCacheWriter:
     meta = dict(self._metadata, k=self._k, length=self._length,
                 num_sequences=self._count,
                 bytes_per_token=topk_bytes_per_token(self._k))
-    with open(self._path[:-len(".array_record")] + ".json", "w") as fh:
-      json.dump(meta, fh, indent=2, sort_keys=True)
+    from kd_jax import metrics_io  # pylint: disable=g-import-not-at-top
+    metrics_io.write_json(self._path[:-len(".array_record")] + ".json", meta)
     return self._path
 
 

@@ -32,7 +32,8 @@ of the mean over each sequence's scored pairs) and the update. The terms
 Metrics: ``ce``, each term's label (its raw value), ``loss``, ``top1``
 (student token accuracy), ``tokens`` (trained targets), ``groups`` (scored
 groups per sequence), ``truncated`` (teacher tokens cut per sequence: raise
-the teacher length when it is not ~0) and, with generation, ``on_policy``.
+the teacher length when it is not ~0), ``nonfinite`` and, with generation,
+``on_policy``.
 
 References: Boizard, Haddad, Hudelot & Colombo, "Towards Cross-Tokenizer
 Distillation: the Universal Logit Distillation Loss for LLMs", TMLR 2025,
@@ -185,7 +186,7 @@ class CrossTokenizer:
 
 
 _RESERVED = ("ce", "loss", "top1", "tokens", "groups", "truncated",
-             "on_policy")
+             "on_policy", "nonfinite")
 
 
 def cross_loss(cross: CrossTokenizer, s_logits, t_logits, tokens, mask,
@@ -244,7 +245,8 @@ def make_cross_tokenizer_step(student_apply, teacher_apply,
                               cross: CrossTokenizer, tx, *,
                               generation: Optional[lm_steps.Generation] = None,
                               axis_name: Optional[str] = None,
-                              rng_streams: Sequence[str] = ("dropout",)):
+                              rng_streams: Sequence[str] = ("dropout",),
+                              on_nonfinite: str = "stop"):
   """``step(state, teacher_variables, batch) -> (state, metrics)``.
 
   `batch`: ``tokens`` int ``[B, L]`` (+ ``mask``) and the alignment arrays
@@ -253,6 +255,8 @@ def make_cross_tokenizer_step(student_apply, teacher_apply,
   not possible: the teacher samples its own tokens) the data branch's
   alignment must cover the positions after ``prompt_len`` (what
   `kd_jax.data.align.AlignedSource` with ``prompt_len`` gives).
+  `on_nonfinite`: ``'stop'`` / ``'skip_update'``
+  (`kd_jax.train.step_utils.nonfinite_guard`; metric ``nonfinite``).
   """
   if generation is not None:
     if generation.seq_kd:
@@ -294,6 +298,8 @@ def make_cross_tokenizer_step(student_apply, teacher_apply,
       metrics = dict(metrics, on_policy=on_policy.astype(jnp.float32))
     new_state = state.apply_gradients(
         tx, grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    return new_state, metrics
+    new_state, flags = step_utils.nonfinite_guard(
+        state, new_state, metrics["loss"], grads, on_nonfinite)
+    return new_state, {**metrics, **flags}
 
   return step

@@ -312,7 +312,8 @@ def make_lm_step(student_apply, teacher_apply, objective: Objective, tx, *,
                  generation: Optional[Generation] = None,
                  fused: Optional[FusedHead] = None,
                  axis_name: Optional[str] = None,
-                 rng_streams: Sequence[str] = ("dropout",)):
+                 rng_streams: Sequence[str] = ("dropout",),
+                 on_nonfinite: str = "stop"):
   """``step(state, teacher_variables, batch) -> (state, metrics)``.
 
   Args:
@@ -326,10 +327,12 @@ def make_lm_step(student_apply, teacher_apply, objective: Objective, tx, *,
     fused: CE + one divergence from hidden states and head kernels.
     axis_name: ``pmap`` axis for gradient / metric averaging.
     rng_streams: PRNG streams handed to the student.
+    on_nonfinite: ``'stop'`` / ``'skip_update'``
+      (`step_utils.nonfinite_guard`).
 
   Metrics: the objective's (``ce``, one per term label, ``loss``, ``top1``
-  = token accuracy, ``kd_factor``), ``tokens`` (trained targets) and, with
-  `generation`, ``on_policy``.
+  = token accuracy, ``kd_factor``), ``tokens`` (trained targets),
+  ``nonfinite`` and, with `generation`, ``on_policy``.
   """
   student_fn = (_headless(student_apply, True) if fused is not None
                 else step_utils.as_student_apply(student_apply))
@@ -376,7 +379,9 @@ def make_lm_step(student_apply, teacher_apply, objective: Objective, tx, *,
     new_state = state.apply_gradients(
         tx, grads, batch_stats=updates.get("batch_stats", state.batch_stats),
         distiller_state=step_utils.pmean_floats(dstate, axis_name))
-    return new_state, metrics
+    new_state, flags = step_utils.nonfinite_guard(
+        state, new_state, metrics["loss"], grads, on_nonfinite)
+    return new_state, {**metrics, **flags}
 
   return step
 

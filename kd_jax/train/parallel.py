@@ -48,6 +48,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax.train import memory as memory_lib
 from kd_jax.train import state as state_lib
 
 MODES = ("single", "pmap", "jit")
@@ -293,8 +294,7 @@ class DataParallel:
     return state_lib.tree_to_state(jax.device_get(tree), impl)
 
   def memory(self, state, teacher_variables=None, compiled=None):
-    from kd_jax.train import sharding  # pylint: disable=g-import-not-at-top
-    return sharding.memory_report(state, teacher_variables, compiled)
+    return memory_lib.memory_report(state, teacher_variables, compiled)
 
   # -- compiling -----------------------------------------------------------
 

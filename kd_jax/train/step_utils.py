@@ -120,3 +120,35 @@ def stream_rngs(key, streams: Sequence[str], offset: int = 0
   """`{stream: fold_in(key, offset + i)}`: the `rngs=` of an apply call."""
   return {name: jax.random.fold_in(key, offset + i)
           for i, name in enumerate(streams)}
+
+
+NONFINITE_MODES = ("stop", "skip_update")
+
+
+def nonfinite_guard(old, new, loss, grads, mode: str = "stop"):
+  """`(state, metrics)` after a step whose loss or gradients may be NaN/inf.
+
+  `metrics['nonfinite']` is 1.0 when the loss or the global gradient norm
+  is not finite (the loop stops on it in mode ``'stop'``, never saving such
+  a state). With ``mode='skip_update'`` (optax's `apply_if_finite`) the
+  update is skipped instead: parameters, optimizer and distiller state and
+  batch statistics stay those of `old`; the step count still advances (data
+  order and dropout keys follow the step).
+  """
+  if mode not in NONFINITE_MODES:
+    raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}; got "
+                     f"{mode!r}.")
+  import optax  # pylint: disable=g-import-not-at-top
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  metrics = {"nonfinite": jnp.logical_not(finite).astype(jnp.float32)}
+  if mode == "skip_update":
+    def keep(a, b):
+      return jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y),
+                                    a, b)
+    new = new.replace(
+        params=keep(new.params, old.params),
+        batch_stats=keep(new.batch_stats, old.batch_stats),
+        opt_state=keep(new.opt_state, old.opt_state),
+        distiller_params=keep(new.distiller_params, old.distiller_params),
+        distiller_state=keep(new.distiller_state, old.distiller_state))
+  return new, metrics

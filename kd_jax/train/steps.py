@@ -61,6 +61,7 @@ from kd_jax.train.state import student_variables
 from kd_jax.train.step_utils import as_student_apply
 from kd_jax.train.step_utils import as_teacher_apply
 from kd_jax.train.step_utils import check_batch as _check_batch
+from kd_jax.train.step_utils import nonfinite_guard
 from kd_jax.train.step_utils import linen_student_apply  # noqa: F401
 from kd_jax.train.step_utils import linen_teacher_apply  # noqa: F401
 from kd_jax.train.step_utils import pmean_floats as _pmean
@@ -175,7 +176,7 @@ def _split_value_and_grads(loss_fn, trainable, ce_weight):
 def _make_step(student_apply, teacher_fn, objective: Objective,
                tx: optax.GradientTransformation, *, axis_name, image_key,
                label_key, steps_per_epoch, preprocess, rng_streams,
-               split_gradients=False):
+               split_gradients=False, on_nonfinite="stop"):
   student_apply = as_student_apply(student_apply)
   views = objective.views
   unknown = [v for v in views if v not in SUPPORTED_VIEWS]
@@ -239,8 +240,11 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
                          axis_name)
     dstate = _sync_distiller_state(objective, aux["distiller_state"],
                                    axis_name)
-    return state.apply_gradients(tx, grads, batch_stats=batch_stats,
-                                 distiller_state=dstate), metrics
+    new_state = state.apply_gradients(tx, grads, batch_stats=batch_stats,
+                                      distiller_state=dstate)
+    new_state, flags = nonfinite_guard(state, new_state, metrics["loss"],
+                                       grads, on_nonfinite)
+    return new_state, {**metrics, **flags}
 
   return step
 
@@ -310,7 +314,8 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
                       teacher_logits_key: str = "teacher_logits",
                       preprocess: Optional[Callable[[Batch], Batch]] = None,
                       rng_streams: Sequence[str] = ("dropout",),
-                      split_gradients: bool = False):
+                      split_gradients: bool = False,
+                      on_nonfinite: str = "stop"):
   """Builds `step(state, teacher_variables, batch) -> (state, metrics)`.
 
   Args:
@@ -337,6 +342,9 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
       `ce_weight * CE`, distill = the KD terms; one forward, two
       cotangents), for optimizers that treat them differently (DOT,
       `kd_jax.distillers.dot.dot`). The default hands `tx` their sum.
+    on_nonfinite: ``'stop'`` (report `metrics['nonfinite']`; the trainer
+      stops) or ``'skip_update'`` (also skip the update of such a step);
+      see `step_utils.nonfinite_guard`.
 
   Distillers that declare `views = ('strong',)` (MLKD) make the step read
   `batch['image_strong']` as well, run the student (train mode, BatchNorm
@@ -356,7 +364,8 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
                     axis_name=axis_name, image_key=image_key,
                     label_key=label_key, steps_per_epoch=steps_per_epoch,
                     preprocess=preprocess, rng_streams=tuple(rng_streams),
-                    split_gradients=split_gradients)
+                    split_gradients=split_gradients,
+                    on_nonfinite=on_nonfinite)
 
 
 def make_train_step(apply_fn, tx: optax.GradientTransformation, *,
@@ -364,7 +373,8 @@ def make_train_step(apply_fn, tx: optax.GradientTransformation, *,
                     axis_name: Optional[str] = None,
                     image_key: str = "image", label_key: str = "label",
                     preprocess: Optional[Callable[[Batch], Batch]] = None,
-                    rng_streams: Sequence[str] = ("dropout",)):
+                    rng_streams: Sequence[str] = ("dropout",),
+                    on_nonfinite: str = "stop"):
   """Supervised step `step(state, batch) -> (state, metrics)`.
 
   `objective` defaults to plain cross-entropy (`Objective(ce_weight=1)`);
@@ -382,7 +392,8 @@ def make_train_step(apply_fn, tx: optax.GradientTransformation, *,
   inner = _make_step(apply_fn, teacher_fn, objective, tx,
                      axis_name=axis_name, image_key=image_key,
                      label_key=label_key, steps_per_epoch=None,
-                     preprocess=preprocess, rng_streams=tuple(rng_streams))
+                     preprocess=preprocess, rng_streams=tuple(rng_streams),
+                     on_nonfinite=on_nonfinite)
 
   def step(state: TrainState, batch: Batch):
     return inner(state, None, batch)

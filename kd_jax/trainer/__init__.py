@@ -27,13 +27,19 @@ from kd_jax.trainer import lm  # noqa: F401  (registers 'lm')
 from kd_jax.trainer import lm_config  # noqa: F401
 from kd_jax.trainer import loop
 from kd_jax.trainer import reporting
+from kd_jax.trainer import workdir as workdir_lib
 from kd_jax.trainer.checkpointing import CheckpointRestoreError
 from kd_jax.trainer.config import RunConfig
 from kd_jax.trainer.config import apply_debug
+from kd_jax.trainer.config import build_objective
 from kd_jax.trainer.config import parse
 from kd_jax.trainer.errors import ConfigError
+from kd_jax.trainer.errors import KDError
+from kd_jax.trainer.errors import NonFiniteError
+from kd_jax.trainer.errors import Preempted
+from kd_jax.trainer.errors import StorageError
+from kd_jax.trainer.errors import WorkdirLocked
 from kd_jax.trainer.programs import clear_program_cache
-from kd_jax.trainer.terms import build_objective
 
 
 def make_task(rc: RunConfig, workdir: str, *, dry_run: bool = False):
@@ -57,20 +63,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   clock = reporting.Clock()
   rc = parse(apply_debug(config))
-  loop.prepare_workdir(workdir, rc.config_json if loop.is_main() else None)
-  task = make_task(rc, workdir, dry_run=dry_run)
-  try:
-    clock.tick("data_loaded")
-    if dry_run:
-      out = task.dry_run_report()
-      clock.tick("traced")
-      out["timings"] = clock.timings
-      return out
-    return loop.run(task, workdir, clock)
-  finally:
-    task.close()
+  main = loop.is_main()
+  with workdir_lib.locked(workdir, main=main):
+    workdir_lib.prepare(workdir, rc.config_json, main=main)
+    task = make_task(rc, workdir, dry_run=dry_run)
+    try:
+      clock.tick("data_loaded")
+      if dry_run:
+        out = task.dry_run_report()
+        clock.tick("traced")
+        out["timings"] = clock.timings
+        return out
+      return loop.run(task, workdir, clock)
+    finally:
+      task.close()
 
 
-__all__ = ["CheckpointRestoreError", "ConfigError", "RunConfig",
+__all__ = ["CheckpointRestoreError", "ConfigError", "KDError",
+           "NonFiniteError", "Preempted", "RunConfig", "StorageError",
+           "WorkdirLocked",
            "apply_debug", "build_objective", "clear_program_cache",
            "make_task", "parse", "train_and_evaluate"]

@@ -2,9 +2,10 @@
 
 `restore_newest(mgr, template)` wraps `CheckpointManager.restore`: when the
 newest finalized step cannot be restored (a truncated array file, a damaged
-`_METADATA`, ...) it warns naming the step and the cause and falls back to
-the next newest step that restores; it deletes nothing. When no step
-restores, one `CheckpointRestoreError` names the directory and every cause.
+`_METADATA`, NaN / inf values of a diverged run, ...) it warns naming the
+step and the cause and falls back to the next newest step that restores; it
+deletes nothing. When no step restores, one `CheckpointRestoreError` names
+the directory and every cause.
 """
 
 from __future__ import annotations
@@ -12,12 +13,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax import logs
 from kd_jax.train import checkpoints as ckpt_lib
+from kd_jax.trainer.errors import KDError
 
-class CheckpointRestoreError(RuntimeError):
+
+class CheckpointRestoreError(KDError, RuntimeError):
   """No checkpoint of a run's checkpoint directory can be restored."""
+
+
+def _check_finite(tree) -> None:
+  """`CheckpointError` when a floating array of `tree` holds NaN / inf."""
+  bad = [jax.tree_util.keystr(p) for p, x in
+         jax.tree_util.tree_leaves_with_path(tree)
+         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+         and not bool(np.asarray(jnp.all(jnp.isfinite(x))))]
+  if bad:
+    raise ckpt_lib.CheckpointError(
+        f"it holds NaN / inf values ({len(bad)} arrays, e.g. {bad[0]}): a "
+        "diverged run")
 
 
 def _cause(e: BaseException) -> str:
@@ -54,7 +74,11 @@ def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
     try:
       _check_metadata(os.path.join(mgr.directory, str(step),
                                    ckpt_lib.STATE_ITEM))
-      return mgr.restore(template, step=step)
+      # (An item's step-level `_CHECKPOINT_METADATA` is optional: no warning.)
+      with logs.quiet_absl("Metadata file does not exist"):
+        restored = mgr.restore(template, step=step)
+      _check_finite(restored.state)
+      return restored
     except Exception as e:  # pylint: disable=broad-except
       failures.append((step, _cause(e)))
       logging.warning("checkpoint step %d in %s cannot be restored (%s); "

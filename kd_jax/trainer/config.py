@@ -74,6 +74,11 @@ class TrainConfig:
   num_devices: int = 0
   progress_bar: bool = True
   pretrain_max_steps: int = 0
+  # A NaN / inf loss or gradient: 'stop' (one line naming the step; the last
+  # good checkpoint is kept) or 'skip_update' (optax's apply_if_finite; stop
+  # after `max_consecutive_skips` in a row).
+  on_nonfinite: str = "stop"
+  max_consecutive_skips: int = 10
   # (('data', d), ('fsdp', f), ('tensor', t)): a device mesh (parallel 'jit').
   mesh: Tuple[Tuple[str, int], ...] = ()
   # ((regex, spec), ...): the student state's rules on the mesh.
@@ -415,8 +420,11 @@ def _validate_train(rc: RunConfig) -> None:
               "pretrain_max_steps"):
     v = getattr(tr, key)
     _check(f"train.{key}", v, _is_int(v) and v >= 0, "an int >= 0")
+  _check("train.on_nonfinite", tr.on_nonfinite,
+         tr.on_nonfinite in ("stop", "skip_update"),
+         "'stop' or 'skip_update'")
   for key in ("batch_size", "eval_batch_size", "steps_per_call",
-              "eval_every_epochs", "log_every_steps"):
+              "eval_every_epochs", "log_every_steps", "max_consecutive_skips"):
     v = getattr(tr, key)
     _check(f"train.{key}", v, _is_int(v) and v >= 1, "an int >= 1")
   if not tr.num_epochs and not tr.num_steps:
@@ -553,3 +561,11 @@ def check_number(key: str, v, lo: Optional[float] = None,
       f"<= {hi:g}" if hi is not None else "") if w) or "a finite number"
   _check(key, v, ok, want)
   return float(v)
+
+
+def build_objective(loss, *, run_info=None):
+  """The `Objective` of a `config.loss` section (a `LossConfig`, a mapping
+  or a `ConfigDict`): `terms.build_objective` after parsing it."""
+  if not isinstance(loss, LossConfig):
+    loss = section(LossConfig, loss, "loss.")
+  return terms_lib.build_objective(loss, run_info=run_info)

@@ -32,6 +32,8 @@ from kd_jax.models import lm as lm_models
 from kd_jax.train import create_train_state
 from kd_jax.train import lm_cross_steps
 from kd_jax.train import lm_steps
+from kd_jax.train import mesh_losses
+from kd_jax.train import sharding as sharding_lib
 from kd_jax.train import objectives as objectives_lib
 from kd_jax.train import optim
 from kd_jax.train import steps as steps_lib
@@ -57,7 +59,8 @@ def build_model(spec, rc, key: str, features=(), data=None):
   variables = None
   if spec.hf_dir:
     try:
-      model, variables, _ = lm_models.load_hf_folder(spec.hf_dir, dtype=dtype)
+      model, variables, _ = lm_models.load_hf_folder(
+          spec.hf_dir, dtype=dtype, scan_layers=spec.scan_layers)
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError(f"{key}.hf_dir", str(e)) from None
   else:
@@ -68,7 +71,8 @@ def build_model(spec, rc, key: str, features=(), data=None):
       cfg = lm_models.preset_config(spec.preset, **kw)
     except (TypeError, ValueError) as e:
       raise ConfigError(f"{key}.overrides", str(e)) from None
-    model = lm_models.Transformer(cfg, dtype=dtype, remat=spec.remat)
+    model = lm_models.Transformer(cfg, dtype=dtype, remat=spec.remat,
+                                  scan_layers=spec.scan_layers)
   if features:
     model = model.clone(capture=tuple(features))
   try:
@@ -180,23 +184,30 @@ class LMTask(loop.Task):
     rc, p = self.rc, self.placement
     fused = None
     if rc.loss.fused_head:
+      # On a mesh each device computes the head loss of its own tokens
+      # (plain jit would gather the scanned tokens: `mesh_losses`).
+      loss = (mesh_losses.shard_fused_loss(p.mesh)
+              if isinstance(p, sharding_lib.MeshParallel)
+              and p.num_devices > 1 else None)
       fused = lm_steps.FusedHead(
           functools.partial(lm_models.head_kernel,
                             config=self.student.config),
           functools.partial(lm_models.head_kernel,
-                            config=self.teacher.config), rc.loss.chunk_size)
+                            config=self.teacher.config), rc.loss.chunk_size,
+          loss)
     teacher = None if (rc.teacher is None or rc.teacher.precompute) else (
         self.teacher)
     if self.cross is not None:
       step = lm_cross_steps.make_cross_tokenizer_step(
           self.student, self.teacher, self.cross.cross, self.tx,
           generation=_generation(rc, self.student, self.teacher),
-          axis_name=p.axis_name)
+          axis_name=p.axis_name, on_nonfinite=rc.train.on_nonfinite)
     else:
       step = lm_steps.make_lm_step(
           self.student, teacher, self.objective, self.tx,
           generation=_generation(rc, self.student, self.teacher),
-          fused=fused, axis_name=p.axis_name)
+          fused=fused, axis_name=p.axis_name,
+          on_nonfinite=rc.train.on_nonfinite)
     fn = lambda state, consts, batch: step(  # noqa: E731
         state, consts.get("teacher"), batch)
     self.single = p.compile(fn)

@@ -66,6 +66,7 @@ class LMModelConfig:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dtype: str = "bfloat16"
   remat: bool = False
+  scan_layers: bool = False  # the blocks as one nn.scan (stacked params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class LMTeacherConfig:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dtype: str = "bfloat16"
   remat: bool = False
+  scan_layers: bool = False
   checkpoint: str = ""      # an LM run's workdir (its checkpoints)
   precompute: bool = False  # top-k cache of the training sequences
   topk: int = 32

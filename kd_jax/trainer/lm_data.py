@@ -12,6 +12,7 @@ zipped with the tokens. With several processes all of them run the
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Dict, List
@@ -19,6 +20,7 @@ from typing import Any, Dict, List
 import jax
 import numpy as np
 
+from kd_jax import metrics_io
 from kd_jax.data import text as text_lib
 from kd_jax.train import lm_steps
 from kd_jax.trainer import loop
@@ -56,17 +58,32 @@ def cache_temperature(rc) -> float:
   return float(dict(spec.hparams).get("temperature", 1.0))
 
 
+def _usable_cache(folder: str, k: int, want: Dict[str, Any], n: int) -> bool:
+  """Whether a matching cache is there; a damaged one (unreadable metadata
+  or records) is set aside with one warning (then rebuilt)."""
+  try:
+    src = text_lib.TopkCacheSource(folder, "train", k)
+    meta = src.metadata
+    if len(src) == n:
+      src[0], src[n - 1]  # pylint: disable=pointless-statement
+  except FileNotFoundError:
+    return False
+  except Exception as e:  # pylint: disable=broad-except
+    if loop.is_main():
+      moved = metrics_io.set_aside(folder)
+      logging.warning("teacher top-k cache %s is damaged (%s); moved to %s and "
+                      "rebuilt.", folder, type(e).__name__, moved)
+    return False
+  return all(meta.get(a) == b for a, b in want.items())
+
+
 def ensure_topk_cache(rc, teacher, tv, tokens, placement) -> Dict[str, Any]:
   """Writes the teacher's top-k cache of `tokens` (a source) unless a
   matching one is there; returns its figures (``cache_s`` 0 when reused)."""
   folder, k, temp = cache_dir(rc), rc.teacher.topk, cache_temperature(rc)
   want = {"num_sequences": len(tokens), "temperature": temp,
           "length": rc.data.seq_len - 1}
-  try:
-    meta = text_lib.TopkCacheSource(folder, "train", k).metadata
-    reuse = all(meta.get(a) == b for a, b in want.items())
-  except FileNotFoundError:
-    reuse = False
+  reuse = _usable_cache(folder, k, want, len(tokens))
   loop.barrier(f"topk cache checked {folder}")  # before it is rewritten
   if reuse:
     return {"cache_s": 0.0, "cache_reused": True, "cache_dir": folder}

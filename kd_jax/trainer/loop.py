@@ -20,18 +20,26 @@ the loop changes for a new task (docs/architecture.md shows a sketch).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import shutil
+import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 
+from kd_jax import logs
 from kd_jax import metrics_io
 from kd_jax.train import sharding as sharding_lib
 from kd_jax.trainer import checkpointing
+from kd_jax.trainer import errors
+from kd_jax.trainer import preemption
 from kd_jax.trainer import reporting
+from kd_jax.trainer import workdir as workdir_lib
 from kd_jax.trainer.config import RunConfig
 
 TASKS: Dict[str, type] = {}
@@ -173,23 +181,6 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def prepare_workdir(workdir: str, config_json: Optional[str]) -> None:
-  """Creates `workdir` (and writes `config.json` when given); a workdir that
-  is a file or not writable is a `ConfigError`."""
-  from kd_jax.trainer.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError("workdir", f"{workdir!r} is a file; give a directory.")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    if config_json is not None:
-      metrics_io.write_text(os.path.join(workdir, "config.json"), config_json)
-    elif not os.access(workdir, os.W_OK):
-      raise PermissionError(workdir)
-  except OSError as e:
-    raise ConfigError(
-        "workdir", f"cannot write to {workdir!r} ({e.strerror or e}).") from None
-
-
 # ---------------------------------------------------------------------------
 # The run.
 
@@ -228,9 +219,19 @@ def run(task: Task, workdir: str, clock: reporting.Clock) -> Dict[str, Any]:
   clock.tick("train_start")
   timer = reporting.LoopTimer()
   loop = _Loop(task, consts, writer, mgr, evals, timer, start)
-  state = loop.run(state)
+  try:
+    with preemption.watch() as pre:
+      state = loop.run(state, pre)
+  except (errors.Preempted, errors.NonFiniteError) as e:
+    # A stopped run's report (finished: false) says why and where.
+    stop = ({"preempted": loop.preempted} if isinstance(e, errors.Preempted)
+            else {"nonfinite_step": loop.log.nonfinite.first,
+                  "stopped": str(e)})
+    _report(task, clock, timer, start, evals, dict(info, **stop), memory,
+            loop, finished=False)
+    raise
   clock.tick("train_end")
-  report = _report(task, clock, timer, start, evals, info, memory)
+  report = _report(task, clock, timer, start, evals, info, memory, loop)
   report["_final_state"] = task.placement.fetch(state)
   barrier(f"run done {workdir}")  # its files are there
   return report
@@ -279,21 +280,24 @@ def _call_steps(task: Task, step: int) -> int:
 
 
 class _Loop:
-  """The train loop proper: calls, records, evaluations, checkpoints."""
+  """The train loop proper: calls, records, evaluations, checkpoints --
+  and what stops it early: a preemption signal (save, then
+  `errors.Preempted`), NaN / inf values (`errors.NonFiniteError`, nothing
+  non-finite saved), a full disk (`errors.StorageError`)."""
 
   def __init__(self, task, consts, writer, mgr, evals, timer, start):
     self.task, self.consts, self.writer, self.mgr = task, consts, writer, mgr
     self.evals, self.timer, self.last = evals, timer, start
-    self.start = start
+    self.start, self.good = start, (start if start else None)
     self.rc = task.rc
     self.log = reporting.TrainLog(writer, task.placement.fetch, task.schedule,
                                   task.steps_per_epoch,
                                   self.rc.train.log_every_steps)
+    self.preempted: Optional[Dict[str, Any]] = None
 
-  def run(self, state):
+  def run(self, state, pre):
     task, rc, start = self.task, self.rc, self.start
-    units = next(iter(task.units.values()))
-    unit = next(iter(task.units))
+    unit, per_step = next(iter(task.units.items()))
     progress = reporting.Progress(bool(rc.train.progress_bar) and is_main(),
                                   task.total_steps, start, task.title())
     step = start
@@ -307,21 +311,98 @@ class _Loop:
           self.timer.first_call(n)
         step += n
         self.log.add(n, m, step)
-        rate = (step - start) * units / self.timer.train_elapsed()
+        rate = (step - start) * per_step / self.timer.train_elapsed()
         progress.update(n, **{f"{unit}_per_s": f"{rate:.0f}"})
+        if pre.requested(step):
+          self._preempt(step, state, pre)
         self._after_call(step, state)
-        self.log.write()
+        self._write(wait=False)
       jax.block_until_ready(state)
       self.timer.t_end = time.perf_counter()
       if step > self.last:
         self._save(step, state)
     finally:
       progress.close()
-      self.log.write(wait=True)
-      self.writer.close()
-      if self.mgr is not None:
-        self.mgr.close()
+      self._close()
     return state
+
+  # -- checks -----------------------------------------------------------------
+
+  def _write(self, wait: bool) -> None:
+    """Writes the fetched train records; stops on non-finite values."""
+    try:
+      self.log.write(wait=wait)
+    except OSError as e:
+      self._storage(e, self.writer.path, "metrics")
+    tally, tr = self.log.nonfinite, self.rc.train
+    if tally.first is None:
+      return
+    if tr.on_nonfinite == "stop":
+      raise self._nonfinite(
+          f"the loss or the gradients are NaN / inf at step {tally.first}")
+    if tally.run >= tr.max_consecutive_skips:
+      raise self._nonfinite(
+          f"{tally.run} consecutive updates were NaN / inf and skipped "
+          f"(first at step {tally.first}; train.max_consecutive_skips="
+          f"{tr.max_consecutive_skips})")
+
+  def _nonfinite(self, what: str) -> errors.NonFiniteError:
+    where = (f"the last good checkpoint is step {self.good} in "
+             f"{self.mgr.directory} (kept; a rerun resumes from it)"
+             if self.mgr is not None and self.good else
+             "no checkpoint was saved")
+    o = self.rc.optimizer
+    return errors.NonFiniteError(
+        f"{what}; {where}. Likely causes: a learning rate too high for "
+        f"'{o.name}' (optimizer.learning_rate={o.learning_rate:g}), or "
+        "inputs / labels / a loss term that overflow (check the data and "
+        "the terms' weights); train.on_nonfinite='skip_update' skips such "
+        "updates instead.")
+
+  def _storage(self, e: BaseException, path: str, what: str):
+    err = workdir_lib.find_os_error(e)
+    if err is None:
+      raise e
+    kept = (f"; the last good checkpoint (step {self.good}) is intact"
+            if self.good else "")
+    raise errors.StorageError(
+        f"cannot write {what} to {path}: {err.strerror}{kept}. Free space "
+        "(or fix the permissions) and rerun the same command to resume."
+    ) from None
+
+  def _preempt(self, step: int, state, pre) -> None:
+    """Save at `step`, then stop (the report says preempted)."""
+    jax.block_until_ready(state)
+    self.timer.t_end = time.perf_counter()
+    if step > self.last:
+      self._save(step, state)
+    if self.mgr is not None:
+      self.mgr.wait_until_finished()
+    since = (None if pre.signal_time is None
+             else time.perf_counter() - pre.signal_time)
+    self.preempted = {"step": step, "signal": pre.signal_name,
+                      "signal_to_saved_s": since}
+    raise errors.Preempted(
+        f"preempted ({pre.signal_name or 'SIGTERM'}): checkpoint saved at "
+        f"step {step} of {self.task.total_steps}"
+        + (f" in {self.mgr.directory}" if self.mgr is not None else "")
+        + "; rerun the same command to resume.", step)
+
+  def _close(self) -> None:
+    try:
+      self.log.write(wait=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # (the error being raised, if any, says more)
+    self.writer.close()
+    if self.mgr is not None:
+      with _quiet_failures() as failed:
+        try:
+          self.mgr.close()
+        except Exception as e:  # pylint: disable=broad-except
+          failed.set()
+          self._storage(e, self.mgr.directory, "a checkpoint")
+
+  # -- evaluation and checkpoints ---------------------------------------------
 
   def _is_eval(self, step: int) -> bool:
     tr, spe = self.rc.train, self.task.steps_per_epoch
@@ -336,11 +417,11 @@ class _Loop:
     ck, spe = self.rc.checkpoint, self.task.steps_per_epoch
     if self._is_eval(step):
       jax.block_until_ready(state)
+      self.log.close_group(step)
+      self._write(wait=True)  # (no evaluation of a non-finite state)
       with self.timer.measure("eval"):
         ev = self.task.evaluate(state, self.consts)
       self.evals.append({"step": step, "epoch": step / spe, **ev})
-      self.log.close_group(step)
-      self.log.write(wait=True)
       self.writer.write(step, ev, split="eval", epoch=step / spe)
       self._save(step, state, metrics=self.task.checkpoint_metrics(ev))
     elif (step % spe == 0 and ck.every_epochs
@@ -352,19 +433,75 @@ class _Loop:
 
   def _save(self, step: int, state, metrics=None) -> None:
     self.log.close_group(step)
-    self.log.write(wait=True)  # the records up to `step` precede the save
-    self.last = step
+    self._write(wait=True)  # the records up to `step` precede the save,
+    self.last = step        # and a non-finite state is never saved
     if self.mgr is None:
       return
     spe = self.task.steps_per_epoch
-    with self.timer.measure("checkpoint"):
-      self.mgr.save(step, self.task.checkpoint_tree(state),
-                    data_state={"epoch": step // spe, "step": step % spe},
-                    metrics=metrics, force=True)
+    tree = self.task.checkpoint_tree(state)
+    what = f"the step-{step} checkpoint"
+    self._check_space(tree, what)
+    with self.timer.measure("checkpoint"), _quiet_failures() as failed:
+      try:
+        self.mgr.save(step, tree,
+                      data_state={"epoch": step // spe, "step": step % spe},
+                      metrics=metrics, force=True)
+      except Exception as e:  # pylint: disable=broad-except
+        failed.set()
+        self._storage(e, self.mgr.directory, what)
+    self.good = step
+
+  def _check_space(self, tree, what: str) -> None:
+    """A save that cannot fit is one line before Orbax writes anything."""
+    need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+    need = int(need * 1.05) + (256 << 10)  # + Orbax's metadata
+    if jax.process_count() > 1:
+      return  # (each process writes its shards; Orbax's error is the check)
+    try:
+      free = shutil.disk_usage(self.mgr.directory).free
+    except OSError:
+      return
+    if free < need:
+      kept = (f"; the last good checkpoint (step {self.good}) is intact"
+              if self.good else "")
+      raise errors.StorageError(
+          f"cannot write {what} to {self.mgr.directory}: it needs ~"
+          f"{_mb(need)} and {_mb(free)} are free (No space left on device)"
+          f"{kept}. Free space and rerun the same command to resume.")
 
 
-def _report(task: Task, clock, timer, start, evals, info, memory
-            ) -> Dict[str, Any]:
+def _mb(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+class _Flag:
+  def __init__(self):
+    self.is_set = False
+
+  def set(self):
+    self.is_set = True
+
+
+@contextlib.contextmanager
+def _quiet_failures():
+  """What Orbax's writer threads print while a failing save unwinds
+  (their error logs, asyncio's "Event loop is closed" tracebacks) is
+  dropped when the block sets the flag -- the run's own one-line error
+  says it -- and replayed otherwise."""
+  flag, buf = _Flag(), io.StringIO()
+  old = sys.stderr
+  sys.stderr = buf
+  try:
+    with logs.quiet_absl("[process="):
+      yield flag
+  finally:
+    sys.stderr = old
+    if not flag.is_set and buf.getvalue():
+      old.write(buf.getvalue())
+
+
+def _report(task: Task, clock, timer, start, evals, info, memory, loop, *,
+            finished: bool = True) -> Dict[str, Any]:
   rc = task.rc
   if is_main():
     reporting.plot(task.workdir, task.title())
@@ -383,9 +520,10 @@ def _report(task: Task, clock, timer, start, evals, info, memory
       "steps_per_call": rc.train.steps_per_call,
       **task.summary(evals), **info, "wall_s": clock.elapsed(),
       **timer.summary(task.total_steps - start, task.units),
+      "skipped_updates": loop.log.nonfinite.total,
       "mesh": dict(rc.train.mesh) or None, "memory": memory,
       "paper": dict(rc.report.paper), "notes": rc.report.notes,
-      "finished": True,
+      "finished": finished,
   }
   clock.tick("done")
   report["timings"] = clock.timings

@@ -210,10 +210,12 @@ def _train_step(s: ProgramSpec) -> Callable:
         s.student, inner_teacher, s.objective, s.tx,
         axis_name=s.placement.axis_name, steps_per_epoch=s.steps_per_epoch,
         split_gradients=optim.split_gradients(s.rc.optimizer),
-        **_multi_teacher(s))
+        on_nonfinite=s.rc.train.on_nonfinite, **_multi_teacher(s))
   else:
     inner_train = steps_lib.make_train_step(
-        s.student, s.tx, objective=s.objective, axis_name=s.placement.axis_name)
+        s.student, s.tx, objective=s.objective,
+        axis_name=s.placement.axis_name,
+        on_nonfinite=s.rc.train.on_nonfinite)
 
   def train_step(st, consts, batch):
     batch, tv = step_batch(st, consts, batch)

@@ -142,9 +142,10 @@ class TrainLog:
     self.spe, self.log_every = steps_per_epoch, max(int(log_every), 1)
     self._open: List = []
     self._closed: List = []
+    self.nonfinite = NonFiniteTally()
 
   def add(self, n: int, metrics, step: int) -> None:
-    self._open.append((n, metrics))
+    self._open.append((n, metrics, step))
     if step % self.spe == 0 or (step // self.log_every
                                 > (step - n) // self.log_every):
       self.close_group(step)
@@ -162,8 +163,10 @@ class TrainLog:
     for step, chunks in todo:
       agg: Dict[str, float] = {}
       tot = 0
-      for n, m in chunks:
-        for k, v in self.fetch(m).items():
+      for n, m, end in chunks:
+        m = self.fetch(m)
+        self.nonfinite.add(end, n, m.get("nonfinite"))
+        for k, v in m.items():
           v = np.asarray(v, np.float64)
           agg[k] = agg.get(k, 0.0) + float(v.sum() if v.ndim else v * n)
         tot += n
@@ -172,13 +175,43 @@ class TrainLog:
       self.writer.write(step, rec, split="train", epoch=step / self.spe)
 
 
+class NonFiniteTally:
+  """The steps whose loss or gradients were NaN / inf, as fetched: the
+  first one, the total, and the current run of consecutive ones."""
+
+  def __init__(self):
+    self.first: Optional[int] = None
+    self.total = 0
+    self.run = 0
+
+  def add(self, end: int, n: int, flags) -> None:
+    if flags is None:
+      return
+    flags = np.reshape(np.asarray(flags, np.float64), (-1,))
+    if flags.size == 1 and n > 1:
+      flags = np.repeat(flags, n)
+    for i, bad in enumerate(flags):
+      if bad > 0:
+        if self.first is None:
+          self.first = end - n + 1 + i
+        self.total += 1
+        self.run += 1
+      else:
+        self.run = 0
+
+
 def plot(workdir: str, title: str) -> None:
-  """`curves.png` of the run's `metrics.jsonl` (a warning if it fails)."""
+  """`curves.png` of the run's `metrics.jsonl` (written to a temp file and
+  renamed; a warning if it fails)."""
   records = metrics_io.read_jsonl(os.path.join(workdir,
                                                metrics_io.METRICS_FILE))
+  path = os.path.join(workdir, metrics_io.PLOT_FILE)
+  tmp = f"{path}.tmp-{os.getpid()}.png"
   try:
-    metrics_io.plot_curves(records, os.path.join(workdir,
-                                                 metrics_io.PLOT_FILE),
-                           title=title)
+    metrics_io.plot_curves(records, tmp, title=title)
+    os.replace(tmp, path)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("could not plot curves: %s", e)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -160,11 +160,8 @@ def check_values(specs: Sequence[TermSpec], logits_shape: Tuple[int, ...],
 def build_objective(loss, *, run_info: Optional[
     distillers_lib.RunInfo] = None) -> objectives_lib.Objective:
   """The run's `Objective` from its `LossConfig` (terms built once;
-  distillers get `run_info`). Errors are `ConfigError`s naming the key."""
-  if not hasattr(loss, "terms") or isinstance(loss, Mapping) or hasattr(
-      loss, "to_dict"):  # a `config.loss` mapping
-    from kd_jax.trainer import config as config_lib  # pylint: disable=g-import-not-at-top
-    loss = config_lib.section(config_lib.LossConfig, loss, "loss.")
+  distillers get `run_info`). Errors are `ConfigError`s naming the key.
+  (`kd_jax.trainer.build_objective` also takes a `config.loss` mapping.)"""
   info = run_info or distillers_lib.RunInfo(placeholders=True)
   terms = []
   for spec in loss.terms:
