@@ -83,6 +83,14 @@ term's, default 1 as TRL); `minillm` = MiniLLM's procedure (`enabled`,
 `length_norm`, `whiten`, `cliprange`, `single_step_reg`, `lm_coef`,
 `kd_ratio`, `ppo_epochs`; `train.batch_size` is its PPO minibatch and
 `train.num_steps` counts its optimizer updates). docs/lm.md.
+A teacher with its own tokenizer (docs/cross_tokenizer.md,
+`configs/lm_cross_tokenizer.py`): `teacher.data_name` (its prepared dataset
+in `data.data_dir`) or `teacher.tokenizer` (a tokenizer.json), optional
+`teacher.seq_len` (teacher tokens per window, 0 = automatic), and
+cross-tokenizer terms `loss.terms.<label> = {'name': 'uld' |
+'extended_uld' | 'hybrid', 'weight', temperatures, 'merge', 'beta',
+'matched_by', ...}`. Every LM evaluation reports perplexity and bits per
+byte (`<split>_bpb`) per held-out split.
 """
 
 import ml_collections

@@ -43,7 +43,10 @@ baseline phase, e.g. the student continued for the same budget) and its
 95% t-interval (none for a phase whose network is not the student phase's,
 e.g. a TAKD assistant: "n/a (other network)"), the paired gains of the
 phase (or ensemble) pairs in ``seed_experiment.comparisons`` (e.g. a method
-against plain KD), and wall time and throughput per phase. A phase's own
+against plain KD), and wall time and throughput per phase. The gains are
+on the task's gain metric, or on ``seed_experiment.gain_metric`` (a metric
+key, e.g. ``'test_bpb'``: bits per byte compares models with different
+tokenizers). A phase's own
 metrics (BYOT's exits) get columns too. Printed, and saved as
 ``results.md`` / ``results.json``.
 
@@ -75,7 +78,7 @@ from kd_jax.trainer import workdir as workdir_lib
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
          "student_phase", "scale", "comparisons", "ensembles", "init_from",
-         "baselines")
+         "baselines", "gain_metric")
 _COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
 
 
@@ -176,6 +179,8 @@ def validate(config) -> None:
     raise trainer.ConfigError("seed_experiment.student_phase",
                               f"unknown phase {student!r}; phases: {phases}.")
   rcs = {}
+  if se.get("gain_metric", ""):
+    _metrics(config)  # a known metric
   for p in phases:
     pc = phase_config(config, p, tuple(se.seeds)[0])
     try:
@@ -342,8 +347,8 @@ def _headline(rep: Dict[str, Any], metrics) -> str:
     if not m.table or rep.get(f"last_{m.key}") is None:
       continue
     last, best = rep[f"last_{m.key}"], rep.get(f"best_{m.key}")
-    parts.append(f"{m.label} last {m.scale * last:.2f}" + (
-        f", best {m.scale * best:.2f}" if best is not None else ""))
+    parts.append(f"{m.label} last {m.scale * last:.{m.digits}f}" + (
+        f", best {m.scale * best:.{m.digits}f}" if best is not None else ""))
   return "; ".join(parts) + f", {rep['wall_s']:.1f} s"
 
 
@@ -478,14 +483,22 @@ def paired_interval(diffs) -> Dict[str, Any]:
 
 def _metrics(config) -> Tuple[loop.Metric, ...]:
   """The task's metrics: those of every phase (the first phase's first; a
-  phase may add its own, e.g. BYOT's exits)."""
+  phase may add its own, e.g. BYOT's exits); the gain on
+  ``seed_experiment.gain_metric`` when given."""
   out: Dict[str, loop.Metric] = {}
   seed = tuple(config.seed_experiment.seeds)[0]
   for p in phase_order(config):
     rc = trainer.parse(phase_config(config, p, seed), check_paths=False)
     for m in loop.TASKS[rc.task].metrics(rc):
       out.setdefault(m.key, m)
-  return tuple(out.values())
+  metrics = tuple(out.values())
+  key = config.seed_experiment.get("gain_metric", "") or ""
+  if not key:
+    return metrics
+  if key not in out:
+    raise trainer.ConfigError("seed_experiment.gain_metric", f"unknown "
+                              f"metric {key!r}; the task's: {list(out)}.")
+  return tuple(dataclasses.replace(m, gain=m.key == key) for m in metrics)
 
 
 def _rates(reps) -> Dict[str, List[Any]]:
@@ -565,20 +578,21 @@ def _gains(ph_a, ph_b, metrics) -> Dict[str, Any]:
   return out
 
 
-def _fmt_gain(g) -> str:
+def _fmt_gain(g, digits: int = 2) -> str:
   if g is None:
     return ""
+  f = lambda x: f"{x:+.{digits}f}"  # noqa: E731
   if g["ci95"] is None:
-    return f"{g['mean']:+.2f}"
-  return f"{g['mean']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
+    return f(g["mean"])
+  return f"{f(g['mean'])} [{f(g['ci95'][0])}, {f(g['ci95'][1])}]"
 
 
-def _fmt_values(values, scale: float) -> str:
+def _fmt_values(values, scale: float, digits: int = 2) -> str:
   """mean ± std over seeds; 'n/a' when a run has no such value."""
   values = list(values or [])
   if not values or any(v is None for v in values):
     return "n/a"
-  return metrics_io.fmt_mean_std(values, scale=scale)
+  return metrics_io.fmt_mean_std(values, scale=scale, digits=digits)
 
 
 def _fmt_rate(v) -> str:
@@ -616,7 +630,7 @@ def format_markdown(config, results) -> str:
               if v.get("members") else "")
     row = [p + shared, v["mode"], model]
     for m in shown:
-      row += [_fmt_values(v.get(f"{w}_{m.key}"), m.scale)
+      row += [_fmt_values(v.get(f"{w}_{m.key}"), m.scale, m.digits)
               for w in ("last", "best")]
     g = results["gains"].get(p, {})
     student = ph.get(se.get("student_phase", ""))
@@ -624,7 +638,8 @@ def format_markdown(config, results) -> str:
         v["model"] != student["model"]):
       row += ["n/a (other network)"] * 2
     elif gain:
-      row += [_fmt_gain(g.get(f"{w}_{gain.key}")) for w in ("last", "best")]
+      row += [_fmt_gain(g.get(f"{w}_{gain.key}"), gain.digits)
+              for w in ("last", "best")]
     if vs:
       row.append(g.get("vs", se.get("student_phase", "")) if g else "")
     rows.append(row)
@@ -634,8 +649,8 @@ def format_markdown(config, results) -> str:
               "first phase is better):", ""]
     lines.append(metrics_io.markdown_table(
         ["phases", "gain last", "gain best"],
-        [[k, _fmt_gain(g.get(f"last_{gain.key}")),
-          _fmt_gain(g.get(f"best_{gain.key}"))]
+        [[k, _fmt_gain(g.get(f"last_{gain.key}"), gain.digits),
+          _fmt_gain(g.get(f"best_{gain.key}"), gain.digits)]
          for k, g in results["comparisons"].items()]))
   unit = "tokens" if any("tokens_per_sec" in v for v in ph.values()) else (
       "examples")

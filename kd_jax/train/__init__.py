@@ -29,6 +29,9 @@ API summary (details in each module's docstring and `docs/engine.md`)::
   # Language models: one step builder; Seq-KD / GKD / top-k / fused head
   # are its options (kd_jax.train.lm_steps):
   train.make_lm_step(student, teacher, objective, tx, generation=...)
+  # A teacher with another tokenizer (kd_jax.train.lm_cross_steps):
+  train.make_cross_tokenizer_step(student, teacher, train.CrossTokenizer(
+      (train.CrossTerm("extended_uld", 0.5),), ce_weight=0.5), tx)
 
   # Optimizers by name (methods register theirs) and placement:
   tx, sched = train.make_optimizer(train.OptimizerSpec(name="adamw", ...),
@@ -53,6 +56,9 @@ Metrics of train/distill steps: `ce`, one per KD term label, `loss`, `top1`,
 `kd_factor` (float32 scalars; `pmean`-ed under pmap).
 """
 
+from kd_jax.train.lm_cross_steps import CrossTerm
+from kd_jax.train.lm_cross_steps import CrossTokenizer
+from kd_jax.train.lm_cross_steps import make_cross_tokenizer_step
 from kd_jax.train.lm_steps import make_lm_step
 from kd_jax.train.objectives import Objective
 from kd_jax.train.objectives import SparseTeacher

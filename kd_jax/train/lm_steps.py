@@ -64,6 +64,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from kd_jax import losses as _losses
 from kd_jax.train import step_utils
 from kd_jax.train.objectives import Objective
 from kd_jax.train.objectives import SparseTeacher
@@ -227,6 +228,12 @@ def _complete(g: Generation, state, teacher_variables, tokens, mask, key):
     on_policy = jax.random.bernoulli(k_coin, g.lmbda)
     tokens, mask = jax.lax.cond(on_policy, student, off_policy, None)
   return jax.lax.stop_gradient(tokens), mask, on_policy
+
+
+# The step's generation, for steps built elsewhere (the cross-tokenizer step,
+# `kd_jax.train.lm_cross_steps`): ``complete(generation, state,
+# teacher_variables, tokens, mask, key) -> (tokens, mask, on_policy)``.
+complete = _complete
 
 
 def _headless(apply_fn, train: bool):
@@ -517,15 +524,22 @@ def make_lm_topk_step(student_apply, tx, *, topk_loss: Optional[Callable] = None
 # Evaluation and the teacher's top-k cache.
 
 
-def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None):
-  """``step(variables, batch) -> {"nll_sum", "tokens", "correct"}`` (sums).
+def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None,
+                      byte_lengths=None):
+  """``step(variables, batch) -> {"nll_sum", "tokens", "correct"[,
+  "bytes"]}`` (sums).
 
   `apply_fn(variables, tokens) -> (logits, features)` (or a Linen module,
   run with ``train=False``); the NLL of ``tokens[:, 1:]`` given the prefix,
   over ``batch["mask"][:, 1:]`` when present. Sums (not means) so batches
-  and devices add up exactly; see `perplexity`.
+  and devices add up exactly; see `perplexity`. With `byte_lengths` (int
+  ``[V]``: the bytes each id of the model's tokenizer spells,
+  `kd_jax.data.align.token_byte_lengths`) also the bytes of the evaluated
+  targets (`kd_jax.losses.target_bytes`), for bits per byte.
   """
   apply_fn = step_utils.as_teacher_apply(apply_fn)
+  table = None if byte_lengths is None else jnp.asarray(byte_lengths,
+                                                         jnp.int32)
 
   def step(variables, batch):
     _check_tokens_batch(batch)
@@ -539,6 +553,10 @@ def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None):
            "tokens": jnp.sum(mask).astype(jnp.float32),
            "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == targets)
                               ).astype(jnp.float32)}
+    if table is not None:
+      # float32 sums are exact up to 2**24 bytes per batch.
+      out["bytes"] = jnp.sum(_losses.target_bytes(
+          targets, table, where=mask)).astype(jnp.float32)
     if axis_name is not None:
       out = jax.lax.psum(out, axis_name)
     return out
@@ -547,14 +565,23 @@ def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None):
 
 
 def perplexity(sums: Sequence[dict]) -> dict:
-  """``{"perplexity", "nll", "token_acc", "tokens"}`` from eval-step sums."""
+  """``{"perplexity", "nll", "token_acc", "tokens"}`` from eval-step sums,
+  plus ``"bits_per_byte"`` and ``"bytes"`` when they hold ``"bytes"``
+  (`kd_jax.losses.bits_per_byte`: the NLL in bits over the targets'
+  bytes)."""
   nll = float(sum(float(s["nll_sum"]) for s in sums))
   n = float(sum(float(s["tokens"]) for s in sums))
   correct = float(sum(float(s["correct"]) for s in sums))
   if n == 0:
     raise ValueError("no evaluated tokens")
-  return {"perplexity": math.exp(nll / n), "nll": nll / n,
-          "token_acc": correct / n, "tokens": n}
+  out = {"perplexity": math.exp(nll / n), "nll": nll / n,
+         "token_acc": correct / n, "tokens": n}
+  if sums and all("bytes" in s for s in sums):
+    num_bytes = float(sum(float(s["bytes"]) for s in sums))
+    out["bytes"] = num_bytes
+    out["bits_per_byte"] = (nll / (num_bytes * math.log(2.0)) if num_bytes
+                            else math.nan)
+  return out
 
 
 def make_teacher_topk_fn(teacher_apply, *, k: int, temperature: float = 1.0):

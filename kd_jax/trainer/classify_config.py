@@ -151,6 +151,11 @@ def _validate_loss(rc) -> None:
     raise ConfigError(f"loss.terms.{views['pair']}", "same-class pairs "
                       "(CS-KD) need an in-memory dataset (MNIST / CIFAR); "
                       f"{rc.data.name!r} is streamed.")
+  for s in lo.terms:
+    if s.kind == "cross_tokenizer":
+      raise ConfigError(f"loss.terms.{s.label}", f"{s.name!r} distils "
+                        "across tokenizers: a language-model term (task "
+                        "'lm').")
   if not rc.distill:
     return
   if not lo.terms:

@@ -13,8 +13,13 @@ or, with ``minillm.enabled``, MiniLLM's outer steps (`lm_minillm`: one call
 ``model.init_checkpoint`` starts the student from another run's newest
 parameters. ``units['tokens']`` and the report's ``loss_tokens`` /
 ``teacher_tokens`` / ``generated_tokens`` are the run's budget (`budget`).
-Held-out perplexity :math:`\\exp(\\sum \\mathrm{nll} / \\sum n)` of every
-``data.eval_splits`` split is the evaluation.
+Held-out perplexity :math:`\\exp(\\sum \\mathrm{nll} / \\sum n)` and bits per
+byte :math:`\\sum \\mathrm{nll} / (\\ln 2 \\sum \\mathrm{bytes})` (the
+targets' bytes by the dataset's tokenizer: comparable across tokenizers) of
+every ``data.eval_splits`` split are the evaluation. A teacher with its own
+tokenizer (``teacher.data_name`` / ``teacher.tokenizer``) runs the
+cross-tokenizer step (`kd_jax.trainer.lm_cross`,
+`kd_jax.train.lm_cross_steps`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from kd_jax import logs
 from kd_jax.models import lm as lm_models
 from kd_jax.train import checkpoints as ckpt_lib
 from kd_jax.train import create_train_state
+from kd_jax.train import lm_cross_steps
 from kd_jax.train import lm_steps
 from kd_jax.train import mesh_losses
 from kd_jax.train import sharding as sharding_lib
@@ -41,6 +47,7 @@ from kd_jax.train import optim
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import lm_config
+from kd_jax.trainer import lm_cross
 from kd_jax.trainer import lm_data
 from kd_jax.trainer import lm_minillm
 from kd_jax.trainer import loop
@@ -50,11 +57,14 @@ from kd_jax.trainer import terms as terms_lib
 from kd_jax.trainer.errors import ConfigError
 
 
-def build_model(spec, rc, key: str, features=()):
+def build_model(spec, rc, key: str, features=(), data=None):
   """(module, variables or None): a preset (initialized later) or a Hugging
   Face folder; checks the dataset's tokenizer and sequence length fit.
   `features`: what the model's features dict must also hold (e.g.
-  ``('attention',)`` for attention distillers)."""
+  ``('attention',)`` for attention distillers). `data`: the model's
+  tokenizer folder, vocabulary and sequence length (default ``rc.data``;
+  a teacher with its own tokenizer: `lm_cross.teacher_data`)."""
+  data = rc.data if data is None else data
   dtype = jnp.dtype(spec.dtype)
   variables = None
   if spec.hf_dir:
@@ -64,8 +74,8 @@ def build_model(spec, rc, key: str, features=()):
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError(f"{key}.hf_dir", str(e)) from None
   else:
-    kw = dict(vocab_size=rc.data.vocab_size,
-              max_position_embeddings=rc.data.seq_len)
+    kw = dict(vocab_size=data.vocab_size,
+              max_position_embeddings=data.seq_len)
     kw.update(spec.overrides)
     try:
       cfg = lm_models.preset_config(spec.preset, **kw)
@@ -76,13 +86,13 @@ def build_model(spec, rc, key: str, features=()):
   if features:
     model = model.clone(capture=tuple(features))
   try:
-    lm_models.load_tokenizer(rc.data.folder,
+    lm_models.load_tokenizer(data.folder,
                              vocab_size=model.config.vocab_size)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(key, f"the dataset's {e}.") from None
   limit = model.config.max_position_embeddings
-  if rc.data.seq_len > limit:
-    raise ConfigError(key, f"the dataset's sequences ({rc.data.seq_len} "
+  if data.seq_len > limit:
+    raise ConfigError(key, f"the dataset's sequences ({data.seq_len} "
                       f"tokens) are longer than the model's context "
                       f"(max_position_embeddings {limit}).")
   return model, variables
@@ -94,6 +104,8 @@ def init_variables(model, seed: int):
 
 
 def _check_vocab(rc, student, teacher) -> None:
+  if lm_cross.enabled(rc):
+    return  # two tokenizers: the terms align them
   vs, vt = student.config.vocab_size, teacher.config.vocab_size
   has = any("vocab_size" in dict(s.hparams) for s in rc.loss.terms)
   if vs != vt and not has and not rc.teacher.precompute and rc.loss.terms:
@@ -155,8 +167,12 @@ class LMTask(loop.Task):
   @classmethod
   def metrics(cls, rc):
     splits = rc.data.eval_splits
-    return tuple(loop.Metric(f"{s}_ppl", f"{s} ppl", higher=False,
-                             gain=s == splits[-1]) for s in splits)
+    out = tuple(loop.Metric(f"{s}_ppl", f"{s} ppl", higher=False,
+                            gain=s == splits[-1]) for s in splits)
+    if lm_cross.folder_byte_lengths(rc.data.folder) is not None:
+      out += tuple(loop.Metric(f"{s}_bpb", f"{s} bits/byte", higher=False,
+                               digits=3) for s in splits)
+    return out
 
   def __init__(self, rc, workdir: str, *, dry_run: bool = False):
     del dry_run
@@ -164,10 +180,14 @@ class LMTask(loop.Task):
     feats = _features(rc)
     self.student, self._s_vars = build_model(rc.model, rc, "model", feats)
     self.teacher = self._t_vars = None
+    self.cross = None
     if rc.teacher is not None:
-      self.teacher, self._t_vars = build_model(rc.teacher, rc, "teacher",
-                                               feats)
+      self.teacher, self._t_vars = build_model(
+          rc.teacher, rc, "teacher", feats,
+          lm_cross.teacher_data(rc) if lm_cross.enabled(rc) else None)
       _check_vocab(rc, self.student, self.teacher)
+      if lm_cross.enabled(rc):
+        self.cross = lm_cross.make_setup(rc, self.teacher)
     x = jnp.zeros((1, min(8, rc.data.seq_len)), jnp.int32)
     self.placement = placement_lib.make_placement(
         rc, self.student, [self.teacher] if self.teacher else [], x)
@@ -222,16 +242,25 @@ class LMTask(loop.Task):
           loss)
     teacher = None if (rc.teacher is None or rc.teacher.precompute) else (
         self.teacher)
-    step = lm_steps.make_lm_step(
-        self.student, teacher, self.objective, self.tx,
-        generation=_generation(rc, self.student, self.teacher), fused=fused,
-        axis_name=p.axis_name, on_nonfinite=rc.train.on_nonfinite)
+    if self.cross is not None:
+      step = lm_cross_steps.make_cross_tokenizer_step(
+          self.student, self.teacher, self.cross.cross, self.tx,
+          generation=_generation(rc, self.student, self.teacher),
+          axis_name=p.axis_name, on_nonfinite=rc.train.on_nonfinite)
+    else:
+      step = lm_steps.make_lm_step(
+          self.student, teacher, self.objective, self.tx,
+          generation=_generation(rc, self.student, self.teacher),
+          fused=fused, axis_name=p.axis_name,
+          on_nonfinite=rc.train.on_nonfinite)
     fn = lambda state, consts, batch: step(  # noqa: E731
         state, consts.get("teacher"), batch)
     self.single = p.compile(fn)
     self.multi = p.compile(steps_lib.make_multi_step(fn), stacked=True)
     self.eval_fn = p.compile(lm_steps.make_lm_eval_step(
-        self.student, axis_name=p.axis_name), donate_state=False)
+        self.student, axis_name=p.axis_name,
+        byte_lengths=lm_cross.folder_byte_lengths(rc.data.folder)),
+                             donate_state=False)
 
   # -- the protocol ---------------------------------------------------------
 
@@ -315,17 +344,35 @@ class LMTask(loop.Task):
     if self.minillm:
       self.ds = lm_minillm.Feed(rc, lm_data.source(
           rc, "train", rc.data.train_sequences))
+    elif self.cross is not None:
+      self.ds, cache = lm_cross.train_dataset(rc, self.cross), (
+          self.cross.info)
+      info.update(cache)
     else:
       self.ds, cache = lm_data.train_dataset(rc, self.teacher, tv, p)
       info.update(cache)
-    self.eval_batches = {s: [lm_data.shard(p, b)
-                             for b in lm_data.eval_batches(rc, s)]
-                         for s in rc.data.eval_splits}
+    host = {s: lm_data.eval_batches(rc, s) for s in rc.data.eval_splits}
+    self.eval_batches = {s: [lm_data.shard(p, b) for b in bs]
+                         for s, bs in host.items()}
     if self.teacher is not None and rc.teacher.evaluate:
-      ev = self._perplexity(lm_steps.make_lm_eval_step(self.teacher), tv)
-      info.update({f"teacher_{k}": v for k, v in ev.items()
-                   if k.endswith("_ppl")})
+      info.update(self._teacher_perplexity(tv, host))
     return consts, info
+
+  def _teacher_perplexity(self, tv, host) -> Dict[str, float]:
+    """``teacher_<split>_ppl`` / ``_bpb`` on the held-out windows (a
+    teacher with its own tokenizer: the same windows re-tokenized)."""
+    batches, table = host, lm_cross.folder_byte_lengths(self.rc.data.folder)
+    if self.cross is not None:
+      limit = self.teacher.config.max_position_embeddings
+      batches = {s: lm_cross.teacher_eval_batches(self.cross, bs, limit)
+                 for s, bs in host.items()}
+      table = self.cross.teacher_bytes
+    fn = lm_steps.make_lm_eval_step(self.teacher, byte_lengths=table)
+    ev = self._perplexity(fn, tv, {
+        s: [lm_data.shard(self.placement, b) for b in bs]
+        for s, bs in batches.items()})
+    return {f"teacher_{k}": v for k, v in ev.items()
+            if k.endswith(("_ppl", "_bpb"))}
 
   def call(self, step: int, n: int):
     if self.minillm:
@@ -338,15 +385,18 @@ class LMTask(loop.Task):
     batch = jax.tree.map(lambda *xs: np.stack(xs), *rows)
     return self.multi, lm_data.shard(self.placement, batch, stacked=True)
 
-  def _perplexity(self, eval_fn, variables) -> Dict[str, float]:
+  def _perplexity(self, eval_fn, variables, eval_batches=None
+                  ) -> Dict[str, float]:
     if not hasattr(eval_fn, "lower"):
       eval_fn = self.placement.compile(eval_fn, donate_state=False)
     out = {}
-    for split, batches in self.eval_batches.items():
+    for split, batches in (eval_batches or self.eval_batches).items():
       r = lm_steps.perplexity(self.placement.fetch(
           [eval_fn(variables, b) for b in batches]))
       out[f"{split}_ppl"], out[f"{split}_nll"] = r["perplexity"], r["nll"]
       out[f"{split}_token_acc"] = r["token_acc"]
+      if "bits_per_byte" in r:
+        out[f"{split}_bpb"] = r["bits_per_byte"]
     return out
 
   def evaluate(self, state, consts) -> Dict[str, float]:

@@ -106,6 +106,12 @@ class LMTeacherConfig:
   weight: float = 1.0
   # 'replicated' | 'fsdp' | 'tensor' | ((regex, spec), ...) (mesh runs).
   sharding: Any = "replicated"
+  # A teacher with its own tokenizer (`kd_jax.trainer.lm_cross`): its
+  # prepared dataset in data.data_dir (tokenizer, vocabulary, sequence
+  # length) or its tokenizer.json; teacher tokens per window (0: automatic).
+  data_name: str = ""
+  tokenizer: str = ""
+  seq_len: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,11 +377,13 @@ def _validate_minillm(rc) -> None:
 
 
 def validate(rc, check_paths: bool):
+  from kd_jax.trainer import lm_cross  # pylint: disable=g-import-not-at-top
   rc = dataclasses.replace(rc, data=_validate_data(rc))
   _validate_model("model", rc.model, teacher=False)
   _validate_init(rc, check_paths)
   _validate_teachers(rc, check_paths)
   _validate_generation(rc)
+  lm_cross.validate(rc)  # a teacher with its own tokenizer
   _validate_loss(rc)
   _validate_minillm(rc)
   return rc

@@ -63,6 +63,7 @@ class Metric:
   scale: float = 1.0
   table: bool = True   # a column of the seed experiment's table
   gain: bool = False   # the paired gain of distillation is computed on it
+  digits: int = 2      # decimals in the tables (after `scale`)
 
 
 class Task:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import distillers as distillers_lib
+from kd_jax.train import lm_cross_steps
 from kd_jax.train import objectives as objectives_lib
 from kd_jax.trainer.errors import ConfigError
 
@@ -30,8 +31,11 @@ from kd_jax.trainer.errors import ConfigError
 class TermSpec:
   """One `loss.terms.<label>` entry, checked.
 
-  kind: `'loss'` (a loss of `kd_jax.losses`, `name` its short name) or
-    `'distiller'` (`name` the method of `kd_jax.distillers`).
+  kind: `'loss'` (a loss of `kd_jax.losses`, `name` its short name),
+    `'distiller'` (`name` the method of `kd_jax.distillers`) or
+    `'cross_tokenizer'` (`name` one of
+    `kd_jax.train.lm_cross_steps.CROSS_TERMS`: a language-model term of a
+    teacher with its own tokenizer, `kd_jax.trainer.lm_cross`).
   hparams: the loss's hyperparameters / the method's constructor arguments.
   """
   label: str
@@ -109,6 +113,8 @@ def _parse_one(label: str, entry: Mapping[str, Any]) -> TermSpec:
     return TermSpec(label, "distiller", name, weight, warmup,
                     tuple(cfg.items()))
   name = cfg.pop("name", label)
+  if name in lm_cross_steps.CROSS_TERMS:
+    return _cross_tokenizer_term(key, label, name, weight, warmup, cfg)
   spec = TermSpec(label, "loss", name, weight, warmup, tuple(cfg.items()))
   try:
     spec.term()
@@ -116,6 +122,24 @@ def _parse_one(label: str, entry: Mapping[str, Any]) -> TermSpec:
     raise ConfigError(key + (".name" if "unknown loss name" in str(e)
                              else ""), str(e)) from None
   return spec
+
+
+# Settings of a cross-tokenizer term that are not the loss's: the merge rule
+# of the alignment (`kd_jax.data.align.MERGES`) and, for the hybrid, how
+# the matched vocabulary is found (`kd_jax.data.align.vocab_mapping`).
+CROSS_ALIGNMENT_ARGS = {"uld": (), "extended_uld": ("merge",),
+                        "hybrid": ("merge", "matched_by")}
+
+
+def _cross_tokenizer_term(key, label, name, weight, warmup, cfg) -> TermSpec:
+  valid = (lm_cross_steps.CROSS_TERMS[name] + CROSS_ALIGNMENT_ARGS[name])
+  for k in cfg:
+    if k not in valid:
+      raise ConfigError(f"{key}.{k}", f"unknown setting of the "
+                        f"cross-tokenizer term {name!r}; valid: "
+                        f"{', '.join(('weight',) + valid)}.")
+  return TermSpec(label, "cross_tokenizer", name, weight, warmup,
+                  tuple(cfg.items()))
 
 
 def parse_terms(node) -> Tuple[TermSpec, ...]:
@@ -159,6 +183,8 @@ def build_objective(loss, *, run_info: Optional[
   info = run_info or distillers_lib.RunInfo(placeholders=True)
   terms = []
   for spec in loss.terms:
+    if spec.kind == "cross_tokenizer":  # not an `Objective` term
+      continue
     if spec.kind == "loss":
       terms.append(spec.term())
       continue
