@@ -277,6 +277,38 @@ def test_bad_arguments():
     step(_state(w), teacher, {"text": tokens})
 
 
+def test_gkd_decides_before_generating():
+  """TRL's order (huggingface/trl#5726): the coin is drawn first, and only
+  the chosen side generates -- with seq_kd the teacher samples exactly on
+  the off-policy steps, the student exactly on the on-policy ones."""
+  w, wt = _weights(9)
+  calls = {"student": 0, "teacher": 0}
+
+  def counted(who):
+    gen = greedy_bigram_generate(L)
+
+    def fn(variables, prompts, rng):
+      jax.debug.callback(lambda: calls.__setitem__(who, calls[who] + 1))
+      return gen(variables, prompts, rng)
+    return fn
+
+  step = jax.jit(lm_steps.make_gkd_step(
+      bigram_apply, teacher_apply, optax.sgd(0.0),
+      student_generate=counted("student"),
+      teacher_generate=counted("teacher"), prompt_len=2, lmbda=0.5,
+      seq_kd=True))
+  state = _state(w)
+  teacher = {"params": {"W": jnp.asarray(wt)}}
+  tokens = jnp.asarray(np.random.default_rng(10).integers(0, V, (B, L)))
+  on = []
+  for _ in range(12):
+    state, metrics = step(state, teacher, {"tokens": tokens})
+    jax.effects_barrier()
+    on.append(bool(metrics["on_policy"]))
+  assert 0 < sum(on) < len(on)  # both branches were taken
+  assert calls == {"student": sum(on), "teacher": len(on) - sum(on)}
+
+
 def test_gkd_with_transformers_and_compiled_generation():
   from kd_jax.models import lm
   import flax.linen as nn
