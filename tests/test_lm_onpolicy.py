@@ -148,6 +148,9 @@ def test_minillm_through_the_cli(experiment):
                                            "pt_loss", "loss", "reward"))
     assert r["response_len"] <= NEW
   assert [r["step"] for r in recs if r["split"] == "eval"] == [4, 8]
+  # Every LM phase reports bits per byte, MiniLLM's own program too.
+  for phase in ("minillm", "gkd", "student_continued"):
+    assert np.isfinite(res["phases"][phase]["last_test_bpb"][0]), phase
   assert res["gains"]["minillm"]["vs"] == "student_continued"
   g = res["gains"]["gkd"]["last_test_ppl"]["per_seed"][0]
   assert g == pytest.approx(res["phases"]["student_continued"][

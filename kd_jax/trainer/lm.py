@@ -224,8 +224,7 @@ class LMTask(loop.Task):
           state, consts["teacher"], batch)
       self.single = p.compile(fn)
       self.multi = p.compile(steps_lib.make_multi_step(fn), stacked=True)
-      self.eval_fn = p.compile(lm_steps.make_lm_eval_step(
-          self.student, axis_name=p.axis_name), donate_state=False)
+      self.eval_fn = self._eval_program()
       return
     fused = None
     if rc.loss.fused_head:
@@ -257,10 +256,15 @@ class LMTask(loop.Task):
         state, consts.get("teacher"), batch)
     self.single = p.compile(fn)
     self.multi = p.compile(steps_lib.make_multi_step(fn), stacked=True)
-    self.eval_fn = p.compile(lm_steps.make_lm_eval_step(
+    self.eval_fn = self._eval_program()
+
+  def _eval_program(self):
+    """Held-out NLL, token and byte counts (perplexity, bits per byte)."""
+    p = self.placement
+    return p.compile(lm_steps.make_lm_eval_step(
         self.student, axis_name=p.axis_name,
-        byte_lengths=lm_cross.folder_byte_lengths(rc.data.folder)),
-                             donate_state=False)
+        byte_lengths=lm_cross.folder_byte_lengths(self.rc.data.folder)),
+                     donate_state=False)
 
   # -- the protocol ---------------------------------------------------------
 
