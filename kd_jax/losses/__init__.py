@@ -1,7 +1,10 @@
 """Distillation losses: pure functions of arrays.
 
 Response-based (`logits`), divergences, feature-based (`features`),
-relation-based (`relations`) and token-level losses for language models
+relation-based (`relations`), generalized distillation with privileged
+information (`privileged`), the generator / input-synthesis losses of
+data-free distillation (`datafree`: differentiated *through* the teacher)
+and token-level losses for language models
 (`tokens`: fused LM-head divergences in bounded memory, sparse top-k teachers). Every function validates shapes/dtypes at trace
 time, computes in float32 and never differentiates through the teacher.
 
@@ -18,6 +21,13 @@ from kd_jax.losses.divergences import forward_kl
 from kd_jax.losses.divergences import js_divergence
 from kd_jax.losses.divergences import reverse_kl
 from kd_jax.losses.divergences import total_variation
+from kd_jax.losses.datafree import adi_competition_loss
+from kd_jax.losses.datafree import bn_statistics_loss
+from kd_jax.losses.datafree import dafl_activation_loss
+from kd_jax.losses.datafree import dafl_information_entropy_loss
+from kd_jax.losses.datafree import dafl_one_hot_loss
+from kd_jax.losses.datafree import image_l2_norm
+from kd_jax.losses.datafree import image_total_variation
 from kd_jax.losses.features import ab_loss
 from kd_jax.losses.features import at_loss
 from kd_jax.losses.features import attention_map
@@ -36,6 +46,7 @@ from kd_jax.losses.logits import dkd_loss
 from kd_jax.losses.logits import kd_loss
 from kd_jax.losses.logits import ofa_loss
 from kd_jax.losses.logits import standardize_logits
+from kd_jax.losses.privileged import generalized_distillation_loss
 from kd_jax.losses.relations import cc_loss
 from kd_jax.losses.relations import crd_loss
 from kd_jax.losses.relations import crd_memory_update
@@ -57,6 +68,7 @@ LOGIT_LOSSES: Dict[str, Callable] = {
     "reverse_kl": reverse_kl,
     "js_divergence": js_divergence,
     "total_variation": total_variation,
+    "generalized_distillation": generalized_distillation_loss,
 }
 """Short name -> loss of `(student_logits, teacher_logits, ...)`."""
 
