@@ -95,12 +95,14 @@ class Generator(nn.Module):
                  name="l1")(z)
     x = x.reshape(z.shape[0], 128, s, s).transpose(0, 2, 3, 1)  # torch .view
     x = up(bn(1e-5, "bn0")(x))
-    x = L.torch_conv(128, 3, padding=1, fan_in=128 * 9, name="conv1")(x)
+    x = L.torch_conv(128, 3, padding=1, fan_in=128 * 9, canonical=True,
+                     name="conv1")(x)
     x = up(nn.leaky_relu(bn(0.8, "bn1")(x), 0.2))
-    x = L.torch_conv(64, 3, padding=1, fan_in=128 * 9, name="conv2")(x)
+    x = L.torch_conv(64, 3, padding=1, fan_in=128 * 9, canonical=True,
+                     name="conv2")(x)
     x = nn.leaky_relu(bn(0.8, "bn2")(x), 0.2)
     x = L.torch_conv(self.channels, 3, padding=1, fan_in=64 * 9,
-                     name="conv3")(x)
+                     canonical=True, name="conv3")(x)
     return bn(1e-5, "bn3", affine=False)(jnp.tanh(x))
 
 

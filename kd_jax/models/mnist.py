@@ -139,7 +139,8 @@ class LeNet5(nn.Module):
     stages, preacts = [], []
     cin = h.shape[-1]
     for i, (ch, pool) in enumerate(((c1, True), (c2, True), (c3, False))):
-      z = L.torch_conv(ch, 5, fan_in=cin * 25, name=f"conv{i + 1}")(h)
+      z = L.torch_conv(ch, 5, fan_in=cin * 25, canonical=True,
+                       name=f"conv{i + 1}")(h)
       preacts.append(z)
       h = nn.relu(z)
       if pool:
