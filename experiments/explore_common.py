@@ -115,3 +115,9 @@ def append_record(path: str, record: dict):
     os.makedirs(d, exist_ok=True)
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str):
+  """The JSON lines of `append_record`."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -55,6 +55,8 @@ flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_list("temperatures", ["1", "2", "5", "10", "20", "50"], "T grid")
 flags.DEFINE_list("lambdas", [f"{i / 10:.1f}" for i in range(11)], "l grid")
 flags.DEFINE_string("workdir", "workdirs/privileged_mnist", "outputs")
+flags.DEFINE_bool("report", False, "print the tables of the recorded runs "
+                  "(<workdir>/runs.jsonl) instead of running")
 
 BATCH = 128
 
@@ -165,8 +167,50 @@ def summarize(res):
           "best_std": float(np.std(best[1]))}
 
 
+def report_tables(records):
+  """Markdown: per N, teacher / student alone / fixed and best (T, l) with
+  paired gains over repetitions (the student alone of a repetition = the
+  mean of its six l = 0 runs), and the T x l grid of means."""
+  from experiments.seed_experiment import paired_interval  # pylint: disable=g-import-not-at-top
+  out = []
+  for rec in records:
+    st = {k: np.asarray(v) for k, v in rec["students"].items()}
+    alone = np.mean([v for k, v in st.items() if k.endswith("l=0.0")], axis=0)
+    best = max(st, key=lambda k: st[k].mean())
+    out.append(f"N={rec['n']} ({rec['reps']} reps, {rec['wall_seconds']:.0f} s,"
+               f" load after: {rec['load_after'].split('average:')[-1]})")
+    out.append("| model | accuracy % (mean +- std) | paired gain vs alone "
+               "[95% CI] |\n|---|---|---|")
+    t = np.asarray(rec["teacher"])
+    out.append(f"| teacher (28x28) | {100 * t.mean():.2f} +- {100 * t.std():.2f} | |")
+    out.append(f"| student alone (7x7, l=0) | {100 * alone.mean():.2f} +- "
+               f"{100 * alone.std():.2f} | |")
+    for k in ("T=10,l=1.0", "T=20,l=0.5", best):
+      if k not in st:
+        continue
+      g = paired_interval(st[k] - alone)
+      ci = ("" if g["ci95"] is None else
+            f" [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]")
+      tag = " (best)" if k == best else ""
+      out.append(f"| distilled {k}{tag} | {100 * st[k].mean():.2f} +- "
+                 f"{100 * st[k].std():.2f} | {100 * g['mean']:+.1f}{ci} |")
+    temps = sorted({k.split(",")[0] for k in st}, key=lambda x: float(x[2:]))
+    lams = sorted({k.split(",")[1] for k in st}, key=lambda x: float(x[2:]))
+    out.append("\n| T \\ l | " + " | ".join(x[2:] for x in lams) + " |")
+    out.append("|---|" + "---|" * len(lams))
+    for tt in temps:
+      out.append(f"| {tt[2:]} | " + " | ".join(
+          f"{100 * st[f'{tt},{ll}'].mean():.1f}" for ll in lams) + " |")
+    out.append("")
+  return "\n".join(out)
+
+
 def main(argv):
   del argv
+  if FLAGS.report:
+    path = os.path.join(FLAGS.workdir, "runs.jsonl")
+    print(report_tables(common.read_records(path)))
+    return
   mnist = common.load_mnist()
   load0, t0 = common.machine_load(), time.time()
   res = run(mnist)
