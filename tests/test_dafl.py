@@ -208,6 +208,9 @@ def test_task_protocol_scans_and_evaluates():
       jax.flatten_util.ravel_pytree(s.student.params)[0],
       jax.flatten_util.ravel_pytree(state2.student.params)[0], rtol=1e-5,
       atol=1e-6)
+  imgs = jax.jit(lambda st: dafl.generate(task.generator, st,
+                                         jax.random.key(0), 5, 4))(state2)
+  assert imgs.shape == (5, 8, 8, 1) and np.all(np.isfinite(imgs))
   ev = jax.jit(task.eval_step)(state2, {
       "image": jnp.zeros((4, 8, 8, 1)), "label": jnp.arange(4)})
   assert float(ev["count"]) == 4.0
