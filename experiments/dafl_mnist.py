@@ -54,6 +54,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("phase", "measure",
                   ["measure", "teacher", "student", "kd", "dafl"], "what to run")
 flags.DEFINE_integer("seed", 0, "seed")
+flags.DEFINE_integer("teacher_seed", -1, "teacher of the kd / dafl phases "
+                     "(-1: the same seed)")
 flags.DEFINE_string("workdir", "workdirs/dafl_mnist", "outputs")
 flags.DEFINE_integer("epochs", 9, "epochs of the data phases (authors: 9)")
 flags.DEFINE_integer("dafl_epochs", 200, "DAFL epochs of 120 iterations")
@@ -75,6 +77,7 @@ def _teacher_path(seed):
 
 
 def _load_teacher(seed):
+  seed = seed if FLAGS.teacher_seed < 0 else FLAGS.teacher_seed
   t = models.create("lenet5", num_classes=10)
   target = jax.eval_shape(t.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
   path = _teacher_path(seed)
@@ -136,12 +139,16 @@ def run_dafl(mnist):
           flush=True)
   imgs = dafl.generate(task.generator, state, jax.random.key(99), 40, 100)
   grid = image_grid.save_image_grid(
-      os.path.join(FLAGS.workdir, f"dafl_generated_seed{FLAGS.seed}.png"),
+      os.path.join(FLAGS.workdir, f"dafl_generated_seed{FLAGS.seed}_b"
+                   f"{FLAGS.dafl_batch}_lrg{FLAGS.lr_g}.png"),
       np.asarray(imgs), nrow=10)
   return {"last": accs[-1], "best": max(accs), "per_epoch": accs,
           "train_seconds": time.time() - t0, "grid": grid,
           "dafl_epochs": FLAGS.dafl_epochs, "iters": n,
-          "batch": FLAGS.dafl_batch}
+          "batch": FLAGS.dafl_batch, "lr_g": FLAGS.lr_g, "lr_s": FLAGS.lr_s,
+          "teacher_seed": FLAGS.teacher_seed,
+          "last_metrics": {k: float(v[-1]) for k, v in m.items()},
+          "image_range": float(np.ptp(np.asarray(imgs)))}
 
 
 def run_measure(mnist):
