@@ -88,6 +88,16 @@ def test_view_registry_and_errors():
     views.VIEWS.pop("_test_flip")
 
 
+def test_select_view_gives_the_teacher_another_modality():
+  batch = {"image": jnp.zeros((2, 7, 7, 1)), "depth": jnp.ones((2, 5, 5, 3))}
+  out = views.model_views(teacher={"name": "select", "key": "depth"})(
+      batch, None)
+  np.testing.assert_array_equal(out["teacher_image"], batch["depth"])
+  np.testing.assert_array_equal(out["image"], batch["image"])
+  with pytest.raises(KeyError, match="no 'audio'"):
+    views.make_view("select", key="audio")(batch, None)
+
+
 def test_view_output_shape():
   assert views.view_output_shape("downscale", (28, 28, 1)) == (7, 7, 1)
   assert views.view_output_shape({"name": "resize", "size": 32},

@@ -46,7 +46,7 @@ ViewSpec = Union[None, str, Mapping[str, Any], ViewFn]
 
 __all__ = ["VIEWS", "register_view", "available_views", "make_view",
            "model_views", "view_output_shape", "resize", "downscale",
-           "gaussian_noise", "identity"]
+           "gaussian_noise", "identity", "select"]
 
 
 def _image(batch, key, name):
@@ -134,8 +134,27 @@ def gaussian_noise(std: float = 1.0, *, key: str = "image") -> ViewFn:
   return view
 
 
+def select(key: str) -> ViewFn:
+  """The model sees `batch[key]` as its `'image'` (another modality of the
+  same example, e.g. `teacher={'name': 'select', 'key': 'depth'}` for
+  cross-modal distillation)."""
+  if not isinstance(key, str) or not key:
+    raise ValueError(f"select: `key` must be a non-empty string; got {key!r}.")
+
+  def view(batch, rng):
+    del rng
+    if key not in batch:
+      raise KeyError(f"view 'select': the batch has no {key!r} entry; it has "
+                     f"{sorted(batch)}.")
+    out = dict(batch)
+    out["image"] = batch[key]
+    return out
+  return view
+
+
 VIEWS: Dict[str, Callable[..., ViewFn]] = {
     "identity": identity,
+    "select": select,
     "resize": resize,
     "downscale": downscale,
     "gaussian_noise": gaussian_noise,
