@@ -18,6 +18,6 @@ from kd_jax.data.imagenet import (GrainBatchIterator, GrainImagePipeline,
 from kd_jax.data.mnist import load_mnist_arrays, normalize_mnist
 from kd_jax.data.pipeline import (BatchIterator, InMemoryPipeline,
                                   check_position, create_pipeline,
-                                  epoch_permutation)
+                                  epoch_permutation, same_class_partners)
 from kd_jax.data.sources import (DATASETS, DatasetInfo, DatasetNotFoundError,
                                  dataset_info, load_arrays)

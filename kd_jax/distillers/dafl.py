@@ -56,7 +56,7 @@ import numpy as np
 import optax
 
 from kd_jax import losses
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 from kd_jax.train import state as state_lib
 from kd_jax.train import steps as steps_lib
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models import _canonical_conv
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 def _check_input(x, expected_hw, name):
@@ -159,7 +159,7 @@ class BNCNN(nn.Module):
   """conv3x3(32)-BN-ReLU-pool, conv3x3(64)-BN-ReLU-pool, Dense 256-BN-ReLU, K.
 
   A BatchNorm-equipped MNIST teacher (28x28x1) whose BN running statistics
-  DeepInversion matches (torch-equivalent BN settings, `_layers.batch_norm`).
+  DeepInversion matches (torch-equivalent BN settings, `layers.batch_norm`).
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
