@@ -28,7 +28,8 @@ The full protocol is 24,000 generator steps at batch 512 (~76 CPU-hours
 on a 2-core CPU): argument `reduced` = DAFL batch 64, 3 epochs of 120
 iterations (360 steps: 0.2% of the paper's generated images), the
 student alone 2 epochs, the teacher as published (9 epochs), 3 seeds
-(what a shared CPU affords; see docs/reproductions.md). `debug` = debug mode (mock data, 2 steps per phase).
+(what a shared CPU affords; see docs/reproductions.md). `debug` = debug
+mode (mock data, 2 steps per phase).
 """
 
 import ml_collections

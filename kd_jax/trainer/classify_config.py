@@ -209,9 +209,9 @@ def _validate_loss(rc) -> None:
     raise ConfigError("loss.terms", "mode 'distill' needs at least one KD "
                       "term (e.g. {'kd': {'weight': 0.9, 'temperature': 4}}).")
   distillers = [s.label for s in lo.terms if s.kind == "distiller"]
+  has_views = any(v is not None for v in (rc.data.views or {}).values())
   if distillers and (any(t.precompute for t in rc.teachers)
-                     or rc.data.teacher_view == "separate" or any(
-                         v is not None for v in (rc.data.views or {}).values())):
+                     or rc.data.teacher_view == "separate" or has_views):
     raise ConfigError(
         "loss.terms", "feature/relation distiller terms need the teacher's "
         "features every step: incompatible with teacher.precompute / "

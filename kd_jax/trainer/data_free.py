@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import image_grid
+from kd_jax.data import sources as sources_lib
+from kd_jax.data import views as views_lib
 from kd_jax.distillers import dafl as dafl_lib
 from kd_jax.train import optim
 from kd_jax.train import steps as steps_lib
@@ -118,8 +120,6 @@ def validate(rc, check_paths: bool):
   # pylint: disable=protected-access
   classify_config._validate_data(rc)
   classify_config._validate_teacher(rc, rc.teacher, check_paths)
-  from kd_jax.data import sources as sources_lib  # pylint: disable=g-import-not-at-top
-  from kd_jax.data import views as views_lib  # pylint: disable=g-import-not-at-top
   info = sources_lib.dataset_info(rc.data.name)
   if not info.in_memory:
     raise ConfigError("data.name", "task 'dafl' evaluates on an in-memory "
