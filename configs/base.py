@@ -35,7 +35,8 @@ Keys (both tasks):
   or {`distiller` (a method of `kd_jax.distillers`), `weight`, its
   arguments}), `multi_teacher`, `fused_head` / `chunk_size` (language
   models: CE + the one divergence from the hidden states, in chunks).
-* `optimizer`: `name` (sgd | adam | adamw | dot | a method's registered
+* `optimizer`: `name` (sgd | adam | adamw | rmsprop (Keras 0.x: rho 0.9,
+  eps 1e-6) | dot | a method's registered
   one), `learning_rate`, `momentum`, `nesterov`, `weight_decay` (coupled L2
   for sgd/adam as in PyTorch; decoupled for adamw), `schedule` (constant |
   step | cosine | warmup_cosine), `decay_epochs`, `decay_factor`,
@@ -64,8 +65,17 @@ cifar10, cifar100, imagenet2012), `data_dir` (TFDS data dir, '' =
 augmentation), `teacher_view` ('same' | 'separate'), `image_size` (ImageNet
 crop size), `num_workers` (ImageNet grain workers), `on_device` (in-memory
 datasets: the training split on the devices once, only example indices per
-chunk); `model` / teacher = `name`, `num_classes`, `dtype` (+ the teacher's
-`checkpoint_format`: 'orbax' | 'torch').
+chunk), `subset` ('first' | 'random': which `train_subset` examples; random
+= drawn with the run's seed, the same for every phase of a seed),
+`normalization` ('dataset': the dataset's mean / std | 'unit': pixels /
+255), `views.student` / `views.teacher` (per-model input views,
+`kd_jax.data.views`: a name or `{'name': ..., **arguments}`, e.g.
+`{'name': 'downscale', 'size': 7}`; None = the image as is; in-memory
+datasets; the student is evaluated on its view, the teacher on its own;
+mode 'train' applies `views.student` to its model; Lopez-Paz et al.'s
+privileged information, `configs/lopez_paz_mnist.py`); `model` / teacher =
+`name`, `num_classes`, `dtype` (+ the teacher's `checkpoint_format`:
+'orbax' | 'torch').
 
 Language models (`lm_config()`): `data` = a prepared text dataset
 (`experiments/prepare_corpus.py`): `data_dir`, `name`, `version`,
@@ -116,6 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.image_size = 224
   c.data.num_workers = 8
   c.data.on_device = True  # in-memory datasets: whole split on device
+  c.data.subset = "first"  # train_subset: 'first' N or 'random' (run's seed)
+  c.data.normalization = "dataset"  # 'dataset' mean/std | 'unit': x / 255
+  # Per-model input views (kd_jax.data.views): None = the image as is.
+  c.data.views = ml_collections.ConfigDict()
+  c.data.views.student = ml_collections.config_dict.placeholder(object)
+  c.data.views.teacher = ml_collections.config_dict.placeholder(object)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "mlp_student"

@@ -70,7 +70,7 @@ def _all_configs():
 # (`test_seed_experiment_debug`), the MNIST TAKD chain in
 # tests/test_self_distillation.py (slow).
 SEED_EXPERIMENTS = ("mnist_seed", "mnist_takd", "cifar100_takd",
-                    "cifar100_ban")
+                    "cifar100_ban", "lopez_paz_mnist", "dafl_mnist")
 
 
 def _feature_methods():
@@ -124,6 +124,12 @@ _BYOT_EXITS = {f"byot/top1_exit{i}" for i in (1, 2, 3, 4)} | {
 
 def _check_dry_run(c, out):
   assert out["dry_run"] and out["num_params"] > 0
+  if c.get("task", "classify") == "dafl":  # (tests/test_datafree_trainer.py)
+    assert set(out["metrics"]) == {"one_hot", "entropy", "activation",
+                                   "generator_loss", "kd", "agreement",
+                                   "nonfinite"}
+    assert set(out["eval_metrics"]) == {"loss", "top1", "top5", "count"}
+    return
   # (`nonfinite`: the step's NaN/inf flag, `train.on_nonfinite`.)
   expected = {"ce", "loss", "top1", "kd_factor", "nonfinite"} | set(
       c.loss.terms.keys())

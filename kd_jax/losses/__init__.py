@@ -2,13 +2,17 @@
 
 Response-based (`logits`), divergences, feature-based (`features`),
 relation-based (`relations`), self-distillation (`self_distillation`: BYOT,
-Tf-KD_reg), transformers' intermediate layers (`transformer`: hidden states,
+Tf-KD_reg), generalized distillation with privileged information
+(`privileged`), the generator / input-synthesis losses of data-free
+distillation (`datafree`: differentiated *through* the teacher),
+transformers' intermediate layers (`transformer`: hidden states,
 self-attention relations), token-level losses for language models (`tokens`:
 fused LM-head divergences in bounded memory, sparse top-k teachers;
 `minillm`: MiniLLM's policy-gradient terms) and across tokenizers
 (`cross_tokenizer`: ULD, GOLD's extended ULD and hybrid loss, bits per byte).
 Every function validates shapes/dtypes at trace
-time, computes in float32 and never differentiates through the teacher.
+time, computes in float32 and (except the data-free generator losses)
+never differentiates through the teacher.
 
 `LOGIT_LOSSES`, `FEATURE_LOSSES` and `TOPK_LOSSES` are the explicit
 registries behind the short names of `kd_jax.train.Term` (`Term('kd', ...)`
@@ -39,6 +43,13 @@ from kd_jax.losses.divergences import forward_kl
 from kd_jax.losses.divergences import js_divergence
 from kd_jax.losses.divergences import reverse_kl
 from kd_jax.losses.divergences import total_variation
+from kd_jax.losses.datafree import adi_competition_loss
+from kd_jax.losses.datafree import bn_statistics_loss
+from kd_jax.losses.datafree import dafl_activation_loss
+from kd_jax.losses.datafree import dafl_information_entropy_loss
+from kd_jax.losses.datafree import dafl_one_hot_loss
+from kd_jax.losses.datafree import image_l2_norm
+from kd_jax.losses.datafree import image_total_variation
 from kd_jax.losses.features import ab_loss
 from kd_jax.losses.features import at_loss
 from kd_jax.losses.features import attention_map
@@ -57,6 +68,7 @@ from kd_jax.losses.logits import dkd_loss
 from kd_jax.losses.logits import kd_loss
 from kd_jax.losses.logits import ofa_loss
 from kd_jax.losses.logits import standardize_logits
+from kd_jax.losses.privileged import generalized_distillation_loss
 # MiniLLM's policy-gradient terms (per token; rollout quantities in, not
 # logit pairs: not in LOGIT_LOSSES).
 from kd_jax.losses.minillm import minillm_advantages
@@ -93,6 +105,7 @@ LOGIT_LOSSES: Dict[str, Callable] = {
     "reverse_kl": reverse_kl,
     "js_divergence": js_divergence,
     "total_variation": total_variation,
+    "generalized_distillation": generalized_distillation_loss,
     "soft_cross_entropy": soft_cross_entropy,
 }
 """Short name -> loss of `(student_logits, teacher_logits, ...)`."""

@@ -15,6 +15,13 @@ from kd_jax.models.registry import register
 register("mlp_teacher", _mnist.mlp_teacher, input_shape=(28, 28, 1))
 register("mlp_student", _mnist.mlp_student, input_shape=(28, 28, 1))
 register("cnn_teacher", _mnist.cnn_teacher, input_shape=(28, 28, 1))
+register("cnn_bn", _mnist.cnn_bn, input_shape=(28, 28, 1))
+register("lenet5", _mnist.lenet5, input_shape=(32, 32, 1))
+register("lenet5_half", _mnist.lenet5_half, input_shape=(32, 32, 1))
+register("hinton_teacher", _mnist.hinton_teacher, input_shape=(28, 28, 1))
+register("hinton_student", _mnist.hinton_student, input_shape=(28, 28, 1))
+register("lopez_paz_mlp", _mnist.lopez_paz_mlp, input_shape=(28, 28, 1))
+register("lopez_paz_mlp_7x7", _mnist.lopez_paz_mlp, input_shape=(7, 7, 1))
 
 # --- CIFAR / ImageNet CNN families (RepDistiller / mdistiller / torchvision) --
 from kd_jax.models import resnet_cifar as _resnet_cifar  # noqa: E402

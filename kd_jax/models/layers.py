@@ -101,11 +101,14 @@ kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 def torch_conv(features, kernel, *, stride=1, padding=0, use_bias=True,
-               groups=1, fan_in=None, kernel_init=None, name=None) -> nn.Conv:
+               groups=1, fan_in=None, kernel_init=None, name=None,
+               canonical: bool = False) -> nn.Conv:
   """`nn.Conv2d` with explicit symmetric padding and PyTorch's default init.
 
   `fan_in` given: weights and bias U(+-1/sqrt(fan_in)) (torch's default);
-  `kernel_init` overrides the weights' init (bias then 0).
+  `kernel_init` overrides the weights' init (bias then 0). `canonical=True`
+  uses `_canonical_conv.conv_general_dilated` (same values and gradients;
+  fast gradients inside `lax.scan` on CPU).
   """
   kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
   ph, pw = (padding, padding) if isinstance(padding, int) else padding
@@ -116,6 +119,8 @@ def torch_conv(features, kernel, *, stride=1, padding=0, use_bias=True,
   if use_bias:
     kwargs["bias_init"] = (torch_default_init(fan_in) if fan_in
                            else nn.initializers.zeros)
+  if canonical:
+    kwargs["conv_general_dilated"] = _canonical_conv.conv_general_dilated
   return nn.Conv(features, (kh, kw), strides=(stride, stride),
                  padding=((ph, ph), (pw, pw)), use_bias=use_bias,
                  feature_group_count=groups, param_dtype=jnp.float32,

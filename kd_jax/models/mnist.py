@@ -1,8 +1,25 @@
-"""MNIST models of the seed experiment: MLP teacher/student and a small CNN."""
+"""MNIST models: the seed experiment's MLPs and CNN, the LeNet-5 pair of DAFL,
+a BatchNorm CNN (DeepInversion's MNIST teacher) and the small MLPs of
+generalized distillation.
+
+* `MLP`: the seed experiment's teacher / student; `hinton_teacher` /
+  `hinton_student` (784-1200-1200-10 / 784-800-800-10, the "HintonNet" pair of
+  DAFL's Table 1, after Hinton et al. 2015); `lopez_paz_mlp` (two hidden
+  layers of 20 ReLUs, Keras' Glorot-uniform init, on any input size: the 28x28
+  teacher and the 7x7 student of Lopez-Paz et al., ICLR 2016).
+* `LeNet5`: the authors' `lenet.py` of DAFL (huawei-noah/Efficient-Computing,
+  `Data-Efficient-Model-Compression/DAFL/lenet.py`): 32x32 input, valid 5x5
+  convolutions 6-16-120 with 2x2 max-pooling, then 84 -> 10; `LeNet5(half=
+  True)` is `LeNet5Half` (3-8-60, 42). 61,706 / 15,738 parameters (the
+  paper's ~62K / ~16K). Features: `pooled` = the 120-d (60-d) `conv3` output
+  after ReLU, DAFL's activation feature.
+* `BNCNN`: two conv-BN-ReLU-pool blocks + Dense, a BatchNorm-equipped
+  teacher for DeepInversion on MNIST.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -19,7 +36,11 @@ def _check_input(x, expected_hw, name):
 
 
 class MLP(nn.Module):
-  """Fully connected net 784-hidden...-num_classes, ReLU, optional dropout.
+  """Fully connected net (H*W*C)-hidden...-num_classes, ReLU, optional dropout.
+
+  `input_hw` is the required input size (None: any NHWC size, flattened).
+  `kernel_init` defaults to Flax's LeCun normal (Keras' Glorot uniform for
+  `lopez_paz_mlp`); biases start at 0.
 
   Features: `stages` = hidden activations, `preact_stages` = the same before
   ReLU, `pooled` = last hidden activation (the input when there is none).
@@ -28,20 +49,27 @@ class MLP(nn.Module):
   num_classes: int = 10
   dropout: float = 0.5
   dtype: Any = jnp.float32
+  input_hw: Optional[tuple] = (28, 28)
+  kernel_init: Callable = nn.initializers.lecun_normal()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    _check_input(x, (28, 28), type(self).__name__)
+    if self.input_hw is not None:
+      _check_input(x, tuple(self.input_hw), type(self).__name__)
+    elif x.ndim != 4:
+      raise ValueError(f"{type(self).__name__} expects NHWC input [B, H, W, "
+                       f"C]; got {tuple(x.shape)}.")
     h = x.reshape((x.shape[0], -1)).astype(self.dtype)
     stages, preacts = [], []
     for width in self.hidden:
-      z = nn.Dense(width, dtype=self.dtype)(h)
+      z = nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init)(h)
       preacts.append(z)
       h = nn.relu(z)
       stages.append(h)
       if self.dropout > 0:
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype)(h)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype,
+                      kernel_init=self.kernel_init)(h)
     feats = {"stages": stages, "preact_stages": preacts,
              "pooled": stages[-1] if stages else h}
     return logits, feats
@@ -88,3 +116,99 @@ def mlp_student(num_classes: int = 10, dtype=jnp.float32):
 
 def cnn_teacher(num_classes: int = 10, dtype=jnp.float32):
   return SmallCNN(num_classes=num_classes, dtype=dtype)
+
+
+class LeNet5(nn.Module):
+  """DAFL's LeNet-5 (`half=True`: LeNet-5-half), NHWC [B, 32, 32, 1].
+
+  PyTorch's default initialization (U(+-1/sqrt(fan_in)) for weights and
+  biases), as the authors' `lenet.py`. Features: `stages` = the pooled
+  outputs of conv1, conv2 and the conv3 output (after ReLU), `pooled` = the
+  flattened conv3 output (DAFL's `feature`).
+  """
+  half: bool = False
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    _check_input(x, (32, 32), type(self).__name__)
+    c1, c2, c3, f1 = (3, 8, 60, 42) if self.half else (6, 16, 120, 84)
+    h = x.astype(self.dtype)
+    stages, preacts = [], []
+    cin = h.shape[-1]
+    for i, (ch, pool) in enumerate(((c1, True), (c2, True), (c3, False))):
+      z = L.torch_conv(ch, 5, fan_in=cin * 25, canonical=True,
+                       name=f"conv{i + 1}")(h)
+      preacts.append(z)
+      h = nn.relu(z)
+      if pool:
+        h = L.max_pool_nonoverlapping(h, 2)
+      stages.append(h)
+      cin = ch
+    feature = h.reshape((h.shape[0], -1))
+    h = nn.relu(L.linear(f1, fan_in=c3, dtype=self.dtype, name="fc1")(feature))
+    logits = L.linear(self.num_classes, fan_in=f1, dtype=self.dtype,
+                      name="fc2")(h)
+    return logits.astype(jnp.float32), {
+        "stages": stages, "preact_stages": preacts, "pooled": feature}
+
+
+class BNCNN(nn.Module):
+  """conv3x3(32)-BN-ReLU-pool, conv3x3(64)-BN-ReLU-pool, Dense 256-BN-ReLU, K.
+
+  A BatchNorm-equipped MNIST teacher (28x28x1) whose BN running statistics
+  DeepInversion matches (torch-equivalent BN settings, `layers.batch_norm`).
+  """
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _check_input(x, (28, 28), type(self).__name__)
+    d = self.dtype
+    h = x.astype(d)
+    stages, preacts = [], []
+    for i, ch in enumerate((32, 64)):
+      z = L.conv(ch, 3, padding=1, dtype=d, name=f"conv{i + 1}")(h)
+      z = L.batch_norm(train, dtype=d, name=f"bn{i + 1}")(z)
+      preacts.append(z)
+      h = L.max_pool_nonoverlapping(nn.relu(z), 2)
+      stages.append(h)
+    h = h.reshape((h.shape[0], -1))
+    z = L.linear(256, fan_in=h.shape[-1], dtype=d, name="fc1")(h)
+    pooled = nn.relu(L.batch_norm(train, dtype=d, name="bn3")(z))
+    logits = L.linear(self.num_classes, fan_in=256, dtype=d, name="fc2")(pooled)
+    return logits.astype(jnp.float32), {
+        "stages": stages, "preact_stages": preacts, "pooled": pooled}
+
+
+def lenet5(num_classes: int = 10, dtype=jnp.float32):
+  return LeNet5(half=False, num_classes=num_classes, dtype=dtype)
+
+
+def lenet5_half(num_classes: int = 10, dtype=jnp.float32):
+  return LeNet5(half=True, num_classes=num_classes, dtype=dtype)
+
+
+def hinton_teacher(num_classes: int = 10, dtype=jnp.float32):
+  return MLP(hidden=(1200, 1200), num_classes=num_classes, dropout=0.0,
+             dtype=dtype)
+
+
+def hinton_student(num_classes: int = 10, dtype=jnp.float32):
+  return MLP(hidden=(800, 800), num_classes=num_classes, dropout=0.0,
+             dtype=dtype)
+
+
+def lopez_paz_mlp(num_classes: int = 10, dtype=jnp.float32):
+  """Two hidden layers of 20 ReLUs (Keras `Dense`: Glorot uniform, zero bias),
+  any input size."""
+  return MLP(hidden=(20, 20), num_classes=num_classes, dropout=0.0,
+             dtype=dtype, input_hw=None,
+             kernel_init=nn.initializers.glorot_uniform())
+
+
+def cnn_bn(num_classes: int = 10, dtype=jnp.float32):
+  return BNCNN(num_classes=num_classes, dtype=dtype)

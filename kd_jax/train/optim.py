@@ -88,10 +88,19 @@ def _adamw(spec, sched):
   return optax.adamw(sched, weight_decay=float(spec.weight_decay or 0.0))
 
 
+def _rmsprop(spec, sched):
+  """Keras 0.x `RMSprop` (rho 0.9, epsilon 1e-6 inside the square root, zero
+  accumulator): `optax.rmsprop(lr, decay=0.9, eps=1e-6)`; Lopez-Paz et al.'s
+  generalized-distillation experiments (ICLR 2016). `momentum` is unused."""
+  del spec
+  return optax.rmsprop(sched, decay=0.9, eps=1e-6)
+
+
 OPTIMIZERS: Dict[str, OptimizerEntry] = {
     "sgd": OptimizerEntry(_sgd),
     "adam": OptimizerEntry(_adam),
     "adamw": OptimizerEntry(_adamw, decay_inside=True),
+    "rmsprop": OptimizerEntry(_rmsprop),
 }
 """`optimizer.name` -> entry (methods add theirs with `register_optimizer`)."""
 

@@ -189,10 +189,11 @@ class ClassifyTask(loop.Task):
     # A dry run without checkpoints has abstract teacher variables: OFD then
     # estimates its margins from data instead of the teacher's BN parameters.
     abstract = self.dry_run and not any(t.checkpoint for t in rc.teachers)
+    tshape = data.teacher_shape or data.image_shape  # (data.views)
     placement_lib.check_rules(rc, self.placement, None, [
         jax.eval_shape(lambda r, m=m: programs_lib.init_variables(
-            m, r, data.image_shape), teacher_rng) for m in teachers])
-    tvs = [teacher_variables(rc, t, m, data.image_shape,
+            m, r, tshape), teacher_rng) for m in teachers])
+    tvs = [teacher_variables(rc, t, m, tshape,
                              jax.random.fold_in(teacher_rng, i)
                              if i else teacher_rng, self.placement,
                              abstract=abstract)
@@ -213,7 +214,8 @@ class ClassifyTask(loop.Task):
         teacher=one(teachers), teacher_vars=one(tvs), objective=objective,
         tx=tx, steps_per_epoch=spe,
         precompute=rc.distill and all(t.precompute for t in rc.teachers),
-        separate=rc.distill and rc.data.teacher_view == "separate",
+        separate=rc.distill and (rc.data.teacher_view == "separate"
+                                 or data.has_views),
         dry_run=self.dry_run)
     self.progs = programs_lib.build_programs(self.spec, self._program_key())
 
@@ -228,8 +230,8 @@ class ClassifyTask(loop.Task):
              for k in ("model", "loss", "optimizer")}
     parts["teachers"] = [{k: v for k, v in dataclasses.asdict(t).items()
                           if k != "checkpoint"} for t in rc.teachers]
-    parts["data"] = {k: getattr(rc.data, k) for k in ("name", "augment",
-                                                      "teacher_view")}
+    parts["data"] = {k: getattr(rc.data, k) for k in (
+        "name", "augment", "teacher_view", "views", "normalization")}
     parts["train"] = {k: getattr(rc.train, k) for k in
                       ("batch_size", "eval_batch_size", "parallel",
                        "num_devices", "mesh", "sharding_rules")}
@@ -237,6 +239,7 @@ class ClassifyTask(loop.Task):
     parts["extra"] = {
         "spe": self.steps_per_epoch, "total": self.total_steps,
         "precompute": self.spec.precompute, "shape": data.image_shape,
+        "teacher_shape": data.teacher_shape,
         "pad": data.crop_padding, "flip": data.flip,
         "spc": rc.train.steps_per_call,
         "ndev": self.placement.num_devices, "on_device": self.on_device}

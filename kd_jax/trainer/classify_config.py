@@ -13,6 +13,7 @@ from typing import Any
 
 from kd_jax import models as models_lib
 from kd_jax.data import sources as sources_lib
+from kd_jax.data import views as views_lib
 from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import terms as terms_lib
 from kd_jax.trainer.errors import ConfigError
@@ -34,6 +35,15 @@ class DataConfig:
   image_size: int = 224
   num_workers: int = 8
   on_device: bool = True
+  # Which `train_subset` examples: 'first' N, or 'random' (N drawn with the
+  # run's seed; the same N for every phase of a seed).
+  subset: str = "first"
+  # 'dataset': (x / 255 - mean) / std with the dataset's statistics;
+  # 'unit': x / 255.
+  normalization: str = "dataset"
+  # Per-model input views {'student': spec, 'teacher': spec}
+  # (`kd_jax.data.views`: a name or {'name': ..., **arguments}; None: as is).
+  views: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +122,45 @@ def _validate_data(rc) -> None:
                       f"{d.teacher_view!r}.")
   _check_model("model", rc.model.name, rc.model.num_classes, rc.model.dtype,
                info.num_classes, f"dataset {d.name!r}")
+  _validate_views(rc, info)
+
+
+def _validate_views(rc, info) -> None:
+  """`data.subset`, `data.normalization`, `data.views` (each view built
+  once: unknown names and bad arguments are one line here)."""
+  d = rc.data
+  if d.subset not in ("first", "random"):
+    raise ConfigError("data.subset", f"must be 'first' or 'random'; got "
+                      f"{d.subset!r}.")
+  if d.normalization not in ("dataset", "unit"):
+    raise ConfigError("data.normalization", "must be 'dataset' or 'unit'; "
+                      f"got {d.normalization!r}.")
+  views = d.views or {}
+  if not isinstance(views, dict):
+    raise ConfigError("data.views", "must be a section {'student': view, "
+                      f"'teacher': view}}; got {views!r}.")
+  for k, spec in views.items():
+    if k not in ("student", "teacher"):
+      raise ConfigError(f"data.views.{k}", "unknown key; valid keys: "
+                        "student, teacher.")
+    if spec is None:
+      continue
+    try:
+      shape = views_lib.view_output_shape(
+          spec, info.image_shape or (d.image_size, d.image_size, 3))
+    except (ValueError, TypeError, KeyError) as e:
+      raise ConfigError(f"data.views.{k}", str(e).strip("'\"")) from None
+    if len(shape) != 3:
+      raise ConfigError(f"data.views.{k}", f"must give [H, W, C] images; "
+                        f"got {shape}.")
+  if not any(v is not None for v in views.values()):
+    return
+  if not info.in_memory:
+    raise ConfigError("data.views", "per-model views need an in-memory "
+                      f"dataset (MNIST / CIFAR); {d.name!r} is streamed.")
+  if d.teacher_view == "separate":
+    raise ConfigError("data.views", "incompatible with data.teacher_view="
+                      "'separate' (the views give the teacher its input).")
 
 
 def _validate_teacher(rc, t, check_paths: bool) -> None:
@@ -139,6 +188,9 @@ def _validate_teacher(rc, t, check_paths: bool) -> None:
     if rc.data.teacher_view == "separate":
       raise ConfigError(key("precompute"),
                         "incompatible with data.teacher_view='separate'.")
+    if any(v is not None for v in (rc.data.views or {}).values()):
+      raise ConfigError(key("precompute"), "incompatible with data.views "
+                        "(the teacher runs on its view every step).")
 
 
 def _validate_loss(rc) -> None:
@@ -162,12 +214,13 @@ def _validate_loss(rc) -> None:
     raise ConfigError("loss.terms", "mode 'distill' needs at least one KD "
                       "term (e.g. {'kd': {'weight': 0.9, 'temperature': 4}}).")
   distillers = [s.label for s in lo.terms if s.kind == "distiller"]
+  has_views = any(v is not None for v in (rc.data.views or {}).values())
   if distillers and (any(t.precompute for t in rc.teachers)
-                     or rc.data.teacher_view == "separate"):
+                     or rc.data.teacher_view == "separate" or has_views):
     raise ConfigError(
         "loss.terms", "feature/relation distiller terms need the teacher's "
         "features every step: incompatible with teacher.precompute / "
-        "data.teacher_view='separate'.")
+        "data.teacher_view='separate' / data.views.")
   if len(rc.teachers) > 1:
     if distillers:
       raise ConfigError("loss.terms", f"distiller terms {distillers} support "

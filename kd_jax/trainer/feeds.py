@@ -23,6 +23,7 @@ import numpy as np
 from kd_jax.data import augment as augment_lib
 from kd_jax.data import pipeline as pipeline_lib
 from kd_jax.data import sources as sources_lib
+from kd_jax.data import views as views_lib
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import classify_config
 from kd_jax.trainer.errors import ConfigError
@@ -128,6 +129,28 @@ class Data:
   crop_padding: Optional[int]      # on-device augmentation (in-memory data)
   flip: bool
   host_teacher_view: bool = False  # the pipeline emits `teacher_image`
+  # Per-model input views (`data.views`, `kd_jax.data.views` specs; None:
+  # the image as is). `image_shape` is then the student's view's shape and
+  # `teacher_shape` the teacher's.
+  student_view: Any = None
+  teacher_view: Any = None
+  teacher_shape: Optional[Tuple[int, int, int]] = None
+  distill: bool = False
+
+  @property
+  def has_views(self) -> bool:
+    return self.student_view is not None or self.teacher_view is not None
+
+  def train_views(self) -> Optional[Callable]:
+    """`view(batch, rng) -> batch` of the train step (None without views):
+    distillation puts the student's view in `image` and the teacher's in
+    `teacher_image`; a supervised run applies the student's view."""
+    if not self.has_views:
+      return None
+    if self.distill:
+      return views_lib.model_views(student=self.student_view,
+                                   teacher=self.teacher_view)
+    return views_lib.make_view(self.student_view)
 
   def eval_batches(self):
     if isinstance(self.eval_pipe, pipeline_lib.InMemoryPipeline):
@@ -145,7 +168,8 @@ class Data:
             if k != "teacher_image"}
 
   def close(self):
-    self.train.close()
+    if self.train is not None:
+      self.train.close()
 
 
 def _mock_arrays(name: str, split: str, n: int):
@@ -178,26 +202,71 @@ def load_data(rc: Any) -> Data:
     tr = sources_lib.load_arrays(d.name, info.train_split, **kw)
     ev = sources_lib.load_arrays(d.name, info.eval_split, **kw)
   if d.train_subset:
-    tr = (tr[0][:d.train_subset], tr[1][:d.train_subset])
+    take = np.arange(d.train_subset)
+    if d.subset == "random":  # N examples drawn with the run's seed
+      take = np.sort(np.random.RandomState(int(rc.seed)).permutation(
+          tr[0].shape[0])[:d.train_subset])
+    tr = (tr[0][take], tr[1][take])
   if d.eval_subset:
     ev = (ev[0][:d.eval_subset], ev[1][:d.eval_subset])
+  mean, std = _normalization(rc, info)
   bs = rc.train.batch_size
   if tr[0].shape[0] < bs:
     raise ConfigError("train.batch_size", f"{bs} exceeds the "
                                  f"{tr[0].shape[0]} training examples.")
   train = pipeline_lib.InMemoryPipeline(
       tr[0], tr[1], global_batch_size=bs, seed=rc.seed, shuffle=True,
-      drop_remainder=True, with_index=True, mean=info.mean, std=info.std,
+      drop_remainder=True, with_index=True, mean=mean, std=std,
       same_class_pairs=classify_config.same_class_pairs(rc))
   evalp = pipeline_lib.InMemoryPipeline(
       ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
-      shuffle=False, drop_remainder=False, with_index=False, mean=info.mean,
-      std=info.std)
+      shuffle=False, drop_remainder=False, with_index=False, mean=mean,
+      std=std)
   augment = classify_config.augments(rc)
+  views = dict(d.views or {})
+  sv, tv = views.get("student"), views.get("teacher")
+  raw = tuple(tr[0].shape[1:])
+  shape = views_lib.view_output_shape(sv, raw) if sv is not None else raw
   return Data(info=info, train=InMemoryFeed(train), eval_pipe=evalp,
-              image_shape=tuple(tr[0].shape[1:]), mean=info.mean,
-              std=info.std, crop_padding=info.crop_padding if augment else None,
-              flip=info.flip and augment)
+              image_shape=shape, mean=mean,
+              std=std, crop_padding=info.crop_padding if augment else None,
+              flip=info.flip and augment, student_view=sv, teacher_view=tv,
+              teacher_shape=(views_lib.view_output_shape(tv, raw)
+                             if tv is not None else raw),
+              distill=bool(rc.distill))
+
+
+def _normalization(rc: Any, info):
+  """(mean, std) of `data.normalization` ('unit': pixels / 255)."""
+  if rc.data.normalization == "unit":
+    return (0.0,) * len(info.mean), (1.0,) * len(info.std)
+  return info.mean, info.std
+
+
+def load_eval_data(rc: Any) -> Data:
+  """Only the eval split of an in-memory dataset (`train` is None): what a
+  data-free run (task 'dafl') reads -- never the training images."""
+  info = sources_lib.dataset_info(rc.data.name)
+  d = rc.data
+  if d.mock:
+    ev = _mock_arrays(d.name, info.eval_split, int(d.mock_num_examples))
+  else:
+    ev = sources_lib.load_arrays(d.name, info.eval_split,
+                                 data_dir=d.data_dir or None,
+                                 cache_dir=d.cache_dir or None)
+  if d.eval_subset:
+    ev = (ev[0][:d.eval_subset], ev[1][:d.eval_subset])
+  mean, std = _normalization(rc, info)
+  evalp = pipeline_lib.InMemoryPipeline(
+      ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
+      shuffle=False, drop_remainder=False, with_index=False, mean=mean,
+      std=std)
+  sv = dict(d.views or {}).get("student")
+  raw = tuple(ev[0].shape[1:])
+  shape = views_lib.view_output_shape(sv, raw) if sv is not None else raw
+  return Data(info=info, train=None, eval_pipe=evalp, image_shape=shape,
+              mean=mean, std=std, crop_padding=None, flip=False,
+              student_view=sv)
 
 
 def _load_grain_data(rc: Any, info) -> Data:
@@ -243,12 +312,23 @@ def strong_augment_fn(label: str) -> Callable:
   return fn
 
 
+VIEW_TAG = 0x7669  # the views' keys: fold_in(fold_in(rng, epoch), VIEW_TAG)
+
+
 def _augment(data: Data, rng, epoch, batch, separate_teacher_view: bool,
              strong: Optional[Callable]):
-  return augment_lib.augment_batch(
-      jax.random.fold_in(rng, epoch), batch, mean=data.mean, std=data.std,
+  """Augmentation + normalization, then the per-model views (with views,
+  the teacher's input comes from them, not from a second augmentation)."""
+  views = data.train_views()
+  key = jax.random.fold_in(rng, epoch)
+  out = augment_lib.augment_batch(
+      key, batch, mean=data.mean, std=data.std,
       crop_padding=data.crop_padding, flip=data.flip,
-      separate_teacher_view=separate_teacher_view, strong_augment=strong)
+      separate_teacher_view=separate_teacher_view and views is None,
+      strong_augment=strong)
+  if views is not None:
+    out = views(out, jax.random.fold_in(key, VIEW_TAG))
+  return out
 
 
 def make_train_preprocess(data: Data, *, steps_per_epoch: int,
@@ -277,11 +357,17 @@ def make_stage_preprocess(data: Data, rng) -> Callable:
   return preprocess
 
 
-def eval_preprocess(data: Data) -> Callable:
-  """`fn(batch) -> batch`: normalization only."""
+def eval_preprocess(data: Data, model: str = "student") -> Callable:
+  """`fn(batch) -> batch`: normalization, then `model`'s view ('student' |
+  'teacher'; random views draw from a fixed key)."""
+  spec = data.student_view if model == "student" else data.teacher_view
+  view = None if spec is None else views_lib.make_view(spec)
+
   def preprocess(batch):
     batch = dict(batch)
     batch["image"] = augment_lib.normalize(batch["image"], data.mean, data.std)
+    if view is not None:
+      batch = view(batch, jax.random.key(VIEW_TAG))
     return batch
   return preprocess
 

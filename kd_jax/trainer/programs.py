@@ -166,9 +166,11 @@ def build_programs(spec: ProgramSpec, cache_key: Optional[str]) -> Programs:
   eval_step = _eval_step(s, eval_pre)
   teacher_eval = None
   if s.rc.distill:
+    teacher_pre = (feeds_lib.eval_preprocess(s.data, "teacher")
+                   if s.data.has_views else eval_pre)
     teacher_eval = [s.placement.compile(
         steps_lib.make_eval_step(t, axis_name=s.placement.axis_name,
-                                 preprocess=eval_pre),
+                                 preprocess=teacher_pre),
         stacked=False, donate_state=False) for t in _as_list(s.teacher)]
   progs = Programs(
       init=init, init_state=init.build(jit=not s.dry_run),
