@@ -15,6 +15,9 @@ from kd_jax.models.registry import register
 register("mlp_teacher", _mnist.mlp_teacher, input_shape=(28, 28, 1))
 register("mlp_student", _mnist.mlp_student, input_shape=(28, 28, 1))
 register("cnn_teacher", _mnist.cnn_teacher, input_shape=(28, 28, 1))
+register("mlp_1200x2", _mnist.mlp_1200x2, input_shape=(28, 28, 1))
+for _name, _fn in _mnist.PLAIN_MLPS.items():  # mlp_30x2, mlp_300x2, mlp_800x2
+  register(_name, _fn, input_shape=(28, 28, 1))
 
 # --- CIFAR / ImageNet CNN families (RepDistiller / mdistiller / torchvision) --
 from kd_jax.models import resnet_cifar as _resnet_cifar  # noqa: E402
