@@ -1,54 +1,79 @@
 """The full config schema of `experiments/main.py`, with defaults.
 
-Every config file starts from `base_config()` and overrides what its recipe
-needs; `kd_jax.trainer.parse` checks the result (once) before anything
-is compiled. Command-line overrides use the same keys, e.g.
+Every config file starts from `base_config()` (image classification) or
+`lm_config()` (language models) and overrides what its recipe needs;
+`kd_jax.trainer.parse` checks the result (once) before anything is
+compiled: unknown keys are refused with the closest valid name, every value
+against its range. Command-line overrides use the same keys, e.g.
 `--config.train.batch_size=128 --config.loss.terms.kd.temperature=2`.
 
-Keys:
+Keys (both tasks):
 
-* `mode`: `'train'` (supervised: a teacher, or a student alone), `'distill'`
-  (student from a frozen teacher) or `'seed_experiment'` (several phases over
-  several seeds, see `configs/mnist_seed.py`).
+* `task`: `'classify'` (images, the default) or `'lm'` (language models).
+* `mode`: `'train'` (supervised: a teacher, or a student alone; images
+  also with teacher-free distiller terms, self-distillation: `byot`,
+  `cskd`, `tfkd`), `'distill'` (student from frozen teachers) or
+  `'seed_experiment'` (several phases over several seeds, see
+  `configs/mnist_seed.py`, `configs/lm_jane_austen.py`; chains and
+  ensembles: `configs/mnist_takd.py`, `configs/cifar100_ban.py`).
 * `seed`: init / dropout / shuffling seed.
-* `debug`: tiny subset, a few steps, mock data (TFDS `mock_data`), small
-  images -- what CI runs for every config; see `kd_jax.trainer.apply_debug`.
-* `data`: `name` (TFDS name: mnist, cifar10, cifar100, imagenet2012),
-  `data_dir` (TFDS data dir, '' = `$TFDS_DATA_DIR`), `cache_dir`, `mock`,
-  `train_subset` / `eval_subset` (first N examples, 0 = all), `augment`
-  (the dataset's standard train augmentation), `teacher_view` (`'same'`:
-  teacher sees the student's augmented view, `'separate'`: its own view),
-  `image_size` (ImageNet crop size), `num_workers` (ImageNet grain workers),
-  `on_device` (in-memory datasets: put the training split on the devices
-  once and send only example indices per chunk; the gather runs in the
-  compiled step).
-* `model`: the network being trained (`name`, `num_classes`, `dtype`).
-* `teacher`: the frozen teacher of `mode='distill'`: `name`, `num_classes`,
-  `dtype`, `checkpoint` (a teacher-training workdir / Orbax checkpoint dir, or
-  a converted PyTorch checkpoint when `checkpoint_format='torch'`),
-  `precompute_logits` (run the teacher once over the train set instead of
-  every step; exact only without augmentation), `evaluate` (report the
-  teacher's eval accuracy before distilling).
+* `debug`: tiny data, 2 steps, small evaluations -- what CI runs for every
+  config; see `kd_jax.trainer.apply_debug`.
+* `data`, `model`: the task's (below).
+* `teacher`: the frozen teacher of `mode='distill'` -- its model fields (as
+  `model`), `checkpoint` (a teacher run's workdir / an Orbax checkpoint dir),
+  `precompute` (images: run the teacher once over the un-augmented training
+  set; language models: cache its top-k log-probabilities once), `evaluate`
+  (report the teacher's eval metric first), `weight`, `sharding` (mesh runs:
+  'replicated' | 'fsdp' | 'tensor' | [(regex, spec), ...]). Several teachers:
+  `teachers.<label>` sections instead (`loss.multi_teacher`:
+  'mean_logits' distils from their weighted mean, 'mean_losses' averages
+  every term over them).
 * `loss`: `ce_weight`, `warmup_epochs` (DKD: `min(epoch / W, 1)` on KD terms,
   1-based epochs), `label_smoothing`, `terms` (label -> {`name` (a loss of
   `kd_jax.losses`, defaults to the label), `weight`, loss hyperparameters},
-  or {`distiller` (a method of `kd_jax.distillers`), `weight`, constructor
-  arguments} for feature/relation methods).
-* `optimizer`: `name` (sgd | adam | adamw), `learning_rate`, `momentum`,
-  `nesterov`, `weight_decay` (coupled L2 for sgd/adam as in PyTorch;
-  decoupled for adamw), `schedule` (constant | step | cosine),
-  `decay_epochs`, `decay_factor`, `warmup_epochs` (linear LR warm-up).
+  or {`distiller` (a method of `kd_jax.distillers`), `weight`, its
+  arguments}), `multi_teacher`, `fused_head` / `chunk_size` (language
+  models: CE + the one divergence from the hidden states, in chunks).
+* `optimizer`: `name` (sgd | adam | adamw | dot | a method's registered
+  one), `learning_rate`, `momentum`, `nesterov`, `weight_decay` (coupled L2
+  for sgd/adam as in PyTorch; decoupled for adamw), `schedule` (constant |
+  step | cosine | warmup_cosine), `decay_epochs`, `decay_factor`,
+  `warmup_epochs` (linear LR warm-up), `warmup_steps` (warmup_cosine),
+  `grad_clip` (global norm; 0 = off), `delta` (DOT).
 * `train`: `batch_size` (global), `eval_batch_size`, `num_epochs`,
   `num_steps` (> 0: stop after this many steps), `steps_per_call` (train
-  steps compiled into one scanned call; 1 = one jitted step per call),
-  `eval_every_epochs`, `log_every_steps`, `parallel` (none | jit | pmap),
-  `num_devices` (0 = all local devices), `progress_bar`,
-  `pretrain_max_steps` (cap on the steps of a distiller's initialization
-  stage -- AB / FT / FSP; 0 = the stage's own `epochs`).
+  steps compiled into one scanned call), `eval_every_epochs`,
+  `eval_every_steps` (> 0: evaluate every N steps instead), `log_every_steps`,
+  `parallel` (none | jit | pmap), `num_devices` (0 = all), `progress_bar`,
+  `pretrain_max_steps` (cap on a distiller's initialization stage -- AB /
+  FT / FSP; 0 = the stage's own `epochs`), `on_nonfinite` ('stop': a NaN /
+  inf loss or gradient stops the run naming the step, the last good
+  checkpoint kept; 'skip_update': such updates are skipped, the run stops
+  after `max_consecutive_skips` in a row), `mesh` / `sharding_rules`
+  (docs/parallelism.md).
 * `checkpoint`: `enabled`, `every_steps` (0 = only at epoch ends, see
   `every_epochs`), `every_epochs`, `keep`, `keep_best`, `async_save`.
 * `report`: `paper` (what a recipe targets: source, metric, value) and free
   notes, copied to the run's `report.json`.
+
+Image classification (`base_config()`): `data` = `name` (TFDS name: mnist,
+cifar10, cifar100, imagenet2012), `data_dir` (TFDS data dir, '' =
+`$TFDS_DATA_DIR`), `cache_dir`, `mock`, `train_subset` / `eval_subset`
+(first N examples, 0 = all), `augment` (the dataset's standard train
+augmentation), `teacher_view` ('same' | 'separate'), `image_size` (ImageNet
+crop size), `num_workers` (ImageNet grain workers), `on_device` (in-memory
+datasets: the training split on the devices once, only example indices per
+chunk); `model` / teacher = `name`, `num_classes`, `dtype` (+ the teacher's
+`checkpoint_format`: 'orbax' | 'torch').
+
+Language models (`lm_config()`): `data` = a prepared text dataset
+(`experiments/prepare_corpus.py`): `data_dir`, `name`, `version`,
+`train_sequences` / `eval_sequences` (first N, 0 = all), `eval_splits`;
+`model` / teacher = `preset` (+ `overrides`) or `hf_dir`, `dtype`, `remat`
+(+ the teacher's `topk` / `cache_dir` for `precompute`); `generation` =
+`max_new_tokens` (0: train on the data), `lmbda`, `seq_kd`, `temperature`,
+`top_k`, `top_p` (Seq-KD / on-policy GKD, TRL's names; docs/lm.md).
 """
 
 import ml_collections
@@ -56,6 +81,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "classify"
   c.mode = "train"
   c.seed = 0
   c.debug = False
@@ -85,8 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "float32"
   c.teacher.checkpoint = ""
   c.teacher.checkpoint_format = "orbax"
-  c.teacher.precompute_logits = False
+  c.teacher.precompute = False
   c.teacher.evaluate = True  # report the teacher's eval accuracy first
+  c.teacher.weight = 1.0
   # Mesh runs: 'replicated' (None) | 'fsdp' | 'tensor' | [(regex, spec), ...].
   c.teacher.sharding = ml_collections.config_dict.placeholder(object)
 
@@ -95,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.warmup_epochs = 0
   c.loss.label_smoothing = 0.0
   c.loss.terms = ml_collections.ConfigDict()
+  c.loss.multi_teacher = "mean_logits"
+  c.loss.fused_head = False
+  c.loss.chunk_size = 1024
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
@@ -106,6 +136,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_epochs = (150, 180, 210)
   c.optimizer.decay_factor = 0.1
   c.optimizer.warmup_epochs = 0
+  c.optimizer.warmup_steps = 0
+  c.optimizer.grad_clip = 0.0
+  c.optimizer.delta = 0.075
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
@@ -114,11 +147,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_steps = 0
   c.train.steps_per_call = 1
   c.train.eval_every_epochs = 1
+  c.train.eval_every_steps = 0
   c.train.log_every_steps = 100
   c.train.parallel = "none"
   c.train.num_devices = 0
   c.train.progress_bar = True
   c.train.pretrain_max_steps = 0  # cap on distiller init stages (0: none)
+  c.train.on_nonfinite = "stop"   # NaN / inf: 'stop' | 'skip_update'
+  c.train.max_consecutive_skips = 10
   # A device mesh (parallel 'jit'), e.g. {'data': 2, 'fsdp': 4, 'tensor': 1},
   # and optional (regex, spec) rules for the student state on it
   # (docs/parallelism.md). None: 'jit' is data parallel over all devices.
@@ -220,4 +256,58 @@ def imagenet_recipe(c: ml_collections.ConfigDict, *, lr: float = 0.1,
   c.train.parallel = "jit"
   c.checkpoint.every_steps = 2000
   c.checkpoint.every_epochs = 1
+  return c
+
+
+def lm_model(preset: str = "llama_tiny", **overrides
+             ) -> ml_collections.ConfigDict:
+  """A language-model `model` / `teacher` section: a preset + overrides."""
+  return ml_collections.ConfigDict({
+      "preset": preset, "hf_dir": "", "dtype": "float32", "remat": False,
+      "overrides": overrides})
+
+
+def lm_config() -> ml_collections.ConfigDict:
+  """The language-model task's schema with defaults (`task = 'lm'`).
+
+  AdamW with warm-up + cosine decay and gradient clipping; an evaluation
+  (held-out perplexity) and a checkpoint every `train.eval_every_steps`.
+  """
+  c = ml_collections.ConfigDict()
+  c.task = "lm"
+  c.mode = "train"
+  c.seed = 0
+  c.debug = False
+  c.data = ml_collections.ConfigDict({
+      "data_dir": "workdirs/lm_data", "name": "jane_austen_v2048_s64",
+      "version": "1.0.0", "train_sequences": 0, "eval_sequences": 0,
+      "eval_splits": ("validation", "test")})
+  c.model = lm_model()
+  c.teacher = lm_model()
+  c.teacher.checkpoint = ""
+  c.teacher.precompute = False  # top-k cache of the training sequences
+  c.teacher.topk = 32
+  c.teacher.cache_dir = ""      # default: <teacher>/topk_cache
+  c.teacher.evaluate = False
+  c.teacher.weight = 1.0
+  c.teacher.sharding = ml_collections.config_dict.placeholder(object)
+  c.generation = ml_collections.ConfigDict({
+      "max_new_tokens": 0, "lmbda": 0.0, "seq_kd": False,
+      "temperature": 0.9, "top_k": 0, "top_p": 0.0})
+  c.loss = ml_collections.ConfigDict({
+      "ce_weight": 1.0, "terms": ml_collections.ConfigDict(),
+      "fused_head": False, "chunk_size": 1024})
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "adamw", "learning_rate": 1e-3, "schedule": "warmup_cosine",
+      "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0})
+  c.train = ml_collections.ConfigDict({
+      "batch_size": 32, "eval_batch_size": 64, "num_steps": 100,
+      "num_epochs": 0, "log_every_steps": 10, "eval_every_steps": 100,
+      "steps_per_call": 1, "parallel": "none", "progress_bar": True})
+  c.train.mesh = ml_collections.config_dict.placeholder(object)
+  c.train.sharding_rules = ml_collections.config_dict.placeholder(object)
+  c.checkpoint = ml_collections.ConfigDict({
+      "enabled": True, "keep": 1, "keep_best": False, "async_save": False,
+      "every_epochs": 0, "every_steps": 0})
+  c.report = ml_collections.ConfigDict({"notes": ""})
   return c

@@ -8,24 +8,25 @@ the student from it; distill the student from the CNN teacher. The seed
 recipe (Hinton et al. style, as in the project's seed experiment): MLP
 teacher 784-512-256-10 with dropout 0.5, MLP student 784-128-10, batch 64,
 Adam 1e-3, T=5, loss 0.7·CE + 0.3·KD, 5 epochs each, inputs standardized
-with the MNIST mean/std, no augmentation.
+with the MNIST mean/std, no augmentation (`configs/mnist.py`'s recipe: the
+top-level sections; each phase below says what it changes).
 
 The CNN teacher (two 5x5 conv layers + dense 512, dropout 0.5; ~99%) is
-trained once (first seed) and shared by all seeds, for `cnn_teacher_epochs`
-epochs (3 by default: its convolutions cost far more per example than the
-MLPs on a 2-core CPU, even with kd_jax's fast pooling / convolution gradients,
-docs/performance.md); with its logits fixed (no
-augmentation, inference mode) the distillation phases use teacher logits
-precomputed once over the training set, which is exactly the same objective
-as running the teacher every step.
+trained once (first seed) and shared by all seeds, for 3 epochs (its
+convolutions cost far more per example than the MLPs on a 2-core CPU, even
+with kd_jax's fast pooling / convolution gradients, docs/performance.md;
+`--config.seed_experiment.phases.teacher_cnn.train.num_epochs=N` changes
+it); with its logits fixed (no augmentation, inference mode) the
+distillation phases use teacher logits precomputed once over the training
+set, which is exactly the same objective as running the teacher every step.
 
 Five seeds (0-4). Prints and saves (`results.md`, `results.json`) the table:
-teacher, student alone and distilled student accuracy (last and best epoch,
-mean ± std over seeds), the paired gain (distilled minus student alone of the
-same seed) with its 95% t-interval, and wall time and examples/s per phase.
-The seed sets the initialization, the dropout masks and the data order of
-every phase. Results are bit-exact on one machine but vary across CPUs and
-`XLA_FLAGS` (see the README).
+one row per phase (last and best epoch test accuracy, mean ± std over
+seeds), the paired gain of each distilled student over the student alone of
+the same seed with its 95% t-interval, and wall time and examples/s per
+phase. The seed sets the initialization, the dropout masks and the data
+order of every phase. Results are bit-exact on one machine but vary across
+CPUs and `XLA_FLAGS` (see the README).
 Debug: `--config.debug=True` (mock data, 2 steps per phase, one seed).
 """
 
@@ -35,12 +36,14 @@ from configs import base
 from configs import mnist
 
 
+def _kd():
+  return {"ce_weight": 0.7, "terms": {"kd": {"weight": 0.3,
+                                             "temperature": 5.0}}}
+
+
 def get_config():
-  c = base.base_config()
+  c = mnist.mnist_recipe(base.base_config())
   c.mode = "seed_experiment"
-  c.data.name = "mnist"
-  c.data.augment = False
-  c.train.parallel = "none"
   c.train.progress_bar = True
   c.checkpoint.every_epochs = 1
   c.checkpoint.keep = 1
@@ -48,16 +51,17 @@ def get_config():
 
   se = ml_collections.ConfigDict()
   se.seeds = (0, 1, 2, 3, 4)
-  se.cnn_teacher_epochs = 3
-  phases = ml_collections.ConfigDict()
-  phases.student = mnist.get_config("student")
-  phases.teacher_mlp = mnist.get_config("teacher")
-  phases.distill_mlp = mnist.get_config("distill")
-  phases.teacher_cnn = mnist.get_config("cnn_teacher")
-  phases.teacher_cnn.train.num_epochs = se.get_ref("cnn_teacher_epochs")
-  phases.distill_cnn = mnist.get_config("distill_cnn")
-  phases.distill_cnn.teacher.precompute_logits = True
-  se.phases = phases
+  se.phases = ml_collections.ConfigDict({
+      "student": {"mode": "train", "model": {"name": "mlp_student"}},
+      "teacher_mlp": {"mode": "train", "model": {"name": "mlp_teacher"}},
+      "distill_mlp": {"mode": "distill", "model": {"name": "mlp_student"},
+                      "teacher": {"name": "mlp_teacher"}, "loss": _kd()},
+      "teacher_cnn": {"mode": "train", "model": {"name": "cnn_teacher"},
+                      "train": {"num_epochs": 3}},
+      "distill_cnn": {"mode": "distill", "model": {"name": "mlp_student"},
+                      "teacher": {"name": "cnn_teacher", "precompute": True},
+                      "loss": _kd()},
+  })
   se.order = ("student", "teacher_mlp", "distill_mlp", "teacher_cnn",
               "distill_cnn")
   se.student_phase = "student"

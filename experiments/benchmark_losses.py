@@ -16,13 +16,13 @@ kd_jax itself never imports torch.
 Usage:
   python experiments/benchmark_losses.py                      # all sizes
   python experiments/benchmark_losses.py --torch --sizes 1024x1000
-  python experiments/benchmark_losses.py --losses kd,dkd --torch
-  python experiments/benchmark_losses.py --sizes 256x100,1024x1000,8x512x32000
   python experiments/benchmark_losses.py --tokens --torch --min-runs 3
       # fused LM-head forward_kl + CE vs materialized, N x V x D = 2048x32768x256
   python experiments/benchmark_losses.py --features --torch   # feature losses
   python experiments/benchmark_losses.py --torch --before /path/to/old/checkout
       # adds the old checkout's fwd+bwd, interleaved in the same run
+  python experiments/benchmark_losses.py --torch --sizes 1024x1000 --processes 10
+      # 10 fresh processes, the spread across them (see benchmark_spread.py)
 
 The token-level size `[8, 512, 32000]` needs a few GB; sizes whose estimated
 working set does not fit in the available memory are skipped (reported).
@@ -34,6 +34,7 @@ variant).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -224,6 +225,7 @@ def torch_losses() -> Dict[str, Callable]:
 
 CLOCK = time.perf_counter
 """Per-call clock: wall time, or `time.process_time` with `--clock cpu`."""
+CPU_PER_WALL: List[float] = []  # last time_interleaved: median CPU/wall per fn
 
 
 def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
@@ -245,6 +247,7 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
       if i >= 1 and time.perf_counter() - t0 > 0.5:
         break  # slow cell: compiled and warm after 2 calls
   times: List[List[float]] = [[] for _ in fns]
+  ratios: List[List[float]] = [[] for _ in fns]
   start = time.perf_counter()
   rounds = 0
   order = list(range(len(fns)))
@@ -257,10 +260,13 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
       break
     shuffle(order)
     for i in order:
-      t0 = CLOCK()
+      w0, c0 = time.perf_counter(), time.process_time()
       fns[i]()
-      times[i].append(CLOCK() - t0)
+      w, c = time.perf_counter() - w0, time.process_time() - c0
+      times[i].append(c if CLOCK is time.process_time else w)
+      ratios[i].append(c / max(w, 1e-9))
     rounds += 1
+  CPU_PER_WALL[:] = [statistics.median(r) for r in ratios]
   return [statistics.median(ts) for ts in times]
 
 
@@ -453,21 +459,15 @@ def run_features(names: List[str], args) -> None:
 def mem_available_bytes() -> Optional[int]:
   try:
     with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
+      lines = [l for l in f if l.startswith("MemAvailable:")]
+    return int(lines[0].split()[1]) * 1024 if lines else None
   except OSError:
-    pass
-  return None
+    return None
 
 
 def parse_sizes(text: str):
-  sizes = []
-  for item in text.split(","):
-    item = item.strip().lower()
-    if item:
-      sizes.append(tuple(int(d) for d in item.split("x")))
-  return sizes
+  return [tuple(int(d) for d in item.strip().lower().split("x"))
+          for item in text.split(",") if item.strip()]
 
 
 def main(argv=None):
@@ -513,6 +513,14 @@ def main(argv=None):
   parser.add_argument("--ce-weight", type=float, default=0.5,
                       help="--tokens loss: (1-w) forward_kl + w CE; 0 = no "
                       "labels (default: %(default)s)")
+  parser.add_argument("--processes", type=int, default=0, metavar="N",
+                      help="the logit table in N fresh processes and the "
+                      "spread across them")
+  parser.add_argument("--order", choices=["shuffled", "fixed"],
+                      default="shuffled", help="--processes: loss order")
+  parser.add_argument("--shuffle-losses", type=int, metavar="SEED",
+                      help=argparse.SUPPRESS)
+  parser.add_argument("--json", metavar="PATH", help="also write the cells")
   parser.add_argument("--features", nargs="?", const=",".join(FEATURE_SHAPES),
                       default=None, help="only the feature / relation loss "
                       "table (optionally a comma-separated subset of "
@@ -521,13 +529,10 @@ def main(argv=None):
   global CLOCK  # pylint: disable=global-statement
   CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
   if args.tokens:
-    run_token_benchmark(args)
-    return
-
+    return run_token_benchmark(args)
   if args.features is not None:
     feats = [n.strip() for n in args.features.split(",") if n.strip()]
-    bad = sorted(set(feats) - set(FEATURE_SHAPES))
-    if bad:
+    if bad := sorted(set(feats) - set(FEATURE_SHAPES)):
       parser.error(f"unknown --features {bad}; choose from "
                    f"{tuple(FEATURE_SHAPES)}")
     if args.torch and args.torch_threads:
@@ -540,6 +545,23 @@ def main(argv=None):
   unknown = sorted(set(names) - set(ALL_LOSSES))
   if unknown:
     parser.error(f"unknown --losses {unknown}; choose from {ALL_LOSSES}")
+  if args.processes:
+    try:  # pylint: disable=g-import-not-at-top
+      from experiments import benchmark_spread
+    except ImportError:  # run as a script without the repository on sys.path
+      import benchmark_spread  # pytype: disable=import-error
+    benchmark_spread.run(argv, args.processes, shuffle=args.order == "shuffled")
+    return
+  if args.shuffle_losses is not None:
+    random.Random(args.shuffle_losses).shuffle(names)
+  records = run_logits(names, args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"order": names, "records": records}, f)
+
+
+def run_logits(names: List[str], args) -> List[dict]:
+  """Prints the logit-loss table; returns its cells as dicts (seconds)."""
   sizes = parse_sizes(args.sizes)
   jdtype = jnp.dtype(args.dtype)
   itemsize = jdtype.itemsize
@@ -575,6 +597,7 @@ def main(argv=None):
   print("| " + " | ".join(cols) + " |")
   print("|" + "|".join(["---"] * len(cols)) + "|")
 
+  records = []
   rng = np.random.default_rng(0)
   for shape in sizes:
     nbytes_one = int(np.prod(shape)) * 4
@@ -647,7 +670,12 @@ def main(argv=None):
         row += [f"{tt_fwd * 1e6:.0f}", f"{tt_bwd * 1e6:.0f}",
                 f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
       print("| " + " | ".join(row) + " |", flush=True)
+      records.append({"loss": name, "shape": shape_str, "jax_fwd": t_fwd,
+                      "jax_fwd_bwd": t_bwd, "jax_cpu_wall": CPU_PER_WALL[1]})
+      if tl is not None:
+        records[-1].update(torch_fwd=tt_fwd, torch_fwd_bwd=tt_bwd)
     del s, t, y
+  return records
 
 
 # ---------------------------------------------------------------------------

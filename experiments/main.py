@@ -3,14 +3,13 @@ r"""Entry point: train a teacher, a student alone, distill, or a seed experiment
     python -m experiments.main --config=configs/<name>.py[:<arg>] \
         --workdir=<dir> [--config.<key>=<value> ...]
 
-The config's `mode` selects what runs (`configs/base.py` documents every
-key): `'train'` (supervised: a teacher or a student alone), `'distill'`
-(a student from a frozen teacher, `teacher.checkpoint` = a teacher run's
-workdir or a converted checkpoint) or `'seed_experiment'` (several phases
-over several seeds, `configs/mnist_seed.py`). `task = 'lm'` selects the
-language-model trainer (`kd_jax.trainer.lm`, modes train / token_kd /
-seq_kd / gkd / topk, or `experiments.lm_experiment` for a seed experiment,
-`configs/lm_jane_austen.py`). Examples::
+The config's `task` selects what is trained (`'classify'`: images, the
+default; `'lm'`: language models) and its `mode` what runs
+(`configs/base.py` documents every key): `'train'` (supervised: a teacher
+or a student alone), `'distill'` (a student from a frozen teacher,
+`teacher.checkpoint` = a teacher run's workdir or a converted checkpoint)
+or `'seed_experiment'` (several phases over several seeds,
+`configs/mnist_seed.py`, `configs/lm_jane_austen.py`). Examples::
 
     TFDS_DATA_DIR=../shared/data/tfds python -m experiments.main \
         --config=configs/mnist_seed.py --workdir=workdirs/mnist_seed
@@ -41,8 +40,10 @@ Rerunning a command with the same `--workdir` resumes from the latest
 checkpoint. Outputs in the workdir: `config.json`, `metrics.jsonl`,
 TensorBoard events (`tensorboard/`), `curves.png`, `report.json`,
 `checkpoints/`; a seed experiment adds `results.md` / `results.json`.
-Errors in the command line or the config print one line and exit with
-status 2.
+Failures print one line and exit with a status that says what to do
+(`kd_jax/trainer/errors.py`): 2 the command, the config or a workdir held by
+another run; 3 the disk (full, read-only); 4 the run diverged (NaN / inf);
+75 preempted (SIGTERM / SIGINT: the checkpoint is saved, rerun to resume).
 """
 
 import difflib
@@ -66,15 +67,28 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
                     "(multi-process runs; implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.DEFINE_integer("heartbeat_timeout", 30, "Seconds after which the "
+                     "processes of a multi-process run treat a silent one "
+                     "as failed and stop (so one failing process ends all).")
 config_flags.DEFINE_config_file(
     "config", None, "Config file: configs/<name>.py or configs/<name>.py:<arg>.",
     lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(msg: str):
+def _fail(msg: str, status: int = 2):
   print(f"error: {msg}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(status)
+
+
+def _exit_now(status: int):
+  """Ends a process of a multi-process run at once: `sys.exit` would wait
+  in `jax.distributed`'s shutdown barrier for the others, which may wait
+  for this one. The coordination service then stops the others (missed
+  heartbeats, `--heartbeat_timeout` seconds)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _config_arg(argv):
@@ -144,17 +158,16 @@ def parse_flags(argv):
 
 
 def _summary(report) -> str:
-  keys = ("mode", "model", "teacher", "steps", "epochs", "last_top1",
-          "best_top1", "best_epoch", "teacher_top1", "wall_s",
-          "examples_per_sec", "steady_examples_per_sec")
-  parts = []
-  for k in keys:
-    v = report.get(k)
-    if v is None:
-      continue
-    if isinstance(v, float):
-      v = f"{v:.4f}" if k.endswith("top1") else f"{v:,.1f}"
-    parts.append(f"{k}={v}")
+  keys = ("task", "mode", "model", "teacher", "steps", "epochs")
+  parts = [f"{k}={report[k]}" for k in keys if report.get(k) is not None]
+  for k, v in report.items():
+    if (k.startswith(("last_", "best_")) or k == "teacher_top1") and (
+        isinstance(v, float)):
+      parts.append(f"{k}={v:.4f}")
+  for k in ("wall_s", "examples_per_sec", "steady_examples_per_sec",
+            "tokens_per_sec", "steady_tokens_per_sec"):
+    if isinstance(report.get(k), float):
+      parts.append(f"{k}={report[k]:,.1f}")
   return " ".join(parts)
 
 
@@ -168,7 +181,8 @@ def _init_distributed():
   kw = {k: getattr(FLAGS, k) for k in ("coordinator_address",
                                        "num_processes", "process_id")
         if getattr(FLAGS, k) is not None}
-  jax.distributed.initialize(**kw)
+  jax.distributed.initialize(
+      heartbeat_timeout_seconds=int(FLAGS.heartbeat_timeout), **kw)
 
 
 def main(argv):
@@ -184,36 +198,37 @@ def main(argv):
   from kd_jax import trainer  # pylint: disable=g-import-not-at-top
   from kd_jax.data import sources  # pylint: disable=g-import-not-at-top
   from experiments import seed_experiment  # pylint: disable=g-import-not-at-top
+  from kd_jax.trainer import preemption  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
+  multi = _num_processes() > 1
   try:
-    if config.get("task", None) == "lm":
-      _run_lm(config)
-    elif config.get("mode", None) == "seed_experiment":
-      seed_experiment.run(config, FLAGS.workdir)
-    else:
-      report = trainer.train_and_evaluate(config, FLAGS.workdir)
-      if report.get("num_processes", 1) == 1 or _is_main():
-        print(_summary(report), flush=True)
-  except (trainer.ConfigError, trainer.CheckpointRestoreError,
-          sources.DatasetNotFoundError) as e:
-    _fail(str(e))
+    with preemption.watch():
+      if config.get("mode", None) == "seed_experiment":
+        seed_experiment.run(config, FLAGS.workdir)
+      else:
+        report = trainer.train_and_evaluate(config, FLAGS.workdir)
+        if _is_main():
+          print(_summary(report), flush=True)
+  except (trainer.KDError, sources.DatasetNotFoundError) as e:
+    status = getattr(e, "exit_status", 2)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    if multi or isinstance(e, trainer.StorageError):
+      # A failed write can leave Orbax's background threads posting to a
+      # closed event loop at interpreter shutdown (tracebacks after the one
+      # line); the last good checkpoint is already final, nothing is pending.
+      _exit_now(status)
+    sys.exit(status)
+  except Exception:  # pylint: disable=broad-except
+    if not multi:
+      raise
+    import traceback  # pylint: disable=g-import-not-at-top
+    traceback.print_exc()
+    _exit_now(1)
 
 
-def _run_lm(config):
-  """`task = 'lm'`: one language-model phase, or an LM seed experiment."""
-  from experiments import lm_experiment  # pylint: disable=g-import-not-at-top
-  from kd_jax.trainer import lm  # pylint: disable=g-import-not-at-top
-  if config.get("mode", None) == "seed_experiment":
-    lm_experiment.run(config, FLAGS.workdir)
-    return
-  report = lm.train_and_evaluate(config, FLAGS.workdir)
-  if not _is_main():
-    return
-  print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in report.items()
-                 if k.endswith("_ppl") or k in ("mode", "model", "steps",
-                                                "wall_s", "tokens_per_sec")),
-        flush=True)
+def _num_processes() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
 
 
 def _is_main() -> bool:

@@ -28,7 +28,7 @@ trained on the train split) + ``kd_jax_text.json`` (metadata).
 Usage:
   python experiments/prepare_corpus.py --data_dir ~/tensorflow_datasets \
       [--source /usr/lib/R/site-library/janeaustenr | FILE.deb] \
-      [--vocab_size 4096] [--seq_len 128]
+      [--vocab_size 4096] [--seq_len 128] [--pre_tokenizer metaspace]
 """
 
 from __future__ import annotations
@@ -162,18 +162,26 @@ def austen_novels(source: str) -> dict:
 
 
 def prepare(split_docs: dict, *, data_dir: str, name: str, vocab_size: int,
-            seq_len: int, description: str, metadata: dict) -> str:
-  """Tokenizer on train, encode + pack every split, write TFDS. -> folder."""
+            seq_len: int, description: str, metadata: dict,
+            pre_tokenizer: str = "byte_level") -> str:
+  """Tokenizer on train, encode + pack every split, write TFDS. -> folder.
+
+  The stats record each split's characters, UTF-8 bytes and tokens (bits
+  per byte / character of a whole split: summed NLL over them).
+  """
   tokenizer = text_lib.train_bpe_tokenizer(split_docs["train"],
-                                           vocab_size=vocab_size)
+                                           vocab_size=vocab_size,
+                                           pre_tokenizer=pre_tokenizer)
   eos = text_lib.special_ids(tokenizer)["eos_id"]
   packed, stats = {}, {}
   for split, docs in split_docs.items():
     stream = text_lib.encode_documents(tokenizer, docs, eos_id=eos)
     packed[split] = text_lib.pack_stream(stream, seq_len)
     stats[split] = {"documents": len(docs), "characters":
-                    int(sum(len(d) for d in docs)), "tokens": int(len(stream))}
-  metadata = dict(metadata, stats=stats)
+                    int(sum(len(d) for d in docs)), "bytes":
+                    int(sum(len(d.encode("utf-8")) for d in docs)),
+                    "tokens": int(len(stream))}
+  metadata = dict(metadata, stats=stats, pre_tokenizer=pre_tokenizer)
   return text_lib.write_tfds_tokens(data_dir, name, packed,
                                     description=description,
                                     metadata=metadata, tokenizer=tokenizer)
@@ -227,6 +235,11 @@ def main(argv=None):
   p.add_argument("--tfds_validation_split", default="validation")
   p.add_argument("--tfds_test_split", default="test")
   p.add_argument("--vocab_size", type=int, default=4096)
+  p.add_argument("--pre_tokenizer", default="byte_level",
+                 choices=text_lib.PRE_TOKENIZERS,
+                 help="byte_level (GPT-2 style) or metaspace (SentencePiece "
+                 "style, byte fallback): e.g. a teacher with its own "
+                 "tokenizer for cross-tokenizer distillation")
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -235,7 +248,7 @@ def main(argv=None):
     folder = prepare(split_docs, data_dir=os.path.expanduser(args.data_dir),
                      name=args.name, vocab_size=args.vocab_size,
                      seq_len=args.seq_len, description=description,
-                     metadata=meta)
+                     metadata=meta, pre_tokenizer=args.pre_tokenizer)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"prepare_corpus: {e}")
   print(f"wrote {folder}")

@@ -1,44 +1,62 @@
-"""Multi-phase, multi-seed experiment: teacher(s), student alone, distillation.
+"""Phases x seeds: teachers, the student alone, distillation -- any task.
 
-`run(config, workdir)` for `config.mode == 'seed_experiment'` (see
-`configs/mnist_seed.py`). For every seed it runs, each in its own workdir
-`<workdir>/seed<k>/<phase>` with `kd_jax.trainer.train_and_evaluate`:
+`run(config, workdir)` for ``config.mode == 'seed_experiment'``
+(`configs/mnist_seed.py`, `configs/lm_jane_austen.py`). The top-level
+sections (``task``, ``data``, ``model``, ``teacher``, ``loss``,
+``optimizer``, ``train``, ``checkpoint``, ...) are the base of every phase;
+``seed_experiment.phases.<name>`` holds what a phase changes (its ``mode``
+at least; a model's ``overrides``, the loss ``terms`` and a ``mesh`` are
+replaced whole, everything else merged key by key), so ``--config.data.data_dir=...`` applies to every phase and
+``--config.seed_experiment.phases.<name>.train.num_epochs=2`` to one. For
+every seed each phase runs with `kd_jax.trainer.train_and_evaluate` in its
+own workdir ``<workdir>/seed<k>/<phase>``:
 
-* every phase of `seed_experiment.phases` in order; a distillation phase
-  named in `seed_experiment.distill_from` loads its teacher from that teacher
-  phase's workdir (same seed, or the first seed's when the teacher phase is
-  listed in `seed_experiment.shared_phases`, which are trained once).
+* in ``seed_experiment.order`` (default: teachers first); a distillation
+  phase named in ``seed_experiment.distill_from`` gets its teacher phase's
+  workdir as ``teacher.checkpoint`` (same seed, or the first seed's when the
+  teacher phase is in ``seed_experiment.shared_phases``, trained once);
+* ``seed_experiment.scale`` (language models) multiplies every phase's
+  model widths, steps and training sequences (`lm_config.scale`).
 
-Top-level `data`, `debug`, `checkpoint` and `train.progress_bar` /
-`train.parallel` settings are copied into every phase, so
-`--config.data.data_dir=...` applies to all of them. A finished phase is
-reused only when its stored `config.json` equals the phase's current config
-and the phases it depends on (its teacher) were reused too; otherwise it runs
-again (its old workdir is moved aside to `<phase>.old-<time>`, nothing is
-deleted) and the reason is printed. An interrupted phase with the current
-config resumes from its own checkpoint.
+A finished phase is reused only when its stored ``config.json`` equals the
+phase's current config and its teacher phase was reused too; otherwise it
+runs again (its old workdir is moved aside to ``<phase>.old-<time>``,
+nothing is deleted) and the reason is printed. An interrupted phase with
+the current config resumes from its own checkpoint.
 
 Several processes (`experiments.main --coordinator_address/--num_processes/
 --process_id`): every process runs every phase, data parallel over all
-processes' devices -- a one-device `train.parallel` ('none', the default
-of `configs/mnist_seed.py`) becomes 'jit' -- and process 0 alone decides
-phase reuse (the decision is broadcast), moves stale workdirs aside, prints,
-and writes the tables; the others wait for it at barriers.
+processes' devices -- a one-device ``train.parallel`` becomes ``'jit'`` --
+and process 0 alone decides phase reuse (the decision is broadcast), moves
+stale workdirs aside, prints, and writes the tables.
 
-Results: a table of last-epoch and best-epoch test accuracy (mean ± std over
-seeds, population std) of the teacher, the student alone and the distilled
-student, the gain of distillation (paired per seed), and wall time and
-examples/s per phase -- printed, and saved as `results.md` and
-`results.json` in the workdir.
+Results: one row per phase -- the task's metrics (`Task.metrics`: top-1
+accuracy, held-out perplexity per split) after the final evaluation and at
+the best one, mean ± std over seeds -- with, for distillation phases, the
+paired gain over ``seed_experiment.student_phase`` (same seed; > 0 =
+distillation helps) and its 95% t-interval (none for a phase whose network
+is not the student phase's, e.g. a TAKD assistant: "n/a (other
+network)"), the paired gains of the phase (or ensemble) pairs in
+``seed_experiment.comparisons`` (e.g. a method against plain KD), and wall
+time and throughput per phase. A phase's own metrics (BYOT's exits) get
+columns too. Printed, and saved as ``results.md`` / ``results.json``.
+
+``seed_experiment.ensembles = {name: (phase, ...)}`` (Born-Again
+Networks' BANE): after each seed's phases, the ensemble of those phases'
+last checkpoints (one architecture; mean of the softmax probabilities) is
+evaluated on the test set (`kd_jax.trainer.evaluate_ensemble`, into
+``<workdir>/seed<k>/<name>``; nothing is trained, so it always reruns) and
+reported as a row (``mode`` 'ensemble', 'last' metrics only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import ml_collections
 import numpy as np
@@ -46,29 +64,52 @@ import numpy as np
 from kd_jax import metrics_io
 from kd_jax import trainer
 from kd_jax.trainer import config as config_lib
+from kd_jax.trainer import loop
+from kd_jax.trainer import workdir as workdir_lib
 
-_PROPAGATE = ("data", "checkpoint")
-_PROPAGATE_TRAIN = ("progress_bar", "parallel", "num_devices")
+_KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
+         "student_phase", "scale", "comparisons", "ensembles")
+_COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
+
+
+# ---------------------------------------------------------------------------
+# Phases.
+
+
+# Mappings a phase replaces whole (a model's `overrides`, the loss `terms`,
+# a mesh): merging them key by key would mix two recipes.
+_ATOMIC = ("overrides", "terms", "mesh")
+
+
+def _merge(base: dict, over: dict) -> dict:
+  out = dict(base)
+  for k, v in over.items():
+    out[k] = (_merge(out[k], v) if isinstance(v, dict) and k not in _ATOMIC
+              and isinstance(out.get(k), dict) else v)
+  return out
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: str,
                  seed: int) -> ml_collections.ConfigDict:
-  """The config of one phase for one seed (shared sections copied in)."""
-  pc = ml_collections.ConfigDict(
-      config.seed_experiment.phases[phase].to_dict())
-  for sec in _PROPAGATE:
-    if sec in config:
-      pc[sec] = ml_collections.ConfigDict(config[sec].to_dict())
-  for k in _PROPAGATE_TRAIN:
-    if k in config.get("train", {}):
-      pc.train[k] = config.train[k]
-  pc.debug = bool(config.get("debug", False))
-  pc.seed = int(seed)
-  return pc
+  """The config of one phase for one seed: the top-level sections updated
+  by the phase's own keys (then scaled; debug shrinking per phase)."""
+  se = config.seed_experiment
+  base = {k: v for k, v in config.to_dict().items()
+          if k not in ("seed_experiment", "debug_applied", "mode")}
+  d = _merge(base, se.phases[phase].to_dict())
+  d["seed"], d["debug"] = int(seed), bool(config.get("debug", False))
+  factor = float(se.get("scale", 1.0) or 1.0)
+  if factor != 1:
+    _, schema = config_lib.task_schema(config)
+    if schema.scale is None:
+      raise trainer.ConfigError("seed_experiment.scale", "task "
+                                f"{d.get('task')!r} has no scaling.")
+    d = schema.scale(d, factor)
+  return trainer.apply_debug(ml_collections.ConfigDict(d))
 
 
 def phase_order(config) -> List[str]:
-  """`seed_experiment.order` (default: the phases, teachers before students)."""
+  """`seed_experiment.order` (default: the phases, teachers first)."""
   se = config.seed_experiment
   order = list(se.get("order", ()) or ())
   if not order:
@@ -78,39 +119,68 @@ def phase_order(config) -> List[str]:
   return order
 
 
-def validate(config):
+def validate(config) -> None:
+  """The experiment's structure and every phase's config (parsed once)."""
   se = config.get("seed_experiment", None)
   if se is None:
-    raise trainer.ConfigError("seed_experiment", "mode 'seed_experiment' needs a "
-                           "seed_experiment section (see configs/mnist_seed.py).")
+    raise trainer.ConfigError("seed_experiment", "mode 'seed_experiment' "
+                              "needs a seed_experiment section (see "
+                              "configs/mnist_seed.py).")
+  config_lib.check_keys(se, _KEYS, prefix="seed_experiment.")
   if not tuple(se.seeds):
-    raise trainer.ConfigError("seed_experiment.seeds", "needs at least one seed.")
+    raise trainer.ConfigError("seed_experiment.seeds",
+                              "needs at least one seed.")
   phases = phase_order(config)
   for p in phases:
     if p not in se.phases:
-      raise trainer.ConfigError("seed_experiment.order",
-                             f"unknown phase {p!r}; phases: "
-                             f"{sorted(se.phases.keys())}.")
+      raise trainer.ConfigError("seed_experiment.order", f"unknown phase "
+                                f"{p!r}; phases: {sorted(se.phases.keys())}.")
   for d, t in se.distill_from.items():
     if d not in phases:
       raise trainer.ConfigError(f"seed_experiment.distill_from.{d}",
-                             f"unknown phase {d!r}; phases: {phases}.")
+                                f"unknown phase {d!r}; phases: {phases}.")
     if t not in phases or phases.index(t) > phases.index(d):
       raise trainer.ConfigError(
           f"seed_experiment.distill_from.{d}",
           f"teacher phase {t!r} must be a phase listed before {d!r}.")
-  for p in se.shared_phases:
+  for p in se.get("shared_phases", ()):
     if p not in phases:
       raise trainer.ConfigError("seed_experiment.shared_phases",
-                             f"unknown phase {p!r}; phases: {phases}.")
-  # Validate every phase config (names, class counts, batch sizes, ...).
+                                f"unknown phase {p!r}; phases: {phases}.")
+  ensembles = dict(se.get("ensembles", None) or {})
+  for name, members in ensembles.items():
+    key = f"seed_experiment.ensembles.{name}"
+    if name in phases:
+      raise trainer.ConfigError(key, f"{name!r} is a phase's name too.")
+    if not members or any(p not in phases for p in members):
+      raise trainer.ConfigError(key, f"{tuple(members)!r}: expected phases "
+                                f"of {phases}.")
+  rows = phases + list(ensembles)
+  for pair in se.get("comparisons", ()) or ():
+    if len(pair) != 2 or any(p not in rows for p in pair):
+      raise trainer.ConfigError("seed_experiment.comparisons",
+                                f"{pair!r}: expected (phase, phase) of "
+                                f"{rows}.")
+  student = se.get("student_phase", "")
+  if student and student not in phases:
+    raise trainer.ConfigError("seed_experiment.student_phase",
+                              f"unknown phase {student!r}; phases: {phases}.")
+  rcs = {}
   for p in phases:
-    pc = trainer.apply_debug(phase_config(config, p, tuple(se.seeds)[0]))
+    pc = phase_config(config, p, tuple(se.seeds)[0])
     try:
-      trainer.parse(pc, check_paths=p not in se.distill_from)
+      rcs[p] = trainer.parse(pc, check_paths=p not in se.distill_from)
     except trainer.ConfigError as e:
       raise trainer.ConfigError(f"seed_experiment.phases.{p}.{e.key}",
-                             str(e).split(": ", 1)[1]) from None
+                                str(e).split(": ", 1)[1]) from None
+  for name, members in ensembles.items():
+    from kd_jax.trainer import ensemble  # pylint: disable=g-import-not-at-top
+    ensemble.check_members([rcs[p] for p in members], members,
+                           f"seed_experiment.ensembles.{name}")
+
+
+# ---------------------------------------------------------------------------
+# Reuse.
 
 
 def stored_config(wd: str):
@@ -133,9 +203,6 @@ def config_diff(old, new, prefix="") -> List[str]:
   return out
 
 
-_COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
-
-
 def _comparable(cfg_json):
   d = json.loads(json.dumps(cfg_json))
   for sec, key in _COSMETIC:
@@ -151,15 +218,11 @@ def reuse_decision(wd: str, pc, deps_reused: bool):
   old workdir is stale."""
   if not os.path.isdir(wd):
     return False, None
-  try:
-    with open(os.path.join(wd, "report.json")) as f:
-      finished = json.load(f).get("last_top1") is not None
-  except (OSError, json.JSONDecodeError):
-    finished = False
+  finished = loop.read_report(wd) is not None
   stored = stored_config(wd)
   if stored is None:
     return False, ("its stored config.json is missing" if finished else None)
-  current = json.loads(trainer.apply_debug(pc).to_json_best_effort())
+  current = json.loads(pc.to_json_best_effort())
   diff = config_diff(_comparable(stored), _comparable(current))
   if diff:
     return False, "its config changed (" + "; ".join(diff[:3]) + (
@@ -201,22 +264,23 @@ def span_processes(config: ml_collections.ConfigDict
   once; otherwise `config` is returned unchanged."""
   import jax  # pylint: disable=g-import-not-at-top
   par = config.get("train", {}).get("parallel", "none")
-  if jax.process_count() == 1 or config_lib.PARALLEL.get(par) != "single":
+  if jax.process_count() == 1 or par not in ("none", "single"):
     return config
   config = config.copy_and_resolve_references()
   config.train.parallel = "jit"
   say(f"train.parallel={par!r} runs on one device; with "
-       f"{jax.process_count()} processes every phase runs with "
-       "train.parallel='jit'.")
+      f"{jax.process_count()} processes every phase runs with "
+      "train.parallel='jit'.")
   return config
 
 
 def sync(name: str) -> None:
   """A barrier of all processes (no-op with one process)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+  loop.barrier(name)
+
+
+def is_main() -> bool:
+  return loop.is_main()
 
 
 def say(msg: str) -> None:
@@ -224,16 +288,18 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def phase_inputs(config, workdir, p, seed, seeds, reused,
-                 make_config=phase_config):
-  """(workdir, config, teacher phase reused) of phase `p` for `seed`: a shared
-  phase lives under the first seed; a distillation phase gets its teacher
-  phase's workdir as `teacher.checkpoint`. `make_config(config, p, seed)`
-  builds the phase's config (the LM experiment passes its own)."""
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def phase_inputs(config, workdir, p, seed, seeds, reused):
+  """(workdir, config, teacher phase reused) of phase `p` for `seed`: a
+  shared phase lives under the first seed; a distillation phase gets its
+  teacher phase's workdir as `teacher.checkpoint`."""
   se = config.seed_experiment
   src_seed = seeds[0] if p in se.shared_phases else seed
   wd = os.path.join(workdir, f"seed{src_seed}", p)
-  pc = make_config(config, p, src_seed)
+  pc = phase_config(config, p, src_seed)
   deps_ok = True
   if p in se.distill_from:
     t = se.distill_from[p]
@@ -243,31 +309,63 @@ def phase_inputs(config, workdir, p, seed, seeds, reused,
   return wd, pc, deps_ok
 
 
+def _headline(rep: Dict[str, Any], metrics) -> str:
+  parts = []
+  for m in metrics:
+    if not m.table or rep.get(f"last_{m.key}") is None:
+      continue
+    last, best = rep[f"last_{m.key}"], rep.get(f"best_{m.key}")
+    parts.append(f"{m.label} last {m.scale * last:.2f}" + (
+        f", best {m.scale * best:.2f}" if best is not None else ""))
+  return "; ".join(parts) + f", {rep['wall_s']:.1f} s"
+
+
 def _run_phase(config, workdir, p, seed, seeds, reused):
   """Runs (or reuses) phase `p` of `seed`; returns (report, reused)."""
   wd, pc, deps_ok = phase_inputs(config, workdir, p, seed, seeds, reused)
   key = (p, seeds[0] if p in config.seed_experiment.shared_phases else seed)
   if key in reused:  # a shared phase, done for an earlier seed
-    with open(os.path.join(wd, "report.json")) as f:
-      return json.load(f), reused[key]
+    return loop.read_report(wd), reused[key]
   ok, why = agreed(*(reuse_decision(wd, pc, deps_ok) if is_main()
-                      else (False, None)))
+                     else (False, None)))
   if ok:
     say(f"[seed {seed}] {p}: done before with the same config, reusing "
-         f"{wd}")
-    with open(os.path.join(wd, "report.json")) as f:
-      return json.load(f), True
+        f"{wd}")
+    return loop.read_report(wd), True
   if why is not None:
     say(f"[seed {seed}] {p}: running again: {why}; previous run moved to "
-         f"{set_aside(wd)}")
-  say(f"[seed {seed}] {p}: {pc.mode} {pc.model.name}"
-       + (f" <- {pc.teacher.name}" if pc.mode == "distill" else ""))
+        f"{set_aside(wd)}")
+  rc = trainer.parse(pc)
+  metrics = loop.TASKS[rc.task].metrics(rc)
+  say(f"[seed {seed}] {p}: {pc.mode} {_model_name(pc)}" + (
+      f" <- {_model_name(pc.teacher)}" if pc.mode == "distill" else ""))
   rep = trainer.train_and_evaluate(pc, wd)
   rep.pop("_final_state", None)
-  say(f"[seed {seed}] {p}: last top-1 {100 * rep['last_top1']:.2f}%, "
-       f"best {100 * rep['best_top1']:.2f}%, {rep['wall_s']:.1f} s, "
-       f"{_fmt_eps(rep.get('steady_examples_per_sec'))} ex/s")
+  say(f"[seed {seed}] {p}: " + _headline(rep, metrics))
   return rep, False
+
+
+def _run_ensemble(config, workdir, name, seed, seeds):
+  """Evaluates ensemble `name` of `seed` (its members' last checkpoints)
+  into `<workdir>/seed<k>/<name>`; returns its report."""
+  se = config.seed_experiment
+  members = tuple(se.ensembles[name])
+  cfgs, wds = [], []
+  for p in members:
+    src = seeds[0] if p in se.shared_phases else seed
+    wds.append(os.path.join(workdir, f"seed{src}", p))
+    cfgs.append(phase_config(config, p, src))
+  say(f"[seed {seed}] {name}: ensemble of {', '.join(members)}")
+  rep = trainer.evaluate_ensemble(cfgs, wds, os.path.join(
+      workdir, f"seed{seed}", name), key=f"seed_experiment.ensembles.{name}")
+  rep["members"] = list(members)
+  say(f"[seed {seed}] {name}: " + _headline(rep, _metrics(config)))
+  return rep
+
+
+def _model_name(section) -> str:
+  m = section.get("model", section)
+  return str(m.get("name", "") or m.get("preset", "") or m.get("hf_dir", ""))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -279,12 +377,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """
   config = span_processes(trainer.apply_debug(config))
   validate(config)
+  with workdir_lib.locked(workdir, main=is_main()):
+    return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> Dict[str, Any]:
   se = config.seed_experiment
   seeds = [int(s) for s in se.seeds]
   phases = phase_order(config)
-  os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
-  reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in phases}
+  ensembles = list(dict(se.get("ensembles", None) or {}))
+  reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in
+                                              phases + ensembles}
   reused: Dict[Any, bool] = {}
   for seed in seeds:
     for p in phases:
@@ -292,13 +396,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       src_seed = seeds[0] if p in se.shared_phases else seed
       reused[(p, src_seed)] = was_reused
       reports[p].append(rep)
+    for name in ensembles:
+      reports[name].append(_run_ensemble(config, workdir, name, seed, seeds))
   path = os.path.join(workdir, "results.json")
   if is_main():
     results = summarize(config, reports)
     results["total_wall_s"] = time.perf_counter() - t0
     md = format_markdown(config, results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(md + "\n")
+    metrics_io.write_text(os.path.join(workdir, "results.md"), md + "\n")
     metrics_io.write_json(path, results)
     print(md, flush=True)
   sync(f"results {workdir}")
@@ -308,13 +413,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return results
 
 
-def is_main() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index() == 0
-
-
-def _fmt_eps(v):
-  return "n/a" if v is None else f"{v:,.0f}"
+# ---------------------------------------------------------------------------
+# Results.
 
 
 # Two-sided 95% quantiles t_{0.975, df} of Student's t, df = 1..30
@@ -337,7 +437,7 @@ def paired_interval(diffs) -> Dict[str, Any]:
 
   $\bar d \pm t_{0.975,\,n-1}\, s_d / \sqrt{n}$ with $s_d$ the sample
   standard deviation (ddof=1) of the $n$ per-seed differences $d_i$ (the
-  same seed's distilled minus student-alone accuracy). `ci95` is None for
+  same seed's distilled minus student-alone result). `ci95` is None for
   one seed.
   """
   d = np.asarray(list(diffs), np.float64)
@@ -349,96 +449,159 @@ def paired_interval(diffs) -> Dict[str, Any]:
   return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(n)}
 
 
-def _fmt_gain(diffs) -> str:
-  if not len(diffs):
-    return "n/a"
-  g = paired_interval(100.0 * np.asarray(diffs))
-  if g["ci95"] is None:
-    return f"{g['mean']:+.2f}"
-  lo, hi = g["ci95"]
-  return f"{g['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+def _metrics(config) -> Tuple[loop.Metric, ...]:
+  """The task's metrics: those of every phase (the first phase's first; a
+  phase may add its own, e.g. BYOT's exits)."""
+  out: Dict[str, loop.Metric] = {}
+  seed = tuple(config.seed_experiment.seeds)[0]
+  for p in phase_order(config):
+    rc = trainer.parse(phase_config(config, p, seed), check_paths=False)
+    for m in loop.TASKS[rc.task].metrics(rc):
+      out.setdefault(m.key, m)
+  return tuple(out.values())
+
+
+def _rates(reps) -> Dict[str, List[Any]]:
+  return {k: [r.get(k) for r in reps] for k in reps[0]
+          if k.endswith("_per_sec")}
 
 
 def summarize(config, reports) -> Dict[str, Any]:
   se = config.seed_experiment
-  out: Dict[str, Any] = {"seeds": [int(s) for s in se.seeds], "phases": {},
-                         "rows": []}
+  metrics = _metrics(config)
+  out: Dict[str, Any] = {"seeds": [int(s) for s in se.seeds],
+                         "metrics": [dataclasses.asdict(m) for m in metrics],
+                         "phases": {}, "gains": {}}
   for p, reps in reports.items():
     shared = p in se.shared_phases
     uniq = reps[:1] if shared else reps
-    out["phases"][p] = {
-        "mode": uniq[0]["mode"], "model": uniq[0]["model"],
-        "teacher": uniq[0].get("teacher"), "shared_across_seeds": shared,
-        "epochs": uniq[0]["epochs"],
-        "last_top1": [r["last_top1"] for r in uniq],
-        "best_top1": [r["best_top1"] for r in uniq],
-        "wall_s": [r["wall_s"] for r in uniq],
-        "train_s": [r["train_s"] for r in uniq],
-        "examples_per_sec": [r["examples_per_sec"] for r in uniq],
-        "steady_examples_per_sec": [r["steady_examples_per_sec"]
-                                    for r in uniq],
-    }
+    ph = {f"{w}_{m.key}": [r.get(f"{w}_{m.key}") for r in uniq]
+          for m in metrics for w in ("last", "best")}
+    ph.update(_rates(uniq))
+    if "members" in uniq[0]:  # an ensemble
+      ph["members"] = uniq[0]["members"]
+    ph.update(mode=uniq[0]["mode"], model=uniq[0]["model"],
+              teacher=uniq[0].get("teacher"),
+              model_params=uniq[0].get("model_params"),
+              steps=uniq[0]["steps"], epochs=uniq[0]["epochs"],
+              shared_across_seeds=shared,
+              wall_s=[r["wall_s"] for r in uniq],
+              train_s=[r["train_s"] for r in uniq],
+              cache_s=[r.get("cache_s", 0.0) or 0.0 for r in uniq])
+    out["phases"][p] = ph
   student = se.get("student_phase", "")
-  for d in [p for p in phase_order(config) if p in se.distill_from]:
-    t = se.distill_from[d]
-    row = {"distill_phase": d, "teacher_phase": t, "student_phase": student}
-    dl = np.asarray(out["phases"][d]["last_top1"])
-    db = np.asarray(out["phases"][d]["best_top1"])
-    if student in out["phases"]:
-      sl = np.asarray(out["phases"][student]["last_top1"])
-      sb = np.asarray(out["phases"][student]["best_top1"])
-      row["gain_last"] = (dl - sl).tolist()
-      row["gain_best"] = (db - sb).tolist()
-      row["gain_last_ci95"] = paired_interval(dl - sl)["ci95"]
-      row["gain_best_ci95"] = paired_interval(db - sb)["ci95"]
-    out["rows"].append(row)
+  if student in out["phases"]:
+    for p in [q for q in reports if q in se.distill_from]:
+      if out["phases"][p]["model"] != out["phases"][student]["model"]:
+        continue  # another network (a TAKD assistant): no gain
+      out["gains"][p] = _gains(out["phases"][p], out["phases"][student],
+                               metrics)
+  out["comparisons"] = {
+      f"{a} vs {b}": _gains(out["phases"][a], out["phases"][b], metrics)
+      for a, b in (se.get("comparisons", ()) or ())}
   return out
+
+
+def _gains(ph_a, ph_b, metrics) -> Dict[str, Any]:
+  """Paired gains of phase a over phase b (same seeds; > 0: a is better)
+  on the gain metric, last and best."""
+  out = {}
+  for m in metrics:
+    if not m.gain:
+      continue
+    for w in ("last", "best"):
+      a, b = ph_a.get(f"{w}_{m.key}"), ph_b.get(f"{w}_{m.key}")
+      if a is None or b is None or None in a or None in b:
+        continue  # (an ensemble has no 'best')
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+      diff = (a - b) if m.higher else (b - a)
+      out[f"{w}_{m.key}"] = dict(paired_interval(m.scale * diff),
+                                 per_seed=diff.tolist())
+  return out
+
+
+def _fmt_gain(g) -> str:
+  if g is None:
+    return ""
+  if g["ci95"] is None:
+    return f"{g['mean']:+.2f}"
+  return f"{g['mean']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
+
+
+def _fmt_values(values, scale: float) -> str:
+  """mean ± std over seeds; 'n/a' when a run has no such value."""
+  values = list(values or [])
+  if not values or any(v is None for v in values):
+    return "n/a"
+  return metrics_io.fmt_mean_std(values, scale=scale)
+
+
+def _fmt_rate(v) -> str:
+  v = [x for x in v if x is not None]
+  return f"{np.mean(v):,.0f}" if v else "n/a"
 
 
 def format_markdown(config, results) -> str:
   se = config.seed_experiment
+  metrics = [loop.Metric(**m) for m in results["metrics"]]
+  shown = [m for m in metrics if m.table]
+  gain = next((m for m in metrics if m.gain), None)
   ph = results["phases"]
-  pct = lambda v: metrics_io.fmt_mean_std(v, scale=100.0)  # noqa: E731
-  lines = [f"Seeds: {results['seeds']} (mean ± std over seeds, std with "
-           "ddof=0; accuracy = test-set top-1 %, 'last' = after the final "
-           "epoch, 'best' = best evaluated epoch; gain = distilled minus "
-           "student alone of the same seed, mean [95% t-interval])", ""]
-  header = ["teacher", "teacher last", "teacher best", "student alone last",
-            "student alone best", "distilled last", "distilled best",
-            "gain last (paired, 95% CI)", "gain best (paired, 95% CI)"]
+  lines = [f"Seeds {results['seeds']}: mean ± std over seeds (ddof=0); "
+           "'last' = after the final evaluation, 'best' = at the evaluation "
+           f"with the best {metrics[0].label}."
+           + (f" Gain = distilled vs '{se.student_phase}' of the same seed "
+              f"({gain.label}, > 0: distillation helps), mean [95% "
+              "t-interval]." if gain else ""), ""]
+  header = ["phase", "mode", "model"]
+  for m in shown:
+    header += [f"{m.label} last", f"{m.label} best"]
+  if gain:
+    header += [f"gain {gain.label} last", f"gain {gain.label} best"]
   rows = []
-  student = se.get("student_phase", "")
-  for row in results["rows"]:
-    t, d = ph[row["teacher_phase"]], ph[row["distill_phase"]]
-    s = ph.get(student)
-    shared = " (1 run, shared)" if t["shared_across_seeds"] else ""
-    rows.append([
-        f"{t['model']}{shared}", pct(t["last_top1"]), pct(t["best_top1"]),
-        pct(s["last_top1"]) if s else "n/a",
-        pct(s["best_top1"]) if s else "n/a",
-        pct(d["last_top1"]), pct(d["best_top1"]),
-        _fmt_gain(row.get("gain_last", [])),
-        _fmt_gain(row.get("gain_best", []))])
-  lines.append(metrics_io.markdown_table(header, rows))
-  lines += ["", "Per phase (mean over runs): wall time includes data "
-            "loading, compilation, evaluation and checkpoints; examples/s "
-            "= train examples / train-loop time (incl. compilation) and "
-            "steady-state (after the first compiled call).", ""]
-  prow = []
   for p, v in ph.items():
-    prow.append([
-        p, v["mode"], v["model"] + (f" <- {v['teacher']}" if v["teacher"]
-                                    else ""),
-        f"{v['epochs']:g}", len(v["wall_s"]),
-        f"{np.mean(v['wall_s']):.1f}",
-        _fmt_eps(float(np.mean(v["examples_per_sec"]))),
-        _fmt_eps(float(np.mean([x for x in v["steady_examples_per_sec"]
-                                if x is not None]))
-                 if any(x is not None for x in v["steady_examples_per_sec"])
-                 else None)])
+    shared = " (1 run, shared)" if v["shared_across_seeds"] else ""
+    model = v["model"] + (f" ({v['model_params'] / 1e6:.2f}M)"
+                          if v.get("model_params") else "")
+    model += f" <- {v['teacher']}" if v.get("teacher") else ""
+    model += (f" x{len(v['members'])} ({', '.join(v['members'])})"
+              if v.get("members") else "")
+    row = [p + shared, v["mode"], model]
+    for m in shown:
+      row += [_fmt_values(v.get(f"{w}_{m.key}"), m.scale)
+              for w in ("last", "best")]
+    g = results["gains"].get(p, {})
+    student = ph.get(se.get("student_phase", ""))
+    if gain and p in se.distill_from and student and (
+        v["model"] != student["model"]):
+      row += ["n/a (other network)"] * 2
+    elif gain:
+      row += [_fmt_gain(g.get(f"{w}_{gain.key}")) for w in ("last", "best")]
+    rows.append(row)
+  lines.append(metrics_io.markdown_table(header, rows))
+  if results.get("comparisons") and gain:
+    lines += ["", f"Comparisons (paired over seeds, {gain.label}; > 0: the "
+              "first phase is better):", ""]
+    lines.append(metrics_io.markdown_table(
+        ["phases", "gain last", "gain best"],
+        [[k, _fmt_gain(g.get(f"last_{gain.key}")),
+          _fmt_gain(g.get(f"best_{gain.key}"))]
+         for k, g in results["comparisons"].items()]))
+  unit = "tokens" if any("tokens_per_sec" in v for v in ph.values()) else (
+      "examples")
+  lines += ["", f"Per phase (mean over runs): wall time includes data "
+            "loading, compilation, evaluation, checkpoints (and a teacher's "
+            f"top-k cache); {unit}/s = trained {unit} / train-loop time "
+            "(incl. compilation) and steady-state (after the first compiled "
+            "call).", ""]
+  prow = [[p, v["mode"], f"{v['epochs']:.3g}", v["steps"], len(v["wall_s"]),
+           f"{np.mean(v['wall_s']):.1f}", f"{np.mean(v['cache_s']):.1f}",
+           _fmt_rate(v.get(f"{unit}_per_sec", [])),
+           _fmt_rate(v.get(f"steady_{unit}_per_sec", []))]
+          for p, v in ph.items()]
   lines.append(metrics_io.markdown_table(
-      ["phase", "mode", "model", "epochs", "runs", "wall s", "examples/s",
-       "steady examples/s"], prow))
+      ["phase", "mode", "epochs", "steps", "runs", "wall s", "cache s",
+       f"{unit}/s", f"steady {unit}/s"], prow))
   if "total_wall_s" in results:
     lines += ["", f"Total wall time: {results['total_wall_s']:.1f} s"]
   return "\n".join(lines)

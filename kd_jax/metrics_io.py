@@ -96,12 +96,14 @@ class MetricsWriter:
     if epoch is not None:
       rec["epoch"] = float(epoch)
     for k, v in metrics.items():
-      rec[k] = _to_float(v)
+      v = _to_float(v)
+      rec[k] = v if math.isfinite(v) else None  # JSON has no NaN / inf
     self._file.write(json.dumps(rec) + "\n")
     self._file.flush()
     if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(f"{split}/{k}", _to_float(v), int(step))
+      for k, v in rec.items():
+        if k in metrics and v is not None:
+          self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
   def flush(self):
     self._file.flush()
@@ -232,12 +234,49 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join(lines)
 
 
+def finite_json(obj: Any) -> Any:
+  """`obj` with every NaN / inf float replaced by None (JSON has neither)."""
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, (np.floating, np.integer)):
+    return finite_json(obj.item())
+  if isinstance(obj, dict):
+    return {k: finite_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_json(v) for v in obj]
+  return obj
+
+
 def write_json(path: str, obj: Any):
-  """Atomically writes `obj` as indented JSON."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-  os.replace(tmp, path)
+  """Atomically writes `obj` as indented JSON (NaN / inf as null)."""
+  write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=True,
+                              default=_json_default, allow_nan=False))
+
+
+def set_aside(path: str) -> str:
+  """Renames a damaged file / folder to `<path>.corrupt-<time>` (nothing is
+  deleted); returns the new path."""
+  import time  # pylint: disable=g-import-not-at-top
+  dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+  n = 1
+  while os.path.exists(dest):
+    dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    n += 1
+  os.replace(path, dest)
+  return dest
+
+
+def write_text(path: str, text: str):
+  """Atomically writes `text` (a temp file in the same folder, renamed):
+  readers see the old file or the new one, never a part."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _json_default(o):

@@ -1,6 +1,9 @@
-"""Smoke tests of experiments/benchmark_losses.py's `--before` and `--clock`."""
+"""Smoke tests of experiments/benchmark_losses.py: `--before`, `--clock`,
+`--json`, `--processes` (experiments/benchmark_spread.py)."""
 
 import os
+
+import pytest
 
 from experiments import benchmark_losses
 
@@ -31,3 +34,74 @@ def test_table_with_before_and_cpu_clock(capsys):
   for row in rows:
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 8 and cells[-1].endswith("x")
+
+
+def test_child_argv_strips_parent_flags():
+  from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+  argv = ["--torch", "--processes", "3", "--order=fixed", "--sizes", "4x16",
+          "--json", "old.json", "--processes=2"]
+  out = benchmark_spread.child_argv(argv, "/tmp/p.json", seed=5)
+  assert out == ["--torch", "--sizes", "4x16", "--json", "/tmp/p.json",
+                 "--shuffle-losses", "5"]
+  assert benchmark_spread.child_argv(["--losses", "kd"], "x.json", None) == [
+      "--losses", "kd", "--json", "x.json"]
+
+
+def test_spread_table_counts_slower_processes(capsys):
+  from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+  rec = lambda j, t: {"loss": "tv", "shape": "8x4", "jax_fwd": j,
+                      "jax_fwd_bwd": j, "torch_fwd": t, "torch_fwd_bwd": t}
+  procs = [{"records": [rec(1e-3, 2e-3)]}, {"records": [rec(4e-3, 2e-3)]},
+           {"records": [rec(2e-3, 2e-3)]}]
+  benchmark_spread.print_spread(procs)
+  out = capsys.readouterr().out
+  row = [l for l in out.splitlines() if l.startswith("| tv | 8x4 | 1000")][0]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  # jax 1000 / 2000 / 4000 µs, max/min 4, ratio 0.50 / 1.00 / 2.00, one slower.
+  assert cells[2] == "1000 / 2000 / 4000" and cells[3] == "4.00"
+  assert cells[5] == "0.50x / 1.00x / 2.00x" and cells[6] == "1/3"
+  per_process = [l for l in out.splitlines() if l.startswith("| tv | 8x4 | 2.00")]
+  assert per_process == ["| tv | 8x4 | 2.00 | 0.50 | 1.00 |"]
+
+
+def test_spread_table_shows_cpu_per_wall(capsys):
+  from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+  procs = [{"records": [{"loss": "kd", "shape": "8x4", "jax_fwd": 1e-3,
+                         "jax_fwd_bwd": t, "jax_cpu_wall": r}]}
+           for t, r in ((2e-3, 1.9), (4e-3, 0.98))]
+  benchmark_spread.print_spread(procs)
+  out = capsys.readouterr().out
+  header = [l for l in out.splitlines() if l.startswith("| loss | shape |")][0]
+  assert "jax CPU/wall" in header and "torch" not in header
+  assert "| kd | 8x4 | 2000 / 3000 / 4000 | 2.00 | 0.98 / 1.44 / 1.90 |" in out
+  assert "| kd | 8x4 | 2000 (1.90) | 4000 (0.98) |" in out
+
+
+def test_json_output_of_one_process(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "cells.json"
+  benchmark_losses.main([
+      "--sizes", "4x16", "--losses", "kd,tv", "--clock", "cpu", "--warmup",
+      "1", "--min-runs", "2", "--budget", "0", "--max-runs", "2",
+      "--shuffle-losses", "1", "--json", str(path)])
+  data = json.loads(path.read_text())
+  assert sorted(data["order"]) == ["kd", "tv"]
+  assert [r["loss"] for r in data["records"]] == data["order"]
+  for r in data["records"]:
+    assert r["shape"] == "4x16" and r["jax_fwd_bwd"] > 0 and r["jax_fwd"] > 0
+    assert 0 < r["jax_cpu_wall"] < 8
+
+
+@pytest.mark.slow
+def test_two_fresh_processes_end_to_end(capsys):
+  benchmark_losses.main([
+      "--sizes", "4x16", "--losses", "kd,tv", "--clock", "cpu", "--warmup",
+      "1", "--min-runs", "2", "--budget", "0", "--max-runs", "2",
+      "--processes", "2"])
+  out = capsys.readouterr().out
+  assert "# process 1/2" in out and "# process 2/2" in out
+  assert "order kd,tv" in out or "order tv,kd" in out
+  rows = [l for l in out.splitlines() if l.startswith(("| kd | 4x16", "| tv | 4x16"))]
+  # Summary rows (min / median / max) and the per-process rows (µs, CPU/wall).
+  assert len(rows) == 4 and all(r.rstrip().endswith("|") for r in rows)
+  assert sum(" / " in r for r in rows) == 2

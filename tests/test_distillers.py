@@ -48,6 +48,7 @@ def data(seed=0, n=B):
   rs = np.random.RandomState(seed)
   return {"image": rs.randn(n, HW, HW, 1).astype(np.float32),
           "image_strong": rs.randn(n, HW, HW, 1).astype(np.float32),
+          "image_pair": rs.randn(n, HW, HW, 1).astype(np.float32),
           "label": (np.arange(n) % K).astype(np.int32),
           "index": (np.arange(n) * 3 + seed).astype(np.int32)}
 
@@ -79,6 +80,10 @@ CASES = {
     "ofa": (STUDENT, {"stages": (1, 2, 3)}),
     "mlkd": (STUDENT, {}),
     "ctkd": (STUDENT, {}),
+    # Self-distillation (no teacher; the engine's teacher is ignored).
+    "byot": (STUDENT, {"beta": 0.01}),
+    "cskd": (STUDENT, {}),
+    "tfkd": (STUDENT, {"multiplier": 5.0}),
 }
 STAGED = ("ab", "fsp")  # main-training loss is 0 (reference); stage tested
 
@@ -101,11 +106,17 @@ def tree_meta(t):
                                 t)
 
 
+# Image methods; the language-model methods (they read transformer features,
+# `lm_features`) have theirs in tests/test_lm_intermediate.py.
+IMAGE_METHODS = sorted(n for n in D.available()
+                       if not getattr(D.registry()[n], "lm_features", ()))
+
+
 def test_every_registered_distiller_has_a_case():
-  assert sorted(CASES) == sorted(D.available())
+  assert sorted(CASES) == IMAGE_METHODS
 
 
-@pytest.mark.parametrize("name", sorted(D.available()))
+@pytest.mark.parametrize("name", IMAGE_METHODS)
 def test_round_trip_and_training_steps(name):
   st, d, sv, obj, dp, ds = setup(name)
   for leaf in jax.tree_util.tree_leaves(dp):
@@ -520,7 +531,8 @@ def test_state_saved_and_restored_exactly(tmp_path):
 
 # ------------------------------------------------- data parallel modes --
 
-PAR_NAMES = ("fitnet", "crd", "cc")  # sync-BN adapter, bank, relation
+# sync-BN adapter, bank, relation; BYOT: sync-BN exits + global-batch sum
+PAR_NAMES = ("fitnet", "crd", "cc", "byot")
 
 
 def _parallel_problem():
@@ -582,12 +594,17 @@ def test_single_pmap_jit_same_result():
 
 # ------------------------------------------------------------- configs --
 
-@pytest.mark.parametrize("method", sorted(D.available()))
+@pytest.mark.parametrize("method", IMAGE_METHODS)
 def test_cifar100_configs_build_their_terms(method):
   import importlib
-  c = importlib.import_module(f"configs.cifar100_{method}").get_config(
-      "resnet32x4-resnet8x4")
-  assert c.mode == "distill" and c.model.name == "resnet8x4"
+  mod = importlib.import_module(f"configs.cifar100_{method}")
+  if not getattr(D.registry()[method], "needs_teacher", True):
+    # Self-distillation: no teacher, the config string names the network.
+    c = mod.get_config()
+    assert c.mode == "train" and not c.teacher.name
+  else:
+    c = mod.get_config("resnet32x4-resnet8x4")
+    assert c.mode == "distill" and c.model.name == "resnet8x4"
   dist = {k: v for k, v in c.loss.terms.items() if D.is_distiller_term(v)}
   assert len(dist) == 1
   (label, tc), = dist.items()

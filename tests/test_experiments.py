@@ -31,6 +31,7 @@ from configs import recipes
 from kd_jax import metrics_io
 from kd_jax import trainer
 from kd_jax.train import state as state_lib
+from kd_jax.train import optim as optim_lib
 from kd_jax.trainer import feeds as feeds_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,23 @@ def _all_configs():
   # Logit methods with their own trainer hooks: MLKD (strong view), CTKD
   # (steps_per_epoch for its schedule), DOT (optimizer, split gradients).
   specs += [(f"cifar100_{m}", "vgg13-vgg8") for m in ("mlkd", "ctkd", "dot")]
+  # Self-distillation (teacher-free terms in mode 'train'): BYOT (exits
+  # evaluated), CS-KD (same-class pairs), Tf-KD_reg; Tf-KD's baseline and
+  # Tf-KD_self (KD from a copy of the same network).
+  specs += [("cifar100_byot", "resnet18_cifar"),
+            ("cifar100_cskd", "resnet18_cifar"),
+            ("cifar100_tfkd", "reg-shufflenetv2"),
+            ("cifar100_tfkd", "base-shufflenetv2"),
+            ("cifar100_tfkd", "self-shufflenetv2")]
   return specs
+
+
+# Seed experiments: every phase of each is dry-run below
+# (`test_seed_experiment_phases_dry_run`); the main job runs in debug mode
+# (`test_seed_experiment_debug`), the MNIST TAKD chain in
+# tests/test_self_distillation.py (slow).
+SEED_EXPERIMENTS = ("mnist_seed", "mnist_takd", "cifar100_takd",
+                    "cifar100_ban")
 
 
 def _feature_methods():
@@ -81,8 +98,9 @@ def _debug(mod, arg=None, **overrides):
 def test_every_config_file_is_covered():
   files = {os.path.basename(f)[:-3]
            for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-  files -= {"__init__", "base", "recipes", "mnist_seed", "feature_methods",
+  files -= {"__init__", "base", "recipes", "feature_methods", "chains",
             "lm_jane_austen"}  # (LM: tests/test_lm_trainer.py)
+  files -= set(SEED_EXPERIMENTS)
   assert files == {m for m, _ in _all_configs()}
 
 
@@ -91,16 +109,59 @@ def test_every_config_file_is_covered():
 def test_config_dry_run(mod, arg, tmp_path):
   c = _debug(mod, arg)
   out = trainer.train_and_evaluate(c, str(tmp_path), dry_run=True)
-  assert out["dry_run"] and out["num_params"] > 0
-  expected = {"ce", "loss", "top1", "kd_factor"}
-  if c.mode == "distill":
-    expected |= set(c.loss.terms.keys())
-    if any("distiller" in t for t in c.loss.terms.values()):
-      assert out["num_distiller_params"] >= 0
-  assert set(out["metrics"]) == expected
-  assert set(out["eval_metrics"]) == {"loss", "top1", "top5", "count"}
+  _check_dry_run(c, out)
   if not mod.startswith("mnist"):
     assert c.report.paper.source and c.report.paper.metric
+
+
+# BYOT's exits on ResNet18 (4 stages): 3 shallow exits, its own classifier
+# (exit 4) and their ensemble.
+_BYOT_EXITS = {f"byot/top1_exit{i}" for i in (1, 2, 3, 4)} | {
+    "byot/top1_ensemble"}
+
+
+def _check_dry_run(c, out):
+  assert out["dry_run"] and out["num_params"] > 0
+  # (`nonfinite`: the step's NaN/inf flag, `train.on_nonfinite`.)
+  expected = {"ce", "loss", "top1", "kd_factor", "nonfinite"} | set(
+      c.loss.terms.keys())
+  if any("distiller" in t for t in c.loss.terms.values()):
+    assert out["num_distiller_params"] >= 0
+  assert set(out["metrics"]) == expected
+  eval_expected = {"loss", "top1", "top5", "count"}
+  if "byot" in c.loss.terms and c.model.name == "resnet18_cifar":
+    eval_expected |= _BYOT_EXITS
+  assert set(out["eval_metrics"]) == eval_expected
+
+
+def _seed_experiment_phases():
+  from experiments import seed_experiment
+  out = []
+  for mod in SEED_EXPERIMENTS:
+    c = _config(mod)
+    seen = []
+    for p in seed_experiment.phase_order(c):
+      pc = seed_experiment.phase_config(c, p, 0).to_dict()
+      pc.pop("report")
+      if pc not in seen:  # (BAN's generations are one config)
+        seen.append(pc)
+        out.append((mod, p))
+  return out
+
+
+@pytest.mark.parametrize("mod,phase", _seed_experiment_phases(),
+                         ids=[f"{m}:{p}" for m, p in _seed_experiment_phases()])
+def test_seed_experiment_phases_dry_run(mod, phase, tmp_path):
+  """Every distinct phase of every seed-experiment config, as the seed
+  experiment builds it (debug: a random teacher stands in for the teacher
+  phase's checkpoint)."""
+  from experiments import seed_experiment
+  c = _config(mod)
+  c.debug = True
+  seed_experiment.validate(trainer.apply_debug(c))
+  pc = seed_experiment.phase_config(c, phase, 0)
+  out = trainer.train_and_evaluate(pc, str(tmp_path), dry_run=True)
+  _check_dry_run(pc, out)
 
 
 def _real_run_specs():
@@ -172,14 +233,13 @@ def test_seed_experiment_debug(tmp_path):
   res = seed_experiment.run(c, str(tmp_path))
   assert set(res["phases"]) == {"student", "teacher_mlp", "distill_mlp",
                                 "teacher_cnn", "distill_cnn"}
-  assert [r["distill_phase"] for r in res["rows"]] == ["distill_mlp",
-                                                       "distill_cnn"]
-  for r in res["rows"]:
-    d = res["phases"][r["distill_phase"]]["last_top1"]
+  assert list(res["gains"]) == ["distill_mlp", "distill_cnn"]
+  for p, g in res["gains"].items():
+    d = res["phases"][p]["last_top1"]
     s = res["phases"]["student"]["last_top1"]
-    np.testing.assert_allclose(r["gain_last"], np.subtract(d, s))
+    np.testing.assert_allclose(g["last_top1"]["per_seed"], np.subtract(d, s))
   md = (tmp_path / "results.md").read_text()
-  assert "distilled last" in md and "examples/s" in md
+  assert "gain top-1 % last" in md and "examples/s" in md
   assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0]
 
 
@@ -228,8 +288,8 @@ def _mnist_distill(**overrides):
     ({"teacher.checkpoint": ""}, r"config\.teacher\.checkpoint: distillation "
      r"needs a trained teacher"),
     ({"data.augment": True, "data.name": "cifar100", "model.num_classes": 100,
-      "teacher.num_classes": 100, "teacher.precompute_logits": True},
-     r"config\.teacher\.precompute_logits: .*augment"),
+      "teacher.num_classes": 100, "teacher.precompute": True},
+     r"config\.teacher\.precompute: .*augment"),
 ])
 def test_validation_errors_name_the_key(overrides, pattern, tmp_path):
   assert len(jax.devices()) == 8  # conftest: 8 simulated CPU devices
@@ -381,7 +441,7 @@ def test_cli_config_error_exit_code(tmp_path):
 def test_step_schedule_matches_mdistiller_rule():
   c = _config("cifar100_kd", "resnet56-resnet20")
   spe = 7
-  _, sched = trainer.make_optimizer(c.optimizer, steps_per_epoch=spe,
+  _, sched = optim_lib.make_optimizer(c.optimizer, steps_per_epoch=spe,
                                  total_steps=240 * spe)
   for epoch in (1, 150, 151, 180, 181, 210, 211, 240):  # 1-based epochs
     lr = 0.05 * 0.1 ** sum(epoch > d for d in (150, 180, 210))
@@ -395,7 +455,7 @@ def test_sgd_coupled_weight_decay_matches_torch_formula():
       name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False,
       weight_decay=5e-4, schedule="constant", decay_epochs=(),
       decay_factor=0.1, warmup_epochs=0))
-  tx, _ = trainer.make_optimizer(cfg, steps_per_epoch=1, total_steps=3)
+  tx, _ = optim_lib.make_optimizer(cfg, steps_per_epoch=1, total_steps=3)
   rng = np.random.default_rng(0)
   p = rng.normal(size=5)
   grads = [rng.normal(size=5) for _ in range(3)]

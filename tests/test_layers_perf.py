@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 def _np_max_pool(x, k):

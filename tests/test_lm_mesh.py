@@ -31,7 +31,7 @@ from kd_jax.data import text  # noqa: E402
 from kd_jax.train import checkpoints as ckpt_lib  # noqa: E402
 from kd_jax.train.sharding import path_str  # noqa: E402
 from kd_jax.trainer import ConfigError  # noqa: E402
-from kd_jax.trainer import lm as lm_trainer  # noqa: E402
+from kd_jax import trainer  # noqa: E402
 
 MESH = {"fsdp": 4, "tensor": 2}
 # 4 query / 2 KV heads and an MLP of 128 split over tensor = 2; the
@@ -42,13 +42,42 @@ TEACHER = dict(STUDENT, intermediate_size=192)
 RTOL = 1e-5
 
 
+# The LM modes of these tests as configs of the one LM task.
+_JSD = {"weight": 1.0, "beta": 0.5, "temperature": 0.9}
+_MODES = {
+    "train": {},
+    "token_kd": {},   # 0.5 NLL + 0.5 forward KL (test_lm_trainer._kd)
+    "gkd": {"loss": {"ce_weight": 0.0, "terms": {"js_divergence": _JSD}},
+            "generation": {"max_new_tokens": 4, "lmbda": 0.5,
+                           "temperature": 0.9}},
+    "seq_kd": {"loss": {"ce_weight": 1.0, "terms": {}},
+               "generation": {"max_new_tokens": 4, "seq_kd": True}},
+    "topk": {"loss": {"ce_weight": 0.5, "terms": {"topk_kd": {
+        "weight": 0.5, "tail": "bucket"}}}},
+    # Logit KD + hidden states (projection 64 -> 64: 'always') + MiniLMv2
+    # relations, every student block -> the teacher's (uniform map).
+    "inter": {"loss": {"ce_weight": 0.5, "terms": {
+        "forward_kl": {"weight": 0.5},
+        "hidden": {"distiller": "tinybert", "weight": 0.5,
+                   "projection": "always", "embeddings": True},
+        "attention": {"distiller": "minilm", "weight": 0.5,
+                      "relations": ("qq", "kk", "vv"),
+                      "num_relation_heads": 4}}}},
+}
+
+
 def _cfg(corpus_dir, mode, teacher_dir="", mesh=None, steps=4, **sections):
-  c = _run_config(corpus_dir, mode, teacher_dir, steps=steps)
-  c.student = _model(**STUDENT)
+  c = _run_config(corpus_dir, "train" if mode == "train" else "distill",
+                  teacher_dir, steps=steps)
+  c.model = _model(**STUDENT)
+  for sec, value in _MODES[mode].items():
+    c[sec] = value
   if teacher_dir:
-    c.teacher = dict(_model(**TEACHER), checkpoint=teacher_dir)
+    c.teacher = dict(_model(**TEACHER), checkpoint=teacher_dir,
+                     precompute=mode == "topk", topk=8)
   if mesh:
     c.train.mesh = mesh
+    c.train.parallel = "jit"
   for key, value in sections.items():
     node, *path = key.split(".")
     target = c[node]
@@ -63,8 +92,8 @@ def teacher(corpus, tmp_path_factory):  # noqa: F811
   """A trained teacher (one device, 4 steps)."""
   wd = str(tmp_path_factory.mktemp("lm_mesh_teacher"))
   c = _cfg(corpus, "train")
-  c.student = _model(**TEACHER)
-  lm_trainer.train_and_evaluate(c, wd)
+  c.model = _model(**TEACHER)
+  trainer.train_and_evaluate(c, wd)
   return wd
 
 
@@ -93,9 +122,9 @@ def _one_vs_mesh(corpus_dir, tmp_path, mode, teacher_dir="", mesh=MESH,
   """(1-device report, mesh report, workdirs) after checking they agree."""
   one, on_mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
   plain = {k: v for k, v in sections.items() if k != "teacher.sharding"}
-  ref = lm_trainer.train_and_evaluate(
+  ref = trainer.train_and_evaluate(
       _cfg(corpus_dir, mode, teacher_dir, **plain), one)
-  got = lm_trainer.train_and_evaluate(
+  got = trainer.train_and_evaluate(
       _cfg(corpus_dir, mode, teacher_dir, mesh=mesh, **sections), on_mesh)
   assert ref["mesh"] is None and got["mesh"] == mesh
   for k in ("last_validation_ppl", "last_test_ppl", "best_validation_ppl"):
@@ -121,15 +150,10 @@ def test_state_and_teacher_are_fsdp_and_tensor_sharded(corpus, teacher):  # noqa
   """The placement of a mesh run: q/k/v heads and the MLP over 'tensor'
   (logical names), the embedding and the head over 'fsdp' (FSDP default),
   Adam's moments like their parameters, the teacher by its names."""
-  rc = lm_trainer.parse(_cfg(corpus, "token_kd", teacher, mesh=MESH,
-                             **{"teacher.sharding": "tensor"}))
-  student, _ = lm_trainer.build_model(rc.student, rc, "student")
-  t_model, _ = lm_trainer.build_model(rc.teacher, rc, "teacher")
-  place = lm_trainer.make_placement(rc, student, t_model)
-  state = lm_trainer.create_train_state(
-      lm_trainer._init_variables(student, 0),  # pylint: disable=protected-access
-      lm_trainer.make_optimizer(rc), rng=jax.random.key(0))
-  state = place.state(state)
+  rc = trainer.parse(_cfg(corpus, "token_kd", teacher, mesh=MESH,
+                          **{"teacher.sharding": "tensor"}))
+  task = trainer.make_task(rc, teacher)
+  state = task.placement.place_state(task.init_state())
   p = state.params
   layer = p["layers_0"]
   P = jax.sharding.PartitionSpec
@@ -143,7 +167,7 @@ def test_state_and_teacher_are_fsdp_and_tensor_sharded(corpus, teacher):  # noqa
   mu = [v for k, v in moments.items() if k.endswith("mu/student/lm_head/"
                                                     "kernel")]
   assert len(mu) == 1 and mu[0].sharding.spec == P(None, "fsdp")
-  tv = lm_trainer.teacher_variables(rc, t_model, None, place)
+  tv = task.teacher_variables()
   tq = tv["params"]["layers_0"]["mlp"]["down_proj"]["kernel"]
   assert tq.sharding.spec == P("tensor")
 
@@ -163,9 +187,9 @@ def test_token_kd_on_mesh_equals_one_device_and_resumes(corpus, teacher,  # noqa
   shutil.copytree(on_mesh, part)
   shutil.rmtree(os.path.join(part, "checkpoints", "4"))
   os.remove(os.path.join(part, "report.json"))
-  rep = lm_trainer.train_and_evaluate(
+  rep = trainer.train_and_evaluate(
       _cfg(corpus, "token_kd", teacher, mesh=MESH, **kw), part)
-  assert rep["resumed_from"] == 2
+  assert rep["resumed_from_step"] == 2
   _, full = _final_params(on_mesh)
   _, resumed = _final_params(part)
   for k in full:
@@ -179,9 +203,23 @@ def test_gkd_on_policy_generation_on_mesh_equals_one_device(
   (temperature 0.9) inside every compiled step on the mesh; the samples,
   hence the losses and the parameters, equal the one-device run."""
   _one_vs_mesh(corpus, tmp_path, "gkd", teacher,
-               **{"gkd.lmbda": 1.0, "teacher.sharding": "fsdp"})
+               **{"generation.lmbda": 1.0, "teacher.sharding": "fsdp"})
   recs = _train_records(str(tmp_path / "mesh"))
   assert all(r["on_policy"] == 1.0 for r in recs)
+
+
+def test_intermediate_layers_on_mesh_equal_one_device(corpus, teacher,  # noqa: F811
+                                                      tmp_path):
+  """Hidden-state + attention-relation distillation with the teacher
+  tensor-parallel (its q/k/v heads split over 'tensor'): the same student
+  as one device; the learned projections live in the checkpoint."""
+  _one_vs_mesh(corpus, tmp_path, "inter", teacher,
+               **{"teacher.sharding": "tensor"})
+  item = os.path.join(str(tmp_path / "mesh"), "checkpoints", "4", "state")
+  meta = ckpt_lib._tree_metadata(item)  # pylint: disable=protected-access
+  proj = meta["distiller_params"]["hidden"]
+  assert sorted(proj) == ["proj_0", "proj_1"]  # embeddings + the block
+  assert proj["proj_1"]["kernel"].shape == (64, 64)
 
 
 def test_topk_cache_written_on_mesh_equals_one_device(corpus, teacher,  # noqa: F811
@@ -191,12 +229,12 @@ def test_topk_cache_written_on_mesh_equals_one_device(corpus, teacher,  # noqa: 
   and trains on it to the same student."""
   caches = {w: str(tmp_path / f"cache_{w}") for w in ("one", "mesh")}
   one, on_mesh = str(tmp_path / "one"), str(tmp_path / "mesh")
-  lm_trainer.train_and_evaluate(
-      _cfg(corpus, "topk", teacher, **{"topk.cache_dir": caches["one"]}),
+  trainer.train_and_evaluate(
+      _cfg(corpus, "topk", teacher, **{"teacher.cache_dir": caches["one"]}),
       one)
-  rep = lm_trainer.train_and_evaluate(
+  rep = trainer.train_and_evaluate(
       _cfg(corpus, "topk", teacher, mesh=MESH,
-           **{"topk.cache_dir": caches["mesh"],
+           **{"teacher.cache_dir": caches["mesh"],
               "teacher.sharding": "tensor"}), on_mesh)
   assert not rep["cache_reused"]
   a, b = (text.TopkCacheSource(caches[w], "train", 8) for w in ("one", "mesh"))
@@ -216,13 +254,15 @@ def test_topk_cache_written_on_mesh_equals_one_device(corpus, teacher,  # noqa: 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,mesh,sections", [
     ("token_kd", {"fsdp": 4, "tensor": 2},
-     {"kd.fused": True, "kd.divergence": "reverse_kl",
-      "teacher.sharding": "fsdp"}),
+     {"loss.fused_head": True, "loss.terms": {"reverse_kl": {
+         "weight": 0.5}}, "teacher.sharding": "fsdp"}),
     ("token_kd", {"data": 2, "fsdp": 2, "tensor": 2},
-     {"kd.divergence": "js_divergence", "teacher.sharding": "tensor"}),
+     {"loss.terms": {"js_divergence": {"weight": 0.5}},
+      "teacher.sharding": "tensor"}),
     ("seq_kd", {"fsdp": 4, "tensor": 2}, {"teacher.sharding": "tensor"}),
     ("gkd", {"data": 2, "fsdp": 2, "tensor": 2},
-     {"gkd.lmbda": 0.5, "gkd.seq_kd": True, "teacher.sharding": "fsdp"}),
+     {"generation.lmbda": 0.5, "generation.seq_kd": True,
+      "teacher.sharding": "fsdp"}),
     ("train", {"data": 4, "tensor": 2}, {}),
 ])
 def test_mode_matrix_on_meshes(corpus, teacher, tmp_path, mode, mesh,  # noqa: F811
@@ -234,14 +274,14 @@ def test_mode_matrix_on_meshes(corpus, teacher, tmp_path, mode, mesh,  # noqa: F
 def test_mesh_config_errors_are_one_line(corpus, teacher, tmp_path):  # noqa: F811
   def err(cfg):
     with pytest.raises(ConfigError) as e:
-      lm_trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
+      trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
     return str(e.value)
 
   msg = err(_cfg(corpus, "train", mesh={"fsdp": 3}))
   assert msg.startswith("config.train.mesh:") and "device count" in msg
   msg = err(_cfg(corpus, "train", mesh={"fsdp": 8},
-                 **{"data.batch_size": 12}))
-  assert msg.startswith("config.data.batch_size:") and "multiple of 8" in msg
+                 **{"train.batch_size": 12}))
+  assert msg.startswith("config.train.batch_size:") and "multiple of 8" in msg
   msg = err(_cfg(corpus, "token_kd", teacher,
                  **{"teacher.sharding": "fsdp"}))
   assert msg.startswith("config.teacher.sharding:") and "train.mesh" in msg

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from kd_jax import trainer
 from kd_jax.data import text
 from kd_jax.trainer import ConfigError
-from kd_jax.trainer import lm as lm_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, VOCAB = 16, 300
@@ -54,30 +54,35 @@ def _model(**ov):
           "remat": False, "overrides": base}
 
 
+def _teacher(**kw):
+  return dict(_model(hidden_size=32, intermediate_size=48), **kw)
+
+
 def _sections(data_dir, steps=4):
   return {
       "data": {"data_dir": data_dir, "name": "toy", "version": "1.0.0",
-               "batch_size": 4, "eval_batch_size": 8, "eval_sequences": 0,
-               "train_sequences": 0, "eval_splits": ("validation", "test")},
-      "train": {"steps": steps, "log_every": 2, "eval_every": 2},
-      "optimizer": {"learning_rate": 1e-2, "warmup_steps": 1,
+               "eval_sequences": 0, "train_sequences": 0,
+               "eval_splits": ("validation", "test")},
+      "train": {"batch_size": 4, "eval_batch_size": 8, "num_steps": steps,
+                "num_epochs": 0, "log_every_steps": 2, "eval_every_steps": 2},
+      "optimizer": {"name": "adamw", "schedule": "warmup_cosine",
+                    "learning_rate": 1e-2, "warmup_steps": 1,
                     "weight_decay": 0.0, "grad_clip": 1.0},
-      "checkpoint": {"enabled": True, "keep": 2},
-      "kd": {"divergence": "forward_kl", "temperature": 1.0, "beta": 0.5,
-             "ce_weight": 0.5, "kd_weight": 0.5, "fused": False,
-             "chunk_size": 64, "vocab_size": 0},
-      "gkd": {"lmbda": 0.5, "beta": 0.5, "temperature": 0.9,
-              "seq_kd": False, "max_new_tokens": 4, "top_k": 0, "top_p": 0.0},
-      "topk": {"k": 8, "tail": "bucket", "temperature": 1.0,
-               "cache_dir": ""}}
+      "checkpoint": {"enabled": True, "keep": 2, "keep_best": False,
+                     "async_save": False, "every_epochs": 0}}
+
+
+def _kd(ce=0.5, **terms):
+  return {"ce_weight": ce, "terms": terms or {
+      "forward_kl": {"weight": 0.5, "temperature": 1.0}}}
 
 
 def _run_config(data_dir, mode="train", teacher_ckpt="", steps=4, **extra):
   d = dict(_sections(data_dir, steps), task="lm", mode=mode, seed=0,
-           student=_model())
-  if teacher_ckpt:
-    d["teacher"] = dict(_model(hidden_size=32, intermediate_size=48),
-                        checkpoint=teacher_ckpt)
+           model=_model())
+  if mode == "distill":
+    d["teacher"] = _teacher(checkpoint=teacher_ckpt)
+    d["loss"] = _kd()
   for k, v in extra.items():
     d[k] = v
   return ml_collections.ConfigDict(d)
@@ -87,31 +92,48 @@ CONFIG_FILE = '''
 import ml_collections
 import sys
 sys.path.insert(0, {tests!r})
-from test_lm_trainer import _sections, _model
+from test_lm_trainer import _sections, _model, _teacher, _kd
+
+def _distill(**kw):
+  return dict({{"mode": "distill", "loss": _kd()}}, **kw)
 
 def get_config():
   c = ml_collections.ConfigDict(_sections({data!r}))
-  c.task, c.mode, c.scale = "lm", "seed_experiment", 1.0
-  c.teacher_model = _model(hidden_size=32, intermediate_size=48)
-  c.student_model = _model()
+  c.task, c.mode = "lm", "seed_experiment"
+  c.model = _model()
+  c.teacher = _teacher(checkpoint="")
   se = c.seed_experiment = ml_collections.ConfigDict()
   se.seeds = (0,)
+  jsd = {{"weight": 1.0, "beta": 0.5, "temperature": 0.9}}
   se.phases = ml_collections.ConfigDict({{
-      "teacher": {{"mode": "train", "train": {{"steps": 6}}}},
+      "teacher": {{"mode": "train", "model": _teacher(),
+                   "train": {{"num_steps": 6}}}},
       "student": {{"mode": "train"}},
-      "forward_kl": {{"mode": "token_kd"}},
-      "reverse_kl_fused": {{"mode": "token_kd",
-                            "kd": {{"divergence": "reverse_kl",
-                                    "fused": True}}}},
-      "jsd": {{"mode": "token_kd", "kd": {{"divergence": "js_divergence"}}}},
-      "seq_kd": {{"mode": "seq_kd", "kd": {{"ce_weight": 1.0,
-                                            "kd_weight": 0.0}}}},
-      "topk": {{"mode": "topk"}},
-      "gkd": {{"mode": "gkd", "gkd": {{"lmbda": 1.0}}}},
+      "forward_kl": _distill(),
+      "reverse_kl_fused": _distill(loss=dict(
+          _kd(reverse_kl={{"weight": 0.5, "temperature": 1.0}}),
+          fused_head=True, chunk_size=64)),
+      "jsd": _distill(loss=_kd(js_divergence={{"weight": 0.5,
+                                                "beta": 0.5}})),
+      "seq_kd": _distill(loss={{"ce_weight": 1.0, "terms": {{}}}},
+                         generation={{"max_new_tokens": 4,
+                                      "seq_kd": True}}),
+      "topk": _distill(teacher={{"precompute": True, "topk": 8}},
+                       loss=_kd(topk_kd={{"weight": 0.5, "tail": "bucket"}})),
+      "gkd": _distill(loss=_kd(0.0, js_divergence=jsd),
+                      generation={{"max_new_tokens": 4, "lmbda": 1.0,
+                                   "temperature": 0.9}}),
+      "inter": _distill(loss=_kd(
+          forward_kl={{"weight": 0.5}},
+          hidden={{"distiller": "tinybert", "weight": 0.5}},
+          attention={{"distiller": "minilm", "weight": 0.5,
+                      "relations": ("qq", "kk", "vv"),
+                      "num_relation_heads": 2}})),
   }})
   se.order = ("teacher", "student", "forward_kl", "reverse_kl_fused", "jsd",
-              "seq_kd", "topk", "gkd")
-  se.teacher_phases = se.shared_phases = ("teacher",)
+              "seq_kd", "topk", "gkd", "inter")
+  se.comparisons = (("inter", "forward_kl"),)
+  se.shared_phases = ("teacher",)
   se.student_phase = "student"
   se.distill_from = ml_collections.ConfigDict(
       {{p: "teacher" for p in se.order[2:]}})
@@ -146,7 +168,7 @@ def test_every_mode_runs_end_to_end(experiment):
   with open(os.path.join(wd, "results.json")) as f:
     res = json.load(f)
   phases = ("teacher", "student", "forward_kl", "reverse_kl_fused", "jsd",
-            "seq_kd", "topk", "gkd")
+            "seq_kd", "topk", "gkd", "inter")
   assert set(res["phases"]) == set(phases)
   for p in phases:
     for k in ("last_validation_ppl", "best_validation_ppl", "last_test_ppl"):
@@ -161,16 +183,24 @@ def test_every_mode_runs_end_to_end(experiment):
   want = (res["phases"]["student"]["last_test_ppl"][0]
           - res["phases"]["jsd"]["last_test_ppl"][0])
   assert g == pytest.approx(want)
-  assert "gain test last" in stdout and "steady tokens/s" in stdout
+  assert "gain test ppl last" in stdout and "steady tokens/s" in stdout
   with open(os.path.join(wd, "results.md")) as f:
-    assert "| gkd | gkd |" in f.read()
+    assert "| gkd | distill |" in f.read()
+  # Logit KD + hidden states + attention relations vs logit KD, paired.
+  c = res["comparisons"]["inter vs forward_kl"]["last_test_ppl"]
+  want = (res["phases"]["forward_kl"]["last_test_ppl"][0]
+          - res["phases"]["inter"]["last_test_ppl"][0])
+  assert c["per_seed"][0] == pytest.approx(want)
+  with open(os.path.join(wd, "seed0", "inter", "report.json")) as f:
+    rep = json.load(f)
+  assert rep["finished"]
 
 
 def test_rerun_reuses_finished_phases(experiment):
   cfg, wd, _ = experiment
   out = _cli(cfg, wd, "--config.seed_experiment.seeds=(0,)")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.count("done before with the same config") == 8
+  assert out.stdout.count("done before with the same config") == 9
 
 
 def test_topk_cache_round_trip_through_grain(experiment, corpus):
@@ -180,9 +210,12 @@ def test_topk_cache_round_trip_through_grain(experiment, corpus):
   _, wd, _ = experiment
   teacher_wd = os.path.join(wd, "seed0", "teacher")
   folder = os.path.join(corpus, "toy", "1.0.0")
-  rc = lm_trainer.parse(_run_config(corpus, "topk", teacher_wd))
-  model, _ = lm_trainer.build_model(rc.teacher, rc, "teacher")
-  tv = lm_trainer.teacher_variables(rc, model, None)
+  rc = trainer.parse(_run_config(
+      corpus, "distill", teacher_wd, teacher=_teacher(
+          checkpoint=teacher_wd, precompute=True, topk=8),
+      loss=_kd(topk_kd={"weight": 0.5})))
+  task = trainer.make_task(rc, teacher_wd)
+  model, tv = task.teacher, task.teacher_variables()
   tokens, _ = text.load_tfds_tokens(folder, "train")
   cache = text.TopkCacheSource(os.path.join(teacher_wd, "topk_cache"),
                                "train", 8)
@@ -206,14 +239,14 @@ def test_topk_cache_round_trip_through_grain(experiment, corpus):
 
 def test_resume_matches_an_uninterrupted_run(corpus, tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  ref = lm_trainer.train_and_evaluate(_run_config(corpus), a)
-  lm_trainer.train_and_evaluate(_run_config(corpus), b)
+  ref = trainer.train_and_evaluate(_run_config(corpus), a)
+  trainer.train_and_evaluate(_run_config(corpus), b)
   # Interrupted after step 2: the step-4 checkpoint and report never written.
   import shutil
   shutil.rmtree(os.path.join(b, "checkpoints", "4"))
   os.remove(os.path.join(b, "report.json"))
-  rep = lm_trainer.train_and_evaluate(_run_config(corpus), b)
-  assert rep["resumed_from"] == 2
+  rep = trainer.train_and_evaluate(_run_config(corpus), b)
+  assert rep["resumed_from_step"] == 2
   for k in ("last_validation_ppl", "last_test_ppl", "best_validation_ppl"):
     assert rep[k] == pytest.approx(ref[k], rel=1e-5), k
   with open(os.path.join(b, "metrics.jsonl")) as f:
@@ -224,38 +257,37 @@ def test_resume_matches_an_uninterrupted_run(corpus, tmp_path):
 def test_bad_inputs_are_one_clear_error(corpus, tmp_path):
   def err(cfg):
     with pytest.raises(ConfigError) as e:
-      lm_trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
+      trainer.train_and_evaluate(cfg, str(tmp_path / "wd"))
     return str(e.value)
 
   missing = _run_config(str(tmp_path / "nowhere"))
   assert "data folder" in err(missing) and "not found" in err(missing)
   small_vocab = _run_config(corpus)
-  small_vocab.student.overrides.vocab_size = 100
+  small_vocab.model.overrides.vocab_size = 100
   msg = err(small_vocab)
-  assert msg.startswith("config.student:") and "tokenizer vocabulary" in msg
+  assert msg.startswith("config.model:") and "tokenizer vocabulary" in msg
   short = _run_config(corpus)
-  short.student.overrides.max_position_embeddings = SEQ // 2
+  short.model.overrides.max_position_embeddings = SEQ // 2
   msg = err(short)
   assert "longer than the model's context" in msg and str(SEQ) in msg
-  no_teacher = _run_config(corpus, "token_kd")
-  no_teacher.teacher = _model()
+  no_teacher = _run_config(corpus, "distill")
   assert "needs a teacher" in err(no_teacher)
-  ckpt = _run_config(corpus, "token_kd", str(tmp_path / "no_teacher_run"))
+  ckpt = _run_config(corpus, "distill", str(tmp_path / "no_teacher_run"))
   assert err(ckpt).startswith("config.teacher.checkpoint:")
 
 
 def test_teacher_student_vocab_mismatch_needs_vocab_size(corpus, tmp_path):
   t = str(tmp_path / "t")
   tc = _run_config(corpus, steps=1)
-  tc.student = _model(hidden_size=32, intermediate_size=48,
-                      vocab_size=VOCAB + 12)  # a padded vocabulary
-  lm_trainer.train_and_evaluate(tc, t)
-  cfg = _run_config(corpus, "token_kd", t, steps=1)
+  tc.model = _model(hidden_size=32, intermediate_size=48,
+                    vocab_size=VOCAB + 12)  # a padded vocabulary
+  trainer.train_and_evaluate(tc, t)
+  cfg = _run_config(corpus, "distill", t, steps=1)
   cfg.teacher.overrides.vocab_size = VOCAB + 12
-  with pytest.raises(ConfigError, match="kd.vocab_size"):
-    lm_trainer.train_and_evaluate(cfg, str(tmp_path / "s"))
-  cfg.kd.vocab_size = VOCAB
-  rep = lm_trainer.train_and_evaluate(cfg, str(tmp_path / "s"))
+  with pytest.raises(ConfigError, match=r"loss\.terms.*vocab_size"):
+    trainer.train_and_evaluate(cfg, str(tmp_path / "s"))
+  cfg.loss.terms.forward_kl.vocab_size = VOCAB
+  rep = trainer.train_and_evaluate(cfg, str(tmp_path / "s"))
   assert np.isfinite(rep["last_test_ppl"])
 
 
@@ -274,16 +306,40 @@ def test_main_job_config_validates_and_scales(corpus):
   """configs/lm_jane_austen.py: every phase parses (on the tiny corpus) and
   `scale` multiplies widths, steps and the students' sequences."""
   import importlib
-  from experiments import lm_experiment
+  from experiments import seed_experiment as se_lib
   c = importlib.import_module("configs.lm_jane_austen").get_config()
   c.data.data_dir, c.data.name = corpus, "toy"
-  c.gkd.max_new_tokens = 4  # the toy sequences have 16 tokens
-  lm_experiment.validate(c)
-  assert lm_experiment.phase_order(c)[0] == "teacher"
-  base = lm_experiment.phase_config(c, "forward_kl", 0)
-  c.scale = 2.0
-  big = lm_experiment.phase_config(c, "forward_kl", 0)
-  assert big.train.steps == 2 * base.train.steps
+  c.seed_experiment.phases.gkd_on_policy.generation.max_new_tokens = 4
+  se_lib.validate(c)  # the toy sequences have 16 tokens
+  assert se_lib.phase_order(c)[0] == "teacher"
+  base = se_lib.phase_config(c, "forward_kl", 0)
+  c.seed_experiment.scale = 2.0
+  big = se_lib.phase_config(c, "forward_kl", 0)
+  assert big.train.num_steps == 2 * base.train.num_steps
   assert big.data.train_sequences == 2 * base.data.train_sequences
   assert big.teacher.overrides.hidden_size == 2 * 128  # llama_1m: D=128
-  assert lm_experiment.phase_config(c, "teacher", 0).data.train_sequences == 0
+  assert se_lib.phase_config(c, "teacher", 0).data.train_sequences == 0
+
+
+def test_unknown_keys_are_refused_with_the_closest_name(corpus):
+  """The one schema refuses unknown keys in the LM task too."""
+  c = _run_config(corpus, "distill", "/unused")
+  c.loss.terms.forward_kl.temprature = 2.0
+  with pytest.raises(ConfigError, match=r"loss\.terms\.forward_kl.*"
+                     r"unknown hyperparameter 'temprature'"):
+    trainer.parse(c)
+  c = _run_config(corpus)
+  c.data.batch_size = 4  # (the LM schema of earlier versions)
+  with pytest.raises(ConfigError, match=r"config\.data\.batch_size: unknown "
+                     r"key"):
+    trainer.parse(c)
+  c = _run_config(corpus)
+  c.generation = {"max_new_token": 4}
+  with pytest.raises(ConfigError, match=r"config\.generation\.max_new_token: "
+                     r"unknown key; did you mean 'max_new_tokens'\?"):
+    trainer.parse(c)
+  c = _run_config(corpus, "distill", "/unused")
+  c.loss.terms.forward_kl.temperature = 0.0
+  with pytest.raises(ConfigError, match=r"config\.loss\.terms\.forward_kl: "
+                     r".*temperature"):
+    trainer.parse(c, check_paths=False)

@@ -393,3 +393,15 @@ def test_jsd_bad_beta():
     losses.js_divergence(s, t, beta=1.5)
   with pytest.raises(ValueError, match=r"`beta` must be in \[0, 1\]; got -0.1"):
     losses.js_divergence(s, t, beta=-0.1)
+
+
+def test_abs_sign_derivative_is_sign_with_zero_at_ties():
+  from kd_jax.losses import divergences  # pylint: disable=g-import-not-at-top
+  x = jnp.array([-2.0, 0.0, 3.0, -0.0])
+  np.testing.assert_array_equal(divergences.abs_sign_derivative(x),
+                                [2.0, 0.0, 3.0, 0.0])
+  g = jax.grad(lambda v: jnp.sum(divergences.abs_sign_derivative(v)))(x)
+  np.testing.assert_array_equal(g, [-1.0, 0.0, 1.0, 0.0])  # jnp.abs: 1 at 0
+  _, tangent = jax.jvp(divergences.abs_sign_derivative, (x,),
+                       (jnp.array([5.0, 7.0, 11.0, 13.0]),))
+  np.testing.assert_array_equal(tangent, [-5.0, 0.0, 11.0, 0.0])

@@ -30,8 +30,8 @@ from configs import mnist_seed
 from kd_jax import trainer
 from kd_jax.data import sources
 from kd_jax.trainer import config as config_lib
-from kd_jax.trainer import feeds as feeds_lib
-from kd_jax.trainer import run as run_lib
+from kd_jax.trainer import classify as classify_lib
+from kd_jax.trainer import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +163,7 @@ def test_unwritable_workdir_is_a_config_error(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "makedirs", deny)
   with pytest.raises(trainer.ConfigError,
                      match=r"config\.workdir: cannot write to .*Permission"):
-    run_lib.prepare_workdir(str(tmp_path / "ro"), "{}")
+    workdir_lib.prepare(str(tmp_path / "ro"), "{}", main=True)
 
 
 def test_unknown_config_key_in_a_section():
@@ -224,8 +224,8 @@ def test_seed_experiment_reuses_only_unchanged_phases(tmp_path, capsys):
   assert out.count("done before with the same config") == 5, out
   c2 = mnist_seed.get_config()
   c2.debug = True
-  before = c2.seed_experiment.cnn_teacher_epochs
-  c2.seed_experiment.cnn_teacher_epochs = before + 1
+  before = c2.seed_experiment.phases.teacher_cnn.train.num_epochs
+  c2.seed_experiment.phases.teacher_cnn.train.num_epochs = before + 1
   seed_experiment.run(c2, wd)
   out = capsys.readouterr().out
   assert ("teacher_cnn: running again: its config changed "
@@ -243,9 +243,10 @@ def _seeded(seed):
   c = trainer.apply_debug(_teacher_config())  # mlp_teacher: dropout 0.5
   c.seed = seed
   rc = trainer.parse(c)
-  data = feeds_lib.load_data(rc)
-  run = run_lib._prepare(rc, "unused", data, dry_run=False, is_main=True)  # pylint: disable=protected-access
-  state = run.progs.init_state(*run.rngs)
+  task = trainer.make_task(rc, "unused")
+  data = task.data
+  state = task.init_state()
+  task.close()
   # `kd_jax.train.steps` draws step s's dropout masks from
   # fold_in(state.rng, s): the state's key is the dropout stream.
   kernels = [x for x in jax.tree_util.tree_leaves(state.params) if x.ndim == 2]
@@ -268,7 +269,7 @@ def test_seed_reaches_init_dropout_and_data_order():
   # the masks differ (independently of the init).
   c = trainer.apply_debug(_teacher_config())
   rc = trainer.parse(c)
-  student = run_lib.programs_lib.create_models(rc)[0]
+  student = classify_lib.create_models(rc)[0]
   v = student.init(jax.random.key(5), jnp.ones((1, 28, 28, 1)), train=False)
   x = jnp.ones((4, 28, 28, 1))
   outs = [np.asarray(student.apply(v, x, train=True, rngs={"dropout": k})[0])

@@ -84,10 +84,10 @@ def test_dot_validation_errors(overrides, pattern):
 def test_dot_pretrain_stage_uses_sgd():
   """A distiller's pretrain stage (one loss) gets SGD with DOT's LR,
   momentum and weight decay."""
-  from kd_jax.trainer import optim
+  from kd_jax.train import optim
   opt = config_lib.OptimizerConfig(name="dot", momentum=0.9, delta=0.075,
                                    weight_decay=5e-4)
-  st = optim.stage_optimizer_config(opt)
+  st = optim.stage_spec(opt)
   assert (st.name, st.momentum, st.weight_decay) == ("sgd", 0.9, 5e-4)
   assert optim.split_gradients(opt) and not optim.split_gradients(st)
 
@@ -121,7 +121,10 @@ def test_mesh_distill_equals_plain_jit(tmp_path):
     np.testing.assert_allclose(mesh[k], plain[k], rtol=1e-5, atol=1e-6)
   rep = json.loads((tmp_path / "mesh" / "report.json").read_text())
   mem = rep["memory"]
-  assert rep["mesh"] == _MESH and plain["memory"] is None
+  assert rep["mesh"] == _MESH and plain["mesh"] is None
+  # Every run reports its memory; the plain data-parallel run replicates.
+  pm = plain["memory"]
+  assert pm["teacher_bytes_per_device"] == pm["teacher_bytes_total"] > 0
   assert mem["teacher_bytes_total"] > 0 and mem["step_temp_bytes"] >= 0
   # The MLP teacher's kernels are FSDP-sharded (biases are small and stay
   # replicated): per device ~ total / 8.
@@ -172,8 +175,10 @@ def test_mesh_batch_needs_only_data_times_fsdp():
      r"config\.train\.batch_size: 12 is not divisible by data x fsdp"),
     ({"train.mesh": _MESH, "teacher.sharding": "zigzag"},
      r"config\.teacher\.sharding: .*zigzag"),
-    ({"teacher.sharding": "fsdp"}, r"config\.teacher\.sharding: .*needs "
-     r"train\.mesh"),
+    # (train.parallel='jit' alone is the mesh {'data': n}: a teacher may be
+    # sharded over it; one device may not.)
+    ({"teacher.sharding": "fsdp", "train.parallel": "none"},
+     r"config\.teacher\.sharding: .*needs a device mesh"),
 ])
 def test_mesh_config_errors(overrides, pattern):
   with pytest.raises(config_lib.ConfigError, match=pattern):
@@ -213,3 +218,52 @@ def test_mesh_teacher_checkpoint_restored_into_shards(tmp_path):
   mem = mesh["memory"]
   per, total = mem["teacher_bytes_per_device"], mem["teacher_bytes_total"]
   assert per <= total / 8 * 1.05
+
+
+# ---------------------------------------------------------------------------
+# Several teachers.
+
+
+def _teacher_dir(tmp_path, seed):
+  t = _mnist("teacher", **{"train.num_steps": 3, "seed": seed})
+  wd = str(tmp_path / f"t{seed}")
+  trainer.train_and_evaluate(t, wd)
+  return wd
+
+
+def _two_teachers(t1, t2, w=(1.0, 1.0), **overrides):
+  c = _mnist(**{"train.num_steps": 4, **overrides})
+  base = c.teacher.to_dict()
+  del c["teacher"]
+  c.teachers = {"a": dict(base, checkpoint=t1, weight=w[0]),
+                "b": dict(base, checkpoint=t2, weight=w[1])}
+  return c
+
+
+def test_several_teachers_from_the_config(tmp_path):
+  """`teachers.<label>`: two copies of one teacher distil exactly like that
+  teacher alone (their weighted mean logits / mean losses are its own);
+  two different teachers do not; the report names both."""
+  t1, t2 = _teacher_dir(tmp_path, 0), _teacher_dir(tmp_path, 1)
+  one = trainer.train_and_evaluate(
+      _mnist(**{"train.num_steps": 4, "teacher.checkpoint": t1}),
+      str(tmp_path / "one"))
+  same = trainer.train_and_evaluate(_two_teachers(t1, t1, (1.0, 3.0)),
+                                    str(tmp_path / "same"))
+  same_losses = trainer.train_and_evaluate(
+      _two_teachers(t1, t1, **{"loss.multi_teacher": "mean_losses"}),
+      str(tmp_path / "same_losses"))
+  other = trainer.train_and_evaluate(_two_teachers(t1, t2),
+                                     str(tmp_path / "other"))
+  ref = _leaves(one["_final_state"].params)
+  for rep in (same, same_losses):
+    for x, y in zip(ref, _leaves(rep["_final_state"].params)):
+      np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
+  assert max(float(np.max(np.abs(x - y))) for x, y in zip(
+      ref, _leaves(other["_final_state"].params))) > 1e-6
+  assert other["teacher"] == ["mlp_teacher", "mlp_teacher"]
+  c = _two_teachers(t1, t2)
+  c.teacher = c.teachers.a.to_dict()
+  with pytest.raises(config_lib.ConfigError, match=r"config\.teachers: give "
+                     r"`teacher` \(one\) or `teachers.<label>`"):
+    config_lib.parse(c)

@@ -19,7 +19,7 @@ from kd_jax.data.imagenet import (GrainBatchIterator, GrainImagePipeline,
 from kd_jax.data.mnist import load_mnist_arrays, normalize_mnist
 from kd_jax.data.pipeline import (BatchIterator, InMemoryPipeline,
                                   check_position, create_pipeline,
-                                  epoch_permutation)
+                                  epoch_permutation, same_class_partners)
 from kd_jax.data.subsets import (class_subset, split_validation,
                                  transfer_set)
 from kd_jax.data.sources import (DATASETS, DatasetInfo, DatasetNotFoundError,

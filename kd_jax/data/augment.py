@@ -181,7 +181,13 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
     (weak/strong pairs, e.g. MLKD);
   * `jitter=k`: translate by up to `k` pixels in any direction
     (`random_translate`, Hinton et al.'s MNIST jitter) with the key
-    `fold_in(k_i, 3)`, after the crop/flip when both are asked for.
+    `fold_in(k, 4)` of the view's key `k`, after the crop/flip when both
+    are asked for.
+  * `batch['image_pair']` (same-class partners, CS-KD) is augmented like
+    `image` with keys `fold_in(k_i, 3)` of the *anchor* `i`: a partner is a
+    slot of its own (the authors' loader transforms every slot
+    independently), so a partner that is also an anchor of the batch does
+    not share the anchor's crop.
 
   Without augmentation (`crop_padding` and `jitter` falsy, `flip=False`, no
   strong view) `rng` is unused and may be `None`, and `index` is not needed.
@@ -204,7 +210,7 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
     if crops:
       x = random_crop_flip(k, x, padding=crop_padding, flip=flip)
     if jitter:
-      x = random_translate(jax.random.fold_in(k, 3), x, max_shift=jitter)
+      x = random_translate(jax.random.fold_in(k, 4), x, max_shift=jitter)
     return x
 
   def view(keys, images):
@@ -222,6 +228,11 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
     tkeys = (None if keys is None
              else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
     out["teacher_image"] = view(tkeys, images)
+  if "image_pair" in batch:
+    _check_images(batch["image_pair"], "batch['image_pair']")
+    pkeys = (None if keys is None
+             else jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys))
+    out["image_pair"] = view(pkeys, batch["image_pair"])
   if strong_augment is not None:
     skeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
     strong = jax.vmap(lambda k, x: strong_augment(k, x[None])[0])(skeys, images)

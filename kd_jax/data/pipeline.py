@@ -20,6 +20,12 @@ train step augments/normalizes on device with `pipeline.preprocess_fn(...)`),
 when `with_index=True`, and `mask` bool `[L]` when the pipeline does not drop
 the last partial batch (eval): padded slots repeat example 0 and have
 `mask=False`.
+
+Same-class pairs (CS-KD, `same_class_pairs=True`): every example also gets a
+partner of its class, drawn uniformly per `(seed, epoch, example index)`
+(`same_class_partners`), so the pairs are as deterministic as the order and
+do not depend on the process count either; batches then carry
+`pair_index`, `image_pair` and `label_pair` `[L]` next to the anchors.
 """
 
 from __future__ import annotations
@@ -49,6 +55,56 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   """
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
   return rng.permutation(n)
+
+
+PAIR_TAG = 0x50414952  # "PAIR": the partner draw's SeedSequence entry
+
+
+def _class_groups(labels: np.ndarray):
+  """(order, start, count, class of each example): examples sorted by class
+  (stable), where each class starts in `order` and its size."""
+  order = np.argsort(labels, kind="stable")
+  classes, start, count = np.unique(labels[order], return_index=True,
+                                    return_counts=True)
+  return order, start, count, np.searchsorted(classes, labels)
+
+
+def same_class_partners(seed: int, epoch: int, labels: np.ndarray, *,
+                        exclude_self: bool = False) -> np.ndarray:
+  """A partner of the same class for every example, for one epoch (int64 `[N]`).
+
+  `partners[i]` is uniform over the examples labelled `labels[i]` -- the
+  CS-KD authors' `random.choice(classwise_indices[y])`, which may return `i`
+  itself; with `exclude_self` uniform over the *other* ones. A pure function
+  of `(seed, epoch, labels)` (NumPy `SeedSequence([seed, epoch, PAIR_TAG])`),
+  the same on every process and after a restart.
+
+  Example:
+    >>> y = np.array([0, 1, 0, 1, 1])
+    >>> p = same_class_partners(0, 0, y, exclude_self=True)
+    >>> bool((y[p] == y).all()), bool((p != np.arange(5)).all())
+    (True, True)
+  """
+  labels = np.asarray(labels)
+  n = labels.shape[0]
+  order, start, count, cls = _class_groups(labels)
+  size = count[cls]
+  rng = np.random.default_rng(np.random.SeedSequence(
+      [int(seed), int(epoch), PAIR_TAG]))
+  u = rng.random(n)
+  if exclude_self:
+    if np.any(count < 2):
+      bad = int(labels[order[start[np.argmax(count < 2)]]])
+      raise ValueError(
+          f"same-class pairs without the example itself need >= 2 examples "
+          f"per class; class {bad} has 1 (use pair_exclude_self=False).")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - np.repeat(start, count)
+    r = np.minimum((u * (size - 1)).astype(np.int64), size - 2)
+    r = r + (r >= rank)
+  else:
+    r = np.minimum((u * size).astype(np.int64), size - 1)
+  return order[start[cls] + r]
 
 
 def _resolve_process(process_index, process_count):
@@ -95,6 +151,11 @@ class InMemoryPipeline:
     with_index: add `batch['index']` (example index in the split).
     mean, std, crop_padding, flip: the on-device preprocessing returned by
       `preprocess_fn` (see `kd_jax.data.augment.make_preprocess_fn`).
+    same_class_pairs: give every example a partner of its class
+      (`same_class_partners`, CS-KD): batches carry `pair_index`,
+      `image_pair`, `label_pair`.
+    pair_exclude_self: partners never are the example itself (the CS-KD
+      paper's "another sample"; the authors' sampler allows it).
 
   Example:
     >>> import numpy as np
@@ -113,7 +174,8 @@ class InMemoryPipeline:
                process_index: Optional[int] = None,
                process_count: Optional[int] = None, with_index: bool = False,
                mean=(0.0,), std=(1.0,), crop_padding: Optional[int] = None,
-               flip: bool = False):
+               flip: bool = False, same_class_pairs: bool = False,
+               pair_exclude_self: bool = False):
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4:
@@ -147,6 +209,11 @@ class InMemoryPipeline:
     self._aug = dict(mean=tuple(mean), std=tuple(std),
                      crop_padding=crop_padding, flip=flip)
     self._perm_cache = (None, None)
+    self.same_class_pairs = bool(same_class_pairs)
+    self.pair_exclude_self = bool(pair_exclude_self)
+    self._pair_cache = (None, None)
+    if self.same_class_pairs:
+      self.partners(0)  # validates the classes now (one clear error)
 
   # -- index math -----------------------------------------------------------
   def _order(self, epoch: int) -> np.ndarray:
@@ -169,20 +236,46 @@ class InMemoryPipeline:
                                          -1, idx.dtype)])
     return idx
 
-  def batch_at(self, idx: np.ndarray) -> Batch:
-    """Gathers a batch (any leading shape) from indices (-1 = padding)."""
+  def partners(self, epoch: int) -> np.ndarray:
+    """Same-class partner of every example in `epoch` (`[N]`, see
+    `same_class_partners`)."""
+    if not self.same_class_pairs:
+      raise ValueError("this pipeline was built without same_class_pairs.")
+    if self._pair_cache[0] != epoch:
+      self._pair_cache = (epoch, same_class_partners(
+          self.seed, epoch, self.labels,
+          exclude_self=self.pair_exclude_self))
+    return self._pair_cache[1]
+
+  def local_pair_indices(self, epoch: int, step: int) -> np.ndarray:
+    """Partners of `local_indices(epoch, step)` (-1 stays padding)."""
+    idx = self.local_indices(epoch, step)
+    return np.where(idx >= 0, self.partners(epoch)[np.maximum(idx, 0)], -1)
+
+  def batch_at(self, idx: np.ndarray,
+               pair_idx: Optional[np.ndarray] = None) -> Batch:
+    """Gathers a batch (any leading shape) from indices (-1 = padding), and
+    the partners' `image_pair` / `label_pair` / `pair_index` from
+    `pair_idx` when given."""
     valid = idx >= 0
     safe = np.where(valid, idx, 0)
     batch = {"image": self.images[safe], "label": self.labels[safe]}
     if self.with_index:
       batch["index"] = safe.astype(np.int32)
+    if pair_idx is not None:
+      pair = np.where(valid, pair_idx, 0)
+      batch["pair_index"] = pair.astype(np.int32)
+      batch["image_pair"] = self.images[pair]
+      batch["label_pair"] = self.labels[pair]
     if not self.drop_remainder:
       batch["mask"] = valid
     return batch
 
   def get_batch(self, epoch: int, step: int) -> Batch:
     """This process's batch at `(epoch, step)` (pure function of them)."""
-    return self.batch_at(self.local_indices(epoch, step))
+    pair = (self.local_pair_indices(epoch, step) if self.same_class_pairs
+            else None)
+    return self.batch_at(self.local_indices(epoch, step), pair)
 
   # -- iteration -------------------------------------------------------------
   def iterator(self, position: Optional[Position] = None, *,
@@ -278,11 +371,14 @@ class BatchIterator:
       raise ValueError(f"`n` must be a positive int; got {n!r}.")
     saved = dict(self._pos)
     try:
-      idx = np.stack([self._p.local_indices(*self._advance()) for _ in range(n)])
+      pos = [self._advance() for _ in range(n)]
     except StopIteration:
       self._pos = saved
       raise
-    return self._p.batch_at(idx)
+    idx = np.stack([self._p.local_indices(*p) for p in pos])
+    pair = (np.stack([self._p.local_pair_indices(*p) for p in pos])
+            if self._p.same_class_pairs else None)
+    return self._p.batch_at(idx, pair)
 
 
 def create_pipeline(name: str, split: str, *, global_batch_size: int,
@@ -291,7 +387,8 @@ def create_pipeline(name: str, split: str, *, global_batch_size: int,
                     process_index: Optional[int] = None,
                     process_count: Optional[int] = None,
                     with_index: bool = False,
-                    num_examples: Optional[int] = None) -> InMemoryPipeline:
+                    num_examples: Optional[int] = None,
+                    same_class_pairs: bool = False) -> InMemoryPipeline:
   """The standard pipeline for an in-memory dataset (mnist/cifar10/cifar100).
 
   `train=True`: per-epoch reshuffling, drop remainder, and `preprocess_fn()`
@@ -299,6 +396,8 @@ def create_pipeline(name: str, split: str, *, global_batch_size: int,
   crop + horizontal flip; MNIST: none) and normalization. `train=False`: fixed
   order, padded last batch with `mask`, normalization only.
   `num_examples` keeps only the first `n` examples (debug runs).
+  `same_class_pairs` adds a same-class partner per example (CS-KD; see
+  `InMemoryPipeline`).
 
   Example (real MNIST, when available):
     >>> import os
@@ -317,4 +416,5 @@ def create_pipeline(name: str, split: str, *, global_batch_size: int,
       images, labels, global_batch_size=global_batch_size, seed=seed,
       shuffle=train, drop_remainder=train, process_index=process_index,
       process_count=process_count, with_index=with_index, mean=info.mean,
-      std=info.std, crop_padding=info.crop_padding, flip=info.flip)
+      std=info.std, crop_padding=info.crop_padding, flip=info.flip,
+      same_class_pairs=same_class_pairs)

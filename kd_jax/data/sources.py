@@ -13,13 +13,17 @@ Normalization constants are the ones the reference distillation code uses
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import zipfile
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
 
 from kd_jax import logs
+from kd_jax import metrics_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,25 @@ def _data_source(name: str, split: str, data_dir: Optional[str]):
         "that holds it.") from None
 
 
+def _read_cache(path: str, info):
+  """The cached `(images, labels)`, or None after setting a damaged cache
+  aside (renamed, with one warning): it is then rebuilt from the dataset."""
+  try:
+    with np.load(path) as f:
+      images, labels = f["image"], f["label"]
+    if images.shape[1:] != tuple(info.image_shape) or len(images) != len(
+        labels):
+      raise ValueError(f"shapes {images.shape} / {labels.shape}")
+    return images, labels
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile,
+          zlib.error) as e:
+    moved = metrics_io.set_aside(path)
+    logging.warning("data cache %s is damaged (%s: %s); moved to %s and "
+                    "rebuilt from the dataset.", path, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "", moved)
+    return None
+
+
 def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
                 cache_dir: Optional[str] = None, use_cache: bool = True
                 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -132,7 +155,8 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   Records keep TFDS's order (so example `i` is TFDS record `i`, the index
   CRD-style methods use). Every dataset is
   cached as `<cache_dir or data_dir>/<name>/kd_jax_cache_<split>.npz` (the
-  cache is trusted as is: delete it after changing the TFDS data). An
+  cache is trusted as is: delete it after changing the TFDS data; a cache
+  that does not load is set aside with one warning and rebuilt). An
   unwritable cache location just disables caching.
 
   Args:
@@ -153,8 +177,9 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None,
   base = cache_dir or data_dir
   path = _cache_file(base, name, split) if (use_cache and base) else None
   if path and os.path.exists(path):
-    with np.load(path) as f:
-      return f["image"], f["label"]
+    cached = _read_cache(path, info)
+    if cached is not None:
+      return cached
   source = _data_source(name, split, data_dir)
   n = len(source)
   images = np.empty((n,) + info.image_shape, np.uint8)

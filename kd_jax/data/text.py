@@ -72,21 +72,41 @@ def documents_from_tfds(name: str, split: str, *, data_dir=None,
   return docs
 
 
+PRE_TOKENIZERS = ("byte_level", "metaspace")
+METASPACE = "\u2581"  # the SentencePiece word-boundary mark
+
+
 def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int,
-                        min_frequency: int = 2):
-  """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`.
+                        min_frequency: int = 2,
+                        pre_tokenizer: str = "byte_level"):
+  """A BPE `tokenizers.Tokenizer` trained on `texts`.
 
   Special tokens ``<|pad|>`` (id 0) and ``<|endoftext|>`` (id 1) come
-  first; the byte alphabet guarantees any text can be encoded.
+  first. `pre_tokenizer`:
+
+  * ``"byte_level"`` (default; GPT-2 / Llama-3 / Qwen style): the text is
+    split by GPT-2's regex and every byte is a symbol (ids 2..257 are the byte
+    alphabet, so any text can be encoded). ``vocab_size=258`` learns no merge:
+    a pure byte tokenizer.
+  * ``"metaspace"`` (SentencePiece / Llama-2 style): spaces become ``▁``
+    attached to the following word (one is prepended to the first word), the
+    alphabet is characters, and characters outside the vocabulary fall back
+    to byte tokens ``<0x00>``..``<0xFF>`` (ids 2..257, ordinary vocabulary
+    entries, as in Llama-2's ``tokenizer.json``).
   """
   # pylint: disable=g-import-not-at-top
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, trainers
   # pylint: enable=g-import-not-at-top
 
+  if pre_tokenizer not in PRE_TOKENIZERS:
+    raise ValueError(f"pre_tokenizer must be one of {PRE_TOKENIZERS}, got "
+                     f"{pre_tokenizer!r}")
   if vocab_size < 256 + len(SPECIAL_TOKENS):
     raise ValueError(f"vocab_size {vocab_size} is below the 258 ids of the "
                      "byte alphabet + special tokens")
+  if pre_tokenizer == "metaspace":
+    return _train_metaspace_bpe(texts, vocab_size, min_frequency)
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -97,6 +117,34 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int,
       show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
   return tok
+
+
+def _train_metaspace_bpe(texts, vocab_size, min_frequency):
+  """Metaspace BPE with byte fallback (see `train_bpe_tokenizer`)."""
+  # pylint: disable=g-import-not-at-top
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  # pylint: enable=g-import-not-at-top
+
+  byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+  tok = tokenizers.Tokenizer(models.BPE(byte_fallback=True))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE,
+                                               prepend_scheme="first")
+  tok.decoder = decoders.Sequence([
+      decoders.Replace(METASPACE, " "), decoders.ByteFallback(),
+      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  # The byte tokens are reserved as "special" only so that the trainer gives
+  # them ids 2..257; they are then made plain vocabulary entries (otherwise a
+  # literal "<0x41>" in a text would be read as one token, and decoding would
+  # skip them).
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=min_frequency,
+      special_tokens=list(SPECIAL_TOKENS) + byte_tokens, show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  spec = json.loads(tok.to_str())
+  spec["added_tokens"] = [t for t in spec["added_tokens"]
+                          if t["content"] in SPECIAL_TOKENS]
+  return tokenizers.Tokenizer.from_str(json.dumps(spec))
 
 
 def special_ids(tokenizer) -> dict:
@@ -329,8 +377,8 @@ class TopkCacheWriter:
     meta = dict(self._metadata, k=self._k, length=self._length,
                 num_sequences=self._count,
                 bytes_per_token=topk_bytes_per_token(self._k))
-    with open(self._path[:-len(".array_record")] + ".json", "w") as fh:
-      json.dump(meta, fh, indent=2, sort_keys=True)
+    from kd_jax import metrics_io  # pylint: disable=g-import-not-at-top
+    metrics_io.write_json(self._path[:-len(".array_record")] + ".json", meta)
     return self._path
 
 

@@ -25,8 +25,8 @@ from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import PretrainStage
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
 from kd_jax.distillers.fitnet import ConvReg
 
@@ -101,7 +101,7 @@ class ABDistiller(Distiller):
     params, state = {}, {}
     for i, (s, t) in enumerate(zip(*self._pairs(inputs))):
       if s.ndim == 4 and self._needs_connector(s, t):
-        p, st = _init_module(self._connector(t, None),
+        p, st = init_module(self._connector(t, None),
                              jax.random.fold_in(rng, i), s)
       elif s.shape != t.shape:
         raise ValueError(
@@ -119,7 +119,7 @@ class ABDistiller(Distiller):
     for i, (s, t) in enumerate(zip(s_list, t_list)):
       key = f"connector{i}"
       if params[key]:
-        s, st = _apply_module(self._connector(t, inputs.axis_name),
+        s, st = apply_module(self._connector(t, inputs.axis_name),
                               params[key], state[key], s, train=inputs.train)
       else:
         st = state[key]

@@ -40,6 +40,7 @@ import optax
 
 from kd_jax.train import objectives as _objectives
 from kd_jax.train import state as _state
+from kd_jax.train import step_utils
 from kd_jax.train import steps as _steps
 
 Array = Any
@@ -51,7 +52,7 @@ __all__ = [
     "Distiller", "PretrainStage", "RunInfo", "register", "registry",
     "LayerwiseDistiller", "OneLayerDistiller", "parse_layers",
     "select_features", "make_term_inputs", "init_distillers",
-    "run_pretrain_stage",
+    "run_pretrain_stage", "layer_pairs", "token_mean",
 ]
 
 
@@ -165,6 +166,51 @@ def _float32(x):
   return jnp.asarray(x, jnp.float32)
 
 
+def layer_pairs(spec, num_student: int, num_teacher: int
+                ) -> Tuple[Tuple[int, int], ...]:
+  """Student layer -> teacher layer pairs (1-based block numbers).
+
+  `spec`: ``'uniform'`` (TinyBERT's :math:`g(m) = m N / M`: student block
+  m of M is paired with teacher block round(m N / M) of N), ``'last'``
+  (MiniLM: the last blocks), or explicit ``[(student, teacher), ...]`` pairs
+  of block numbers (negative numbers count from the end: -1 = the last).
+
+  >>> layer_pairs("uniform", 4, 12), layer_pairs("last", 4, 12)
+  (((1, 3), (2, 6), (3, 9), (4, 12)), ((4, 12),))
+  >>> layer_pairs([(1, -2), (-1, -1)], 2, 6)
+  ((1, 5), (2, 6))
+  """
+  if spec == "uniform":
+    return tuple((m, max(1, round(m * num_teacher / num_student)))
+                 for m in range(1, num_student + 1))
+  if spec == "last":
+    return ((num_student, num_teacher),)
+  if isinstance(spec, str) or not all(
+      isinstance(p, (list, tuple)) and len(p) == 2 for p in spec or ()):
+    raise ValueError(f"layer map {spec!r}: use 'uniform', 'last' or a list of "
+                     "(student block, teacher block) pairs.")
+  out = []
+  for s, t in spec:
+    for v, n, who in ((s, num_student, "student"), (t, num_teacher, "teacher")):
+      if not isinstance(v, int) or not (1 <= v <= n or -n <= v <= -1):
+        raise ValueError(f"layer map {spec!r}: {who} block {v!r} is out of "
+                         f"range for {n} blocks (1..{n} or -1..-{n}).")
+    out.append((s if s > 0 else num_student + 1 + s,
+                t if t > 0 else num_teacher + 1 + t))
+  if not out:
+    raise ValueError("layer map: no pairs given.")
+  return tuple(out)
+
+
+def token_mean(per_position, where):
+  """Mean of a per-position ``[B, T]`` value over the `where` positions
+  (all when None): the token-level average of the LM objectives."""
+  if where is None:
+    return jnp.mean(per_position)
+  denom = jnp.maximum(jnp.sum(where), 1).astype(jnp.float32)
+  return jnp.sum(jnp.where(where, per_position, 0.0)) / denom
+
+
 # -------------------------------------------------------------- registry --
 
 _REGISTRY: Dict[str, type] = {}
@@ -242,19 +288,30 @@ class Distiller(abc.ABC):
   Subclasses are registered with `@register(name)` and implement `init` and
   `__call__`; adapters are Flax Linen modules whose `'params'` are the
   distiller params and whose `'batch_stats'` live in the distiller state (see
-  `_init_module` / `_apply_module`). `pretrain` is a `PretrainStage` for
+  `init_module` / `apply_module`). `pretrain` is a `PretrainStage` for
   two-stage methods.
 
   `views` names the extra input views the method needs: with `'strong'` the
   batch must carry `batch['image_strong']` (a strongly augmented copy, see
   `kd_jax.data.strong_augment`), the engine runs the student and the teacher
   on it as well and hands the logits to the distiller as
-  `inputs.views['strong'] = (student_logits, teacher_logits)`.
+  `inputs.views['strong'] = (student_logits, teacher_logits)`. With
+  `'pair'` (CS-KD) the batch carries `batch['image_pair']` (a same-class
+  partner per example, `InMemoryPipeline(same_class_pairs=True)`) and the
+  student's logits on it arrive as `inputs.views['pair'] =
+  (student_logits, None)`, without gradient.
+
+  `needs_teacher = False` marks self-distillation methods (BYOT, CS-KD,
+  Tf-KD_reg) that use no teacher network: they read only the student's
+  outputs, so a run of such terms alone needs no teacher.
   """
   name: str = "distiller"
   state_is_synced: bool = True
   pretrain: Optional["PretrainStage"] = None
   views: Tuple[str, ...] = ()
+  # Config keys `from_config` accepts beyond the constructor's arguments.
+  config_args: Tuple[str, ...] = ()
+  needs_teacher: bool = True
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any], run_info: RunInfo
@@ -362,7 +419,7 @@ class OneLayerDistiller(Distiller):
     return {}, {}
 
 
-def _init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:
+def init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:
   """`(params, batch_stats)` of a Linen adapter (`{}` when it has no BN)."""
   variables = module.init(rng, *args, train=False)
   variables = dict(variables)
@@ -374,7 +431,7 @@ def _init_module(module: nn.Module, rng, *args) -> Tuple[PyTree, PyTree]:
   return params, stats
 
 
-def _apply_module(module: nn.Module, params, stats, *args, train: bool):
+def apply_module(module: nn.Module, params, stats, *args, train: bool):
   """Applies an adapter; returns `(output, new_batch_stats)`."""
   variables = {"params": params}
   if stats:
@@ -389,9 +446,9 @@ def _apply_module(module: nn.Module, params, stats, *args, train: bool):
 # ----------------------------------------------------- term inputs / init --
 
 def _forward_student(student_apply, variables, x, rng):
-  apply = _steps.as_student_apply(student_apply)
+  apply = step_utils.as_student_apply(student_apply)
   out = apply(variables, x, train=True, rngs={"dropout": rng})
-  logits, feats, _ = _steps._split_student_out(out)  # pylint: disable=protected-access
+  logits, feats, _ = step_utils.split_apply_output(out)
   return logits, feats
 
 
@@ -404,6 +461,8 @@ def make_term_inputs(student_apply, teacher_apply, student_variables,
 
   What the engine builds inside its step, for initializing distillers on a
   real batch (their adapters take their shapes from the features).
+  `teacher_apply=None` (self-distillation, `Distiller.needs_teacher =
+  False`): no teacher outputs.
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   batch = dict(batch)
@@ -412,12 +471,17 @@ def make_term_inputs(student_apply, teacher_apply, student_variables,
   x, labels = batch[image_key], batch[label_key]
   s_logits, s_feats = _forward_student(student_apply, student_variables, x,
                                        rng)
-  t_logits, t_feats = _steps.teacher_forward(teacher_apply, teacher_variables,
-                                             x)
+  if teacher_apply is None:
+    t_logits = t_feats = None
+  else:
+    t_logits, t_feats = _steps.teacher_forward(
+        teacher_apply, teacher_variables, x)
+    t_logits = _float32(t_logits)
+    t_feats = jax.lax.stop_gradient(t_feats)
   return TermInputs(
       student_logits=_float32(s_logits), labels=jnp.asarray(labels),
-      teacher_logits=_float32(t_logits), student_features=s_feats,
-      teacher_features=jax.lax.stop_gradient(t_feats), train=True, rng=rng,
+      teacher_logits=t_logits, student_features=s_feats,
+      teacher_features=t_feats, train=True, rng=rng,
       axis_name=None, epoch=jnp.ones((), jnp.int32), batch=batch,
       step=jnp.zeros((), jnp.int32))
 

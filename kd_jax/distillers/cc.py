@@ -18,8 +18,8 @@ from kd_jax import losses
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import OneLayerDistiller
 from kd_jax.distillers.base import register
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.crd import Embed
 
 
@@ -46,15 +46,15 @@ class CCDistiller(OneLayerDistiller):
     s, t = self._pair(inputs)
     ks, kt = jax.random.split(rng)
     emb = Embed(self.feat_dim, normalize=False)
-    ps, _ = _init_module(emb, ks, s)
-    pt, _ = _init_module(emb, kt, t)
+    ps, _ = init_module(emb, ks, s)
+    pt, _ = init_module(emb, kt, t)
     return {"embed_s": ps, "embed_t": pt}, {}
 
   def __call__(self, params, state, inputs):
     s, t = self._pair(inputs)
     emb = Embed(self.feat_dim, normalize=False)
-    es, _ = _apply_module(emb, params["embed_s"], {}, s, train=inputs.train)
-    et, _ = _apply_module(emb, params["embed_t"], {}, t, train=inputs.train)
+    es, _ = apply_module(emb, params["embed_s"], {}, s, train=inputs.train)
+    et, _ = apply_module(emb, params["embed_t"], {}, t, train=inputs.train)
     d = es - et
     return losses.cc_loss(d, jnp.zeros_like(d),
                           axis_name=inputs.axis_name), state

@@ -43,10 +43,10 @@ import numpy as np
 from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 from kd_jax.losses import relations
 
 
@@ -242,6 +242,8 @@ class CRDDistiller(Distiller):
     self.index_key = index_key
     self.contrast_key = contrast_key
 
+  config_args = ("class_negatives",)
+
   @classmethod
   def from_config(cls, cfg, run_info):
     """Injects `num_data` and (unless `class_negatives=False`) the dataset
@@ -297,8 +299,8 @@ class CRDDistiller(Distiller):
     s, t = self._pair(inputs)
     ks, kt, k1, k2, kn = jax.random.split(rng, 5)
     emb = Embed(self.feat_dim, normalize=True)
-    ps, _ = _init_module(emb, ks, s)
-    pt, _ = _init_module(emb, kt, t)
+    ps, _ = init_module(emb, ks, s)
+    pt, _ = init_module(emb, kt, t)
     stdv = 1.0 / math.sqrt(self.feat_dim / 3.0)
     shape = (self.num_data, self.feat_dim)
     state = {
@@ -330,8 +332,8 @@ class CRDDistiller(Distiller):
     s, t = self._pair(inputs)
     idx = self._index(inputs)
     emb = Embed(self.feat_dim, normalize=True)
-    es, _ = _apply_module(emb, params["embed_s"], {}, s, train=inputs.train)
-    et, _ = _apply_module(emb, params["embed_t"], {}, t, train=inputs.train)
+    es, _ = apply_module(emb, params["embed_s"], {}, s, train=inputs.train)
+    et, _ = apply_module(emb, params["embed_t"], {}, t, train=inputs.train)
     cidx = jax.lax.stop_gradient(self.contrast_indices(state, inputs, idx))
     ms, mt = state["memory_s"], state["memory_t"]
     ax = inputs.axis_name

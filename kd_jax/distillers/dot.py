@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kd_jax.train import optim as optim_lib
+
 PyTree = Any
 ScalarOrSchedule = Union[float, Callable[[jnp.ndarray], jnp.ndarray]]
 
@@ -132,3 +134,15 @@ def dot(learning_rate: ScalarOrSchedule, *, momentum: float = 0.9,
                                unflat(2))
 
   return optax.GradientTransformation(init, update)
+
+
+def _build(spec, schedule):
+  """`optimizer.name = 'dot'` (the engine's optimizer table)."""
+  return dot(schedule, momentum=float(spec.momentum), delta=float(spec.delta),
+             weight_decay=float(spec.weight_decay or 0.0),
+             distill_only=engine_distill_only)
+
+
+optim_lib.register_optimizer(
+    "dot", optim_lib.OptimizerEntry(_build, decay_inside=True,
+                                    split_gradients=True))

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import PretrainStage
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 def conv_reg_kind(student_hw: Sequence[int], teacher_hw: Sequence[int]):
@@ -160,12 +160,12 @@ class FitNetDistiller(Distiller):
 
   def init(self, rng, inputs):
     s, t = self._pair(inputs)
-    p, st = _init_module(self._module(t, None), rng, s)
+    p, st = init_module(self._module(t, None), rng, s)
     return {"regressor": p}, {"regressor": st}
 
   def __call__(self, params, state, inputs):
     s, t = self._pair(inputs)
-    out, st = _apply_module(self._module(t, inputs.axis_name),
+    out, st = apply_module(self._module(t, inputs.axis_name),
                             params["regressor"], state["regressor"], s,
                             train=inputs.train)
     return losses.fitnet_loss(out, t), {"regressor": st}

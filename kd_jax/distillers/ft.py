@@ -27,10 +27,10 @@ from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import PretrainStage
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 def _leaky(x):
@@ -115,12 +115,12 @@ class _ParaphraserStage(Distiller):
 
   def init(self, rng, inputs):
     t = self.owner._teacher_feat(inputs)
-    p, st = _init_module(self.owner._paraphraser(t, None), rng, t)
+    p, st = init_module(self.owner._paraphraser(t, None), rng, t)
     return p, st
 
   def __call__(self, params, state, inputs):
     t = self.owner._teacher_feat(inputs)
-    (_, rec), st = _apply_module(self.owner._paraphraser(t, inputs.axis_name),
+    (_, rec), st = apply_module(self.owner._paraphraser(t, inputs.axis_name),
                                  params, state, t, train=inputs.train)
     return jnp.mean((rec - t) ** 2), st
 
@@ -188,15 +188,15 @@ class FTDistiller(Distiller):
   def init(self, rng, inputs):
     s, t = self._student_feat(inputs), self._teacher_feat(inputs)
     kp, kt = jax.random.split(rng)
-    pp, ps = _init_module(self._paraphraser(t, None), kp, t)
-    tp, ts = _init_module(self._translator(t, None), kt, s)
+    pp, ps = init_module(self._paraphraser(t, None), kp, t)
+    tp, ts = init_module(self._translator(t, None), kt, s)
     return ({"translator": tp},
             {"translator": ts,
              "paraphraser": {"params": pp, "batch_stats": ps}})
 
   def __call__(self, params, state, inputs):
     s, t = self._student_feat(inputs), self._teacher_feat(inputs)
-    factor_s, ts = _apply_module(self._translator(t, inputs.axis_name),
+    factor_s, ts = apply_module(self._translator(t, inputs.axis_name),
                                  params["translator"], state["translator"], s,
                                  train=inputs.train)
     para = jax.lax.stop_gradient(state["paraphraser"])

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 from kd_jax.distillers.base import Distiller
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 _trunc02 = nn.initializers.truncated_normal(0.02)
@@ -277,7 +277,7 @@ class OFADistiller(Distiller):
     feats = self._feats(inputs)
     params, state = {}, {}
     for i, (br, f) in enumerate(zip(self._branches(inputs, None), feats)):
-      p, st = _init_module(br, jax.random.fold_in(rng, i), f)
+      p, st = init_module(br, jax.random.fold_in(rng, i), f)
       params[f"stage{self.stages[i]}"] = p
       state[f"stage{self.stages[i]}"] = st
     return params, state
@@ -292,7 +292,7 @@ class OFADistiller(Distiller):
     for i, (br, f) in enumerate(zip(self._branches(inputs, inputs.axis_name),
                                     feats)):
       key = f"stage{self.stages[i]}"
-      logits, st = _apply_module(br, params[key], state[key], f,
+      logits, st = apply_module(br, params[key], state[key], f,
                                  train=inputs.train)
       new_state[key] = st
       total = total + jnp.mean(losses.ofa_loss(

@@ -40,10 +40,10 @@ import numpy as np
 from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 class OFDConnector(nn.Module):
@@ -201,7 +201,7 @@ class OFDDistiller(Distiller):
     s_list, t_list = self._pairs(inputs)
     params, state = {}, {}
     for i, (s, t) in enumerate(zip(s_list, t_list)):
-      p, st = _init_module(self._connector(t, None),
+      p, st = init_module(self._connector(t, None),
                            jax.random.fold_in(rng, i), s)
       params[f"connector{i}"] = p
       state[f"connector{i}"] = st
@@ -213,7 +213,7 @@ class OFDDistiller(Distiller):
     outs, new_state = [], {"margins": state["margins"]}
     for i, (s, t) in enumerate(zip(s_list, t_list)):
       key = f"connector{i}"
-      out, st = _apply_module(self._connector(t, inputs.axis_name),
+      out, st = apply_module(self._connector(t, inputs.axis_name),
                               params[key], state[key], s, train=inputs.train)
       outs.append(out)
       new_state[key] = st

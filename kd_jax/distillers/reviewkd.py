@@ -35,7 +35,7 @@ from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 def nearest_resize(x, size: int):

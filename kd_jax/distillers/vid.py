@@ -28,11 +28,10 @@ import jax.numpy as jnp
 from kd_jax import losses
 from kd_jax.distillers.base import Distiller
 from kd_jax.distillers.base import LayerSpec
-from kd_jax.distillers.base import _apply_module
-from kd_jax.distillers.base import _init_module
+from kd_jax.distillers.base import apply_module
+from kd_jax.distillers.base import init_module
 from kd_jax.distillers.base import register
-from kd_jax.models import _layers as L
-from kd_jax.losses import _common
+from kd_jax.models import layers as L
 
 
 class VIDRegressor(nn.Module):
@@ -84,7 +83,7 @@ class VIDDistiller(Distiller):
             f"vid: layer {i} must be NHWC maps; got student {tuple(a.shape)} "
             f"and teacher {tuple(b.shape)}.")
       if a.shape[1] > b.shape[1]:  # the reference pools the regressor input
-        a = _common.adaptive_avg_pool_to(jnp.asarray(a, jnp.float32),
+        a = losses.adaptive_avg_pool_to(jnp.asarray(a, jnp.float32),
                                          b.shape[1])
       out.append((a, b))
     return out
@@ -94,7 +93,7 @@ class VIDDistiller(Distiller):
     s0 = losses.vid_init_log_scale(self.init_pred_var, self.eps)
     for i, (s, t) in enumerate(self._pairs(inputs)):
       c = t.shape[-1]
-      p, _ = _init_module(VIDRegressor(c, c),
+      p, _ = init_module(VIDRegressor(c, c),
                           jax.random.fold_in(rng, i), s)
       scale = jnp.full((c,), s0, jnp.float32)
       params[f"layer{i}"] = {"regressor": p}
@@ -109,7 +108,7 @@ class VIDDistiller(Distiller):
     for i, (s, t) in enumerate(self._pairs(inputs)):
       c = t.shape[-1]
       p = params[f"layer{i}"]
-      mu, _ = _apply_module(VIDRegressor(c, c), p["regressor"], {},
+      mu, _ = apply_module(VIDRegressor(c, c), p["regressor"], {},
                             s, train=inputs.train)
       scale = (p["log_scale"] if self.train_log_scale
                else jax.lax.stop_gradient(state[f"layer{i}"]["log_scale"]))

@@ -153,6 +153,17 @@ def _divergence_chunk(name, beta, temperature, s, teacher_hidden,
 # ---------------------------------------------------------------------------
 
 
+def _check_divergence_args(divergence, temperature, beta, chunk_size):
+  _check_choice(divergence, "divergence", DIVERGENCES)
+  _check_static_positive(temperature, "temperature")
+  if divergence == "jsd":
+    if not _is_number(beta):
+      raise TypeError("`beta` must be a Python number here; got "
+                      f"{type(beta).__name__}.")
+    divergences._check_beta_unit(beta)  # pylint: disable=protected-access
+  _check_chunk_size(chunk_size)
+
+
 def fused_head_divergence(student_hidden, student_kernel, teacher_hidden,
                           teacher_kernel, *, divergence="forward_kl", beta=0.5,
                           temperature=1.0, where=None, labels=None,
@@ -212,14 +223,7 @@ def fused_head_divergence(student_hidden, student_kernel, teacher_hidden,
   >>> bool(jnp.allclose(fused, losses.forward_kl(hs @ ws, ht @ wt), rtol=1e-5))
   True
   """
-  _check_choice(divergence, "divergence", DIVERGENCES)
-  _check_static_positive(temperature, "temperature")
-  if divergence == "jsd":
-    if not _is_number(beta):
-      raise TypeError("`beta` must be a Python number here; got "
-                      f"{type(beta).__name__}.")
-    divergences._check_beta_unit(beta)  # pylint: disable=protected-access
-  _check_chunk_size(chunk_size)
+  _check_divergence_args(divergence, temperature, beta, chunk_size)
   _check_head(student_hidden, student_kernel, student_bias, "student")
   _check_head(teacher_hidden, teacher_kernel, teacher_bias, "teacher")
   _check_same_lead(student_hidden, teacher_hidden, "student_hidden",

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from kd_jax.models import _canonical_conv
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 
 
 def _check_input(x, expected_hw, name):

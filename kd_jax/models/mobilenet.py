@@ -40,7 +40,7 @@ Both take float inputs NHWC ``[B, 32, 32, 3]`` / ``[B, 224, 224, 3]``; any other
 shape raises a ValueError saying what is expected. ``dtype`` is the compute
 dtype (e.g. ``jnp.bfloat16``); parameters and BatchNorm statistics are float32.
 BatchNorm as PyTorch's (momentum 0.1 == Flax 0.9, eps 1e-5; see
-`kd_jax.models._layers.batch_norm`). Logits are returned in float32.
+`kd_jax.models.layers.batch_norm`). Logits are returned in float32.
 
 Example:
 
@@ -71,7 +71,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 from kd_jax.models import convert as _convert
 
 

@@ -34,7 +34,7 @@ Features (NHWC, batch first), matching the references' ``is_feat`` lists:
 Input: float NHWC ``[B, 32, 32, 3]``; other shapes raise a ValueError saying
 what is expected. ``dtype`` is the compute dtype; parameters and BatchNorm
 statistics are float32; BatchNorm as PyTorch's (momentum 0.1 == Flax 0.9,
-eps 1e-5; see `kd_jax.models._layers.batch_norm`). Logits are float32.
+eps 1e-5; see `kd_jax.models.layers.batch_norm`). Logits are float32.
 
 Parameter names follow the torch modules with '.' -> '_' (``layer2.0.bn3`` is
 ``layer2_0/bn3``), so reference checkpoints convert with
@@ -70,7 +70,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 from kd_jax.models import convert as _convert
 
 # The references set no init: PyTorch's default for Conv2d is the same

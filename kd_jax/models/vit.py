@@ -78,7 +78,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 from kd_jax.models import convert as _convert
 
 # OFA-KD `stage_info`: block indices of stages 1..4 for 12-block ViTs.

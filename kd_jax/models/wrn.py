@@ -36,7 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from kd_jax.models import _layers as L
+from kd_jax.models import layers as L
 from kd_jax.models import convert as _convert
 
 Dtype = Any

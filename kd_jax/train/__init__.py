@@ -26,6 +26,15 @@ API summary (details in each module's docstring and `docs/engine.md`)::
   train.make_distill_step(student, [t1, t2], ..., multi_teacher="mean_logits")
   multi = train.make_multi_step(step)         # lax.scan over [num_steps, B, ...]
 
+  # Language models: one step builder; Seq-KD / GKD / top-k / fused head
+  # are its options (kd_jax.train.lm_steps):
+  train.make_lm_step(student, teacher, objective, tx, generation=...)
+
+  # Optimizers by name (methods register theirs) and placement:
+  tx, sched = train.make_optimizer(train.OptimizerSpec(name="adamw", ...),
+                                   steps_per_epoch=..., total_steps=...)
+  placement = train.make_placement("jit", mesh={"fsdp": 8})
+
   # Parallelism, same step code ('single' | 'pmap' | 'jit'):
   dp = train.DataParallel("jit")
   fn = dp.compile(multi, stacked=True)
@@ -44,12 +53,18 @@ Metrics of train/distill steps: `ce`, one per KD term label, `loss`, `top1`,
 `kd_factor` (float32 scalars; `pmean`-ed under pmap).
 """
 
+from kd_jax.train.lm_steps import make_lm_step
 from kd_jax.train.objectives import Objective
+from kd_jax.train.objectives import SparseTeacher
 from kd_jax.train.objectives import Term
 from kd_jax.train.objectives import TermInputs
 from kd_jax.train.objectives import available_losses
 from kd_jax.train.objectives import resolve_loss
+from kd_jax.train.optim import OptimizerSpec
+from kd_jax.train.optim import make_optimizer
+from kd_jax.train.optim import register_optimizer
 from kd_jax.train.parallel import DataParallel
+from kd_jax.train.placement import make_placement
 from kd_jax.train.sharding import MeshParallel
 from kd_jax.train.sharding import ShardingRules
 from kd_jax.train.sharding import logical_axis_names
@@ -60,10 +75,10 @@ from kd_jax.train.sharding import teacher_rules
 from kd_jax.train.state import TrainState
 from kd_jax.train.state import create_train_state
 from kd_jax.train.state import student_variables
-from kd_jax.train.steps import as_student_apply
-from kd_jax.train.steps import as_teacher_apply
-from kd_jax.train.steps import linen_student_apply
-from kd_jax.train.steps import linen_teacher_apply
+from kd_jax.train.step_utils import as_student_apply
+from kd_jax.train.step_utils import as_teacher_apply
+from kd_jax.train.step_utils import linen_student_apply
+from kd_jax.train.step_utils import linen_teacher_apply
 from kd_jax.train.steps import make_distill_step
 from kd_jax.train.steps import make_dml_step
 from kd_jax.train.steps import make_eval_step

@@ -1,70 +1,126 @@
-r"""Compiled language-model distillation steps (teacher-forced, Seq-KD, GKD).
+r"""Compiled language-model steps: one builder for every LM distillation.
 
-Every builder returns a pure ``step(state, teacher_variables, batch) ->
-(state, metrics)`` (jit / pmap it like `kd_jax.train.steps`). Batches are
-``{"tokens": int [B, L]}`` (+ optional ``"mask"`` bool ``[B, L]``: which
-tokens are trained on as *targets*). The model sees ``tokens[:, :-1]`` and
-predicts ``tokens[:, 1:]``; with per-target logits :math:`z^s_j, z^t_j` and
-the set :math:`M` of trained target positions,
+`make_lm_step(student_apply, teacher_apply, objective, tx, ...)` returns a
+pure ``step(state, teacher_variables, batch) -> (state, metrics)`` (jit /
+pmap it like `kd_jax.train.steps`). Batches are ``{"tokens": int [B, L]}``
+(+ optional ``"mask"`` bool ``[B, L]``: which tokens are trained on as
+*targets*). The model sees ``tokens[:, :-1]`` and predicts ``tokens[:,
+1:]``; the loss is the `kd_jax.train.Objective` at token level: with
+per-target logits :math:`z^s_j, z^t_j` and the set :math:`M` of trained
+target positions,
 
 .. math::
   \mathcal L = w_{ce}\,\frac{1}{|M|}\sum_{j\in M} -\log
-  \mathrm{softmax}(z^s_j)_{y_j} + w_{kd}\,\frac{1}{|M|}\sum_{j\in M}
-  D(z^s_j, z^t_j)
+  \mathrm{softmax}(z^s_j)_{y_j} + \sum_k w_k\,\frac{1}{|M|}\sum_{j\in M}
+  D_k(z^s_j, z^t_j)
 
 (a mean over trained tokens, TRL's ``reduction="batchmean"`` of
-``generalized_jsd_loss``), with :math:`D` one of ``forward_kl``,
-``reverse_kl``, ``js_divergence`` (``beta``), ``total_variation`` of
-`kd_jax.losses` at ``temperature`` (no :math:`T^2` factor).
+``generalized_jsd_loss``); a term names a loss of `kd_jax.losses`
+(``Term('forward_kl', 0.5, temperature=1.0)``, ``reverse_kl`` -- MiniLLM's
+direction --, ``js_divergence`` with ``beta``, ``total_variation``; no
+:math:`T^2` factor) or a distiller reading the models' features (hidden
+states, attention: `kd_jax.distillers`). What differs between the LM
+methods is *where the text and the teacher come from*, options of the one
+step:
 
-* `make_lm_train_step`: plain next-token NLL (teachers, student baselines).
-* `make_lm_distill_step`: supervised token-level KD, teacher-forced on the
-  data (Hinton et al., 2015, per token). MiniLLM-style reverse KL
-  (Gu et al., ICLR 2024) is ``divergence="reverse_kl"`` here or GKD with
-  ``beta=1``.
-* `make_seqkd_step`: sequence-level KD (Kim & Rush, EMNLP 2016): the
-  teacher continues the first ``prompt_len`` tokens inside the step and the
-  student is trained on its output with NLL (``ce_weight``), optionally plus
-  the token-level term on the same text (``kd_weight``, their
-  "Word-KD + Seq-KD").
-* `make_lm_eval_step`: summed NLL and token count of a batch, for
-  held-out perplexity :math:`\exp(\sum \mathrm{nll} / \sum n)` (`perplexity`).
-* `make_lm_topk_step`: offline KD from a cached sparse teacher (its top-k
-  log-probabilities per token, `make_teacher_topk_fn` computes them) with a
-  top-k loss (``kd_jax.losses.topk_kd_loss`` by default).
-* `make_gkd_step`: on-policy GKD (Agarwal et al., ICLR 2024) with TRL
-  ``GKDTrainer``'s parameters: ``seq_kd`` (the teacher generates the
-  completions first), then with probability ``lmbda`` the completions are the
-  current student's samples; the loss is ``js_divergence(beta,
-  temperature)`` on the completion tokens.
+* the data, teacher-forced (token-level KD, Hinton et al. 2015 per token);
+* `Generation`: completions of the first ``prompt_len`` tokens generated
+  inside the step -- by the teacher (``seq_kd``: sequence-level KD, Kim &
+  Rush, EMNLP 2016) and/or, with probability ``lmbda`` (one coin per step,
+  drawn first so only the chosen branch generates), by the current student
+  (on-policy GKD, Agarwal et al., ICLR 2024, TRL ``GKDTrainer``'s
+  ``lmbda`` / ``seq_kd``); the loss then covers the completion positions
+  (`completion_mask`) and generated tokens carry no gradient;
+* a sparse teacher: the batch carries a cache of the teacher's top-k
+  log-probabilities (``teacher_topk_logprobs`` / ``teacher_topk_indices``,
+  `make_teacher_topk_fn` computes them) and the terms are top-k losses
+  (``Term('topk_kd', temperature=..., tail=...)``);
+* `FusedHead`: CE and one divergence computed from the final hidden states
+  and the head kernels (`kd_jax.losses.fused_head_divergence`), never
+  materializing ``[B, T, V]`` logits.
 
-Generation runs inside the compiled step through functions passed in
-(the engine never imports a model): ``generate(variables, prompts, rng) ->
-int [B, L]`` with ``L = prompt_len + new tokens`` (e.g.
+The older builders (`make_lm_distill_step`, `make_lm_train_step`,
+`make_seqkd_step`, `make_gkd_step`, `make_lm_topk_step`) are this step with
+a given objective. `make_lm_eval_step` sums the NLL for held-out perplexity
+:math:`\exp(\sum \mathrm{nll} / \sum n)` (`perplexity`).
+
+Generation runs inside the compiled step through functions passed in (the
+engine never imports a model): ``generate(variables, prompts, rng) -> int
+[B, L]`` with ``L = prompt_len + new tokens`` (e.g.
 `kd_jax.models.lm.make_generate_fn`). Completion masks cover the generated
-positions up to and including the first ``eos_id``. Generated tokens carry no
-gradient.
+positions up to and including the first ``eos_id``.
 
-Apply functions follow `kd_jax.train.steps`: ``student_apply(variables,
+Apply functions follow `kd_jax.train.step_utils`: ``student_apply(variables,
 tokens, train=, rngs=) -> (logits, features)`` (or a Linen module),
 ``teacher_apply(variables, tokens) -> (logits, features)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from kd_jax.losses import divergences as _div
-from kd_jax.train import steps as _steps
-from kd_jax.train.state import TrainState
+from kd_jax.train import step_utils
+from kd_jax.train.objectives import Objective
+from kd_jax.train.objectives import SparseTeacher
+from kd_jax.train.objectives import Term
 from kd_jax.train.state import student_variables
+from kd_jax.train.steps import teacher_forward
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "js_divergence", "total_variation")
+TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_indices")
+# Names of `kd_jax.losses.fused_head_divergence`'s divergences.
+_FUSED_NAMES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl",
+                "js_divergence": "jsd", "total_variation": "tvd"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """Completions generated inside the step (Seq-KD, on-policy GKD).
+
+  prompt_len: the prompt is ``tokens[:, :prompt_len]``; the loss covers the
+    positions after it (up to and including the first `eos_id`).
+  lmbda: probability that a step trains on the current student's samples.
+  seq_kd: otherwise the teacher's samples replace the data completions.
+  student_generate / teacher_generate: ``(variables, prompts, rng) -> [B,
+    L]`` (needed when ``lmbda > 0`` / ``seq_kd``).
+  """
+  prompt_len: int
+  lmbda: float = 0.0
+  seq_kd: bool = False
+  eos_id: Optional[int] = None
+  student_generate: Optional[Callable] = None
+  teacher_generate: Optional[Callable] = None
+
+  def __post_init__(self):
+    if not 0.0 <= self.lmbda <= 1.0:
+      raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}")
+    if self.seq_kd and self.teacher_generate is None:
+      raise ValueError("seq_kd=True needs teacher_generate")
+    if self.lmbda > 0 and self.student_generate is None:
+      raise ValueError("lmbda > 0 needs student_generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedHead:
+  """CE + one divergence from hidden states and head kernels.
+
+  Both models run with ``logits=False`` (Linen modules, or apply functions
+  taking that keyword) and return ``features["hidden"]``; `student_head` /
+  `teacher_head` map variables to the ``[D, V]`` head kernel (e.g.
+  ``functools.partial(kd_jax.models.lm.head_kernel, config=...)``); `loss`
+  (default ``kd_jax.losses.fused_head_divergence``) is called as
+  ``loss(h_s, k_s, h_t, k_t, divergence=, beta=, temperature=, where=,
+  labels=, chunk_size=[, vocab_size=]) -> (divergence, ce)`` per token.
+  """
+  student_head: Callable
+  teacher_head: Callable
+  chunk_size: int = 1024
+  loss: Optional[Callable] = None
 
 
 def _check_divergence(divergence, temperature, beta):
@@ -77,6 +133,17 @@ def _check_divergence(divergence, temperature, beta):
     raise ValueError(f"beta must be in [0, 1], got {beta}")
 
 
+def divergence_term(divergence: str = "forward_kl", weight: float = 1.0, *,
+                    temperature: float = 1.0, beta: float = 0.5,
+                    vocab_size: Optional[int] = None) -> Term:
+  """The `Term` of a token divergence (its name is its label)."""
+  _check_divergence(divergence, temperature, beta)
+  kw = {"beta": beta} if divergence == "js_divergence" else {}
+  if vocab_size is not None:
+    kw["vocab_size"] = vocab_size
+  return Term(divergence, float(weight), temperature=temperature, **kw)
+
+
 def token_divergence(student_logits, teacher_logits, mask, *,
                      divergence: str = "forward_kl", temperature=1.0,
                      beta=0.5, vocab_size: Optional[int] = None):
@@ -85,51 +152,9 @@ def token_divergence(student_logits, teacher_logits, mask, *,
   Heads of different widths (a vocabulary padded differently) need
   `vocab_size`: only the first `vocab_size` logits of both are compared.
   """
-  vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
-  if vocab_size is not None:
-    if not 1 <= vocab_size <= min(vs, vt):
-      raise ValueError(f"vocab_size {vocab_size} must be in [1, "
-                       f"{min(vs, vt)}] (student {vs}, teacher {vt} logits)")
-    student_logits = student_logits[..., :vocab_size]
-    teacher_logits = teacher_logits[..., :vocab_size]
-  elif vs != vt:
-    raise ValueError(f"student vocabulary ({vs} logits) != teacher vocabulary "
-                     f"({vt}); pass vocab_size= (the shared tokenizer's size)")
-  fn = getattr(_div, divergence)
-  kw = {"beta": beta} if divergence == "js_divergence" else {}
-  return fn(student_logits, teacher_logits, temperature=temperature,
-            where=mask, **kw)
-
-
-def lm_loss(student_logits, teacher_logits, targets, mask, *,
-            divergence="forward_kl", temperature=1.0, beta=0.5,
-            ce_weight=0.0, kd_weight=1.0, kd_fn=None, vocab_size=None):
-  """``(loss, metrics)``: weighted token-mean NLL + divergence (see module).
-
-  `teacher_logits` may be None when ``kd_weight == 0`` or when `kd_fn`
-  (``kd_fn(student_logits, mask) -> per-token [B, T]``, e.g. a top-k loss
-  against a cached teacher) replaces the divergence.
-  """
-  s = student_logits.astype(jnp.float32)
-  mask = mask.astype(bool)
-  count = jnp.sum(mask)
-  denom = jnp.maximum(count, 1).astype(jnp.float32)
-  logp = jax.nn.log_softmax(s, axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  ce = jnp.sum(jnp.where(mask, nll, 0.0)) / denom
-  if kd_weight and kd_fn is not None:
-    kd = jnp.sum(kd_fn(s, mask)) / denom
-  elif kd_weight:
-    kd = jnp.sum(token_divergence(s, teacher_logits, mask,
-                                  divergence=divergence,
-                                  temperature=temperature, beta=beta,
-                                  vocab_size=vocab_size)) / denom
-  else:
-    kd = jnp.zeros((), jnp.float32)
-  loss = ce_weight * ce + kd_weight * kd
-  acc = jnp.sum(jnp.where(mask, jnp.argmax(s, -1) == targets, False)) / denom
-  return loss, {"loss": loss, "ce": ce, "kd": kd, "token_acc": acc,
-                "tokens": count.astype(jnp.float32)}
+  t = divergence_term(divergence, temperature=temperature, beta=beta,
+                      vocab_size=vocab_size)
+  return t.fn(student_logits, teacher_logits, where=mask, **t.hparams)
 
 
 def completion_mask(tokens, prompt_len: int, eos_id: Optional[int]):
@@ -145,13 +170,20 @@ def completion_mask(tokens, prompt_len: int, eos_id: Optional[int]):
 
 
 def _check_tokens_batch(batch):
-  _steps._check_batch(batch, ("tokens",))  # pylint: disable=protected-access
+  step_utils.check_batch(batch, ("tokens",))
   tokens = batch["tokens"]
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"batch['tokens'] must be int [batch, length], got "
                      f"{tokens.dtype}{list(tokens.shape)}")
   if tokens.shape[1] < 2:
     raise ValueError("batch['tokens'] needs length >= 2 (inputs + targets)")
+
+
+def _check_prompt_len(prompt_len, tokens):
+  if not isinstance(prompt_len, int) or not 1 <= prompt_len < tokens.shape[1]:
+    raise ValueError(f"prompt_len must be an int in [1, {tokens.shape[1]}) "
+                     f"for batches of length {tokens.shape[1]}, got "
+                     f"{prompt_len!r}")
 
 
 def _generated(gen_fn, variables, prompts, rng, length, who):
@@ -163,122 +195,38 @@ def _generated(gen_fn, variables, prompts, rng, length, who):
   return out
 
 
-def _apply_update(state: TrainState, student_apply, tx, tokens, mask,
-                  teacher_logits, loss_kw, rngs, axis_name, loss_of=None):
-  """Student forward on ``tokens[:, :-1]``, loss on targets, optax update.
+def _complete(g: Generation, state, teacher_variables, tokens, mask, key):
+  """(tokens, mask, on_policy) after the step's generation (see
+  `Generation`); the coin is drawn before anything is generated."""
+  _check_prompt_len(g.prompt_len, tokens)
+  length, prompts = tokens.shape[1], tokens[:, :g.prompt_len]
+  mask = (jnp.arange(length)[None, :] >= g.prompt_len) & mask
+  k_seq, k_coin, k_gen = jax.random.split(key, 3)
 
-  `loss_of(logits, features, variables, targets, mask) -> (loss, metrics)`
-  replaces `lm_loss` when given (the fused-head path).
-  """
-  inputs, targets, tmask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+  def sampled(gen_fn, variables, k, who):
+    out = _generated(gen_fn, variables, prompts, k, length, who)
+    return out, completion_mask(out, g.prompt_len, g.eos_id)
 
-  def loss_fn(trainable):
-    variables = student_variables(trainable["student"], state.batch_stats)
-    out = student_apply(variables, inputs, train=True, rngs=rngs)
-    logits, feats, updates = _steps._split_student_out(out)  # pylint: disable=protected-access
-    if loss_of is not None:
-      loss, metrics = loss_of(logits, feats, variables, targets, tmask)
-    else:
-      loss, metrics = lm_loss(logits, teacher_logits, targets, tmask,
-                              **loss_kw)
-    return loss, (metrics, updates)
+  def student(_):
+    return sampled(g.student_generate, state.variables, k_gen,
+                   "student_generate")
 
-  trainable = state.trainable()
-  grads, (metrics, updates) = jax.grad(loss_fn, has_aux=True)(trainable)
-  grads = _steps._pmean(grads, axis_name)  # pylint: disable=protected-access
-  metrics = _steps._pmean(metrics, axis_name)  # pylint: disable=protected-access
-  upd, opt_state = tx.update(grads, state.opt_state, trainable)
-  trainable = optax.apply_updates(trainable, upd)
-  new_state = state.replace(
-      step=state.step + 1, params=trainable["student"],
-      distiller_params=trainable["distiller"],
-      batch_stats=updates.get("batch_stats", state.batch_stats),
-      opt_state=opt_state)
-  return new_state, metrics
+  def off_policy(_):
+    if g.seq_kd:
+      return sampled(g.teacher_generate, teacher_variables, k_seq,
+                     "teacher_generate")
+    return tokens, mask
 
-
-def _keys(state, axis_name, rng_streams):
-  key = _steps._step_rng(state.rng, state.step, axis_name)  # pylint: disable=protected-access
-  dkey, gkey = jax.random.split(key)
-  rngs = {n: jax.random.fold_in(dkey, i) for i, n in enumerate(rng_streams)}
-  return rngs, gkey
-
-
-def _teacher_logits(teacher_apply, teacher_variables, tokens):
-  return _steps.teacher_forward(teacher_apply, teacher_variables,
-                                tokens[:, :-1])[0]
-
-
-def make_lm_distill_step(student_apply, teacher_apply, tx, *,
-                         divergence: str = "forward_kl",
-                         temperature: float = 1.0, beta: float = 0.5,
-                         ce_weight: float = 0.0, kd_weight: float = 1.0,
-                         fused: bool = False,
-                         student_head: Optional[Callable] = None,
-                         teacher_head: Optional[Callable] = None,
-                         fused_loss: Optional[Callable] = None,
-                         chunk_size: int = 1024,
-                         vocab_size: Optional[int] = None,
-                         axis_name: Optional[str] = None,
-                         rng_streams: Sequence[str] = ("dropout",)):
-  """Teacher-forced token-level KD: ``step(state, teacher_variables, batch)``.
-
-  Args:
-    student_apply, teacher_apply: see the module docstring.
-    tx: optax transformation of ``{'student', 'distiller'}``.
-    divergence, temperature, beta: the token divergence.
-    ce_weight, kd_weight: weights of the NLL and the divergence.
-    fused: compute the NLL and the divergence from the final hidden states
-      and the head kernels, never materializing ``[B, T, V]`` logits. Both
-      models then run with ``logits=False`` (Linen modules, or apply
-      functions taking that keyword) and return ``features["hidden"]``;
-      `student_head` / `teacher_head` map variables to the ``[D, V]`` head
-      kernel (e.g. ``functools.partial(kd_jax.models.lm.head_kernel,
-      config=...)``); the loss is `fused_loss` (default
-      ``kd_jax.losses.fused_head_divergence``), called as
-      ``fused_loss(h_s, k_s, h_t, k_t, divergence=, beta=, temperature=,
-      where=, labels=, chunk_size=) -> (divergence, ce)`` per token.
-    vocab_size: compare only the first `vocab_size` logits (student and
-      teacher heads of different widths); required when they differ.
-    axis_name: ``pmap`` axis for gradient / metric averaging.
-    rng_streams: PRNG streams handed to the student.
-  """
-  _check_divergence(divergence, temperature, beta)
-  loss_kw = dict(divergence=divergence, temperature=temperature, beta=beta,
-                 ce_weight=ce_weight, kd_weight=kd_weight,
-                 vocab_size=vocab_size)
-  if fused:
-    return _fused_distill_step(
-        student_apply, teacher_apply, tx, loss_kw, student_head=student_head,
-        teacher_head=teacher_head, fused_loss=fused_loss,
-        chunk_size=chunk_size, axis_name=axis_name, rng_streams=rng_streams)
-  student_apply = _steps.as_student_apply(student_apply)
-
-  def step(state, teacher_variables, batch):
-    _check_tokens_batch(batch)
-    tokens = batch["tokens"].astype(jnp.int32)
-    mask = batch.get("mask", jnp.ones(tokens.shape, bool))
-    t_logits = (_teacher_logits(teacher_apply, teacher_variables, tokens)
-                if kd_weight else None)
-    rngs, _ = _keys(state, axis_name, rng_streams)
-    return _apply_update(state, student_apply, tx, tokens, mask, t_logits,
-                         loss_kw, rngs, axis_name)
-
-  return step
-
-
-def make_lm_train_step(apply_fn, tx, *, axis_name: Optional[str] = None,
-                       rng_streams: Sequence[str] = ("dropout",)):
-  """Next-token NLL training: ``step(state, batch) -> (state, metrics)``."""
-  inner = make_lm_distill_step(apply_fn, None, tx, ce_weight=1.0,
-                               kd_weight=0.0, axis_name=axis_name,
-                               rng_streams=rng_streams)
-  return lambda state, batch: inner(state, None, batch)
-
-
-# Names of `kd_jax.losses.fused_head_divergence`'s divergences.
-_FUSED_NAMES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl",
-                "js_divergence": "jsd", "total_variation": "tvd"}
+  if g.lmbda == 0.0:  # static: never compile the student's generation
+    on_policy = jnp.zeros((), bool)
+    tokens, mask = off_policy(None)
+  elif g.lmbda == 1.0:
+    on_policy = jnp.ones((), bool)
+    tokens, mask = student(None)
+  else:
+    on_policy = jax.random.bernoulli(k_coin, g.lmbda)
+    tokens, mask = jax.lax.cond(on_policy, student, off_policy, None)
+  return jax.lax.stop_gradient(tokens), mask, on_policy
 
 
 def _headless(apply_fn, train: bool):
@@ -296,51 +244,185 @@ def _headless(apply_fn, train: bool):
   return lambda v, x: apply_fn(v, x, logits=False)
 
 
-def _fused_distill_step(student_apply, teacher_apply, tx, loss_kw, *,
-                        student_head, teacher_head, fused_loss, chunk_size,
-                        axis_name, rng_streams):
-  """`make_lm_distill_step(fused=True)`: losses from hidden states + heads."""
-  if student_head is None or teacher_head is None:
-    raise ValueError("fused=True needs student_head and teacher_head "
-                     "(variables -> [D, V] head kernel)")
-  if fused_loss is None:
-    from kd_jax import losses as _losses  # pylint: disable=g-import-not-at-top
-    fused_loss = getattr(_losses, "fused_head_divergence", None)
-    if fused_loss is None:
-      raise ValueError("kd_jax.losses has no fused_head_divergence; pass "
-                       "fused_loss=")
-  student_fn = _headless(student_apply, True)
-  teacher_fn = _headless(teacher_apply, False)
-  ce_w, kd_w = loss_kw["ce_weight"], loss_kw["kd_weight"]
+def _fused_loss_fn(objective: Objective, fused: FusedHead):
+  """`loss_of(feats, variables, teacher, targets, mask) -> (loss, metrics)`
+  of a `FusedHead` step: the objective's CE and its one divergence term."""
+  if len(objective.terms) != 1 or objective.terms[0].fn is None or (
+      objective.terms[0].name not in _FUSED_NAMES):
+    raise ValueError("a fused head computes CE and one divergence term "
+                     f"({tuple(_FUSED_NAMES)}); the objective has "
+                     f"{[t.label for t in objective.terms]}")
+  term = objective.terms[0]
+  loss = fused.loss
+  if loss is None:
+    from kd_jax.losses import fused_head_divergence as loss  # pylint: disable=g-import-not-at-top
+  kw = dict(term.hparams)
+  kw.setdefault("temperature", 1.0)
+  kw.setdefault("beta", 0.5)
+
+  def loss_of(feats, variables, teacher, targets, mask):
+    t_hidden, t_kernel = teacher
+    kd, ce = loss(feats["hidden"], fused.student_head(variables), t_hidden,
+                  t_kernel, divergence=_FUSED_NAMES[term.name], where=mask,
+                  labels=targets, chunk_size=fused.chunk_size, **kw)
+    count = jnp.sum(mask)
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
+    total, metrics = objective.combine(jnp.sum(ce) / denom,
+                                       [jnp.sum(kd) / denom])
+    metrics["tokens"] = count.astype(jnp.float32)
+    return total, metrics
+
+  return loss_of
+
+
+def _teacher_inputs(objective, teacher_apply, fused, teacher_variables,
+                    tokens, batch):
+  """What the loss sees of the teacher: None (no KD term), a
+  `SparseTeacher` (top-k cache in the batch), `(hidden, kernel)` (fused
+  head) or `(logits, features)` of ``tokens[:, :-1]``."""
+  if not objective.terms or teacher_apply is None and not any(
+      k in batch for k in TOPK_KEYS):
+    return None
+  if any(t.sparse for t in objective.terms):
+    step_utils.check_batch(batch, TOPK_KEYS)
+    lp = batch["teacher_topk_logprobs"].astype(jnp.float32)
+    idx = batch["teacher_topk_indices"].astype(jnp.int32)
+    want = (tokens.shape[0], tokens.shape[1] - 1)
+    if lp.shape[:2] != want or idx.shape != lp.shape:
+      raise ValueError(f"teacher top-k arrays must be {list(want)} + [k]; got "
+                       f"logprobs {list(lp.shape)}, indices "
+                       f"{list(idx.shape)}")
+    return SparseTeacher(lp, idx), None
+  if fused is not None:
+    hidden = _headless(teacher_apply, False)(
+        teacher_variables, tokens[:, :-1])[1]["hidden"]
+    return (jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(
+        fused.teacher_head(teacher_variables))), None
+  return teacher_forward(teacher_apply, teacher_variables, tokens[:, :-1])
+
+
+def make_lm_step(student_apply, teacher_apply, objective: Objective, tx, *,
+                 generation: Optional[Generation] = None,
+                 fused: Optional[FusedHead] = None,
+                 axis_name: Optional[str] = None,
+                 rng_streams: Sequence[str] = ("dropout",),
+                 on_nonfinite: str = "stop"):
+  """``step(state, teacher_variables, batch) -> (state, metrics)``.
+
+  Args:
+    student_apply, teacher_apply: see the module docstring (`teacher_apply`
+      None: no teacher forward -- supervised training, or a top-k cache in
+      the batch).
+    objective: the token-level `Objective` (CE weight, KD terms, distiller
+      terms reading the models' features).
+    tx: optax transformation of ``{'student', 'distiller'}``.
+    generation: completions generated inside the step (`Generation`).
+    fused: CE + one divergence from hidden states and head kernels.
+    axis_name: ``pmap`` axis for gradient / metric averaging.
+    rng_streams: PRNG streams handed to the student.
+    on_nonfinite: ``'stop'`` / ``'skip_update'``
+      (`step_utils.nonfinite_guard`).
+
+  Metrics: the objective's (``ce``, one per term label, ``loss``, ``top1``
+  = token accuracy, ``kd_factor``), ``tokens`` (trained targets),
+  ``nonfinite`` and, with `generation`, ``on_policy``.
+  """
+  student_fn = (_headless(student_apply, True) if fused is not None
+                else step_utils.as_student_apply(student_apply))
+  loss_of = _fused_loss_fn(objective, fused) if fused is not None else None
 
   def step(state, teacher_variables, batch):
     _check_tokens_batch(batch)
     tokens = batch["tokens"].astype(jnp.int32)
     mask = batch.get("mask", jnp.ones(tokens.shape, bool))
-    t_hidden = jax.lax.stop_gradient(
-        teacher_fn(teacher_variables, tokens[:, :-1])[1]["hidden"])
-    t_kernel = jax.lax.stop_gradient(teacher_head(teacher_variables))
+    key = step_utils.step_rng(state.rng, state.step, axis_name)
+    dkey, gkey = jax.random.split(key)
+    rngs = step_utils.stream_rngs(dkey, rng_streams)
+    if generation is not None:
+      tokens, mask, on_policy = _complete(generation, state,
+                                          teacher_variables, tokens, mask,
+                                          gkey)
+    t_out, t_feats = _teacher_inputs(objective, teacher_apply, fused,
+                                     teacher_variables, tokens, batch) or (
+                                         None, None)
+    inputs, targets, tmask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
-    def loss_of(_, feats, variables, targets, tmask):
-      kd, ce = fused_loss(
-          feats["hidden"], student_head(variables), t_hidden, t_kernel,
-          divergence=_FUSED_NAMES[loss_kw["divergence"]],
-          beta=loss_kw["beta"], temperature=loss_kw["temperature"],
-          where=tmask, labels=targets, chunk_size=chunk_size,
-          **({} if loss_kw["vocab_size"] is None else
-             {"vocab_size": loss_kw["vocab_size"]}))
-      count = jnp.sum(tmask)
-      denom = jnp.maximum(count, 1).astype(jnp.float32)
-      ce, kd = jnp.sum(ce) / denom, jnp.sum(kd) / denom
-      loss = ce_w * ce + kd_w * kd
-      return loss, {"loss": loss, "ce": ce, "kd": kd,
-                    "tokens": count.astype(jnp.float32)}
+    def loss_fn(trainable):
+      variables = student_variables(trainable["student"], state.batch_stats)
+      out = student_fn(variables, inputs, train=True, rngs=rngs)
+      logits, feats, updates = step_utils.split_apply_output(out)
+      if loss_of is not None:
+        loss, metrics = loss_of(feats, variables, t_out, targets, tmask)
+        return loss, (metrics, updates, state.distiller_state)
+      loss, aux = objective(
+          logits, targets, where=tmask, teacher_logits=t_out,
+          student_features=feats, teacher_features=t_feats,
+          distiller_params=trainable["distiller"],
+          distiller_state=state.distiller_state, train=True,
+          rng=jax.random.fold_in(gkey, 7), axis_name=axis_name, batch=batch,
+          step=state.step)
+      return loss, (aux["metrics"], updates, aux["distiller_state"])
 
-    rngs, _ = _keys(state, axis_name, rng_streams)
-    return _apply_update(state, student_fn, tx, tokens, mask, None, None,
-                         rngs, axis_name, loss_of=loss_of)
+    grads, (metrics, updates, dstate) = jax.grad(loss_fn, has_aux=True)(
+        state.trainable())
+    grads = step_utils.pmean_floats(grads, axis_name)
+    metrics = step_utils.pmean_floats(metrics, axis_name)
+    if generation is not None:
+      metrics = dict(metrics, on_policy=on_policy.astype(jnp.float32))
+    new_state = state.apply_gradients(
+        tx, grads, batch_stats=updates.get("batch_stats", state.batch_stats),
+        distiller_state=step_utils.pmean_floats(dstate, axis_name))
+    new_state, flags = step_utils.nonfinite_guard(
+        state, new_state, metrics["loss"], grads, on_nonfinite)
+    return new_state, {**metrics, **flags}
 
   return step
+
+
+# ---------------------------------------------------------------------------
+# The step with a given objective (the builders of earlier versions).
+
+
+def _objective(ce_weight, kd_weight, **term_kw):
+  terms = ((divergence_term(weight=kd_weight, **term_kw),) if kd_weight
+           else ())
+  return Objective(ce_weight=float(ce_weight), terms=terms)
+
+
+def make_lm_distill_step(student_apply, teacher_apply, tx, *,
+                         divergence: str = "forward_kl",
+                         temperature: float = 1.0, beta: float = 0.5,
+                         ce_weight: float = 0.0, kd_weight: float = 1.0,
+                         fused: bool = False,
+                         student_head: Optional[Callable] = None,
+                         teacher_head: Optional[Callable] = None,
+                         fused_loss: Optional[Callable] = None,
+                         chunk_size: int = 1024,
+                         vocab_size: Optional[int] = None,
+                         axis_name: Optional[str] = None,
+                         rng_streams: Sequence[str] = ("dropout",)):
+  """Teacher-forced token-level KD: ``ce_weight`` NLL + ``kd_weight``
+  ``divergence`` (`make_lm_step` with that objective; ``fused=True`` with
+  `student_head` / `teacher_head`: see `FusedHead`)."""
+  _check_divergence(divergence, temperature, beta)
+  obj = _objective(ce_weight, kd_weight, divergence=divergence,
+                   temperature=temperature, beta=beta, vocab_size=vocab_size)
+  head = None
+  if fused:
+    if student_head is None or teacher_head is None:
+      raise ValueError("fused=True needs student_head and teacher_head "
+                       "(variables -> [D, V] head kernel)")
+    head = FusedHead(student_head, teacher_head, chunk_size, fused_loss)
+  return make_lm_step(student_apply, teacher_apply, obj, tx, fused=head,
+                      axis_name=axis_name, rng_streams=rng_streams)
+
+
+def make_lm_train_step(apply_fn, tx, *, axis_name: Optional[str] = None,
+                       rng_streams: Sequence[str] = ("dropout",)):
+  """Next-token NLL training: ``step(state, batch) -> (state, metrics)``."""
+  inner = make_lm_step(apply_fn, None, Objective(ce_weight=1.0), tx,
+                       axis_name=axis_name, rng_streams=rng_streams)
+  return lambda state, batch: inner(state, None, batch)
 
 
 def make_seqkd_step(student_apply, teacher_generate: Callable, tx, *,
@@ -351,43 +433,18 @@ def make_seqkd_step(student_apply, teacher_generate: Callable, tx, *,
                     vocab_size: Optional[int] = None,
                     axis_name: Optional[str] = None,
                     rng_streams: Sequence[str] = ("dropout",)):
-  """Sequence-level KD: train on the teacher's continuation of each prompt.
-
-  ``teacher_generate(teacher_variables, prompts [B, prompt_len], rng) ->
-  [B, L]`` runs inside the step (L = the batch's length); the loss covers
-  the generated positions (`completion_mask`). With ``kd_weight > 0`` the
-  token-level divergence to ``teacher_apply`` on the same text is added.
-  """
+  """Sequence-level KD: train on the teacher's continuation of each prompt
+  (NLL with ``ce_weight``, plus the token divergence to `teacher_apply` on
+  the same text with ``kd_weight``: their "Word-KD + Seq-KD")."""
   _check_divergence(divergence, temperature, beta)
   if kd_weight and teacher_apply is None:
     raise ValueError("kd_weight > 0 needs teacher_apply")
-  student_apply = _steps.as_student_apply(student_apply)
-  loss_kw = dict(divergence=divergence, temperature=temperature, beta=beta,
-                 ce_weight=ce_weight, kd_weight=kd_weight,
-                 vocab_size=vocab_size)
-
-  def step(state, teacher_variables, batch):
-    _check_tokens_batch(batch)
-    tokens = batch["tokens"].astype(jnp.int32)
-    _check_prompt_len(prompt_len, tokens)
-    rngs, gkey = _keys(state, axis_name, rng_streams)
-    tokens = jax.lax.stop_gradient(_generated(
-        teacher_generate, teacher_variables, tokens[:, :prompt_len], gkey,
-        tokens.shape[1], "teacher_generate"))
-    mask = completion_mask(tokens, prompt_len, eos_id)
-    t_logits = (_teacher_logits(teacher_apply, teacher_variables, tokens)
-                if kd_weight else None)
-    return _apply_update(state, student_apply, tx, tokens, mask, t_logits,
-                         loss_kw, rngs, axis_name)
-
-  return step
-
-
-def _check_prompt_len(prompt_len, tokens):
-  if not isinstance(prompt_len, int) or not 1 <= prompt_len < tokens.shape[1]:
-    raise ValueError(f"prompt_len must be an int in [1, {tokens.shape[1]}) "
-                     f"for batches of length {tokens.shape[1]}, got "
-                     f"{prompt_len!r}")
+  obj = _objective(ce_weight, kd_weight, divergence=divergence,
+                   temperature=temperature, beta=beta, vocab_size=vocab_size)
+  gen = Generation(prompt_len, seq_kd=True, eos_id=eos_id,
+                   teacher_generate=teacher_generate)
+  return make_lm_step(student_apply, teacher_apply, obj, tx, generation=gen,
+                      axis_name=axis_name, rng_streams=rng_streams)
 
 
 def make_gkd_step(student_apply, teacher_apply, tx, *,
@@ -400,63 +457,50 @@ def make_gkd_step(student_apply, teacher_apply, tx, *,
                   axis_name: Optional[str] = None,
                   rng_streams: Sequence[str] = ("dropout",)):
   """On-policy GKD with TRL ``GKDTrainer``'s ``lmbda, beta, temperature,
-  seq_kd`` (defaults as TRL's ``GKDConfig``).
-
-  Per step: the data completions (positions >= ``prompt_len``, and
-  ``batch["mask"]`` if given) are replaced by the teacher's when ``seq_kd``;
-  then, with probability ``lmbda`` (one draw per step, ``metrics
-  ["on_policy"]``), by ``student_generate(current student variables,
-  prompts, rng)`` -- a ``lax.cond``, so only the taken branch generates.
-  Loss: ``js_divergence(beta, temperature)`` token mean over the completion
-  tokens (teacher logits on the final text). The generate functions should
-  sample at the same ``temperature`` (TRL uses one for both).
-  """
+  seq_kd``: `Generation` + ``js_divergence(beta, temperature)`` on the
+  completion tokens, no NLL term."""
   _check_divergence("js_divergence", temperature, beta)
   if not 0.0 <= lmbda <= 1.0:
     raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
   if seq_kd and teacher_generate is None:
     raise ValueError("seq_kd=True needs teacher_generate")
-  student_apply = _steps.as_student_apply(student_apply)
-  loss_kw = dict(divergence="js_divergence", temperature=temperature,
-                 beta=beta, ce_weight=0.0, kd_weight=1.0,
-                 vocab_size=vocab_size)
+  obj = _objective(0.0, 1.0, divergence="js_divergence",
+                   temperature=temperature, beta=beta, vocab_size=vocab_size)
+  gen = Generation(prompt_len, lmbda=lmbda, seq_kd=seq_kd, eos_id=eos_id,
+                   student_generate=student_generate,
+                   teacher_generate=teacher_generate)
+  return make_lm_step(student_apply, teacher_apply, obj, tx, generation=gen,
+                      axis_name=axis_name, rng_streams=rng_streams)
 
-  def step(state, teacher_variables, batch):
-    _check_tokens_batch(batch)
-    tokens = batch["tokens"].astype(jnp.int32)
-    _check_prompt_len(prompt_len, tokens)
-    length, prompts = tokens.shape[1], tokens[:, :prompt_len]
-    mask = jnp.arange(length)[None, :] >= prompt_len
-    mask = mask & batch.get("mask", jnp.ones(tokens.shape, bool))
-    rngs, gkey = _keys(state, axis_name, rng_streams)
-    k_seq, k_coin, k_gen = jax.random.split(gkey, 3)
-    if seq_kd:
-      tokens = _generated(teacher_generate, teacher_variables, prompts, k_seq,
-                          length, "teacher_generate")
-      mask = completion_mask(tokens, prompt_len, eos_id)
 
-    def student_branch(_):
-      out = _generated(student_generate, state.variables, prompts, k_gen,
-                       length, "student_generate")
-      return out, completion_mask(out, prompt_len, eos_id)
+def make_lm_topk_step(student_apply, tx, *, topk_loss: Optional[Callable] = None,
+                      temperature: float = 1.0, tail: str = "bucket",
+                      ce_weight: float = 0.0, kd_weight: float = 1.0,
+                      axis_name: Optional[str] = None,
+                      rng_streams: Sequence[str] = ("dropout",)):
+  """Offline KD: ``step(state, batch)`` with the teacher read from the batch
+  (``tokens`` [B, L] and the cache's ``teacher_topk_logprobs`` /
+  ``teacher_topk_indices`` [B, L-1, k]); the KD term is ``topk_loss``
+  (default ``kd_jax.losses.topk_kd_loss``)."""
+  term = (Term("topk_kd", float(kd_weight), temperature=temperature,
+               tail=tail) if topk_loss is None else
+          Term("topk_kd", float(kd_weight), fn=topk_loss,
+               temperature=temperature, tail=tail))
+  term.sparse = True
+  obj = Objective(ce_weight=float(ce_weight),
+                  terms=(term,) if kd_weight else ())
+  inner = make_lm_step(student_apply, None, obj, tx, axis_name=axis_name,
+                       rng_streams=rng_streams)
 
-    if lmbda == 0.0:  # static: never compile the student's generation
-      on_policy = jnp.zeros((), bool)
-    elif lmbda == 1.0:
-      on_policy = jnp.ones((), bool)
-      tokens, mask = student_branch(None)
-    else:
-      on_policy = jax.random.bernoulli(k_coin, lmbda)
-      tokens, mask = jax.lax.cond(on_policy, student_branch,
-                                  lambda _: (tokens, mask), None)
-    tokens = jax.lax.stop_gradient(tokens)
-    t_logits = _teacher_logits(teacher_apply, teacher_variables, tokens)
-    state, metrics = _apply_update(state, student_apply, tx, tokens, mask,
-                                   t_logits, loss_kw, rngs, axis_name)
-    metrics = dict(metrics, on_policy=on_policy.astype(jnp.float32))
-    return state, metrics
+  def step(state, batch):
+    step_utils.check_batch(batch, TOPK_KEYS)
+    return inner(state, None, batch)
 
   return step
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and the teacher's top-k cache.
 
 
 def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None):
@@ -467,7 +511,7 @@ def make_lm_eval_step(apply_fn, *, axis_name: Optional[str] = None):
   over ``batch["mask"][:, 1:]`` when present. Sums (not means) so batches
   and devices add up exactly; see `perplexity`.
   """
-  apply_fn = _steps.as_teacher_apply(apply_fn)
+  apply_fn = step_utils.as_teacher_apply(apply_fn)
 
   def step(variables, batch):
     _check_tokens_batch(batch)
@@ -511,7 +555,7 @@ def make_teacher_topk_fn(teacher_apply, *, k: int, temperature: float = 1.0):
     raise ValueError(f"k must be an int >= 1, got {k!r}")
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
-  teacher_apply = _steps.as_teacher_apply(teacher_apply)
+  teacher_apply = step_utils.as_teacher_apply(teacher_apply)
 
   def fn(variables, tokens):
     logits = teacher_apply(variables, tokens[:, :-1])[0].astype(jnp.float32)
@@ -522,49 +566,3 @@ def make_teacher_topk_fn(teacher_apply, *, k: int, temperature: float = 1.0):
     return values, indices.astype(jnp.int32)
 
   return fn
-
-
-def make_lm_topk_step(student_apply, tx, *, topk_loss: Optional[Callable] = None,
-                      temperature: float = 1.0, tail: str = "bucket",
-                      ce_weight: float = 0.0, kd_weight: float = 1.0,
-                      axis_name: Optional[str] = None,
-                      rng_streams: Sequence[str] = ("dropout",)):
-  """Offline KD: ``step(state, batch)`` with the teacher read from the batch.
-
-  The batch holds ``tokens`` [B, L] and the cache's
-  ``teacher_topk_logprobs`` / ``teacher_topk_indices`` [B, L-1, k] (as
-  `make_teacher_topk_fn` makes them). The KD term is
-  ``topk_loss(student_logits, logprobs, indices, temperature=, tail=,
-  where=)`` per token (default ``kd_jax.losses.topk_kd_loss``).
-  """
-  if topk_loss is None:
-    from kd_jax import losses as _losses  # pylint: disable=g-import-not-at-top
-    topk_loss = getattr(_losses, "topk_kd_loss", None)
-    if topk_loss is None:
-      raise ValueError("kd_jax.losses has no topk_kd_loss; pass topk_loss=")
-  student_apply = _steps.as_student_apply(student_apply)
-  base_kw = dict(ce_weight=ce_weight, kd_weight=kd_weight)
-
-  def step(state, batch):
-    _check_tokens_batch(batch)
-    _steps._check_batch(batch, ("teacher_topk_logprobs",  # pylint: disable=protected-access
-                                "teacher_topk_indices"))
-    tokens = batch["tokens"].astype(jnp.int32)
-    lp = batch["teacher_topk_logprobs"].astype(jnp.float32)
-    idx = batch["teacher_topk_indices"].astype(jnp.int32)
-    want = (tokens.shape[0], tokens.shape[1] - 1)
-    if lp.shape[:2] != want or idx.shape != lp.shape:
-      raise ValueError(f"teacher top-k arrays must be {list(want)} + [k]; got "
-                       f"logprobs {list(lp.shape)}, indices "
-                       f"{list(idx.shape)}")
-    mask = batch.get("mask", jnp.ones(tokens.shape, bool))
-
-    def kd_fn(s, m):
-      return topk_loss(s, lp, idx, temperature=temperature, tail=tail,
-                       where=m)
-
-    rngs, _ = _keys(state, axis_name, rng_streams)
-    return _apply_update(state, student_apply, tx, tokens, mask, None,
-                         dict(base_kw, kd_fn=kd_fn), rngs, axis_name)
-
-  return step

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,19 @@ class TermInputs:
   # Extra input views a distiller declared (`Distiller.views`), e.g.
   # `{'strong': (student_logits, teacher_logits)}` on `batch['image_strong']`.
   views: Optional[Mapping[str, Any]] = None
+  # Token-level objectives (language models): bool `[B, T]`, the trained
+  # target positions; `labels` are then the targets `[B, T]`.
+  where: Optional[Array] = None
+
+
+class SparseTeacher(NamedTuple):
+  """A teacher given by its top-k log-probabilities per position (an offline
+  cache, `kd_jax.data.text.TopkCacheSource`): `logprobs` float `[..., k]`,
+  `indices` int `[..., k]`. Terms on such a teacher name a loss of
+  `kd_jax.losses.TOPK_LOSSES` (`Term('topk_kd', temperature=..., tail=...)`).
+  """
+  logprobs: Array
+  indices: Array
 
 
 def available_losses(on: str = "logits") -> Tuple[str, ...]:
@@ -102,7 +115,7 @@ def available_losses(on: str = "logits") -> Tuple[str, ...]:
   `on='features'`: every registered loss (for `Term(..., features=key)`).
   """
   if on == "logits":
-    return tuple(sorted(_losses.LOGIT_LOSSES))
+    return tuple(sorted({**_losses.LOGIT_LOSSES, **_losses.TOPK_LOSSES}))
   return tuple(sorted({**_losses.LOGIT_LOSSES, **_losses.FEATURE_LOSSES}))
 
 
@@ -111,7 +124,8 @@ def resolve_loss(name: str, on: str = "logits") -> Callable:
   if not isinstance(name, str):
     raise TypeError(f"loss `name` must be a string; got {type(name).__name__}.")
   short = name[:-len("_loss")] if name.endswith("_loss") else name
-  every = {**_losses.LOGIT_LOSSES, **_losses.FEATURE_LOSSES}
+  every = {**_losses.LOGIT_LOSSES, **_losses.FEATURE_LOSSES,
+           **_losses.TOPK_LOSSES}
   valid = available_losses(on)
   if short in valid:
     return every[short]
@@ -213,6 +227,10 @@ class Term:
       _check_hparams(self.fn, self.hparams, self.label)
     self._takes_labels = self.fn is not None and _accepts(self.fn, "labels")
     self._takes_axis = self.fn is not None and _accepts(self.fn, "axis_name")
+    self._takes_where = self.fn is not None and _accepts(self.fn, "where")
+    # A loss of a sparse (top-k) teacher: `fn(student, logprobs, indices)`.
+    self.sparse = self.fn is not None and any(
+        self.fn is f for f in _losses.TOPK_LOSSES.values())
 
   @property
   def is_distiller(self) -> bool:
@@ -224,15 +242,34 @@ class Term:
     return (f"Term({self.name!r}, weight={self.weight}, label={self.label!r}"
             f"{on}{', ' + hp if hp else ''})")
 
-  def value(self, student, teacher, labels, axis_name):
-    """Batch-mean value of a logit/feature term (float32 scalar)."""
+  def value(self, student, teacher, labels, axis_name, where=None,
+            denom=None):
+    """Batch-mean value of a logit/feature term (float32 scalar); with
+    `where` (token-level), the sum over the `where` positions / `denom`."""
     kwargs = dict(self.hparams)
     if self._takes_labels:
       kwargs["labels"] = labels
     if self._takes_axis and axis_name is not None:
       kwargs["axis_name"] = axis_name
-    out = self.fn(student, teacher, **kwargs)
+    if where is not None:
+      if not self._takes_where:
+        raise ValueError(f"loss term {self.label!r}: "
+                         f"{getattr(self.fn, '__name__', self.fn)} has no "
+                         "`where=` argument; it cannot be a token-level term.")
+      kwargs["where"] = where
+    if self.sparse != isinstance(teacher, SparseTeacher):
+      raise ValueError(
+          f"loss term {self.label!r}: " + (
+              f"{self.name!r} needs a sparse (top-k) teacher; precompute the "
+              "teacher's top-k log-probabilities (teacher.precompute)."
+              if self.sparse else
+              "the teacher is a top-k cache (teacher.precompute); use a loss "
+              f"of {sorted(_losses.TOPK_LOSSES)} (e.g. 'topk_kd')."))
+    out = (self.fn(student, teacher.logprobs, teacher.indices, **kwargs)
+           if self.sparse else self.fn(student, teacher, **kwargs))
     out = jnp.asarray(out, jnp.float32)
+    if where is not None:
+      return jnp.sum(out) / denom
     return jnp.mean(out) if out.ndim else out
 
 
@@ -250,6 +287,30 @@ def _check_logits_labels(s, labels) -> None:
     raise ValueError(
         f"`labels` must have shape {s.shape[:1]} (the batch of the "
         f"student logits); got {tuple(labels.shape)}.")
+
+
+def _check_token_inputs(s, labels, where):
+  """Token-level inputs: logits `[..., V]`, integer targets and a mask of
+  their shape; returns (bool mask, float32 max(count, 1))."""
+  if s.ndim < 2:
+    raise ValueError(f"token-level `student_logits` must be [..., vocab]; got "
+                     f"shape {tuple(s.shape)}.")
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+    raise TypeError(f"`labels` (targets) must be integers; got "
+                    f"{jnp.result_type(labels)}.")
+  if tuple(labels.shape) != s.shape[:-1] or tuple(where.shape) != s.shape[:-1]:
+    raise ValueError(
+        f"targets {tuple(labels.shape)} and `where` {tuple(where.shape)} must "
+        f"have the logits' leading shape {s.shape[:-1]}.")
+  mask = where.astype(bool)
+  return mask, jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+
+
+def _token_cross_entropy(s, targets, mask, denom):
+  """Mean next-token NLL over the `mask` positions."""
+  logp = jax.nn.log_softmax(s, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(mask, nll, 0.0)) / denom
 
 
 def _distiller_value(t, distiller_params, distiller_state, inputs):
@@ -387,18 +448,30 @@ class Objective:
   def __call__(self, student_logits, labels, *, teacher_logits=None,
                student_features=None, teacher_features=None, epoch=None,
                distiller_params=None, distiller_state=None, train=True,
-               rng=None, axis_name=None, batch=None, step=None, views=None):
+               rng=None, axis_name=None, batch=None, step=None, views=None,
+               where=None):
+    """`(loss, aux)`; `aux = {'metrics': ..., 'distiller_state': ...}`.
+
+    With `where` (bool, the shape of `labels`) the objective is token-level
+    (language models): `student_logits` `[..., V]`, `labels` the targets
+    `[...]`; CE and every logit term are means over the `where` positions
+    (sum / count, TRL's "batchmean" over tokens), `top1` is the token
+    accuracy and `metrics['tokens']` the count.
+    """
     s = jnp.asarray(student_logits, jnp.float32)
-    _check_logits_labels(s, labels)
-    ce = self._cross_entropy(s, labels)
-    metrics: Dict[str, Array] = {"ce": ce}
-    total = self.ce_weight * ce
+    if where is None:
+      _check_logits_labels(s, labels)
+      ce, mask, denom = self._cross_entropy(s, labels), None, None
+    else:
+      mask, denom = _check_token_inputs(s, labels, where)
+      ce = _token_cross_entropy(s, labels, mask, denom)
     factor = self.warmup_factor(epoch)
-    teachers, tw = self._teachers(teacher_logits, s)
+    teachers, tw = self._teachers(teacher_logits, s, token_level=mask
+                                  is not None)
     if teacher_features is not None:
       teacher_features = jax.lax.stop_gradient(teacher_features)
-
     new_dstate = dict(distiller_state or {})
+    values = []
     for ti, t in enumerate(self.terms):
       if t.is_distiller:
         inputs = TermInputs(
@@ -410,7 +483,7 @@ class Objective:
             rng=(None if rng is None
                  else jax.random.fold_in(rng, ti)),
             axis_name=axis_name, epoch=epoch, batch=batch, step=step,
-            views=views)
+            views=views, where=mask)
         value, new_dstate[t.label] = _distiller_value(
             t, distiller_params, distiller_state, inputs)
       elif t.features is not None:
@@ -421,17 +494,35 @@ class Objective:
           raise ValueError(
               f"loss term {t.label!r} needs teacher logits; got none (give a "
               "teacher apply function or precomputed `teacher_logits`).")
-        value = sum(w * t.value(s, tl, labels, axis_name)
+        value = sum(w * t.value(s, tl, labels, axis_name, mask, denom)
                     for w, tl in zip(tw, teachers))
+      values.append(value)
+    total, metrics = self.combine(ce, values, factor)
+    hits = jnp.argmax(s, axis=-1) == labels
+    if mask is None:
+      metrics["top1"] = jnp.mean(hits.astype(jnp.float32))
+    else:
+      metrics["top1"] = jnp.sum(jnp.where(mask, hits, False)) / denom
+      metrics["tokens"] = jnp.sum(mask).astype(jnp.float32)
+    return total, {"metrics": metrics, "distiller_state": new_dstate}
+
+  def combine(self, ce, values, factor=None):
+    """`(loss, metrics)` from the CE and the raw term values (in `terms`
+    order): `ce_weight * ce + sum_k w_k * lambda(e) * value_k`. Also what a
+    step that computes CE and a term together (the fused LM head) calls."""
+    if len(values) != len(self.terms):
+      raise ValueError(f"{len(values)} term values for {len(self.terms)} "
+                       "terms.")
+    factor = jnp.ones((), jnp.float32) if factor is None else factor
+    metrics: Dict[str, Array] = {"ce": ce}
+    total = self.ce_weight * ce
+    for t, value in zip(self.terms, values):
       metrics[t.label] = value
       scale = t.weight * (factor if t.warmup else 1.0)
       total = total + scale * value
-
     metrics["loss"] = total
-    metrics["top1"] = jnp.mean(
-        (jnp.argmax(s, axis=-1) == labels).astype(jnp.float32))
     metrics["kd_factor"] = factor
-    return total, {"metrics": metrics, "distiller_state": new_dstate}
+    return total, metrics
 
   def _cross_entropy(self, s, labels):
     """Mean CE of the student's logits (with label smoothing when set)."""
@@ -441,18 +532,24 @@ class Objective:
       return jnp.mean(optax.softmax_cross_entropy(s, onehot))
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(s, labels))
 
-  def _teachers(self, teacher_logits, s):
+  def _teachers(self, teacher_logits, s, token_level=False):
     """(list of float32 stop-gradient teacher logits, their normalized
-    weights), or (None, None) without teacher logits."""
+    weights), or (None, None) without teacher logits. A `SparseTeacher`
+    (top-k cache) is passed through. Token-level logits may differ from the
+    student's in their last (vocabulary) axis: the loss's `vocab_size`
+    decides."""
     if teacher_logits is None:
       return None, None
+    if isinstance(teacher_logits, SparseTeacher):
+      return [SparseTeacher(jax.lax.stop_gradient(teacher_logits.logprobs),
+                            teacher_logits.indices)], (1.0,)
     teachers = (list(teacher_logits)
                 if isinstance(teacher_logits, (list, tuple))
                 else [teacher_logits])
     teachers = [jax.lax.stop_gradient(jnp.asarray(t, jnp.float32))
                 for t in teachers]
     for i, t in enumerate(teachers):
-      if t.shape != s.shape:
+      if (t.shape[:-1] != s.shape[:-1] if token_level else t.shape != s.shape):
         raise ValueError(
             f"teacher logits {i} must have the student's shape "
             f"{tuple(s.shape)}; got {tuple(t.shape)}.")

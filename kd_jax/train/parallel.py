@@ -48,6 +48,9 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax.train import memory as memory_lib
+from kd_jax.train import state as state_lib
+
 MODES = ("single", "pmap", "jit")
 AXIS = "data"
 
@@ -249,6 +252,50 @@ class DataParallel:
                                                          np.asarray(x)),
         batch)
 
+  # -- the placement protocol (kd_jax.train.placement) ----------------------
+
+  def place_state(self, state: PyTree) -> PyTree:
+    return self.replicate(state)
+
+  def teacher_target(self, abstract_teacher: PyTree):
+    """Where a teacher checkpoint is read: this process's first device
+    (`place_teacher` then replicates it)."""
+    del abstract_teacher
+    return self.local_sharding
+
+  def place_teacher(self, teacher_variables: PyTree) -> PyTree:
+    return self.replicate(teacher_variables)
+
+  def local_rows(self, batch: PyTree) -> PyTree:
+    """This process's rows of a global host batch (contiguous blocks in
+    process order)."""
+    n = jax.process_count()
+    if n == 1:
+      return batch
+    pid = jax.process_index()
+
+    def rows(x):
+      b = np.shape(x)[0] // n
+      return x[pid * b:(pid + 1) * b]
+
+    return jax.tree_util.tree_map(rows, batch)
+
+  def checkpoint_tree(self, state) -> PyTree:
+    """The saved tree: host NumPy (one copy)."""
+    return state_lib.state_to_tree(self.fetch(state))
+
+  def restore_template(self, state) -> PyTree:
+    """Host NumPy of the (unplaced, host) state: what Orbax restores into."""
+    return state_lib.state_to_tree(self.fetch(state, replicated=False))
+
+  def restored_state(self, tree: PyTree, impl):
+    """The (host) train state of a restored host tree (`place_state` puts
+    it on the devices)."""
+    return state_lib.tree_to_state(jax.device_get(tree), impl)
+
+  def memory(self, state, teacher_variables=None, compiled=None):
+    return memory_lib.memory_report(state, teacher_variables, compiled)
+
   # -- compiling -----------------------------------------------------------
 
   def compile(self, step_fn: Callable, *, stacked: bool = False,
@@ -276,7 +323,7 @@ class DataParallel:
 
       cache = {}
 
-    def run(*args):
+    def get(args):
       if not args:
         raise TypeError("the step needs at least a batch argument.")
       batch = args[-1]
@@ -288,14 +335,17 @@ class DataParallel:
                 f"`batch{jax.tree_util.keystr(path)}` has leading dim "
                 f"{np.shape(leaf)[0]}, expected the {self.num_local_devices} "
                 "local devices; prepare batches with `shard_batch`.")
-        return compiled(*args)
       if self.mode == "jit":
         self.check_batch(batch, stacked=stacked)
         fn = cache.get(len(args))
         if fn is None:
           fn = cache[len(args)] = build(len(args))
-        return fn(*args)
-      return compiled(*args)
+        return fn
+      return compiled
 
+    def run(*args):
+      return get(args)(*args)
+
+    run.lower = lambda *args: get(args).lower(*args)
     run.__wrapped__ = step_fn
     return run

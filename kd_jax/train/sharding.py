@@ -72,6 +72,11 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax.train import state as state_lib
+from kd_jax.train.memory import memory_report
+from kd_jax.train.memory import memory_summary  # noqa: F401 (re-export)
+from kd_jax.train.memory import step_memory  # noqa: F401 (re-export)
+from kd_jax.train.memory import tree_bytes  # noqa: F401 (re-export)
 from kd_jax.train.parallel import _leaves_with_paths
 from kd_jax.train.parallel import _put_global
 
@@ -458,7 +463,9 @@ class MeshParallel:
 
   def __init__(self, mesh: Union[None, Mapping[str, int], Mesh] = None, *,
                devices: Optional[Sequence[jax.Device]] = None,
-               state_rules: Optional[ShardingRules] = None):
+               state_rules: Optional[ShardingRules] = None,
+               student_names=None, teacher_sharding="replicated",
+               teacher_names=None):
     if isinstance(mesh, Mesh):
       missing = set(BATCH_AXES) - set(mesh.axis_names)
       if missing:
@@ -471,6 +478,11 @@ class MeshParallel:
     self.rules = (state_rules if state_rules is not None
                   else _default_state_rules(self.mesh))
     self.replicated = NamedSharding(self.mesh, P())
+    # The placement protocol (`kd_jax.train.placement`): the student's and
+    # the teacher's logical axis names, the teacher's sharding strategy.
+    self.student_names = student_names
+    self.teacher_sharding = teacher_sharding
+    self.teacher_names = teacher_names
 
   # -- sizes ---------------------------------------------------------------
 
@@ -581,6 +593,57 @@ class MeshParallel:
       return np.asarray(x)
     return jax.tree.map(get, tree)
 
+  # -- the placement protocol (kd_jax.train.placement) ----------------------
+
+  def place_state(self, state: PyTree) -> PyTree:
+    """The train state in its shards (the state rules, the student's
+    logical names)."""
+    return self.shard_state(state, logical_names=self.student_names)
+
+  def teacher_target(self, abstract_teacher: PyTree) -> PyTree:
+    """The teacher's `NamedSharding`s: the restore target of a teacher
+    checkpoint (each array read straight into its shards)."""
+    return self.teacher_shardings(abstract_teacher, self.teacher_sharding,
+                                  logical_names=self.teacher_names)
+
+  def place_teacher(self, teacher_variables: PyTree) -> PyTree:
+    return put(teacher_variables, self.teacher_target(teacher_variables))
+
+  def local_rows(self, batch: PyTree) -> PyTree:
+    """This process's rows of a global host batch (what `shard_batch`
+    takes; all rows with one process)."""
+    if jax.process_count() == 1:
+      return batch
+    sh = self.batch_sharding()
+
+    def rows(x):
+      idx = sh.addressable_devices_indices_map(np.shape(x)).values()
+      lo = min(s[0].start or 0 for s in idx)
+      hi = max(len(x) if s[0].stop is None else s[0].stop for s in idx)
+      return x[lo:hi]
+
+    return jax.tree.map(rows, batch)
+
+  def checkpoint_tree(self, state) -> PyTree:
+    """The saved tree: each process writes its own shards."""
+    return state_lib.state_to_tree(state)
+
+  def restore_template(self, state) -> PyTree:
+    """`ShapeDtypeStruct`s with the state's shardings: a checkpoint saved on
+    any mesh is restored straight into this one's shards."""
+    tree = state_lib.state_to_tree(state)
+    sh = self.state_shardings(tree, logical_names=self.student_names)
+    return abstract_with_shardings(tree, sh)
+
+  def restored_state(self, tree: PyTree, impl):
+    """The train state of a restored `restore_template` tree (already in
+    its shards; `place_state` keeps them)."""
+    return state_lib.tree_to_state(tree, impl)
+
+  def memory(self, state, teacher_variables=None, compiled=None):
+    """`memory_report` of the placed state / teacher / compiled step."""
+    return memory_report(state, teacher_variables, compiled)
+
   # -- compiling -----------------------------------------------------------
 
   def compile(self, step_fn: Callable, *, stacked: bool = False,
@@ -633,76 +696,3 @@ class MeshParallel:
     run.lower = lambda *args: get(args).lower(*args)
     run.__wrapped__ = step_fn
     return run
-
-
-# ---------------------------------------------------------------------------
-# Memory report.
-
-
-def tree_bytes(tree: PyTree) -> Tuple[int, int]:
-  """`(total, per_device)` bytes of a tree of arrays.
-
-  `total`: the arrays' global sizes; `per_device`: the largest sum, over
-  this process's devices, of the bytes of the shards each device holds
-  (`addressable_shards`; a replicated array counts fully on every device).
-  """
-  total, per = 0, {}
-  for x in jax.tree.leaves(tree):
-    total += _nbytes(x)
-    if not isinstance(x, jax.Array):
-      continue
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    for s in x.addressable_shards:
-      per[s.device] = per.get(s.device, 0) + s.data.nbytes
-  return total, max(per.values()) if per else 0
-
-
-def step_memory(compiled) -> Dict[str, int]:
-  """Per-device sizes from a compiled step's `memory_analysis()`."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  return {"step_temp_bytes": int(m.temp_size_in_bytes),
-          "step_argument_bytes": int(m.argument_size_in_bytes),
-          "step_output_bytes": int(m.output_size_in_bytes),
-          "step_alias_bytes": int(m.alias_size_in_bytes)}
-
-
-def memory_report(state: PyTree, teacher_variables: PyTree = None,
-                  compiled=None) -> Dict[str, int]:
-  """The `"memory"` entry of report.json.
-
-  Keys: `state_bytes_total`, `state_bytes_per_device`,
-  `teacher_bytes_total`, `teacher_bytes_per_device` (from the arrays'
-  addressable shards) and, given the compiled step
-  (`run.lower(*args).compile()`), `step_temp_bytes` (XLA's temporary
-  buffers per device: activations, gathered FSDP weights, gradients) plus
-  `step_argument_bytes` / `step_output_bytes` / `step_alias_bytes`.
-  """
-  st, sd = tree_bytes(state)
-  tt, td = tree_bytes(teacher_variables)
-  out = {"state_bytes_total": st, "state_bytes_per_device": sd,
-         "teacher_bytes_total": tt, "teacher_bytes_per_device": td}
-  if compiled is not None:
-    out.update(step_memory(compiled))
-  return out
-
-
-def _fmt(n: int) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-    if abs(n) < 1024 or unit == "TiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024.0
-  return str(n)
-
-
-def memory_summary(report: Mapping[str, int]) -> str:
-  """One line: `memory/device: state 1.2 MiB (of 9.6 MiB), teacher ...`."""
-  parts = [f"state {_fmt(report['state_bytes_per_device'])} "
-           f"(of {_fmt(report['state_bytes_total'])})",
-           f"teacher {_fmt(report['teacher_bytes_per_device'])} "
-           f"(of {_fmt(report['teacher_bytes_total'])})"]
-  if "step_temp_bytes" in report:
-    parts.append(f"step temp {_fmt(report['step_temp_bytes'])}")
-  return "memory/device: " + ", ".join(parts)

@@ -51,6 +51,22 @@ class TrainState(flax.struct.PyTreeNode):
     """The pytree the optimizer updates."""
     return {"student": self.params, "distiller": self.distiller_params}
 
+  def apply_gradients(self, tx: optax.GradientTransformation, grads, *,
+                      batch_stats=None, distiller_state=None) -> "TrainState":
+    """One optimizer step: `tx`'s update of `trainable()` by `grads` (or by
+    the `{'task', 'distill'}` pair of a split-gradient optimizer), the step
+    count + 1, and the new `batch_stats` / `distiller_state` when given."""
+    trainable = self.trainable()
+    updates, opt_state = tx.update(grads, self.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return self.replace(
+        step=self.step + 1, params=trainable["student"],
+        distiller_params=trainable["distiller"],
+        batch_stats=self.batch_stats if batch_stats is None else batch_stats,
+        distiller_state=(self.distiller_state if distiller_state is None
+                         else distiller_state),
+        opt_state=opt_state)
+
 
 def student_variables(params, batch_stats) -> dict:
   v = {"params": params}
@@ -99,3 +115,25 @@ def create_train_state(variables: Mapping[str, PyTree],
                     batch_stats=batch_stats, opt_state=opt_state,
                     distiller_params=distiller_params,
                     distiller_state=distiller_state, rng=rng)
+
+
+STATE_FIELDS = ("step", "params", "batch_stats", "opt_state",
+                "distiller_params", "distiller_state", "rng")
+
+
+def state_to_tree(state: TrainState) -> dict:
+  """The checkpointed tree of a train state: its fields as a dict, the PRNG
+  key as its raw key data (host or device arrays, as they are)."""
+  tree = {f: getattr(state, f) for f in STATE_FIELDS}
+  rng = tree["rng"]
+  if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype,
+                                                   jax.dtypes.prng_key):
+    tree["rng"] = jax.random.key_data(rng)
+  return tree
+
+
+def tree_to_state(tree: Mapping[str, Any], impl) -> TrainState:
+  """Inverse of `state_to_tree` (`impl`: the key's `jax.random.key_impl`)."""
+  d = dict(tree)
+  d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
+  return TrainState(**d)

@@ -7,8 +7,9 @@ hand it to `kd_jax.train.parallel.DataParallel.compile`:
   `step(state, teacher_variables, batch) -> (state, metrics)`: frozen
   teacher forward (inference mode, `stop_gradient`), student forward, the
   objective, the gradient and the optax update -- one XLA program.
-* `make_train_step(apply, tx)` -> `step(state, batch)`: supervised training
-  (the teachers are trained with the same engine).
+* `make_train_step(apply, tx)` -> `step(state, batch)`: training without a
+  teacher -- supervised (the teachers are trained with the same engine) or
+  with teacher-free distiller terms (self-distillation: BYOT, CS-KD, Tf-KD).
 * `make_eval_step(apply)` -> `step(variables_or_state, batch) -> metrics`
   (`loss`, `top1`, `top5`, `count`; honours an optional `batch['mask']`).
 * `make_dml_step(student_applies, objective, tx)` -> `step(states, batch)`:
@@ -58,90 +59,22 @@ import optax
 from kd_jax.train.objectives import Objective
 from kd_jax.train.state import TrainState
 from kd_jax.train.state import student_variables
+from kd_jax.train.step_utils import as_student_apply
+from kd_jax.train.step_utils import as_teacher_apply
+from kd_jax.train.step_utils import check_batch as _check_batch
+from kd_jax.train.step_utils import nonfinite_guard
+from kd_jax.train.step_utils import linen_student_apply  # noqa: F401
+from kd_jax.train.step_utils import linen_teacher_apply  # noqa: F401
+from kd_jax.train.step_utils import pmean_floats as _pmean
+from kd_jax.train.step_utils import split_apply_output as _split_student_out
+from kd_jax.train.step_utils import step_rng as _step_rng
+from kd_jax.train.step_utils import stream_rngs
+from kd_jax.train.step_utils import teacher_output as _teacher_out
 
 PyTree = Any
 Batch = Dict[str, Any]
 
 MULTI_TEACHER_MODES = ("mean_logits", "mean_losses")
-
-
-# ---------------------------------------------------------------------------
-# Apply-function adapters.
-
-
-def linen_student_apply(module: nn.Module,
-                        mutable: Sequence[str] = ("batch_stats",)):
-  """Wraps a Linen module as `apply(variables, x, train, rngs)`.
-
-  In training mode, collections of `mutable` present in `variables` are
-  made mutable and returned: `((logits, features), updates)`.
-  """
-  mutable = tuple(mutable)
-
-  def apply(variables, x, train=True, rngs=None):
-    muts = [c for c in mutable if c in variables] if train else []
-    if muts:
-      return module.apply(variables, x, train=train, rngs=rngs, mutable=muts)
-    return module.apply(variables, x, train=train, rngs=rngs)
-
-  return apply
-
-
-def linen_teacher_apply(module: nn.Module):
-  """Wraps a Linen module as `apply(variables, x)` in inference mode."""
-
-  def apply(variables, x):
-    return module.apply(variables, x, train=False)
-
-  return apply
-
-
-def as_student_apply(fn):
-  return linen_student_apply(fn) if isinstance(fn, nn.Module) else fn
-
-
-def as_teacher_apply(fn):
-  return linen_teacher_apply(fn) if isinstance(fn, nn.Module) else fn
-
-
-def _split_student_out(out, where="student_apply"):
-  """`(logits, feats)` or `((logits, feats), updates)` -> (logits, feats, upd)."""
-  if not isinstance(out, (tuple, list)) or len(out) != 2:
-    raise TypeError(
-        f"`{where}` must return `(logits, features)` or `((logits, features), "
-        f"updated_collections)`; got {type(out).__name__}.")
-  if isinstance(out[0], (tuple, list)):
-    (logits, feats), updates = out
-    return logits, feats, dict(updates)
-  return out[0], out[1], {}
-
-
-def _teacher_out(out):
-  if not isinstance(out, (tuple, list)) or len(out) != 2:
-    raise TypeError(
-        "`teacher_apply` must return `(logits, features)`; got "
-        f"{type(out).__name__}.")
-  return out[0], out[1]
-
-
-def _check_batch(batch, keys):
-  if not isinstance(batch, dict):
-    raise TypeError(f"`batch` must be a dict; got {type(batch).__name__}.")
-  for k in keys:
-    if k not in batch:
-      raise KeyError(
-          f"`batch` has no key {k!r}; it has {sorted(batch)}.")
-
-
-def _pmean(tree, axis_name):
-  """`pmean` of the floating leaves (integer leaves, e.g. counters, are the
-  same on every device and keep their dtype)."""
-  if axis_name is None:
-    return tree
-  return jax.tree_util.tree_map(
-      lambda x: (jax.lax.pmean(x, axis_name)
-                 if jnp.issubdtype(jnp.result_type(x), jnp.inexact) else x),
-      tree)
 
 
 def _sync_distiller_state(objective, dstate, axis_name):
@@ -159,13 +92,6 @@ def _sync_distiller_state(objective, dstate, axis_name):
             if getattr(t.distiller, "state_is_synced", False)}
   return {k: (v if k in synced else _pmean(v, axis_name))
           for k, v in dstate.items()}
-
-
-def _step_rng(state_rng, step, axis_name):
-  key = jax.random.fold_in(state_rng, step)
-  if axis_name is not None:
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-  return key
 
 
 def _epoch(step, steps_per_epoch):
@@ -218,7 +144,10 @@ def teacher_forward(teacher_apply, teacher_variables, x, *,
 
 
 STRONG_IMAGE_KEY = "image_strong"
-SUPPORTED_VIEWS = ("strong",)
+PAIR_IMAGE_KEY = "image_pair"
+SUPPORTED_VIEWS = ("strong", "pair")
+# Views the teacher runs on (precomputed teacher logits cannot provide them).
+TEACHER_VIEWS = ("strong",)
 
 
 def _student_views(student_apply, trainable, batch_stats, updates, xs, rngs):
@@ -251,7 +180,7 @@ def _split_value_and_grads(loss_fn, trainable, ce_weight):
 def _make_step(student_apply, teacher_fn, objective: Objective,
                tx: optax.GradientTransformation, *, axis_name, image_key,
                label_key, steps_per_epoch, preprocess, rng_streams,
-               split_gradients=False):
+               split_gradients=False, on_nonfinite="stop"):
   student_apply = as_student_apply(student_apply)
   views = objective.views
   unknown = [v for v in views if v not in SUPPORTED_VIEWS]
@@ -259,6 +188,7 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
     raise ValueError(f"distillers declare unsupported input views {unknown}; "
                      f"supported: {SUPPORTED_VIEWS}.")
   strong = "strong" in views
+  pair = "pair" in views
   if objective.warmup_epochs and steps_per_epoch is None:
     raise ValueError(
         f"the objective has warmup_epochs={objective.warmup_epochs}; pass "
@@ -276,15 +206,18 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
     t_logits, t_feats = teacher_fn(teacher_variables, x, batch)
     key = _step_rng(state.rng, state.step, axis_name)
     dkey, okey = jax.random.split(key)
-    rngs = {name: jax.random.fold_in(dkey, i)
-            for i, name in enumerate(rng_streams)}
+    rngs = stream_rngs(dkey, rng_streams)
     epoch = _epoch(state.step, steps_per_epoch)
     if strong:
       _check_batch(batch, (STRONG_IMAGE_KEY,))
       xs = batch[STRONG_IMAGE_KEY]
       ts_logits, _ = teacher_fn(teacher_variables, xs, batch)
-      rngs_strong = {name: jax.random.fold_in(dkey, len(rng_streams) + i)
-                     for i, name in enumerate(rng_streams)}
+      rngs_strong = stream_rngs(dkey, rng_streams, offset=len(rng_streams))
+    if pair:
+      _check_batch(batch, (PAIR_IMAGE_KEY,))
+      xp = batch[PAIR_IMAGE_KEY]
+      rngs_pair = stream_rngs(dkey, rng_streams,
+                              offset=2 * len(rng_streams))
 
     def loss_fn(trainable):
       variables = student_variables(trainable["student"], state.batch_stats)
@@ -296,6 +229,12 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
                                            state.batch_stats, updates, xs,
                                            rngs_strong)
         view_inputs = {"strong": (s_strong.astype(jnp.float32), ts_logits)}
+      if pair:  # CS-KD: same-class partners, no gradient (torch.no_grad)
+        s_pair, updates = _student_views(student_apply, trainable,
+                                         state.batch_stats, updates, xp,
+                                         rngs_pair)
+        view_inputs = {**(view_inputs or {}), "pair": (
+            jax.lax.stop_gradient(s_pair.astype(jnp.float32)), None)}
       loss, aux = objective(
           logits, labels, teacher_logits=t_logits, student_features=feats,
           teacher_features=t_feats, epoch=epoch,
@@ -313,17 +252,15 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
       grads, (aux, updates) = jax.grad(loss_fn, has_aux=True)(trainable)
     grads = _pmean(grads, axis_name)
     metrics = _pmean(aux["metrics"], axis_name)
-    upd, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, upd)
-    batch_stats = updates.get("batch_stats", state.batch_stats)
-    batch_stats = _pmean(batch_stats, axis_name)
+    batch_stats = _pmean(updates.get("batch_stats", state.batch_stats),
+                         axis_name)
     dstate = _sync_distiller_state(objective, aux["distiller_state"],
                                    axis_name)
-    new_state = state.replace(
-        step=state.step + 1, params=trainable["student"],
-        distiller_params=trainable["distiller"], batch_stats=batch_stats,
-        distiller_state=dstate, opt_state=opt_state)
-    return new_state, metrics
+    new_state = state.apply_gradients(tx, grads, batch_stats=batch_stats,
+                                      distiller_state=dstate)
+    new_state, flags = nonfinite_guard(state, new_state, metrics["loss"],
+                                       grads, on_nonfinite)
+    return new_state, {**metrics, **flags}
 
   return step
 
@@ -357,9 +294,10 @@ def _check_teachers(teacher_apply, objective: Objective, multi_teacher: str,
     # (`Term(features=...)`) average over the teachers' features.
     objective = dataclasses.replace(objective, teacher_weights=teacher_weights)
 
-  if teacher_apply is None and objective.views:
+  teacher_views = [v for v in objective.views if v in TEACHER_VIEWS]
+  if teacher_apply is None and teacher_views:
     raise ValueError(
-        f"distillers declaring input views {objective.views} need a teacher "
+        f"distillers declaring input views {teacher_views} need a teacher "
         "apply function (precomputed teacher logits exist for one view only).")
   return objective, teacher_weights
 
@@ -393,7 +331,8 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
                       teacher_logits_key: str = "teacher_logits",
                       preprocess: Optional[Callable[[Batch], Batch]] = None,
                       rng_streams: Sequence[str] = ("dropout",),
-                      split_gradients: bool = False):
+                      split_gradients: bool = False,
+                      on_nonfinite: str = "stop"):
   """Builds `step(state, teacher_variables, batch) -> (state, metrics)`.
 
   Args:
@@ -420,12 +359,16 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
       `ce_weight * CE`, distill = the KD terms; one forward, two
       cotangents), for optimizers that treat them differently (DOT,
       `kd_jax.distillers.dot.dot`). The default hands `tx` their sum.
+    on_nonfinite: ``'stop'`` (report `metrics['nonfinite']`; the trainer
+      stops) or ``'skip_update'`` (also skip the update of such a step);
+      see `step_utils.nonfinite_guard`.
 
   Distillers that declare `views = ('strong',)` (MLKD) make the step read
   `batch['image_strong']` as well, run the student (train mode, BatchNorm
   statistics continuing from the weak forward) and the teacher on it, and
   hand the distiller `inputs.views['strong'] = (student_logits,
-  teacher_logits)`.
+  teacher_logits)`. `views = ('pair',)` (CS-KD) runs the student alone on
+  `batch['image_pair']` (see `make_train_step`).
 
   The teacher variables are an argument (not constants baked into the
   program); the teacher runs in inference mode, outside the differentiated
@@ -439,33 +382,51 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
                     axis_name=axis_name, image_key=image_key,
                     label_key=label_key, steps_per_epoch=steps_per_epoch,
                     preprocess=preprocess, rng_streams=tuple(rng_streams),
-                    split_gradients=split_gradients)
+                    split_gradients=split_gradients,
+                    on_nonfinite=on_nonfinite)
 
 
 def make_train_step(apply_fn, tx: optax.GradientTransformation, *,
                     objective: Optional[Objective] = None,
                     axis_name: Optional[str] = None,
+                    steps_per_epoch: Optional[int] = None,
                     image_key: str = "image", label_key: str = "label",
                     preprocess: Optional[Callable[[Batch], Batch]] = None,
-                    rng_streams: Sequence[str] = ("dropout",)):
-  """Supervised step `step(state, batch) -> (state, metrics)`.
+                    rng_streams: Sequence[str] = ("dropout",),
+                    on_nonfinite: str = "stop"):
+  """Step without a teacher, `step(state, batch) -> (state, metrics)`.
 
-  `objective` defaults to plain cross-entropy (`Objective(ce_weight=1)`);
-  it must not contain KD terms. Metrics: `ce`, `loss`, `top1`, `kd_factor`.
+  `objective` defaults to plain cross-entropy (`Objective(ce_weight=1)`).
+  Its terms may only be teacher-free distillers (`needs_teacher = False`:
+  BYOT, CS-KD, Tf-KD_reg), whose params and state are trained as in
+  `make_distill_step`; one declaring `views = ('pair',)` (CS-KD) makes the
+  step run the student (train mode, BatchNorm statistics continuing from
+  the anchors' forward, no gradient) on `batch['image_pair']` and hand the
+  logits over as `inputs.views['pair'] = (logits, None)`. Metrics: `ce`,
+  `loss`, `top1`, `kd_factor` and one per term.
   """
   objective = objective if objective is not None else Objective()
-  if objective.terms:
+  need_teacher = [t.label for t in objective.terms
+                  if not (t.is_distiller
+                          and not getattr(t.distiller, "needs_teacher", True))]
+  if need_teacher:
     raise ValueError(
-        "`make_train_step` takes an objective without KD terms; got "
-        f"{[t.label for t in objective.terms]} (use `make_distill_step`).")
+        "`make_train_step` takes an objective without KD terms (only "
+        f"teacher-free distillers); got {need_teacher} (use "
+        "`make_distill_step`).")
+  teacher_views = [v for v in objective.views if v in TEACHER_VIEWS]
+  if teacher_views:
+    raise ValueError(f"input views {teacher_views} need a teacher; use "
+                     "`make_distill_step`.")
 
   def teacher_fn(teacher_variables, x, batch):
     return None, None
 
   inner = _make_step(apply_fn, teacher_fn, objective, tx,
                      axis_name=axis_name, image_key=image_key,
-                     label_key=label_key, steps_per_epoch=None,
-                     preprocess=preprocess, rng_streams=tuple(rng_streams))
+                     label_key=label_key, steps_per_epoch=steps_per_epoch,
+                     preprocess=preprocess, rng_streams=tuple(rng_streams),
+                     on_nonfinite=on_nonfinite)
 
   def step(state: TrainState, batch: Batch):
     return inner(state, None, batch)
@@ -577,7 +538,7 @@ def make_dml_step(student_applies: Sequence[Any], objective: Objective,
                            _epoch(states[0].step, steps_per_epoch), axis_name)
     trainables = [s.trainable() for s in states]
     grads, (auxes, updates) = jax.grad(loss_fn, has_aux=True)(trainables)
-    return _dml_update(states, txs, trainables, _pmean(grads, axis_name),
+    return _dml_update(states, txs, _pmean(grads, axis_name),
                        auxes, updates, axis_name)
 
   return step
@@ -631,16 +592,12 @@ def _dml_loss_fn(applies, obj: Objective, states, x, labels, rngs, epoch,
   return loss_fn
 
 
-def _dml_update(states, txs, trainables, grads, auxes, updates, axis_name):
+def _dml_update(states, txs, grads, auxes, updates, axis_name):
   """Every student's optimizer update; metrics keyed `student{k}/{name}`."""
   new_states, metrics = [], {}
   for k, s in enumerate(states):
-    upd, opt_state = txs[k].update(grads[k], s.opt_state, trainables[k])
-    tr = optax.apply_updates(trainables[k], upd)
     bs = _pmean(updates[k].get("batch_stats", s.batch_stats), axis_name)
-    new_states.append(s.replace(step=s.step + 1, params=tr["student"],
-                                distiller_params=tr["distiller"],
-                                batch_stats=bs, opt_state=opt_state))
+    new_states.append(s.apply_gradients(txs[k], grads[k], batch_stats=bs))
     for name, v in auxes[k].items():
       metrics[f"student{k}/{name}"] = v
   metrics = _pmean(metrics, axis_name)

@@ -1,29 +1,88 @@
 """The trainer: one run (train a network, or distill a student) from a config.
 
-Layers: `kd_jax.train` (the engine: state, steps, objectives, parallel,
+Layers: `kd_jax.train` (the engine: state, steps, objectives, placement,
 checkpoints) <- `kd_jax.distillers` (the methods) <- `kd_jax.trainer`:
 
-* `config`: parse + validate an `ml_collections` config once into typed,
-  frozen objects; the one config -> `Objective` function (`build_objective`);
-* `feeds`: the datasets and the batches the compiled step receives;
-* `programs`: optimizer, teacher, init / train / eval programs, dry run,
-  distillers' pretrain stages, the program cache;
-* `run`: the loop, checkpoints (resume with fallback), logging, the report.
+* `config` (+ `classify_config`, `lm_config`): the one schema, parsed and
+  validated once into typed, frozen objects; `terms`: loss terms -> the
+  run's `Objective` (the one config -> objective path);
+* `loop`: the one loop (resume, records, evaluation, checkpoints, timers,
+  progress, report, several processes) and the `Task` protocol it drives;
+* the tasks: `classify` (images: `feeds`, `programs`) and `lm` (language
+  models: `lm_data`); `teachers` (restoring them), `placement` (config ->
+  the engine's mesh / pmap placement), `checkpointing` (resume with
+  fallback), `reporting` (timers, progress, train records), `ensemble`
+  (the test-set ensemble of finished runs: Born-Again generations).
 
     from kd_jax import trainer
     report = trainer.train_and_evaluate(config, workdir)
 """
 
+from typing import Any, Dict
+
+import ml_collections
+
+from kd_jax.trainer import classify  # noqa: F401  (registers 'classify')
+from kd_jax.trainer import classify_config  # noqa: F401
+from kd_jax.trainer import lm  # noqa: F401  (registers 'lm')
+from kd_jax.trainer import lm_config  # noqa: F401
+from kd_jax.trainer import loop
+from kd_jax.trainer import reporting
+from kd_jax.trainer import workdir as workdir_lib
 from kd_jax.trainer.checkpointing import CheckpointRestoreError
-from kd_jax.trainer.config import ConfigError
 from kd_jax.trainer.config import RunConfig
 from kd_jax.trainer.config import apply_debug
 from kd_jax.trainer.config import build_objective
 from kd_jax.trainer.config import parse
+from kd_jax.trainer.ensemble import evaluate_ensemble
+from kd_jax.trainer.errors import ConfigError
+from kd_jax.trainer.errors import KDError
+from kd_jax.trainer.errors import NonFiniteError
+from kd_jax.trainer.errors import Preempted
+from kd_jax.trainer.errors import StorageError
+from kd_jax.trainer.errors import WorkdirLocked
 from kd_jax.trainer.programs import clear_program_cache
-from kd_jax.trainer.optim import make_optimizer
-from kd_jax.trainer.run import train_and_evaluate
 
-__all__ = ["CheckpointRestoreError", "ConfigError", "RunConfig",
-           "apply_debug", "build_objective", "parse", "clear_program_cache",
-           "make_optimizer", "train_and_evaluate"]
+
+def make_task(rc: RunConfig, workdir: str, *, dry_run: bool = False):
+  """The `loop.Task` of a parsed config (``rc.task``)."""
+  return loop.TASKS[rc.task](rc, workdir, dry_run=dry_run)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dry_run: bool = False) -> Dict[str, Any]:
+  """Runs one train / distill phase; returns (and writes) its report.
+
+  Resumes from `<workdir>/checkpoints` when it holds a finalized checkpoint.
+
+  `dry_run=True` (image tasks) does everything up to the first step --
+  validation, data loading, model/teacher/optimizer construction, building
+  the step, eval and init programs -- and then traces them with
+  `jax.eval_shape` on a real batch instead of compiling and running them:
+  a cheap check that a config is consistent end to end. Returns
+  `{'dry_run': True, 'metrics': {name: shape}, ...}` and writes nothing but
+  `config.json`.
+  """
+  clock = reporting.Clock()
+  rc = parse(apply_debug(config))
+  main = loop.is_main()
+  with workdir_lib.locked(workdir, main=main):
+    workdir_lib.prepare(workdir, rc.config_json, main=main)
+    task = make_task(rc, workdir, dry_run=dry_run)
+    try:
+      clock.tick("data_loaded")
+      if dry_run:
+        out = task.dry_run_report()
+        clock.tick("traced")
+        out["timings"] = clock.timings
+        return out
+      return loop.run(task, workdir, clock)
+    finally:
+      task.close()
+
+
+__all__ = ["CheckpointRestoreError", "ConfigError", "KDError",
+           "NonFiniteError", "Preempted", "RunConfig", "StorageError",
+           "WorkdirLocked",
+           "apply_debug", "build_objective", "clear_program_cache",
+           "evaluate_ensemble", "make_task", "parse", "train_and_evaluate"]

@@ -2,9 +2,10 @@
 
 `restore_newest(mgr, template)` wraps `CheckpointManager.restore`: when the
 newest finalized step cannot be restored (a truncated array file, a damaged
-`_METADATA`, ...) it warns naming the step and the cause and falls back to
-the next newest step that restores; it deletes nothing. When no step
-restores, one `CheckpointRestoreError` names the directory and every cause.
+`_METADATA`, NaN / inf values of a diverged run, ...) it warns naming the
+step and the cause and falls back to the next newest step that restores; it
+deletes nothing. When no step restores, one `CheckpointRestoreError` names
+the directory and every cause.
 """
 
 from __future__ import annotations
@@ -12,30 +13,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kd_jax import logs
 from kd_jax.train import checkpoints as ckpt_lib
-from kd_jax.train import state as state_lib
-
-STATE_FIELDS = ("step", "params", "batch_stats", "opt_state",
-                "distiller_params", "distiller_state", "rng")
+from kd_jax.trainer.errors import KDError
 
 
-class CheckpointRestoreError(RuntimeError):
+class CheckpointRestoreError(KDError, RuntimeError):
   """No checkpoint of a run's checkpoint directory can be restored."""
 
 
-def state_to_tree(host_state: state_lib.TrainState) -> Dict[str, Any]:
-  return {f: getattr(host_state, f) for f in STATE_FIELDS}
-
-
-def tree_to_state(tree: Mapping[str, Any], impl) -> state_lib.TrainState:
-  d = dict(tree)
-  d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
-  return state_lib.TrainState(**d)
+def _check_finite(tree) -> None:
+  """`CheckpointError` when a floating array of `tree` holds NaN / inf."""
+  bad = [jax.tree_util.keystr(p) for p, x in
+         jax.tree_util.tree_leaves_with_path(tree)
+         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+         and not bool(np.asarray(jnp.all(jnp.isfinite(x))))]
+  if bad:
+    raise ckpt_lib.CheckpointError(
+        f"it holds NaN / inf values ({len(bad)} arrays, e.g. {bad[0]}): a "
+        "diverged run")
 
 
 def _cause(e: BaseException) -> str:
@@ -72,7 +74,11 @@ def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
     try:
       _check_metadata(os.path.join(mgr.directory, str(step),
                                    ckpt_lib.STATE_ITEM))
-      return mgr.restore(template, step=step)
+      # (An item's step-level `_CHECKPOINT_METADATA` is optional: no warning.)
+      with logs.quiet_absl("Metadata file does not exist"):
+        restored = mgr.restore(template, step=step)
+      _check_finite(restored.state)
+      return restored
     except Exception as e:  # pylint: disable=broad-except
       failures.append((step, _cause(e)))
       logging.warning("checkpoint step %d in %s cannot be restored (%s); "
@@ -86,12 +92,17 @@ def restore_newest(mgr: ckpt_lib.CheckpointManager, template: Any
   return None
 
 
-def open_manager(ck_cfg, workdir: str) -> Optional[ckpt_lib.CheckpointManager]:
-  """The run's `CheckpointManager` (None when checkpoints are disabled)."""
+def open_manager(ck_cfg, workdir: str, *, best: str = "accuracy",
+                 higher: bool = True
+                 ) -> Optional[ckpt_lib.CheckpointManager]:
+  """The run's `CheckpointManager` (None when checkpoints are disabled);
+  `best` / `higher`: the eval metric its kept-best checkpoint maximizes /
+  minimizes."""
   if not ck_cfg.enabled:
     return None
   return ckpt_lib.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       save_every_steps=None, keep_last=int(ck_cfg.keep),
-      keep_best=1 if ck_cfg.keep_best else 0, best_metric="accuracy",
+      keep_best=1 if ck_cfg.keep_best else 0, best_metric=best,
+      best_mode="max" if higher else "min",
       async_save=bool(ck_cfg.async_save))

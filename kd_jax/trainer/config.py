@@ -1,90 +1,49 @@
 """The run's config, parsed and validated once into typed, frozen objects.
 
-`parse(config)` turns an `ml_collections.ConfigDict` with the schema of
-`configs/base.py` into a `RunConfig` (frozen dataclasses, one per section):
-unknown keys are refused with the closest valid names, and every value is
-checked (names, class counts, batch size vs devices, loss terms and their
-hyperparameters) before any data is loaded or step compiled. Every error is
-a `ConfigError` whose message starts with the config key. Nothing after this
-step reads the `ConfigDict`.
+One schema for every task (`configs/base.py` documents every key):
+``task`` (``'classify'``: image classification, the default; ``'lm'``:
+language modelling), ``mode`` (``'train'`` | ``'distill'``; a
+``'seed_experiment'`` runs through `experiments.seed_experiment`),
+``seed``, ``debug`` and the sections ``data``, ``model``, ``teacher`` (or
+several: ``teachers.<label>``), ``loss``, ``optimizer``, ``train``,
+``checkpoint``, ``report`` -- plus a task's own (``generation`` for
+``'lm'``). ``data``, ``model`` and the teachers hold the task's fields
+(`kd_jax.trainer.classify_config`, `kd_jax.trainer.lm_config`); the rest is
+shared.
 
-`build_objective(loss)` is the one config -> `kd_jax.train.Objective`
-function: logit terms name a loss of `kd_jax.losses` (`kd_jax.train.Term`),
-feature/relation terms name a distiller (`kd_jax.distillers.term_from_config`).
+`parse(config)` turns an `ml_collections.ConfigDict` into a `RunConfig`:
+unknown keys are refused with the closest valid names (in every task), and
+every value is checked -- names, ranges of every numeric hyperparameter,
+loss terms against their losses' signatures and values, batch sizes vs
+devices and meshes -- before any data is loaded or step compiled. Every
+error is a `ConfigError` whose message starts with the config key. Nothing
+after this step reads the `ConfigDict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import ml_collections
 
 from kd_jax import distillers as distillers_lib
-from kd_jax import models as models_lib
-from kd_jax.data import sources as sources_lib
-from kd_jax.train import objectives as objectives_lib
+from kd_jax.train import optim as optim_lib
+from kd_jax.train import placement as placement_lib
 from kd_jax.train import sharding as sharding_lib
-from kd_jax.trainer import optim
+from kd_jax.trainer import terms as terms_lib
+from kd_jax.trainer.errors import ConfigError
 
 MODES = ("train", "distill", "seed_experiment")
-PARALLEL = {"none": "single", "single": "single", "jit": "jit",
-            "pmap": "pmap"}
-SCHEDULES = ("constant", "step", "cosine")
-DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-  """An invalid config value; the message starts with the config key."""
-
-  def __init__(self, key: str, msg: str):
-    super().__init__(f"config.{key}: {msg}")
-    self.key = key
+MULTI_TEACHER = ("mean_logits", "mean_losses")
+OptimizerConfig = optim_lib.OptimizerSpec
 
 
 # ---------------------------------------------------------------------------
-# The typed sections (defaults = configs/base.py's).
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  name: str = "mnist"
-  data_dir: str = ""
-  cache_dir: str = ""
-  mock: bool = False
-  mock_num_examples: int = 64
-  train_subset: int = 0
-  eval_subset: int = 0
-  augment: bool = True
-  teacher_view: str = "same"
-  image_size: int = 224
-  num_workers: int = 8
-  on_device: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  name: str = "mlp_student"
-  num_classes: int = 10
-  dtype: str = "float32"
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-  name: str = ""
-  num_classes: int = 10
-  dtype: str = "float32"
-  checkpoint: str = ""
-  checkpoint_format: str = "orbax"
-  precompute_logits: bool = False
-  evaluate: bool = True
-  # 'replicated' | 'fsdp' | 'tensor' | ((regex, spec), ...) (mesh runs).
-  sharding: Any = "replicated"
+# The shared sections (defaults = configs/base.py's).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,25 +51,14 @@ class LossConfig:
   ce_weight: float = 1.0
   warmup_epochs: float = 0.0
   label_smoothing: float = 0.0
-  # ((label, ((key, value), ...)), ...) in config order.
-  terms: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
-
-  def term_dicts(self) -> Dict[str, Dict[str, Any]]:
-    return {label: dict(items) for label, items in self.terms}
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  name: str = "sgd"
-  learning_rate: float = 0.05
-  momentum: float = 0.9
-  nesterov: bool = False
-  weight_decay: float = 0.0
-  schedule: str = "constant"
-  decay_epochs: Tuple[int, ...] = (150, 180, 210)
-  decay_factor: float = 0.1
-  warmup_epochs: float = 0.0
-  delta: float = 0.075  # DOT's momentum offset (`optimizer.name = 'dot'`)
+  terms: Tuple[terms_lib.TermSpec, ...] = ()
+  # Several teachers: distil from the weighted mean of their logits, or
+  # average every term over them.
+  multi_teacher: str = "mean_logits"
+  # Language models: CE + the one divergence term from the hidden states
+  # and the head kernels, `chunk_size` tokens at a time.
+  fused_head: bool = False
+  chunk_size: int = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +69,17 @@ class TrainConfig:
   num_steps: int = 0
   steps_per_call: int = 1
   eval_every_epochs: int = 1
+  eval_every_steps: int = 0
   log_every_steps: int = 100
   parallel: str = "none"
   num_devices: int = 0
   progress_bar: bool = True
   pretrain_max_steps: int = 0
+  # A NaN / inf loss or gradient: 'stop' (one line naming the step; the last
+  # good checkpoint is kept) or 'skip_update' (optax's apply_if_finite; stop
+  # after `max_consecutive_skips` in a row).
+  on_nonfinite: str = "stop"
+  max_consecutive_skips: int = 10
   # (('data', d), ('fsdp', f), ('tensor', t)): a device mesh (parallel 'jit').
   mesh: Tuple[Tuple[str, int], ...] = ()
   # ((regex, spec), ...): the student state's rules on the mesh.
@@ -151,39 +105,80 @@ class ReportConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """One train / distill phase, validated."""
+  task: str
   mode: str
   seed: int
   debug: bool
-  data: DataConfig
-  model: ModelConfig
-  teacher: TeacherConfig
+  data: Any          # the task's data section
+  model: Any         # the task's model section
+  teachers: Tuple[Any, ...]  # the task's teacher sections (label, ...)
   loss: LossConfig
-  optimizer: OptimizerConfig
+  optimizer: optim_lib.OptimizerSpec
   train: TrainConfig
   checkpoint: CheckpointConfig
   report: ReportConfig
-  config_json: str  # the config as given (written to `config.json`)
+  config_json: str   # the config as given (written to `config.json`)
+  extra: Tuple[Tuple[str, Any], ...] = ()  # the task's own sections
 
   @property
   def distill(self) -> bool:
     return self.mode == "distill"
 
   @property
-  def parallel_mode(self) -> str:
-    """`kd_jax.train.DataParallel` mode."""
-    return PARALLEL[self.train.parallel]
+  def teacher(self):
+    """The first teacher (None without one)."""
+    return self.teachers[0] if self.teachers else None
+
+  def section(self, name: str):
+    """A task section (e.g. ``'generation'``)."""
+    return dict(self.extra)[name]
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig,
-             "teacher": TeacherConfig, "loss": LossConfig,
-             "optimizer": OptimizerConfig, "train": TrainConfig,
-             "checkpoint": CheckpointConfig, "report": ReportConfig}
-_TOP = ("mode", "seed", "debug", "debug_applied", "seed_experiment",
-        *_SECTIONS)
+@dataclasses.dataclass(frozen=True)
+class TaskSchema:
+  """What a task adds to the schema.
+
+  data / model / teacher: its section dataclasses (a teacher section has a
+    `label` field, set from its key).
+  extra: its own sections `{name: dataclass}`.
+  validate: `(rc, check_paths) -> rc` (may fill derived fields).
+  debug: `(ConfigDict) -> None`, shrinks a debug run's task sections.
+  top_keys: other top-level keys it accepts.
+  scale: `(phase config dict, factor) -> dict`, a seed experiment's
+    ``seed_experiment.scale`` (widths, steps, data).
+  """
+  data: type
+  model: type
+  teacher: type
+  validate: Callable
+  debug: Callable
+  extra: Mapping[str, type] = dataclasses.field(default_factory=dict)
+  top_keys: Tuple[str, ...] = ()
+  scale: Optional[Callable] = None  # (phase dict, factor) -> phase dict
+
+
+TASK_SCHEMAS: Dict[str, TaskSchema] = {}
+
+
+def register_task(name: str, schema: TaskSchema) -> TaskSchema:
+  TASK_SCHEMAS[name] = schema
+  return schema
+
+
+_COMMON = {"loss": LossConfig, "optimizer": optim_lib.OptimizerSpec,
+           "train": TrainConfig, "checkpoint": CheckpointConfig,
+           "report": ReportConfig}
+_TOP = ("task", "mode", "seed", "debug", "debug_applied", "seed_experiment",
+        "teacher", "teachers", "data", "model", *_COMMON)
+
+
+# ---------------------------------------------------------------------------
+# Sections.
 
 
 def _unknown_key(key: str, valid) -> ConfigError:
   parent, _, leaf = key.rpartition(".")
+  del parent
   close = (difflib.get_close_matches(leaf, list(valid), n=1, cutoff=0.6)
            or sorted(v for v in valid if v.startswith(leaf))[:1])
   hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
@@ -198,9 +193,12 @@ def check_keys(node: Mapping[str, Any], valid, prefix: str = "") -> None:
       raise _unknown_key(prefix + k, valid)
 
 
-def _plain(v):
+def plain(v):
+  """A ConfigDict / list value as plain Python (dicts, tuples)."""
   if isinstance(v, ml_collections.ConfigDict):
     return v.to_dict()
+  if isinstance(v, ml_collections.FieldReference):
+    return plain(v.get())
   if isinstance(v, list):
     return tuple(v)
   return v
@@ -217,57 +215,118 @@ def parse_rules(rules):
   return tuple(out)
 
 
-def section(config, name: str):
-  cls = _SECTIONS[name]
-  node = config.get(name, None)
+def _convert(name: str, value):
+  """Field-specific conversions of plain values."""
+  if name in ("mesh", "paper"):
+    return tuple(dict(value or {}).items())
+  if name == "sharding_rules":
+    return parse_rules(value)
+  if name == "sharding":
+    return (value or "replicated") if value is None or isinstance(
+        value, str) else parse_rules(value)
+  if name == "overrides":
+    return dict(value or {})
+  if isinstance(value, list):
+    return tuple(value)
+  return value
+
+
+def section(cls, node, prefix: str, **fixed):
+  """A section dataclass from a config node (None: the defaults)."""
+  fields = {f.name for f in dataclasses.fields(cls)} - set(fixed)
   if node is None:
-    return cls()
-  fields = {f.name for f in dataclasses.fields(cls)}
-  check_keys(node, fields, prefix=f"{name}.")
-  kw = {k: _plain(node[k]) for k in node}
-  if name == "loss":
-    terms = kw.get("terms") or {}
-    kw["terms"] = tuple((label, tuple((k, _plain(v)) for k, v in
-                                      dict(terms[label]).items()))
-                        for label in terms)
-  elif name == "report":
-    kw["paper"] = tuple(dict(kw.get("paper") or {}).items())
-  elif name == "train":
-    kw["mesh"] = tuple(dict(kw.get("mesh") or {}).items())
-    kw["sharding_rules"] = parse_rules(kw.get("sharding_rules"))
-  elif name == "teacher":
-    sh = kw.get("sharding")
-    kw["sharding"] = (sh or "replicated") if (sh is None or isinstance(
-        sh, str)) else parse_rules(sh)
-  elif name == "optimizer" and "decay_epochs" in kw:
-    kw["decay_epochs"] = tuple(kw["decay_epochs"] or ())
-  return cls(**kw)
+    return cls(**fixed)
+  if not isinstance(node, (Mapping, ml_collections.ConfigDict)):
+    raise ConfigError(prefix.rstrip("."), f"must be a section (mapping); got "
+                      f"{node!r}.")
+  check_keys(node, fields, prefix=prefix)
+  kw = {k: _convert(k, plain(node[k])) for k in node}
+  if cls is LossConfig and "terms" in kw:
+    kw["terms"] = terms_lib.parse_terms(node["terms"])
+  try:
+    return cls(**kw, **fixed)
+  except TypeError as e:
+    raise ConfigError(prefix.rstrip("."), str(e)) from None
+
+
+def _teachers(config, schema: TaskSchema) -> Tuple[Any, ...]:
+  one, several = config.get("teacher", None), config.get("teachers", None)
+  if one is not None and several is not None and len(several):
+    raise ConfigError("teachers", "give `teacher` (one) or `teachers.<label>` "
+                      "(several), not both.")
+  if several is not None and len(several):
+    return tuple(section(schema.teacher, several[label],
+                         f"teachers.{label}.", label=str(label))
+                 for label in several)
+  if one is None:
+    return ()
+  return (section(schema.teacher, one, "teacher.", label="teacher"),)
 
 
 # ---------------------------------------------------------------------------
-# Debug shrinking (on the ConfigDict, before parsing).
+# Parsing.
+
+
+def task_schema(config) -> Tuple[str, TaskSchema]:
+  task = config.get("task", "classify") or "classify"
+  if task not in TASK_SCHEMAS:
+    raise ConfigError("task", f"must be one of {tuple(TASK_SCHEMAS)}; got "
+                      f"{task!r}.")
+  return task, TASK_SCHEMAS[task]
+
+
+def parse(config: ml_collections.ConfigDict, *,
+          check_paths: bool = True) -> RunConfig:
+  """Validates `config` (a train / distill phase) into a `RunConfig`.
+
+  Raises `ConfigError` (naming the key) before any data is loaded or step
+  compiled. `check_paths=False` skips the checks of teacher checkpoints
+  (for phases whose teacher is trained later in the same experiment).
+  """
+  task, schema = task_schema(config)
+  check_keys(config, _TOP + tuple(schema.extra) + schema.top_keys)
+  mode = config.get("mode", None)
+  if mode not in MODES:
+    raise ConfigError("mode", f"must be one of {MODES}; got {mode!r}.")
+  if mode == "seed_experiment":
+    raise ConfigError("mode", "a 'seed_experiment' config runs through "
+                      "experiments.seed_experiment, not one phase.")
+  common = {name: section(cls, config.get(name, None), f"{name}.")
+            for name, cls in _COMMON.items()}
+  extra = tuple((name, section(cls, config.get(name, None), f"{name}."))
+                for name, cls in schema.extra.items())
+  rc = RunConfig(
+      task=task, mode=mode, seed=int(config.get("seed", 0)),
+      debug=bool(config.get("debug", False)),
+      data=section(schema.data, config.get("data", None), "data."),
+      model=section(schema.model, config.get("model", None), "model."),
+      teachers=_teachers(config, schema) if mode == "distill" else (),
+      config_json=config.to_json_best_effort(indent=2, sort_keys=True),
+      extra=extra, **common)
+  _validate_optimizer(rc)
+  _validate_train(rc)
+  _validate_checkpoint(rc.checkpoint)
+  _validate_loss(rc)
+  _validate_mesh(rc)
+  return schema.validate(rc, check_paths)
 
 
 def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` shrunk for smoke tests when `config.debug` is set.
 
-  Tiny subsets of mock data (TFDS `mock_data`, unless `data.mock` was
-  explicitly turned off with real data available), 2 train steps of batch 8,
-  one scanned call, an eval on 16 examples, synchronous checkpoints, 32x32
-  ImageNet crops, no progress bar. Returns `config` unchanged otherwise.
+  2 train steps of batch 8, one scanned call, small evaluations,
+  synchronous checkpoints, no progress bar, no teacher evaluation, plus the
+  task's own shrinking (image tasks: TFDS `mock_data` unless real data was
+  given, tiny subsets, 32x32 crops; language models: a few sequences).
+  Returns `config` unchanged otherwise.
   """
   if not config.get("debug", False) or config.get("debug_applied", False):
     return config
   c = ml_collections.ConfigDict(config.to_dict())
   c.debug_applied = True
-  c.data.mock = c.data.get("mock", True) if c.data.data_dir else True
-  if c.get("teacher") and c.teacher.checkpoint and not os.path.exists(
-      c.teacher.checkpoint):
-    c.teacher.checkpoint = ""  # the default teacher workdir is not there yet
-  c.data.mock_num_examples = max(int(c.data.get("mock_num_examples", 64)), 32)
-  c.data.train_subset = 32
-  c.data.eval_subset = 16
-  c.data.image_size = min(int(c.data.get("image_size", 32)), 32)
+  for sec in ("train", "checkpoint"):
+    if sec not in c:
+      c[sec] = ml_collections.ConfigDict()
   c.train.batch_size = 8
   c.train.eval_batch_size = 8
   c.train.num_steps = 2
@@ -276,251 +335,180 @@ def apply_debug(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.pretrain_max_steps = 1
   c.train.progress_bar = False
   c.checkpoint.async_save = False
-  if c.get("teacher"):
-    c.teacher.evaluate = False
-  if c.mode == "seed_experiment":
+  for t in _teacher_nodes(c):
+    t.evaluate = False
+  if c.get("mode", None) == "seed_experiment":
     c.seed_experiment.seeds = tuple(c.seed_experiment.seeds)[:1]
+  task_schema(c)[1].debug(c)
   return c
 
 
-# ---------------------------------------------------------------------------
-# The objective.
-
-
-def build_objective(loss, *, num_data: Optional[int] = None,
-                    dataset_labels=None, teacher_variables=None,
-                    placeholders: bool = True) -> objectives_lib.Objective:
-  """`config.loss` (a `LossConfig` or a mapping) -> `kd_jax.train.Objective`.
-
-  Logit terms name a loss of `kd_jax.losses` (`name`, default the label);
-  feature/relation terms name a distiller (`distiller`, see
-  `kd_jax.distillers.term_from_config`), which may need run-time information:
-  the training-set size and labels (CRD) and the teacher's variables (OFD).
-  With `placeholders=True` (validation) dummies stand in for those. Errors
-  are `ConfigError`s naming the key.
-  """
-  if not isinstance(loss, LossConfig):
-    loss = section({"loss": loss}, "loss")
-  terms = []
-  for label, tc in loss.term_dicts().items():
-    if distillers_lib.is_distiller_term(tc):
-      terms.append(_distiller_term(label, tc, num_data, dataset_labels,
-                                   teacher_variables, placeholders))
-    else:
-      terms.append(_logit_term(label, tc))
-  try:
-    return objectives_lib.Objective(
-        ce_weight=float(loss.ce_weight), terms=tuple(terms),
-        warmup_epochs=float(loss.warmup_epochs or 0),
-        label_smoothing=float(loss.label_smoothing or 0.0))
-  except (ValueError, TypeError) as e:
-    raise ConfigError("loss", str(e)) from None
-
-
-def _distiller_term(label, tc, num_data, dataset_labels, teacher_variables,
-                    placeholders):
-  try:
-    return distillers_lib.term_from_config(
-        label, tc, num_data=num_data, dataset_labels=dataset_labels,
-        teacher_variables=teacher_variables, placeholders=placeholders)
-  except (ValueError, TypeError) as e:
-    msg, prefix = str(e), f"loss.terms.{label}: "
-    raise ConfigError(f"loss.terms.{label}", msg[len(prefix):]
-                      if msg.startswith(prefix) else msg) from None
-
-
-def _logit_term(label, tc):
-  tc = dict(tc)
-  name = tc.pop("name", label)
-  weight = tc.pop("weight", 1.0)
-  warmup = tc.pop("warmup", True)
-  try:
-    return objectives_lib.Term(name, float(weight), label=label,
-                               warmup=bool(warmup), **tc)
-  except (ValueError, TypeError) as e:
-    key = f"loss.terms.{label}" + (".name" if "unknown loss name" in str(e)
-                                   else "")
-    raise ConfigError(key, str(e)) from None
+def _teacher_nodes(c):
+  if c.get("teacher", None) is not None:
+    yield c.teacher
+  for label in (c.get("teachers", None) or {}):
+    yield c.teachers[label]
 
 
 # ---------------------------------------------------------------------------
-# Parsing + validation.
+# Checks of the shared sections.
 
 
-def parse(config: ml_collections.ConfigDict, *,
-          check_paths: bool = True) -> RunConfig:
-  """Validates `config` (a train / distill phase) into a `RunConfig`.
+def _check(key: str, value, ok: bool, want: str) -> None:
+  if not ok:
+    raise ConfigError(key, f"must be {want}; got {value!r}.")
 
-  Raises `ConfigError` (naming the key) before any data is loaded or step
-  compiled. `check_paths=False` skips the checks of `teacher.checkpoint`
-  (for phases whose teacher is trained later in the same experiment).
-  """
-  check_keys(config, _TOP)
-  mode = config.get("mode", None)
-  if mode not in MODES:
-    raise ConfigError("mode", f"must be one of {MODES}; got {mode!r}.")
-  if mode == "seed_experiment":
-    raise ConfigError("mode", "a 'seed_experiment' config runs through "
-                      "experiments.seed_experiment, not one phase.")
-  sections = {name: section(config, name) for name in _SECTIONS}
-  rc = RunConfig(mode=mode, seed=int(config.get("seed", 0)),
-                 debug=bool(config.get("debug", False)),
-                 config_json=config.to_json_best_effort(indent=2,
-                                                        sort_keys=True),
-                 **sections)
-  _validate_data_model(rc)
-  _validate_loss(rc)
-  if rc.distill:
-    _validate_teacher(rc, check_paths)
-  _validate_optimizer(rc.optimizer)
-  _validate_split_optimizer(rc)
-  _validate_mesh(rc)
-  _validate_train(rc)
-  return rc
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and (
+      math.isfinite(v))
+
+
+def _validate_optimizer(rc: RunConfig) -> None:
+  o = rc.optimizer
+  names = tuple(optim_lib.OPTIMIZERS)
+  _check("optimizer.name", o.name, o.name in names, f"one of {names}")
+  _check("optimizer.schedule", o.schedule, o.schedule in optim_lib.SCHEDULES,
+         f"one of {optim_lib.SCHEDULES}")
+  _check("optimizer.learning_rate", o.learning_rate,
+         _is_num(o.learning_rate) and o.learning_rate > 0, "> 0")
+  _check("optimizer.momentum", o.momentum,
+         _is_num(o.momentum) and 0 <= o.momentum < 1, "in [0, 1)")
+  for key in ("weight_decay", "warmup_epochs", "grad_clip"):
+    v = getattr(o, key)
+    _check(f"optimizer.{key}", v, _is_num(v) and v >= 0, ">= 0")
+  _check("optimizer.warmup_steps", o.warmup_steps,
+         _is_int(o.warmup_steps) and o.warmup_steps >= 0, "an int >= 0")
+  _check("optimizer.decay_factor", o.decay_factor,
+         _is_num(o.decay_factor) and o.decay_factor > 0, "> 0")
+  if optim_lib.split_gradients(o):
+    if not rc.distill:
+      raise ConfigError("optimizer.name", f"{o.name!r} takes separate task "
+                        "and distillation gradients: it needs mode 'distill' "
+                        f"(got {rc.mode!r}); use 'sgd' for supervised runs.")
+    if not (0 <= o.delta <= o.momentum and o.momentum + o.delta < 1):
+      raise ConfigError("optimizer.delta", f"must satisfy 0 <= delta <= "
+                        f"momentum and momentum + delta < 1; got "
+                        f"delta={o.delta!r}, momentum={o.momentum!r}.")
 
 
 def num_devices(rc: RunConfig) -> int:
-  mode = rc.parallel_mode
-  if mode == "single":
+  """Devices of the run's placement."""
+  tr = rc.train
+  if tr.parallel in ("none", "single"):
     return 1
-  if rc.train.mesh:
-    sizes = [int(v) for _, v in rc.train.mesh]
+  if tr.mesh:
+    sizes = [int(v) for _, v in tr.mesh]
     return math.prod(sizes) if min(sizes) > 0 else len(jax.devices())
-  avail = len(jax.local_devices()) if mode == "pmap" else len(jax.devices())
-  return rc.train.num_devices if rc.train.num_devices > 0 else avail
+  avail = (len(jax.local_devices()) if tr.parallel == "pmap"
+           else len(jax.devices()))
+  return tr.num_devices if tr.num_devices > 0 else avail
 
 
-def augments(rc: RunConfig) -> bool:
-  info = sources_lib.dataset_info(rc.data.name)
-  return bool(rc.data.augment) and bool(info.crop_padding or info.flip)
+def _validate_train(rc: RunConfig) -> None:
+  tr = rc.train
+  _check("train.parallel", tr.parallel, tr.parallel in
+         placement_lib.PARALLEL, f"one of {placement_lib.PARALLEL}")
+  if tr.parallel in ("none", "single") and jax.process_count() > 1:
+    raise ConfigError("train.parallel", f"{tr.parallel!r} runs on one device "
+                      f"of one process and cannot span {jax.process_count()} "
+                      "processes; use --config.train.parallel=jit.")
+  for key in ("num_epochs", "num_steps", "eval_every_steps", "num_devices",
+              "pretrain_max_steps"):
+    v = getattr(tr, key)
+    _check(f"train.{key}", v, _is_int(v) and v >= 0, "an int >= 0")
+  _check("train.on_nonfinite", tr.on_nonfinite,
+         tr.on_nonfinite in ("stop", "skip_update"),
+         "'stop' or 'skip_update'")
+  for key in ("batch_size", "eval_batch_size", "steps_per_call",
+              "eval_every_epochs", "log_every_steps", "max_consecutive_skips"):
+    v = getattr(tr, key)
+    _check(f"train.{key}", v, _is_int(v) and v >= 1, "an int >= 1")
+  if not tr.num_epochs and not tr.num_steps:
+    raise ConfigError("train.num_epochs", "one of train.num_epochs / "
+                      "train.num_steps must be positive.")
+  ndev = num_devices(rc)
+  avail = (len(jax.local_devices()) if tr.parallel == "pmap"
+           else len(jax.devices()))
+  if ndev > avail:
+    raise ConfigError("train.num_devices", f"{ndev} devices requested but "
+                      f"only {avail} are available.")
+  if not tr.mesh:
+    div = ndev * (jax.process_count() if tr.parallel == "pmap" else 1)
+    div = math.lcm(div, jax.process_count())
+    for key in ("batch_size", "eval_batch_size"):
+      bs = getattr(tr, key)
+      if bs % div:
+        raise ConfigError(
+            f"train.{key}", f"{bs} is not divisible by the number of devices "
+            f"{ndev} (train.parallel={tr.parallel!r}, {jax.process_count()} "
+            f"process(es)); use a multiple of {div}.")
 
 
-def _validate_data_model(rc: RunConfig) -> None:
-  try:
-    info = sources_lib.dataset_info(rc.data.name)
-  except ValueError as e:
-    raise ConfigError("data.name", str(e)) from None
-  avail = models_lib.available_models()
-  if rc.model.name not in avail:
-    raise ConfigError("model.name", f"unknown model name {rc.model.name!r}; "
-                      f"valid names: {', '.join(avail)}.")
-  nc = rc.model.num_classes
-  if not isinstance(nc, int) or nc < 1:
-    raise ConfigError("model.num_classes",
-                      f"must be a positive int; got {nc!r}.")
-  if nc != info.num_classes:
-    raise ConfigError(
-        "model.num_classes", f"{nc} does not match dataset {rc.data.name!r} "
-        f"({info.num_classes} classes).")
-  dtypes = [("model.dtype", rc.model.dtype)]
-  if rc.distill:
-    dtypes.append(("teacher.dtype", rc.teacher.dtype))
-  for key, v in dtypes:
-    if v not in DTYPES:
-      raise ConfigError(key, f"must be one of {DTYPES}; got {v!r}.")
-  if not info.in_memory and not rc.data.augment:
-    raise ConfigError("data.augment", f"dataset {rc.data.name!r} is streamed "
-                      "with its standard crops; data.augment=False is only "
-                      "supported for in-memory datasets.")
-  if rc.data.teacher_view not in ("same", "separate"):
-    raise ConfigError("data.teacher_view", "must be 'same' or 'separate'; got "
-                      f"{rc.data.teacher_view!r}.")
+def _validate_checkpoint(ck: CheckpointConfig) -> None:
+  _check("checkpoint.keep", ck.keep, _is_int(ck.keep) and ck.keep >= 1,
+         "an int >= 1")
+  for key in ("every_steps", "every_epochs"):
+    v = getattr(ck, key)
+    _check(f"checkpoint.{key}", v, _is_int(v) and v >= 0, "an int >= 0")
 
 
 def _validate_loss(rc: RunConfig) -> None:
-  objective = build_objective(rc.loss)
-  if rc.mode == "train" and objective.terms:
+  lo = rc.loss
+  _check("loss.ce_weight", lo.ce_weight, _is_num(lo.ce_weight)
+         and lo.ce_weight >= 0, ">= 0")
+  _check("loss.warmup_epochs", lo.warmup_epochs, _is_num(lo.warmup_epochs)
+         and lo.warmup_epochs >= 0, ">= 0")
+  _check("loss.label_smoothing", lo.label_smoothing,
+         _is_num(lo.label_smoothing) and 0 <= lo.label_smoothing < 1,
+         "in [0, 1)")
+  _check("loss.multi_teacher", lo.multi_teacher,
+         lo.multi_teacher in MULTI_TEACHER, f"one of {MULTI_TEACHER}")
+  _check("loss.chunk_size", lo.chunk_size, _is_int(lo.chunk_size)
+         and lo.chunk_size >= 1, "an int >= 1")
+  need = [t.label for t in lo.terms if not terms_lib.teacher_free(t)]
+  if rc.mode == "train" and need:
     raise ConfigError(
-        "loss.terms", f"mode 'train' is supervised training; got KD terms "
-        f"{[t.label for t in objective.terms]} (use mode 'distill').")
-  if not rc.distill:
-    return
-  if not objective.terms:
-    raise ConfigError("loss.terms", "mode 'distill' needs at least one KD "
-                      "term (e.g. {'kd': {'weight': 0.9, 'temperature': 4}}).")
-  if objective.distiller_terms and (rc.teacher.precompute_logits
-                                    or rc.data.teacher_view == "separate"):
-    raise ConfigError(
-        "loss.terms", "feature/relation distiller terms need the teacher's "
-        "features every step: incompatible with "
-        "teacher.precompute_logits / data.teacher_view='separate'.")
+        "loss.terms", f"mode 'train' is supervised training (or "
+        f"self-distillation with teacher-free distillers: "
+        f"{', '.join(_teacher_free_methods())}); got KD terms {need} that "
+        "need a teacher (use mode 'distill').")
+  if rc.distill and not rc.teachers:
+    raise ConfigError("teacher", "mode 'distill' needs a teacher section "
+                      "(`teacher`, or `teachers.<label>` for several).")
+  weights = [getattr(t, "weight", 1.0) for t in rc.teachers]
+  for t, w in zip(rc.teachers, weights):
+    key = "teacher" if len(rc.teachers) == 1 else f"teachers.{t.label}"
+    _check(f"{key}.weight", w, _is_num(w) and w >= 0, ">= 0")
+  if rc.teachers and not sum(weights) > 0:
+    raise ConfigError("teachers", "the teachers' weights must have a positive "
+                      "sum.")
 
 
-def _validate_teacher(rc: RunConfig, check_paths: bool) -> None:
-  t = rc.teacher
-  avail = models_lib.available_models()
-  if t.name not in avail:
-    raise ConfigError("teacher.name", f"unknown model name {t.name!r}; valid "
-                      f"names: {', '.join(avail)}.")
-  if t.num_classes != rc.model.num_classes:
-    raise ConfigError(
-        "teacher.num_classes", f"teacher has {t.num_classes!r} classes but the "
-        f"student (model.num_classes) has {rc.model.num_classes}; they must "
-        "match.")
-  if t.checkpoint_format not in ("orbax", "torch"):
-    raise ConfigError("teacher.checkpoint_format",
-                      f"must be 'orbax' or 'torch'; got {t.checkpoint_format!r}.")
-  if check_paths and not t.checkpoint and not rc.debug:
-    raise ConfigError(
-        "teacher.checkpoint", "distillation needs a trained teacher: the "
-        "workdir of a teacher-training run (mode 'train') or a converted "
-        "checkpoint. (Only debug runs may use a randomly initialized "
-        "teacher.)")
-  if check_paths and t.checkpoint and not os.path.exists(t.checkpoint):
-    raise ConfigError("teacher.checkpoint",
-                      f"path {t.checkpoint!r} does not exist.")
-  if t.precompute_logits:
-    if augments(rc):
-      raise ConfigError(
-          "teacher.precompute_logits", "precomputed teacher logits are "
-          f"exact only without augmentation; dataset {rc.data.name!r} is "
-          "augmented (set data.augment=False or precompute_logits=False).")
-    if rc.data.teacher_view == "separate":
-      raise ConfigError("teacher.precompute_logits",
-                        "incompatible with data.teacher_view='separate'.")
-
-
-def _validate_optimizer(opt: OptimizerConfig) -> None:
-  names = tuple(optim.OPTIMIZERS)
-  if opt.name not in names:
-    raise ConfigError("optimizer.name", f"must be one of {names}; got "
-                      f"{opt.name!r}.")
-  if opt.schedule not in SCHEDULES:
-    raise ConfigError("optimizer.schedule", f"must be one of {SCHEDULES}; "
-                      f"got {opt.schedule!r}.")
-  if not opt.learning_rate > 0:
-    raise ConfigError("optimizer.learning_rate",
-                      f"must be > 0; got {opt.learning_rate!r}.")
-
-
-def _validate_split_optimizer(rc: RunConfig) -> None:
-  """Optimizers taking `{'task', 'distill'}` gradients (DOT) need a distill
-  run whose gradients can be split."""
-  opt = rc.optimizer
-  if not optim.split_gradients(opt):
-    return
-  if not rc.distill:
-    raise ConfigError("optimizer.name", f"{opt.name!r} takes separate task "
-                      "and distillation gradients: it needs mode 'distill' "
-                      f"(got {rc.mode!r}); use 'sgd' for supervised runs.")
-  if not (0 <= opt.delta <= opt.momentum and opt.momentum + opt.delta < 1):
-    raise ConfigError("optimizer.delta", f"must satisfy 0 <= delta <= momentum "
-                      f"and momentum + delta < 1; got delta={opt.delta!r}, "
-                      f"momentum={opt.momentum!r}.")
+def _teacher_free_methods():
+  reg = distillers_lib.registry()
+  return sorted(n for n, cls in reg.items()
+                if not getattr(cls, "needs_teacher", True))
 
 
 def _validate_mesh(rc: RunConfig) -> None:
-  """`train.mesh` / `train.sharding_rules` / `teacher.sharding`: the checks
-  that need no model (the engine's `make_mesh` / `teacher_rules`); rules
-  naming no parameter are checked when the run builds its mesh."""
+  """`train.mesh` / `train.sharding_rules` / the teachers' `sharding`: the
+  checks that need no model; rules naming no parameter are checked when the
+  run places its state."""
   tr = rc.train
   if not tr.mesh:
     if tr.sharding_rules:
       raise ConfigError("train.sharding_rules", "needs train.mesh (a device "
                         "mesh, train.parallel='jit').")
-    if rc.distill and rc.teacher.sharding != "replicated":
-      raise ConfigError("teacher.sharding", f"{rc.teacher.sharding!r} needs "
-                        "train.mesh (a device mesh, train.parallel='jit').")
+    for t in rc.teachers:
+      if t.sharding != "replicated" and tr.parallel != "jit":
+        raise ConfigError(_teacher_key(rc, t, "sharding"),
+                          f"{t.sharding!r} needs a device mesh "
+                          "(train.parallel='jit' / train.mesh).")
     return
   if tr.parallel != "jit":
     raise ConfigError("train.mesh", "a device mesh needs train.parallel="
@@ -534,68 +522,60 @@ def _validate_mesh(rc: RunConfig) -> None:
   except (TypeError, ValueError) as e:
     raise ConfigError("train.mesh" if not isinstance(e, TypeError) else
                       "train.sharding_rules", str(e)) from None
-  if rc.distill:
+  for t in rc.teachers:
     try:
-      sharding_lib.teacher_rules(rc.teacher.sharding)
+      sharding_lib.teacher_rules(t.sharding)
     except ValueError as e:
-      raise ConfigError("teacher.sharding", str(e)) from None
+      raise ConfigError(_teacher_key(rc, t, "sharding"), str(e)) from None
   div = mesh.shape["data"] * mesh.shape["fsdp"]
+  div = math.lcm(div, jax.process_count())
+  procs = jax.process_count()
+  where = f"train.mesh {dict(tr.mesh)}" + (f", {procs} processes"
+                                           if procs > 1 else "")
   for key in ("batch_size", "eval_batch_size"):
     bs = getattr(tr, key)
-    if isinstance(bs, int) and bs % div:
+    if bs % div:
       raise ConfigError(
           f"train.{key}", f"{bs} is not divisible by data x fsdp = "
-          f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {div} (train.mesh "
-          f"{dict(tr.mesh)}); use a multiple of {div}.")
+          f"{mesh.shape['data']} x {mesh.shape['fsdp']} ({where}); use a "
+          f"multiple of {div}.")
 
 
-def _validate_train(rc: RunConfig) -> None:
-  tr = rc.train
-  if tr.parallel not in PARALLEL:
-    raise ConfigError("train.parallel", f"must be one of "
-                      f"{tuple(k for k in PARALLEL if k != 'single')}; got "
-                      f"{tr.parallel!r}.")
-  if rc.parallel_mode == "single" and jax.process_count() > 1:
-    raise ConfigError("train.parallel", f"{tr.parallel!r} runs on one device "
-                      f"of one process and cannot span {jax.process_count()} "
-                      "processes; use --config.train.parallel=jit.")
-  ndev = num_devices(rc)
-  avail = (len(jax.local_devices()) if rc.parallel_mode == "pmap"
-           else len(jax.devices()))
-  if ndev > avail:
-    raise ConfigError("train.num_devices", f"{ndev} devices requested but "
-                      f"only {avail} are available.")
-  for key in ("batch_size", "eval_batch_size"):
-    bs = getattr(tr, key)
-    if not isinstance(bs, int) or bs < 1:
-      raise ConfigError(f"train.{key}", f"must be a positive int; got {bs!r}.")
-    if not tr.mesh and bs % (ndev * jax.process_count()):  # (mesh: above)
-      raise ConfigError(
-          f"train.{key}", f"{bs} is not divisible by the number of devices "
-          f"{ndev} (train.parallel={tr.parallel!r}, {jax.process_count()} "
-          f"process(es)); use a multiple of {ndev * jax.process_count()}.")
-  spc = tr.steps_per_call
-  if not isinstance(spc, int) or spc < 1:
-    raise ConfigError("train.steps_per_call",
-                      f"must be an int >= 1; got {spc!r}.")
-  if not (tr.num_epochs and tr.num_epochs > 0) and not (
-      tr.num_steps and tr.num_steps > 0):
-    raise ConfigError("train.num_epochs", "one of train.num_epochs / "
-                      "train.num_steps must be positive.")
+def _teacher_key(rc: RunConfig, t, field: str) -> str:
+  return (f"teacher.{field}" if len(rc.teachers) == 1
+          else f"teachers.{t.label}.{field}")
 
 
-def program_key(rc: RunConfig, extra: Mapping[str, Any]) -> str:
-  """What the compiled programs of a run depend on (not the seed: it only
-  enters through the state and the data)."""
-  parts = {k: dataclasses.asdict(getattr(rc, k))
-           for k in ("model", "loss", "optimizer")}
-  parts["teacher"] = {k: v for k, v in dataclasses.asdict(rc.teacher).items()
-                      if k != "checkpoint"}
-  parts["data"] = {k: getattr(rc.data, k) for k in ("name", "augment",
-                                                    "teacher_view")}
-  parts["train"] = {k: getattr(rc.train, k) for k in
-                    ("batch_size", "eval_batch_size", "parallel",
-                     "num_devices", "mesh", "sharding_rules")}
-  parts["mode"] = rc.mode
-  parts["extra"] = dict(extra)
-  return json.dumps(parts, sort_keys=True, default=str)
+def teacher_key(rc: RunConfig, t, field: str) -> str:
+  """The config key of field `field` of teacher `t` (for error messages)."""
+  return _teacher_key(rc, t, field)
+
+
+def total_steps(rc: RunConfig, steps_per_epoch: int) -> int:
+  return (int(rc.train.num_steps) if rc.train.num_steps
+          else int(rc.train.num_epochs) * steps_per_epoch)
+
+
+def check_positive_int(key: str, v) -> int:
+  _check(key, v, _is_int(v) and v >= 1, "an int >= 1")
+  return v
+
+
+def check_number(key: str, v, lo: Optional[float] = None,
+                 hi: Optional[float] = None, *, open_lo: bool = False) -> float:
+  """`ConfigError` unless `v` is a finite number in the range."""
+  ok = _is_num(v) and (lo is None or (v > lo if open_lo else v >= lo)) and (
+      hi is None or v <= hi)
+  want = " and ".join(w for w in (
+      (f"> {lo:g}" if open_lo else f">= {lo:g}") if lo is not None else "",
+      f"<= {hi:g}" if hi is not None else "") if w) or "a finite number"
+  _check(key, v, ok, want)
+  return float(v)
+
+
+def build_objective(loss, *, run_info=None):
+  """The `Objective` of a `config.loss` section (a `LossConfig`, a mapping
+  or a `ConfigDict`): `terms.build_objective` after parsing it."""
+  if not isinstance(loss, LossConfig):
+    loss = section(LossConfig, loss, "loss.")
+  return terms_lib.build_objective(loss, run_info=run_info)

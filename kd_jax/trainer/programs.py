@@ -1,5 +1,5 @@
-"""The compiled programs of a run: init, train step, eval, dry run, pretrain
-stages -- and the optimizer and teacher they need.
+"""The compiled programs of an image-classification run: init, train step,
+eval, dry run, the distillers' pretrain stages, precomputed teacher logits.
 
 Programs are memoized across the phases / seeds of one process
 (`program_key`): they do not depend on the seed, which only enters through
@@ -9,8 +9,6 @@ the state and the data.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -18,93 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import distillers as distillers_lib
-from kd_jax import logs
-from kd_jax import models as models_lib
 from kd_jax.data import augment as augment_lib
-from kd_jax.train import checkpoints as ckpt_lib
 from kd_jax.train import objectives as objectives_lib
-from kd_jax.train import parallel as parallel_lib
+from kd_jax.train import optim
 from kd_jax.train import state as state_lib
+from kd_jax.train import step_utils
 from kd_jax.train import steps as steps_lib
-from kd_jax.trainer import config as config_lib
 from kd_jax.trainer import feeds as feeds_lib
-from kd_jax.trainer import optim
-from kd_jax.trainer.optim import make_optimizer  # noqa: F401 (re-export)
 
 PyTree = Any
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Parameter initialization runs once; XLA:CPU spends seconds optimizing the
 # threefry kernels of a ResNet's init (5 s for resnet8) -- compile it without
 # backend optimizations (1 s). Results are the same integer/float ops.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-# ---------------------------------------------------------------------------
-# Models and the teacher.
-
-
-def create_models(rc: config_lib.RunConfig):
-  """(student, teacher | None) Linen modules."""
-  student = models_lib.create(rc.model.name, num_classes=rc.model.num_classes,
-                              dtype=DTYPES[rc.model.dtype])
-  teacher = None
-  if rc.distill:
-    teacher = models_lib.create(rc.teacher.name,
-                                num_classes=rc.teacher.num_classes,
-                                dtype=DTYPES[rc.teacher.dtype])
-  return student, teacher
-
-
 def init_variables(model, rng, image_shape):
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   return model.init({"params": rng, "dropout": jax.random.fold_in(rng, 1)},
                     x, train=False)
-
-
-def teacher_variables(rc: config_lib.RunConfig, teacher, image_shape, rng,
-                      dp: parallel_lib.DataParallel, *, abstract: bool = False):
-  """The teacher's variables on this process's first device of `dp` (then
-  `dp.replicate` places them everywhere): from `teacher.checkpoint` (a
-  teacher run's workdir, an Orbax dir, or a converted PyTorch file), or
-  randomly initialized in debug runs without a checkpoint. `abstract=True`
-  (dry runs without a checkpoint): shapes only."""
-  init = lambda r: init_variables(teacher, r, image_shape)  # noqa: E731
-  path = rc.teacher.checkpoint
-  if abstract and not path:
-    return jax.eval_shape(init, rng)
-  if not path:
-    logging.warning("debug run: distilling from a randomly initialized "
-                    "teacher (no teacher.checkpoint).")
-    return jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)(
-        jax.random.fold_in(rng, 7))
-  shapes = jax.eval_shape(init, rng)
-  try:
-    return _load_teacher(rc, os.path.abspath(path), shapes, dp)
-  except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
-    raise config_lib.ConfigError("teacher.checkpoint", str(e)) from None
-
-
-def _load_teacher(rc, path, shapes, dp):
-  ck_dir = os.path.join(path, "checkpoints")
-  fmt = rc.teacher.checkpoint_format
-  if fmt == "orbax" and os.path.isdir(ck_dir):
-    path = ck_dir  # a teacher-training run's workdir
-  if fmt == "torch":
-    # A .pth / .npz state_dict of the reference PyTorch definition.
-    from kd_jax.models import convert  # pylint: disable=g-import-not-at-top
-    sd = convert.unwrap_state_dict(convert.load_torch_checkpoint(path))
-    tv = convert.from_torch_state_dict(rc.teacher.name, sd,
-                                       num_classes=rc.teacher.num_classes)
-    ckpt_lib.check_tree_matches(shapes, tv,
-                                what=f"converted teacher {path!r}")
-    return tv
-  # A teacher run's `<step>/state` item has no step-level
-  # `_CHECKPOINT_METADATA` (that is one level up): Orbax warns about it.
-  with logs.quiet_absl("Metadata file does not exist"):
-    # A mesh restores each array straight into its shards.
-    target = (dp.teacher_target(shapes) if hasattr(dp, "teacher_target")
-              else dp.local_sharding)
-    return ckpt_lib.load_teacher_variables(path, shapes, sharding=target)
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +106,7 @@ class Programs:
   multi: Callable             # [n, B] chunks (lax.scan)
   single: Callable            # one step
   evaluate: Callable
-  teacher_evaluate: Optional[Callable]
+  teacher_evaluate: Optional[list]    # one per teacher
   train_step: Callable
   eval_step: Callable
 
@@ -199,10 +129,11 @@ def views(objective: objectives_lib.Objective) -> Dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
-  """What the programs of a run are built from."""
-  rc: config_lib.RunConfig
+  """What the programs of a run are built from. `teacher` / `teacher_vars`:
+  one module / variables, a list of them (several teachers), or None."""
+  rc: Any                       # the RunConfig
   data: Any
-  dp: parallel_lib.DataParallel
+  placement: Any
   student: Any
   teacher: Any
   teacher_vars: Any
@@ -212,6 +143,11 @@ class ProgramSpec:
   precompute: bool
   separate: bool
   dry_run: bool = False
+
+  @property
+  def teacher_weights(self):
+    ts = self.rc.teachers
+    return tuple(float(t.weight) for t in ts) if len(ts) > 1 else None
 
 
 def build_programs(spec: ProgramSpec, cache_key: Optional[str]) -> Programs:
@@ -227,24 +163,35 @@ def build_programs(spec: ProgramSpec, cache_key: Optional[str]) -> Programs:
     init = StudentInit(s.student, s.tx, s.data.image_shape)
   train_step = _train_step(s)
   eval_pre = feeds_lib.eval_preprocess(s.data)
-  eval_step = steps_lib.make_eval_step(s.student, axis_name=s.dp.axis_name,
-                                       preprocess=eval_pre)
+  eval_step = _eval_step(s, eval_pre)
   teacher_eval = None
   if s.rc.distill:
-    teacher_eval = s.dp.compile(
-        steps_lib.make_eval_step(s.teacher, axis_name=s.dp.axis_name,
+    teacher_eval = [s.placement.compile(
+        steps_lib.make_eval_step(t, axis_name=s.placement.axis_name,
                                  preprocess=eval_pre),
-        stacked=False, donate_state=False)
+        stacked=False, donate_state=False) for t in _as_list(s.teacher)]
   progs = Programs(
       init=init, init_state=init.build(jit=not s.dry_run),
-      multi=s.dp.compile(steps_lib.make_multi_step(train_step), stacked=True),
-      single=s.dp.compile(train_step, stacked=False),
-      evaluate=s.dp.compile(eval_step, stacked=False, donate_state=False),
+      multi=s.placement.compile(steps_lib.make_multi_step(train_step), stacked=True),
+      single=s.placement.compile(train_step, stacked=False),
+      evaluate=s.placement.compile(eval_step, stacked=False, donate_state=False),
       teacher_evaluate=teacher_eval, train_step=train_step,
       eval_step=eval_step)
   if cache_key is not None:
     _CACHE[cache_key] = progs
   return progs
+
+
+def _as_list(x):
+  return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _multi_teacher(s: ProgramSpec) -> Dict[str, Any]:
+  """`make_distill_step`'s several-teacher arguments (none for one)."""
+  if s.teacher_weights is None:
+    return {}
+  return {"multi_teacher": s.rc.loss.multi_teacher,
+          "teacher_weights": s.teacher_weights}
 
 
 def _train_step(s: ProgramSpec) -> Callable:
@@ -261,11 +208,15 @@ def _train_step(s: ProgramSpec) -> Callable:
     inner_teacher = None if (s.precompute or s.separate) else s.teacher
     inner = steps_lib.make_distill_step(
         s.student, inner_teacher, s.objective, s.tx,
-        axis_name=s.dp.axis_name, steps_per_epoch=s.steps_per_epoch,
-        split_gradients=optim.split_gradients(s.rc.optimizer))
-  else:
+        axis_name=s.placement.axis_name, steps_per_epoch=s.steps_per_epoch,
+        split_gradients=optim.split_gradients(s.rc.optimizer),
+        on_nonfinite=s.rc.train.on_nonfinite, **_multi_teacher(s))
+  else:  # supervised, or teacher-free distillers (self-distillation)
     inner_train = steps_lib.make_train_step(
-        s.student, s.tx, objective=s.objective, axis_name=s.dp.axis_name)
+        s.student, s.tx, objective=s.objective,
+        axis_name=s.placement.axis_name,
+        steps_per_epoch=s.steps_per_epoch if s.objective.terms else None,
+        on_nonfinite=s.rc.train.on_nonfinite)
 
   def train_step(st, consts, batch):
     batch, tv = step_batch(st, consts, batch)
@@ -274,6 +225,85 @@ def _train_step(s: ProgramSpec) -> Callable:
     return inner(st, tv, batch)
 
   return train_step
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+def eval_terms(objective) -> Tuple[Any, ...]:
+  """Distiller terms with evaluation metrics of their own (`eval_sums`:
+  BYOT's exits and their ensemble)."""
+  return tuple(t for t in objective.distiller_terms
+               if callable(getattr(t.distiller, "eval_sums", None)))
+
+
+def _distiller_eval_sums(terms, dparams, dstate, logits, feats, labels,
+                         mask):
+  """`{'<label>/<metric>': masked sum}` of every term's `eval_sums`."""
+  sums = {}
+  for t in terms:
+    out = t.distiller.eval_sums(dparams[t.label], dstate[t.label], logits,
+                                feats, labels, mask)
+    sums.update({f"{t.label}/{k}": v for k, v in out.items()})
+  return sums
+
+
+def _eval_step(s: ProgramSpec, preprocess: Callable) -> Callable:
+  """`eval_step(state, batch) -> metrics`: the engine's (`loss`, `top1`,
+  `top5`, `count`) plus, for distiller terms with `eval_sums` (BYOT), their
+  metrics as `'<label>/<name>'` (e.g. `byot/top1_exit1`), averaged over the
+  unmasked examples like the others."""
+  axis = s.placement.axis_name
+  base = steps_lib.make_eval_step(s.student, axis_name=axis,
+                                  preprocess=preprocess)
+  terms = eval_terms(s.objective)
+  if not terms:
+    return base
+  apply = step_utils.as_student_apply(s.student)
+
+  def eval_step(state, batch):
+    out = dict(base(state, batch))
+    b = preprocess(batch)
+    logits, feats, _ = step_utils.split_apply_output(
+        apply(state.variables, b["image"], train=False))
+    labels = b["label"]
+    mask = b.get("mask")
+    m = (jnp.ones(labels.shape, jnp.float32) if mask is None
+         else mask.astype(jnp.float32))
+    sums = _distiller_eval_sums(terms, state.distiller_params,
+                                state.distiller_state,
+                                logits.astype(jnp.float32), feats, labels, m)
+    count = jnp.sum(m)
+    if axis is not None:
+      sums, count = jax.lax.psum((sums, count), axis)
+    out.update({k: v / jnp.maximum(count, 1.0) for k, v in sums.items()})
+    return out
+
+  return eval_step
+
+
+def distiller_eval_names(student, objective, image_shape) -> Tuple[str, ...]:
+  """The `'<label>/<name>'` metrics `_eval_step` adds (traced on shapes
+  only: the student, its distillers' init and `eval_sums`)."""
+  terms = eval_terms(objective)
+  if not terms:
+    return ()
+  x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  labels = jnp.zeros((2,), jnp.int32)
+
+  def names(rng):
+    v = student.init({"params": rng, "dropout": rng}, x, train=False)
+    dp, ds = distillers_lib.init_distillers(
+        objective, rng, student_apply=student, teacher_apply=None,
+        student_variables=v, teacher_variables=None,
+        batch={"image": x, "label": labels})
+    logits, feats, _ = step_utils.split_apply_output(
+        step_utils.as_student_apply(student)(v, x, train=False))
+    return _distiller_eval_sums(terms, dp, ds, logits.astype(jnp.float32),
+                                feats, labels, jnp.ones((2,), jnp.float32))
+
+  return tuple(jax.eval_shape(names, jax.random.key(0)))
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +335,7 @@ def _pmap_as_vmap(dp, fn, eval_step, batch, eval_batch):
 def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
             total_steps: int, on_device: bool) -> Dict[str, Any]:
   """Traces init / train / eval programs with `jax.eval_shape` (no compile)."""
-  rc, data, dp = spec.rc, spec.data, spec.dp
+  rc, data, dp = spec.rc, spec.data, spec.placement
   init_rng, state_rng = rngs
   if rc.distill and progs.init.takes_teacher_variables:
     st = jax.eval_shape(progs.init_state, init_rng, state_rng,
@@ -317,7 +347,7 @@ def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
   consts = {}
   if rc.distill:
     consts["teacher"] = (jax.ShapeDtypeStruct(
-        (data.train.num_examples, rc.teacher.num_classes), jnp.float32)
+        (data.train.num_examples, rc.model.num_classes), jnp.float32)
                          if spec.precompute else spec.teacher_vars)
   if on_device:
     consts["data"] = {"image": data.train.images, "label": data.train.labels}
@@ -336,7 +366,7 @@ def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
   shapes = lambda t: jax.tree_util.tree_map(  # noqa: E731
       lambda x: tuple(x.shape), t)
   return {"dry_run": True, "mode": rc.mode, "model": rc.model.name,
-          "teacher": rc.teacher.name if rc.distill else None,
+          "teacher": ([t.name for t in rc.teachers] if rc.distill else None),
           "num_params": count(st.params),
           "num_distiller_params": count(st.distiller_params),
           "steps": total_steps,
@@ -350,7 +380,7 @@ def dry_run(spec: ProgramSpec, progs: Programs, rngs, *, spc: int,
 
 def _stage_optimizer(rc, stage, spe, n):
   opt = dataclasses.replace(
-      optim.stage_optimizer_config(rc.optimizer),
+      optim.stage_spec(rc.optimizer),
       learning_rate=float(stage.learning_rate or rc.optimizer.learning_rate),
       schedule="constant", warmup_epochs=0)
   return optim.make_optimizer(opt, steps_per_epoch=spe, total_steps=n)[0]
@@ -411,11 +441,13 @@ def run_pretrain_stages(spec: ProgramSpec, state, writer):
   return state, info
 
 
-def precompute_logits(spec: ProgramSpec, dp):
-  """The teacher's logits over the (in-memory) training set, replicated."""
+def precompute_logits(spec: ProgramSpec, placement):
+  """The teacher's logits over the (in-memory) training set (several
+  teachers: their weighted mean), replicated."""
   data = spec.data
   logits = steps_lib.precompute_teacher_logits(
       spec.teacher, spec.teacher_vars, data.train.images,
       batch_size=max(spec.rc.train.eval_batch_size, 256),
+      teacher_weights=spec.teacher_weights,
       preprocess=lambda x: augment_lib.normalize(x, data.mean, data.std))
-  return dp.replicate(jnp.asarray(logits, jnp.float32))
+  return placement.replicate(jnp.asarray(logits, jnp.float32))

@@ -58,7 +58,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,7 @@ import numpy as np
 from kd_jax.models.lm.config import LMConfig
 
 Array = jax.Array
+CAPTURE = ("hidden_states", "attention")
 
 
 def _init(config: LMConfig, names):
@@ -141,9 +142,15 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 class Attention(nn.Module):
-  """Causal grouped-query self-attention with RoPE and an optional KV cache."""
+  """Causal grouped-query self-attention with RoPE and an optional KV cache.
+
+  With `capture` the call also returns ``{"q", "k", "v"}`` (after the
+  projections, q and k after RoPE; ``[B, T, H or KVH, Dh]``) for attention
+  distillation, else None.
+  """
   config: LMConfig
   dtype: Any = jnp.bfloat16
+  capture: bool = False
 
   def _proj(self, heads, bias, name):
     c = self.config
@@ -163,6 +170,7 @@ class Attention(nn.Module):
     v = self._proj(c.num_kv_heads, c.qkv_bias, "v_proj")(x)
     cos, sin = rope_cos_sin(positions, rope_inv_freq(c))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    captured = {"q": q, "k": k, "v": v} if self.capture else None
     new_cache = None
     if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(
@@ -177,7 +185,7 @@ class Attention(nn.Module):
         c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, dtype=self.dtype,
         param_dtype=jnp.float32, kernel_init=_init(c, ("heads", "kv", "embed")),
         bias_init=_zeros(("embed",)), name="o_proj")(out)
-    return out, new_cache
+    return out, new_cache, captured
 
 
 def _gqa(q, k, v, q_slots, k_slots, key_mask):
@@ -222,18 +230,50 @@ class SwiGLU(nn.Module):
 class DecoderBlock(nn.Module):
   config: LMConfig
   dtype: Any = jnp.bfloat16
+  capture: bool = False
 
   @nn.compact
   def __call__(self, h, ctx, layer_cache=None):
     c = self.config
-    a, new_cache = Attention(c, self.dtype, name="self_attn")(
+    a, new_cache, captured = Attention(c, self.dtype, self.capture,
+                                       name="self_attn")(
         RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(h),
         ctx, layer_cache)
     h = h + a
     h = h + SwiGLU(c, self.dtype, name="mlp")(
         RMSNorm(c.rms_norm_eps, self.dtype,
                 name="post_attention_layernorm")(h))
-    return h, new_cache
+    return h, new_cache, captured
+
+
+class _ScannedBlock(DecoderBlock):
+  """`DecoderBlock` in ``nn.scan``'s form: carry ``h``, outputs ``(h, cache)``."""
+
+  @nn.compact
+  def __call__(self, h, ctx, layer_cache=None):
+    h, new_cache, captured = DecoderBlock.__call__(self, h, ctx, layer_cache)
+    return h, (h, new_cache, captured)
+
+
+def scanned_blocks(config: LMConfig, dtype, remat: bool, h, ctx, cache,
+                   name: str = "layers", capture: bool = False):
+  """All blocks as one ``nn.scan`` (call inside a compact method).
+
+  Parameters are stacked along a leading ``'layers'`` logical axis (path
+  ``layers/self_attn/q_proj/kernel`` ``[L, D, H, Dh]``), the KV cache is
+  ``{"k": [L, B, S, KVH, Dh], "v": ...}``. Returns ``(h, stages [L, B, T,
+  D], new cache layers or None, captured q/k/v stacked [L, ...] or
+  None)``.
+  """
+  block = nn.remat(_ScannedBlock, prevent_cse=False) if remat else \
+      _ScannedBlock
+  scan = nn.scan(block, variable_axes={"params": 0},
+                 split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+                 length=config.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  h, (stages, new_layers, captured) = scan(config, dtype, capture,
+                                           name=name)(h, ctx, cache)
+  return h, stages, new_layers, captured
 
 
 class Transformer(nn.Module):
@@ -244,10 +284,23 @@ class Transformer(nn.Module):
     dtype: compute dtype (parameters are float32).
     remat: recompute each block's activations in the backward pass
       (``nn.remat``; same parameters and values, less activation memory).
+    capture: extra features for intermediate-layer distillation:
+      ``'hidden_states'`` (``features["hidden_states"]``: the embeddings and
+      every block's output, ``num_layers + 1`` arrays ``[B, T, D]``, as
+      Hugging Face's ``output_hidden_states`` before the final norm) and
+      ``'attention'`` (``features["attention"]``: per block ``{"q", "k",
+      "v"}``, see `Attention`).
+    scan_layers: run the blocks as one ``nn.scan`` (`scanned_blocks`):
+      one compiled block body instead of ``num_layers`` copies (compile
+      time, memory planning at 32-80 layers), same values. Parameters are
+      stacked (`kd_jax.models.lm.layout` converts between the layouts) and
+      so is the KV cache (``init_cache(..., scan_layers=True)``).
   """
   config: LMConfig
   dtype: Any = jnp.bfloat16
   remat: bool = False
+  capture: Tuple[str, ...] = ()
+  scan_layers: bool = False
 
   def _check_tokens(self, tokens, cache):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -294,15 +347,34 @@ class Transformer(nn.Module):
                      name="embed_tokens")
     h = embed(tokens)
     ctx, new_mask = self._context(tokens, cache, positions, attention_mask)
-    stages, new_layers = [], []
-    block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
-    for i in range(c.num_layers):
-      layer_cache = None if cache is None else cache["layers"][i]
-      h, new = block(c, self.dtype, name=f"layers_{i}")(h, ctx, layer_cache)
-      stages.append(h)
-      new_layers.append(new)
+    unknown = set(self.capture) - set(CAPTURE)
+    if unknown:
+      raise ValueError(f"capture: unknown features {sorted(unknown)}; valid: "
+                       f"{CAPTURE}.")
+    embedded, qkv = h, "attention" in self.capture
+    if self.scan_layers:
+      h, stacked, new_layers, captured = scanned_blocks(
+          c, self.dtype, self.remat, h, ctx,
+          None if cache is None else cache["layers"], capture=qkv)
+      stages = [stacked[i] for i in range(c.num_layers)]
+      attention = [None if captured is None else jax.tree.map(
+          lambda x, i=i: x[i], captured) for i in range(c.num_layers)]
+    else:
+      stages, new_layers, attention = [], [], []
+      block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+      for i in range(c.num_layers):
+        layer_cache = None if cache is None else cache["layers"][i]
+        h, new, captured = block(c, self.dtype, qkv, name=f"layers_{i}")(
+            h, ctx, layer_cache)
+        stages.append(h)
+        new_layers.append(new)
+        attention.append(captured)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
     features = {"hidden": h, "stages": stages}
+    if "hidden_states" in self.capture:
+      features["hidden_states"] = [embedded] + stages
+    if "attention" in self.capture:
+      features["attention"] = attention
     if cache is not None:
       features["cache"] = {"index": cache["index"] + tokens.shape[1],
                            "mask": new_mask, "layers": new_layers}
@@ -319,19 +391,25 @@ class Transformer(nn.Module):
 
 
 def init_cache(config: LMConfig, batch_size: int, max_length: int,
-               dtype=jnp.bfloat16) -> dict:
+               dtype=jnp.bfloat16, scan_layers: bool = False) -> dict:
   """An empty KV cache for `max_length` positions (index 0).
 
   Layout: ``{"index": int32 scalar, "mask": bool [B, S] (slots holding a
-  real token), "layers": [{"k": [B, S, KVH, Dh], "v": ...}] * num_layers}``.
+  real token), "layers": [{"k": [B, S, KVH, Dh], "v": ...}] * num_layers}``;
+  with `scan_layers` (a ``Transformer(scan_layers=True)``) ``"layers"`` is
+  one ``{"k": [L, B, S, KVH, Dh], "v": ...}``.
   """
   if max_length > config.max_position_embeddings:
     raise ValueError(f"sequence length {max_length} exceeds the model's "
                      f"max_position_embeddings "
                      f"{config.max_position_embeddings}")
   shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(config.num_layers)]
+  if scan_layers:
+    shape = (config.num_layers,) + shape
+    layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  else:
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+              for _ in range(config.num_layers)]
   return {"index": jnp.zeros((), jnp.int32),
           "mask": jnp.zeros((batch_size, max_length), bool),
           "layers": layers}
@@ -339,7 +417,10 @@ def init_cache(config: LMConfig, batch_size: int, max_length: int,
 
 def cache_length(cache: dict) -> int:
   """Number of positions a cache holds (static)."""
-  return int(np.shape(cache["layers"][0]["k"])[1]) if cache["layers"] else 0
+  layers = cache["layers"]
+  if isinstance(layers, dict):  # stacked (scan_layers)
+    return int(np.shape(layers["k"])[2])
+  return int(np.shape(layers[0]["k"])[1]) if layers else 0
 
 
 def head_kernel(variables, config: LMConfig) -> Array:
