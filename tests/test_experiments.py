@@ -70,7 +70,7 @@ def _all_configs():
 # (`test_seed_experiment_debug`), the MNIST TAKD chain in
 # tests/test_self_distillation.py (slow).
 SEED_EXPERIMENTS = ("mnist_seed", "mnist_takd", "cifar100_takd",
-                    "cifar100_ban")
+                    "cifar100_ban", "hinton2015")
 
 
 def _feature_methods():

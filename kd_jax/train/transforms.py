@@ -68,6 +68,34 @@ def default_max_norm_mask(params) -> Any:
   return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def student_max_norm_mask(tree, *, output_layer: bool = False) -> Any:
+  """Max-norm mask of the engine's trainable tree `{'student': params,
+  'distiller': params}`: the student's weight matrices (`ndim >= 2`),
+  without the output layer -- the student's last top-level module in
+  creation order (Flax keeps that order), e.g. an MLP's last `Dense` --
+  unless `output_layer` (Hinton et al. 2012 constrain "each hidden unit");
+  distiller parameters are never constrained.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> t = {'student': {'Dense_0': {'kernel': jnp.ones((4, 3)),
+    ...                              'bias': jnp.ones(3)},
+    ...                  'Dense_1': {'kernel': jnp.ones((3, 2)),
+    ...                              'bias': jnp.ones(2)}},
+    ...      'distiller': {'w': jnp.ones((2, 2))}}
+    >>> m = student_max_norm_mask(t)
+    >>> m['student']['Dense_0'], m['student']['Dense_1']['kernel'], m['distiller']
+    ({'bias': False, 'kernel': True}, False, {'w': False})
+  """
+  params = tree["student"]
+  last = list(params)[-1] if len(params) else None
+  student = {k: jax.tree_util.tree_map(
+      lambda p, k=k: jnp.ndim(p) >= 2 and (output_layer or k != last), v)
+             for k, v in params.items()}
+  return {"student": student, "distiller": jax.tree_util.tree_map(
+      lambda _: False, tree["distiller"])}
+
+
 def project_max_norm(w: jax.Array, radius: float) -> jax.Array:
   r"""Projects every incoming weight vector of `w` onto the L2 ball.
 

@@ -23,6 +23,7 @@ import numpy as np
 from kd_jax.data import augment as augment_lib
 from kd_jax.data import pipeline as pipeline_lib
 from kd_jax.data import sources as sources_lib
+from kd_jax.data import subsets as subsets_lib
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import classify_config
 from kd_jax.trainer.errors import ConfigError
@@ -128,6 +129,7 @@ class Data:
   crop_padding: Optional[int]      # on-device augmentation (in-memory data)
   flip: bool
   host_teacher_view: bool = False  # the pipeline emits `teacher_image`
+  jitter: Optional[int] = None     # random translation (`data.jitter`)
 
   def eval_batches(self):
     if isinstance(self.eval_pipe, pipeline_lib.InMemoryPipeline):
@@ -177,27 +179,33 @@ def load_data(rc: Any) -> Data:
     kw = dict(data_dir=d.data_dir or None, cache_dir=d.cache_dir or None)
     tr = sources_lib.load_arrays(d.name, info.train_split, **kw)
     ev = sources_lib.load_arrays(d.name, info.eval_split, **kw)
+  if d.omit_classes or d.keep_classes:  # a transfer set without classes
+    tr = subsets_lib.transfer_set(tr[0], tr[1], omit=d.omit_classes or None,
+                                  keep=d.keep_classes or None)[:2]
   if d.train_subset:
     tr = (tr[0][:d.train_subset], tr[1][:d.train_subset])
   if d.eval_subset:
     ev = (ev[0][:d.eval_subset], ev[1][:d.eval_subset])
+  mean, std = info.mean, info.std
+  if d.normalize == "unit":  # raw pixels in [0, 1]
+    mean, std = (0.0,) * len(mean), (1.0,) * len(std)
   bs = rc.train.batch_size
   if tr[0].shape[0] < bs:
     raise ConfigError("train.batch_size", f"{bs} exceeds the "
                                  f"{tr[0].shape[0]} training examples.")
   train = pipeline_lib.InMemoryPipeline(
       tr[0], tr[1], global_batch_size=bs, seed=rc.seed, shuffle=True,
-      drop_remainder=True, with_index=True, mean=info.mean, std=info.std,
+      drop_remainder=True, with_index=True, mean=mean, std=std,
       same_class_pairs=classify_config.same_class_pairs(rc))
   evalp = pipeline_lib.InMemoryPipeline(
       ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
-      shuffle=False, drop_remainder=False, with_index=False, mean=info.mean,
-      std=info.std)
-  augment = classify_config.augments(rc)
+      shuffle=False, drop_remainder=False, with_index=False, mean=mean,
+      std=std)
+  augment = bool(d.augment) and bool(info.crop_padding or info.flip)
   return Data(info=info, train=InMemoryFeed(train), eval_pipe=evalp,
-              image_shape=tuple(tr[0].shape[1:]), mean=info.mean,
-              std=info.std, crop_padding=info.crop_padding if augment else None,
-              flip=info.flip and augment)
+              image_shape=tuple(tr[0].shape[1:]), mean=mean,
+              std=std, crop_padding=info.crop_padding if augment else None,
+              flip=info.flip and augment, jitter=int(d.jitter) or None)
 
 
 def _load_grain_data(rc: Any, info) -> Data:
@@ -248,7 +256,8 @@ def _augment(data: Data, rng, epoch, batch, separate_teacher_view: bool,
   return augment_lib.augment_batch(
       jax.random.fold_in(rng, epoch), batch, mean=data.mean, std=data.std,
       crop_padding=data.crop_padding, flip=data.flip,
-      separate_teacher_view=separate_teacher_view, strong_augment=strong)
+      separate_teacher_view=separate_teacher_view, strong_augment=strong,
+      jitter=data.jitter)
 
 
 def make_train_preprocess(data: Data, *, steps_per_epoch: int,
