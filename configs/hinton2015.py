@@ -46,12 +46,12 @@ import ml_collections
 
 from configs import base
 
-TEACHER_EPOCHS = 30
-STUDENT_EPOCHS = 20
-W30_EPOCHS = 60
+TEACHER_EPOCHS = 20
+STUDENT_EPOCHS = 10
+W30_EPOCHS = 50
 SEEDS = (0, 1, 2)
-SWEEP_T30 = (1.0, 2.0, 3.0, 4.0, 8.0, 20.0)
-SWEEP_T800 = (1.0, 2.0, 4.0, 8.0)
+SWEEP_T30 = (1.0, 2.5, 4.0, 8.0, 20.0)
+SWEEP_T800 = (2.0, 8.0)
 MAX_NORM = 15.0 ** 0.5
 
 

@@ -39,7 +39,7 @@ def shift_grid(grid: Tuple[float, float, float]) -> np.ndarray:
   """
   lo, hi, step = (float(g) for g in grid)
   i0, i1 = int(np.ceil(lo / step - 1e-9)), int(np.floor(hi / step + 1e-9))
-  return np.arange(i0, i1 + 1, dtype=np.float64) * step
+  return np.round(np.arange(i0, i1 + 1, dtype=np.float64) * step, 10)
 
 
 def metrics(ev) -> Tuple[loop.Metric, ...]:
