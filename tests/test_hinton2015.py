@@ -181,3 +181,12 @@ def test_debug_config_end_to_end(tmp_path):
     assert np.all(np.asarray(r["last_errors_shifted"])
                   <= np.asarray(r["last_errors"]))
   assert "w30_T3 vs student_w30" in (wd / "results.md").read_text()
+  # The paper-vs-ours table reads the same phases' reports.
+  from experiments import hinton2015_report
+  ph = hinton2015_report.collect([str(wd)])
+  assert set(ph) == set(phases)
+  text = "\n".join(hinton2015_report.table(ph))
+  assert "| distilled (T=20) vs student alone | 146 − 74 = 72 |" in text
+  d = phases["distill"]["last_errors"][0] - phases["student"]["last_errors"][0]
+  assert f"| distill | {phases['distill']['last_errors'][0]:.1f} ± 0.0 |" in text
+  assert f"{-d:+.1f} (n=1)" in text
