@@ -39,7 +39,13 @@ max-norm radius assumes), ``TEACHER_EPOCHS`` / ``STUDENT_EPOCHS`` /
 its test errors as counts (``evaluation.error_counts``).
 
 Arguments: none (the full run); ``debug`` (CI: one seed, one sweep point per
-width, TFDS mock data, 2 steps per phase -- ``config.debug``).
+width, TFDS mock data, 2 steps per phase -- ``config.debug``); ``students``
+(only the teacher-free phases ``student`` / ``student_w30``, with the same
+phase configs: a full run in the same workdir reuses them).
+
+One teacher for all seeds (``shared_phases``, ``shared_seed = 0``): on the
+2-core machine three teachers did not fit the budget, so the seeds vary the
+students (initialization, data order) but not the teacher.
 """
 
 import ml_collections
@@ -97,9 +103,9 @@ def _phases(sweep_t30, sweep_t800) -> dict:
 
 
 def get_config(arg: str = ""):
-  if arg not in ("", "debug"):
+  if arg not in ("", "debug", "students"):
     raise ValueError(f"configs/hinton2015.py: unknown argument {arg!r}; "
-                     "expected '' or 'debug'.")
+                     "expected '', 'debug' or 'students'.")
   debug = arg == "debug"
   c = base.base_config()
   c.mode = "seed_experiment"
@@ -129,13 +135,22 @@ def get_config(arg: str = ""):
   se.seeds = (0,) if debug else SEEDS
   se.phases = ml_collections.ConfigDict(_phases(sweep_t30, sweep_t800))
   distilled = [p for p in se.phases if se.phases[p].mode == "distill"]
-  se.order = ("teacher", "student", "distill", "omit3", "keep78",
-              "student_w30", *(p for p in distilled
-                               if p not in ("distill", "omit3", "keep78")))
+  se.order = ("student", "student_w30", "teacher", "distill", "omit3",
+              "keep78", *(p for p in distilled
+                          if p not in ("distill", "omit3", "keep78")))
+  if arg == "students":  # the teacher-free phases only (reusable by the rest)
+    se.phases = ml_collections.ConfigDict(
+        {p: se.phases[p] for p in ("student", "student_w30")})
+    se.order = ("student", "student_w30")
+    distilled = []
   se.distill_from = ml_collections.ConfigDict(
       {p: "teacher" for p in distilled})
   se.student_phase = "student"
-  se.shared_phases = ()
+  # One teacher (seed 0's) for every seed: the CPU budget. With one process
+  # per seed (--config.seed_experiment.seeds='(k,)'), seed 0's teacher must
+  # be in <workdir>/seed0/teacher already (see docs/reproductions.md).
+  se.shared_phases = () if arg == "students" else ("teacher",)
+  se.shared_seed = 0
   # The 30-unit students against the 30-unit student alone.
   se.comparisons = tuple((p, "student_w30") for p in distilled
                          if p.startswith("w30_"))
