@@ -41,7 +41,9 @@ its test errors as counts (``evaluation.error_counts``).
 Arguments: none (the full run); ``debug`` (CI: one seed, one sweep point per
 width, TFDS mock data, 2 steps per phase -- ``config.debug``); ``students``
 (only the teacher-free phases ``student`` / ``student_w30``, with the same
-phase configs: a full run in the same workdir reuses them).
+phase configs: a full run in the same workdir reuses them); ``only=a+b``
+(the shared teacher and the phases a, b: one process per phase and seed
+on a machine where one process gets a tenth of a core).
 
 One teacher for all seeds (``shared_phases``, ``shared_seed = 0``): on the
 2-core machine three teachers did not fit the budget, so the seeds vary the
@@ -53,8 +55,8 @@ import ml_collections
 from configs import base
 
 TEACHER_EPOCHS = 20
-STUDENT_EPOCHS = 10
-W30_EPOCHS = 50
+STUDENT_EPOCHS = 5
+W30_EPOCHS = 30
 SEEDS = (0, 1, 2)
 SWEEP_T30 = (1.0, 2.5, 4.0, 8.0, 20.0)
 SWEEP_T800 = (2.0, 8.0)
@@ -103,9 +105,9 @@ def _phases(sweep_t30, sweep_t800) -> dict:
 
 
 def get_config(arg: str = ""):
-  if arg not in ("", "debug", "students"):
+  if arg not in ("", "debug", "students") and not arg.startswith("only="):
     raise ValueError(f"configs/hinton2015.py: unknown argument {arg!r}; "
-                     "expected '', 'debug' or 'students'.")
+                     "expected '', 'debug', 'students' or 'only=<phase>+...'.")
   debug = arg == "debug"
   c = base.base_config()
   c.mode = "seed_experiment"
@@ -138,22 +140,30 @@ def get_config(arg: str = ""):
   se.order = ("student", "student_w30", "teacher", "distill", "omit3",
               "keep78", *(p for p in distilled
                           if p not in ("distill", "omit3", "keep78")))
-  if arg == "students":  # the teacher-free phases only (reusable by the rest)
-    se.phases = ml_collections.ConfigDict(
-        {p: se.phases[p] for p in ("student", "student_w30")})
-    se.order = ("student", "student_w30")
-    distilled = []
+  if arg == "students" or arg.startswith("only="):
+    # A subset of the phases (same phase configs: a run of the full config
+    # in the same workdir reuses them): the teacher-free ones, or the
+    # listed ones ('+'-separated) with the shared teacher.
+    keep = (("student", "student_w30") if arg == "students" else
+            ("teacher", *arg[len("only="):].split("+")))
+    unknown = [p for p in keep if p not in se.phases]
+    if unknown:
+      raise ValueError(f"configs/hinton2015.py: unknown phases {unknown}; "
+                       f"phases: {list(se.phases)}.")
+    se.phases = ml_collections.ConfigDict({p: se.phases[p] for p in keep})
+    se.order = tuple(p for p in se.order if p in keep)
+    distilled = [p for p in distilled if p in keep]
   se.distill_from = ml_collections.ConfigDict(
       {p: "teacher" for p in distilled})
-  se.student_phase = "student"
+  se.student_phase = "student" if "student" in se.phases else ""
   # One teacher (seed 0's) for every seed: the CPU budget. With one process
   # per seed (--config.seed_experiment.seeds='(k,)'), seed 0's teacher must
   # be in <workdir>/seed0/teacher already (see docs/reproductions.md).
-  se.shared_phases = () if arg == "students" else ("teacher",)
+  se.shared_phases = ("teacher",) if "teacher" in se.phases else ()
   se.shared_seed = 0
   # The 30-unit students against the 30-unit student alone.
   se.comparisons = tuple((p, "student_w30") for p in distilled
-                         if p.startswith("w30_"))
+                         if p.startswith("w30_") and "student_w30" in se.phases)
   c.seed_experiment = se
   c.report.paper.source = ("Hinton, Vinyals & Dean 2015, Distilling the "
                            "Knowledge in a Neural Network, arXiv:1503.02531, "
