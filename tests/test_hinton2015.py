@@ -190,3 +190,28 @@ def test_debug_config_end_to_end(tmp_path):
   d = phases["distill"]["last_errors"][0] - phases["student"]["last_errors"][0]
   assert f"| distill | {phases['distill']['last_errors'][0]:.1f} ± 0.0 |" in text
   assert f"{-d:+.1f} (n=1)" in text
+
+
+def test_shared_seed_points_every_seed_at_one_teacher(tmp_path):
+  """`seed_experiment.shared_seed`: a one-seed process of seed 1 reads the
+  shared teacher phase of seed 0 (the distillation phases get its workdir);
+  without it the first seed is the shared one; a bad value names the key."""
+  from experiments import seed_experiment
+  c = hinton2015.get_config()
+  c.seed_experiment.seeds = (1,)
+  wd, pc, _ = seed_experiment.phase_inputs(c, str(tmp_path), "distill", 1,
+                                           [1], {})
+  assert wd == str(tmp_path / "seed1" / "distill")
+  assert pc.teacher.checkpoint == str(tmp_path / "seed0" / "teacher")
+  wd, _, _ = seed_experiment.phase_inputs(c, str(tmp_path), "teacher", 1,
+                                          [1], {})
+  assert wd == str(tmp_path / "seed0" / "teacher")
+  c.seed_experiment.shared_seed = -1
+  _, pc, _ = seed_experiment.phase_inputs(c, str(tmp_path), "distill", 1,
+                                          [1], {})
+  assert pc.teacher.checkpoint == str(tmp_path / "seed1" / "teacher")
+  del c.seed_experiment["shared_seed"]
+  c.seed_experiment.shared_seed = "0"
+  with pytest.raises(trainer.ConfigError,
+                     match=r"seed_experiment\.shared_seed: must be an int"):
+    seed_experiment.validate(c)
