@@ -56,7 +56,7 @@ from configs import base
 
 TEACHER_EPOCHS = 20
 STUDENT_EPOCHS = 5
-W30_EPOCHS = 30
+W30_EPOCHS = 60
 SEEDS = (0, 1, 2)
 SWEEP_T30 = (1.0, 2.5, 4.0, 8.0, 20.0)
 SWEEP_T800 = (2.0, 8.0)
