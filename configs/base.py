@@ -41,7 +41,10 @@ Keys (both tasks):
   for sgd/adam as in PyTorch; decoupled for adamw), `schedule` (constant |
   step | cosine | warmup_cosine), `decay_epochs`, `decay_factor`,
   `warmup_epochs` (linear LR warm-up), `warmup_steps` (warmup_cosine),
-  `grad_clip` (global norm; 0 = off), `delta` (DOT).
+  `grad_clip` (global norm; 0 = off), `delta` (DOT), `max_norm` (> 0:
+  after each update, every hidden unit's incoming weight vector is
+  projected onto the L2 ball of this radius -- Hinton et al. 2012; 0 =
+  off), `max_norm_output` (the output layer's units too; default False).
 * `train`: `batch_size` (global), `eval_batch_size`, `num_epochs`,
   `num_steps` (> 0: stop after this many steps), `steps_per_call` (train
   steps compiled into one scanned call), `eval_every_epochs`,
@@ -74,8 +77,21 @@ chunk), `subset` ('first' | 'random': which `train_subset` examples; random
 datasets; the student is evaluated on its view, the teacher on its own;
 mode 'train' applies `views.student` to its model; Lopez-Paz et al.'s
 privileged information, `configs/lopez_paz_mnist.py`); `model` / teacher =
-`name`, `num_classes`, `dtype` (+ the teacher's `checkpoint_format`:
-'orbax' | 'torch').
+`jitter` (int, 0 = off: translate each
+training image by up to this many pixels in any direction, zero fill;
+in-memory datasets), `omit_classes` / `keep_classes` (tuples of class
+ids, default (): train on the training split without / with only these
+classes -- a transfer set; the test set stays whole); `model` / teacher =
+`evaluation` (optional section, off by default;
+`kd_jax/trainer/error_counts.py`) = `error_counts` (report test errors as
+counts: `errors`), `bias_shift_classes` (also report `errors_on` these
+classes and the shift of their output biases that minimizes the test
+errors: `shift`, `errors_shifted`, `errors_on_shifted`), `bias_shift_grid`
+((lowest, highest, step) of the shifts tried; default (-15, 15, 0.1)).
+None of these keys is in `base_config()`: their defaults change nothing,
+and configs that do not use them store the same `config.json` as before
+(`configs/hinton2015.py` uses them all); `model` / teacher = `name`, `num_classes`, `dtype` (+
+the teacher's `checkpoint_format`: 'orbax' | 'torch').
 
 Language models (`lm_config()`): `data` = a prepared text dataset
 (`experiments/prepare_corpus.py`): `data_dir`, `name`, `version`,

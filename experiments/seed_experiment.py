@@ -77,8 +77,8 @@ from kd_jax.trainer import loop
 from kd_jax.trainer import workdir as workdir_lib
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
-         "student_phase", "scale", "comparisons", "ensembles", "init_from",
-         "baselines", "gain_metric")
+         "shared_seed", "student_phase", "scale", "comparisons", "ensembles",
+         "init_from", "baselines", "gain_metric")
 _COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
 
 
@@ -156,6 +156,12 @@ def validate(config) -> None:
         raise trainer.ConfigError(
             f"seed_experiment.{key}.{d}",
             f"{what} phase {t!r} must be a phase listed before {d!r}.")
+  sseed = se.get("shared_seed", -1)
+  if sseed is not None and (isinstance(sseed, bool)
+                            or not isinstance(sseed, int)):
+    raise trainer.ConfigError("seed_experiment.shared_seed",
+                              f"must be an int (< 0: the first seed); got "
+                              f"{sseed!r}.")
   for p in se.get("shared_phases", ()):
     if p not in phases:
       raise trainer.ConfigError("seed_experiment.shared_phases",
@@ -310,23 +316,32 @@ def say(msg: str) -> None:
 # The run.
 
 
+def shared_seed(se, seeds) -> int:
+  """The seed whose run of a shared phase every seed uses:
+  ``seed_experiment.shared_seed`` when set (>= 0; it need not be one of
+  ``seeds``: then that run must be in the workdir already, e.g. one process
+  per seed sharing the first one's teacher), else the first seed."""
+  s = se.get("shared_seed", -1)
+  return int(seeds[0]) if s is None or int(s) < 0 else int(s)
+
+
 def phase_inputs(config, workdir, p, seed, seeds, reused):
   """(workdir, config, teacher phase reused) of phase `p` for `seed`: a
   shared phase lives under the first seed; a distillation phase gets its
   teacher phase's workdir as `teacher.checkpoint`."""
   se = config.seed_experiment
-  src_seed = seeds[0] if p in se.shared_phases else seed
+  src_seed = shared_seed(se, seeds) if p in se.shared_phases else seed
   wd = os.path.join(workdir, f"seed{src_seed}", p)
   pc = phase_config(config, p, src_seed)
   deps_ok = True
   if p in se.distill_from:
     t = se.distill_from[p]
-    t_seed = seeds[0] if t in se.shared_phases else seed
+    t_seed = shared_seed(se, seeds) if t in se.shared_phases else seed
     pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
     deps_ok = reused.get((t, t_seed), False)
   if p in _init_from(se):
     s = _init_from(se)[p]
-    s_seed = seeds[0] if s in se.shared_phases else seed
+    s_seed = shared_seed(se, seeds) if s in se.shared_phases else seed
     pc.model.init_checkpoint = os.path.join(workdir, f"seed{s_seed}", s)
     if deps_ok and not reused.get((s, s_seed), False):
       deps_ok = f"the phase it starts from ({s})"
@@ -355,7 +370,8 @@ def _headline(rep: Dict[str, Any], metrics) -> str:
 def _run_phase(config, workdir, p, seed, seeds, reused):
   """Runs (or reuses) phase `p` of `seed`; returns (report, reused)."""
   wd, pc, deps_ok = phase_inputs(config, workdir, p, seed, seeds, reused)
-  key = (p, seeds[0] if p in config.seed_experiment.shared_phases else seed)
+  se = config.seed_experiment
+  key = (p, shared_seed(se, seeds) if p in se.shared_phases else seed)
   if key in reused:  # a shared phase, done for an earlier seed
     return loop.read_report(wd), reused[key]
   ok, why = agreed(*(reuse_decision(wd, pc, deps_ok) if is_main()
@@ -384,7 +400,7 @@ def _run_ensemble(config, workdir, name, seed, seeds):
   members = tuple(se.ensembles[name])
   cfgs, wds = [], []
   for p in members:
-    src = seeds[0] if p in se.shared_phases else seed
+    src = shared_seed(se, seeds) if p in se.shared_phases else seed
     wds.append(os.path.join(workdir, f"seed{src}", p))
     cfgs.append(phase_config(config, p, src))
   say(f"[seed {seed}] {name}: ensemble of {', '.join(members)}")
@@ -425,7 +441,7 @@ def _run(config, workdir: str) -> Dict[str, Any]:
   for seed in seeds:
     for p in phases:
       rep, was_reused = _run_phase(config, workdir, p, seed, seeds, reused)
-      src_seed = seeds[0] if p in se.shared_phases else seed
+      src_seed = shared_seed(se, seeds) if p in se.shared_phases else seed
       reused[(p, src_seed)] = was_reused
       reports[p].append(rep)
     for name in ensembles:

@@ -166,6 +166,49 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str, *,
   return path
 
 
+def plot_sweep(results: Mapping[str, Mapping[float, Sequence[float]]],
+               path: str, *, xlabel: str, ylabel: str, title: str = "",
+               note: str = "", logx: bool = False) -> str:
+  """Saves a PNG of one line per series, mean ± std over runs; returns `path`.
+
+  `results[series][x]` is the list of values (one per seed) at `x`, e.g.
+  `{'800 units': {1.0: [150, 148], 20.0: [80, 78]}, '30 units': {...}}`
+  for test errors vs temperature per width (Hinton, Vinyals & Dean 2015,
+  Section 3). `note` is printed under the axes (e.g. the paper's claim).
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  if not results:
+    raise ValueError("`results` is empty: nothing to plot.")
+  fig, ax = plt.subplots(figsize=(6.5, 4.2 + (0.5 if note else 0.0)))
+  for label, points in results.items():
+    xs = sorted(points)
+    if not xs or any(len(points[x]) == 0 for x in xs):
+      raise ValueError(f"series {label!r} has an x without values.")
+    stats = [mean_std(points[x]) for x in xs]
+    ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats],
+                marker="o", capsize=3,
+                label=f"{label} (n={max(len(points[x]) for x in xs)})")
+  if logx:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title)
+  if note:
+    fig.text(0.01, 0.01, note, fontsize=7, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+  else:
+    fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def mean_std(values: Iterable[float]) -> Tuple[float, float]:
   """Mean and population std (ddof=0) of the values; std 0 for one value."""
   v = np.asarray(list(values), np.float64)

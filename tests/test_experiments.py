@@ -70,7 +70,8 @@ def _all_configs():
 # (`test_seed_experiment_debug`), the MNIST TAKD chain in
 # tests/test_self_distillation.py (slow).
 SEED_EXPERIMENTS = ("mnist_seed", "mnist_takd", "cifar100_takd",
-                    "cifar100_ban", "lopez_paz_mnist", "dafl_mnist")
+                    "cifar100_ban", "lopez_paz_mnist", "dafl_mnist",
+                    "hinton2015")
 
 
 def _feature_methods():

@@ -12,12 +12,15 @@ into the checkpoint for exact resume.
 """
 
 from kd_jax.data.augment import (AUG_TAG, augment_batch, make_preprocess_fn,
-                                 normalize, random_crop_flip)
+                                 normalize, random_crop_flip,
+                                 random_translate)
 from kd_jax.data.imagenet import (GrainBatchIterator, GrainImagePipeline,
                                   imagenet_pipeline)
 from kd_jax.data.mnist import load_mnist_arrays, normalize_mnist
 from kd_jax.data.pipeline import (BatchIterator, InMemoryPipeline,
                                   check_position, create_pipeline,
                                   epoch_permutation, same_class_partners)
+from kd_jax.data.subsets import (class_subset, split_validation,
+                                 transfer_set)
 from kd_jax.data.sources import (DATASETS, DatasetInfo, DatasetNotFoundError,
                                  dataset_info, load_arrays)

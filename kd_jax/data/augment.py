@@ -73,6 +73,11 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, *,
     cols = jnp.where(do_flip, cols[:, ::-1], cols)
   if not pad and not flip:
     return images
+  return _gather_window(images, rows, cols, pad)
+
+
+def _gather_window(images, rows, cols, pad):
+  """`out[b, i, j] = zero_pad(images, pad)[b, rows[b, i], cols[b, j]]`."""
   x = images
   if pad:  # zero padding, as torchvision's RandomCrop(padding=p, fill=0).
     x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -80,6 +85,49 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, *,
   # cheap on every backend, and the flip is folded into the column index.
   x = jnp.take_along_axis(x, rows[:, :, None, None], axis=1)
   return jnp.take_along_axis(x, cols[:, None, :, None], axis=2)
+
+
+def random_translate(rng: jax.Array, images: jax.Array, *,
+                     max_shift: int) -> jax.Array:
+  r"""Per-example translation by up to `max_shift` pixels in any direction.
+
+  Each image is shifted by $(d_y, d_x)$ drawn uniformly from
+  $\{-k, \dots, k\}^2$ ($k$ = `max_shift`), the pixels shifted in are zero:
+  `out[b, i, j] = images[b, i - dy, j - dx]` (0 outside the image). This
+  is the input jitter of Hinton, Vinyals & Dean (2015, Section 3: "the
+  input images were jittered by up to two pixels in any direction"). It is
+  the same distribution as `random_crop_flip(padding=k, flip=False)` (a
+  crop at offset $o$ of the $k$-padded image is a shift by $k - o$).
+
+  Args:
+    rng: a `jax.random` key.
+    images: `[B, H, W, C]`, any dtype (apply to uint8 before normalization:
+      the zeros shifted in are black).
+    max_shift: the largest shift `k >= 0` along each axis.
+
+  Returns:
+    `[B, H, W, C]` array of the same dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.zeros((2, 5, 5, 1), jnp.uint8).at[:, 2, 2].set(255)
+    >>> y = random_translate(jax.random.key(0), x, max_shift=2)
+    >>> y.shape, [int(v) for v in y.sum(axis=(1, 2, 3))]
+    ((2, 5, 5, 1), [255, 255])
+  """
+  _check_images(images)
+  if isinstance(max_shift, bool) or not isinstance(max_shift, int) or (
+      max_shift < 0):
+    raise ValueError(f"`max_shift` must be a non-negative int; got "
+                     f"{max_shift!r}.")
+  if max_shift == 0:
+    return images
+  b, h, w, _ = images.shape
+  shifts = jax.random.randint(rng, (b, 2), -max_shift, max_shift + 1)
+  # Output row i reads padded row i + k - dy (= input row i - dy).
+  rows = jnp.arange(h)[None, :] + max_shift - shifts[:, :1]
+  cols = jnp.arange(w)[None, :] + max_shift - shifts[:, 1:]
+  return _gather_window(images, rows, cols, max_shift)
 
 
 def normalize(images: jax.Array, mean: Sequence[float],
@@ -113,7 +161,8 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
                   mean: Sequence[float], std: Sequence[float],
                   crop_padding: Optional[int] = None, flip: bool = False,
                   separate_teacher_view: bool = False,
-                  strong_augment: Optional[Callable] = None
+                  strong_augment: Optional[Callable] = None,
+                  jitter: Optional[int] = None
                   ) -> Dict[str, jax.Array]:
   r"""Per-example augmentation + normalization of a `[B, H, W, C]` batch.
 
@@ -130,29 +179,43 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
   * `strong_augment(key, images[1, H, W, C])`: a strong view of the same
     (un-augmented) images, keys `fold_in(k_i, 2)`, as `batch['image_strong']`
     (weak/strong pairs, e.g. MLKD);
+  * `jitter=k`: translate by up to `k` pixels in any direction
+    (`random_translate`, Hinton et al.'s MNIST jitter) with the key
+    `fold_in(k, 4)` of the view's key `k`, after the crop/flip when both
+    are asked for.
   * `batch['image_pair']` (same-class partners, CS-KD) is augmented like
     `image` with keys `fold_in(k_i, 3)` of the *anchor* `i`: a partner is a
     slot of its own (the authors' loader transforms every slot
     independently), so a partner that is also an anchor of the batch does
     not share the anchor's crop.
 
-  Without augmentation (`crop_padding` falsy, `flip=False`, no strong view)
-  `rng` is unused and may be `None`, and `index` is not needed.
+  Without augmentation (`crop_padding` and `jitter` falsy, `flip=False`, no
+  strong view) `rng` is unused and may be `None`, and `index` is not needed.
   """
   if "image" not in batch:
     raise ValueError(f"`batch` must have an 'image' entry; got keys "
                      f"{sorted(batch)}.")
   _check_images(batch["image"], "batch['image']")
-  augments = bool(crop_padding) or flip
+  if jitter is not None and (isinstance(jitter, bool) or not isinstance(
+      jitter, int) or jitter < 0):
+    raise ValueError(f"`jitter` must be a non-negative int; got {jitter!r}.")
+  crops = bool(crop_padding) or flip
+  augments = crops or bool(jitter)
   keyed = augments or strong_augment is not None
   if keyed and (rng is None or "index" not in batch):
     raise ValueError("augmentation needs `rng` and `batch['index']` (the "
                      "examples' dataset indices: per-example keys).")
 
+  def one_view(k, x):
+    if crops:
+      x = random_crop_flip(k, x, padding=crop_padding, flip=flip)
+    if jitter:
+      x = random_translate(jax.random.fold_in(k, 4), x, max_shift=jitter)
+    return x
+
   def view(keys, images):
     if augments and keys is not None:
-      images = jax.vmap(lambda k, x: random_crop_flip(
-          k, x[None], padding=crop_padding, flip=flip)[0])(keys, images)
+      images = jax.vmap(lambda k, x: one_view(k, x[None])[0])(keys, images)
     return normalize(images, mean, std)
 
   out = dict(batch)
@@ -179,7 +242,8 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
 
 def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
                        crop_padding: Optional[int] = None, flip: bool = False,
-                       separate_teacher_view: bool = False
+                       separate_teacher_view: bool = False,
+                       jitter: Optional[int] = None
                        ) -> Callable[[jax.Array, Dict[str, jax.Array]],
                                      Dict[str, jax.Array]]:
   """Builds `preprocess(rng, batch) -> batch` for use inside a jitted step.
@@ -204,7 +268,7 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
     (dtype('float32'), (4, 8, 8, 1))
   """
   mean, std = tuple(mean), tuple(std)
-  augments = bool(crop_padding) or flip
+  augments = bool(crop_padding) or flip or bool(jitter)
 
   def preprocess(rng, batch):
     if "image" not in batch:
@@ -226,7 +290,8 @@ def make_preprocess_fn(*, mean: Sequence[float], std: Sequence[float],
       flat["index"] = jnp.arange(n, dtype=jnp.int32)
     out = augment_batch(rng if augments else None, flat, mean=mean, std=std,
                         crop_padding=crop_padding, flip=flip,
-                        separate_teacher_view=separate_teacher_view)
+                        separate_teacher_view=separate_teacher_view,
+                        jitter=jitter)
     res = dict(batch)
     for k in ("image", "teacher_image"):
       if k in out:

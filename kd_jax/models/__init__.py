@@ -22,6 +22,9 @@ register("hinton_teacher", _mnist.hinton_teacher, input_shape=(28, 28, 1))
 register("hinton_student", _mnist.hinton_student, input_shape=(28, 28, 1))
 register("lopez_paz_mlp", _mnist.lopez_paz_mlp, input_shape=(28, 28, 1))
 register("lopez_paz_mlp_7x7", _mnist.lopez_paz_mlp, input_shape=(7, 7, 1))
+register("mlp_1200x2", _mnist.mlp_1200x2, input_shape=(28, 28, 1))
+for _name, _fn in _mnist.PLAIN_MLPS.items():  # mlp_30x2, mlp_300x2, mlp_800x2
+  register(_name, _fn, input_shape=(28, 28, 1))
 
 # --- CIFAR / ImageNet CNN families (RepDistiller / mdistiller / torchvision) --
 from kd_jax.models import resnet_cifar as _resnet_cifar  # noqa: E402

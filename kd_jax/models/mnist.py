@@ -42,12 +42,18 @@ class MLP(nn.Module):
   `kernel_init` defaults to Flax's LeCun normal (Keras' Glorot uniform for
   `lopez_paz_mlp`); biases start at 0.
 
+  `dropout` drops hidden units, `input_dropout` input pixels (Hinton et al.
+  2012: 0.5 and 0.2), both only in training mode (inverted dropout: kept
+  units are scaled by `1 / (1 - rate)`, so inference uses the weights as
+  they are -- the same as the paper's halving of the outgoing weights).
+
   Features: `stages` = hidden activations, `preact_stages` = the same before
   ReLU, `pooled` = last hidden activation (the input when there is none).
   """
   hidden: tuple = (512, 256)
   num_classes: int = 10
   dropout: float = 0.5
+  input_dropout: float = 0.0
   dtype: Any = jnp.float32
   input_hw: Optional[tuple] = (28, 28)
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -60,6 +66,8 @@ class MLP(nn.Module):
       raise ValueError(f"{type(self).__name__} expects NHWC input [B, H, W, "
                        f"C]; got {tuple(x.shape)}.")
     h = x.reshape((x.shape[0], -1)).astype(self.dtype)
+    if self.input_dropout > 0:
+      h = nn.Dropout(self.input_dropout, deterministic=not train)(h)
     stages, preacts = [], []
     for width in self.hidden:
       z = nn.Dense(width, dtype=self.dtype, kernel_init=self.kernel_init)(h)
@@ -212,3 +220,41 @@ def lopez_paz_mlp(num_classes: int = 10, dtype=jnp.float32):
 
 def cnn_bn(num_classes: int = 10, dtype=jnp.float32):
   return BNCNN(num_classes=num_classes, dtype=dtype)
+
+
+# Hinton, Vinyals & Dean 2015, Section 3 (MNIST): two hidden ReLU layers.
+HINTON_WIDTHS = (30, 300, 800, 1200)
+
+
+def hinton_mlp(width: int, *, num_classes: int = 10, dropout: float = 0.0,
+               input_dropout: float = 0.0, dtype=jnp.float32):
+  """784-width-width-num_classes ReLU MLP (Hinton, Vinyals & Dean 2015).
+
+  The paper's teacher is `hinton_mlp(1200, dropout=0.5, input_dropout=0.2)`
+  (dropout rates of Hinton et al. 2012), its students `hinton_mlp(800)` and,
+  in the temperature sweep, widths 300 and 30 -- all without dropout.
+  """
+  if not isinstance(width, int) or width < 1:
+    raise ValueError(f"`width` must be a positive int; got {width!r}.")
+  return MLP(hidden=(width, width), num_classes=num_classes, dropout=dropout,
+             input_dropout=input_dropout, dtype=dtype)
+
+
+def mlp_1200x2(num_classes: int = 10, dtype=jnp.float32):
+  """The 2015 paper's teacher: 784-1200-1200-10, dropout 0.2 in / 0.5 hidden."""
+  return hinton_mlp(1200, num_classes=num_classes, dropout=0.5,
+                    input_dropout=0.2, dtype=dtype)
+
+
+def _plain_mlp(width):
+  def fn(num_classes: int = 10, dtype=jnp.float32):
+    return hinton_mlp(width, num_classes=num_classes, dtype=dtype)
+  fn.__name__ = f"mlp_{width}x2"
+  fn.__doc__ = (f"784-{width}-{width}-10 ReLU MLP without dropout (Hinton, "
+                "Vinyals & Dean 2015).")
+  return fn
+
+
+# Registered as `mlp_<width>x2` (no dropout) for every width of the paper's
+# temperature sweep; `mlp_1200x2` is the regularized teacher.
+PLAIN_MLPS = {f"mlp_{w}x2": _plain_mlp(w) for w in HINTON_WIDTHS if w != 1200}

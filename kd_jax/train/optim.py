@@ -21,6 +21,10 @@ Schedules (`spec.schedule`, all in optimizer steps):
 
 `warmup_epochs > 0` adds a linear warm-up from 0 in front of `constant`,
 `step` and `cosine`. `grad_clip > 0` clips the global gradient norm first.
+`max_norm > 0` projects each hidden unit's incoming weight vector onto the
+L2 ball of that radius after every update (`kd_jax.train.transforms.max_norm`,
+last in the chain; the output layer too with `max_norm_output`; Hinton et
+al. 2012). It needs the engine's trainable tree `{'student', 'distiller'}`.
 Weight decay is PyTorch's coupled L2 (`grad += wd * param`) for sgd/adam,
 decoupled for adamw, and whatever an entry with `decay_inside=True` does.
 
@@ -33,9 +37,12 @@ decoupled for adamw, and whatever an entry with `decay_inside=True` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Dict, NamedTuple, Tuple
 
 import optax
+
+from kd_jax.train import transforms
 
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
 
@@ -55,6 +62,8 @@ class OptimizerSpec:
   warmup_steps: int = 0
   grad_clip: float = 0.0
   delta: float = 0.075  # DOT's momentum offset (`name = 'dot'`)
+  max_norm: float = 0.0  # > 0: max-norm constraint of each unit's weights
+  max_norm_output: bool = False  # ... the output layer's units too
 
 
 class OptimizerEntry(NamedTuple):
@@ -174,4 +183,9 @@ def make_optimizer(spec, *, steps_per_epoch: int, total_steps: int
   clip = float(getattr(spec, "grad_clip", 0.0) or 0.0)
   if clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(clip), tx)
+  radius = float(getattr(spec, "max_norm", 0.0) or 0.0)
+  if radius > 0:
+    output = bool(getattr(spec, "max_norm_output", False))
+    tx = optax.chain(tx, transforms.max_norm(radius, mask=functools.partial(
+        transforms.student_max_norm_mask, output_layer=output)))
   return tx, sched

@@ -30,7 +30,9 @@ from kd_jax import models as models_lib
 from kd_jax.data import sources as sources_lib
 from kd_jax.train import checkpoints as ckpt_lib
 from kd_jax.train import optim
+from kd_jax.trainer import classify_config
 from kd_jax.trainer import config as config_lib
+from kd_jax.trainer import error_counts as error_counts_lib
 from kd_jax.trainer import feeds as feeds_lib
 from kd_jax.trainer import loop
 from kd_jax.trainer import placement as placement_lib
@@ -151,7 +153,8 @@ class ClassifyTask(loop.Task):
     return (loop.Metric("top1", "top-1 %", True, 100.0, gain=True),
             loop.Metric("top5", "top-5 %", True, 100.0, table=False),
             loop.Metric("loss", "eval loss", False, table=False),
-            *distiller_metrics(rc))
+            *distiller_metrics(rc),
+            *error_counts_lib.metrics(classify_config.evaluation(rc)))
 
   def __init__(self, rc, workdir: str, *, dry_run: bool = False):
     self.rc, self.workdir, self.dry_run = rc, workdir, dry_run
@@ -218,6 +221,9 @@ class ClassifyTask(loop.Task):
                                  or data.has_views),
         dry_run=self.dry_run)
     self.progs = programs_lib.build_programs(self.spec, self._program_key())
+    ev = classify_config.evaluation(rc)
+    self.error_counter = (error_counts_lib.ErrorCounter(
+        student, ev, feeds_lib.eval_preprocess(data)) if ev.active else None)
 
   def _program_key(self):
     """What the compiled programs depend on (not the seed: it only enters
@@ -231,7 +237,8 @@ class ClassifyTask(loop.Task):
     parts["teachers"] = [{k: v for k, v in dataclasses.asdict(t).items()
                           if k != "checkpoint"} for t in rc.teachers]
     parts["data"] = {k: getattr(rc.data, k) for k in (
-        "name", "augment", "teacher_view", "views", "normalization")}
+        "name", "augment", "teacher_view", "views", "normalization",
+        "jitter")}
     parts["train"] = {k: getattr(rc.train, k) for k in
                       ("batch_size", "eval_batch_size", "parallel",
                        "num_devices", "mesh", "sharding_rules")}
@@ -300,7 +307,11 @@ class ClassifyTask(loop.Task):
 
   def evaluate(self, state, consts) -> Dict[str, float]:
     del consts
-    return self._evaluate(self.progs.evaluate, state)
+    out = self._evaluate(self.progs.evaluate, state)
+    if self.error_counter is not None:  # `evaluation`: counts, bias shift
+      out.update(self.error_counter(self.placement.fetch(state.variables),
+                                    self.data.eval_batches()))
+    return out
 
   def best_checkpoint(self):
     return "accuracy", True  # (the name earlier checkpoints carry)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Tuple
 
 from kd_jax import models as models_lib
 from kd_jax.data import sources as sources_lib
@@ -44,6 +44,33 @@ class DataConfig:
   # Per-model input views {'student': spec, 'teacher': spec}
   # (`kd_jax.data.views`: a name or {'name': ..., **arguments}; None: as is).
   views: Any = None
+  # Random translation by up to `jitter` px (in-memory data; 0 = off).
+  jitter: int = 0
+  # Transfer sets without classes (Hinton et al. 2015, Section 3): the
+  # training split minus `omit_classes`, or only `keep_classes`.
+  omit_classes: Tuple[int, ...] = ()
+  keep_classes: Tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+  """Extra test-set results (`evaluation` section; off by default).
+
+  `error_counts`: report the test errors as counts (`errors`, out of the
+  test set's size, and `errors_on` for `bias_shift_classes`);
+  `bias_shift_classes`: also choose the shift of these classes' output
+  biases that minimizes the test errors (`kd_jax.train.bias_shift`; the
+  paper's protocol, "to optimize test performance") over
+  `bias_shift_grid` = (lowest, highest, step) and report it (`shift`,
+  `errors_shifted`, `errors_on_shifted`).
+  """
+  error_counts: bool = False
+  bias_shift_classes: Tuple[int, ...] = ()
+  bias_shift_grid: Tuple[float, float, float] = (-15.0, 15.0, 0.1)
+
+  @property
+  def active(self) -> bool:
+    return bool(self.error_counts or self.bias_shift_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +105,16 @@ def same_class_pairs(rc) -> bool:
 
 
 def augments(rc) -> bool:
+  """Whether training images are augmented (the dataset's standard crops /
+  flips, or `data.jitter`)."""
   info = sources_lib.dataset_info(rc.data.name)
-  return bool(rc.data.augment) and bool(info.crop_padding or info.flip)
+  return (bool(rc.data.augment) and bool(info.crop_padding or info.flip)
+          ) or bool(rc.data.jitter)
+
+
+def evaluation(rc) -> EvaluationConfig:
+  """The run's `evaluation` section (defaults when absent)."""
+  return dict(rc.extra).get("evaluation", EvaluationConfig())
 
 
 def _check_model(key: str, name: str, num_classes, dtype, want_classes: int,
@@ -123,6 +158,7 @@ def _validate_data(rc) -> None:
   _check_model("model", rc.model.name, rc.model.num_classes, rc.model.dtype,
                info.num_classes, f"dataset {d.name!r}")
   _validate_views(rc, info)
+  _validate_hinton_data(rc, info)
 
 
 def _validate_views(rc, info) -> None:
@@ -161,6 +197,48 @@ def _validate_views(rc, info) -> None:
   if d.teacher_view == "separate":
     raise ConfigError("data.views", "incompatible with data.teacher_view="
                       "'separate' (the views give the teacher its input).")
+
+
+def _class_ids(key: str, v, num_classes: int) -> None:
+  if not isinstance(v, tuple) or any(
+      isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes
+      for c in v) or len(set(v)) != len(v):
+    raise ConfigError(key, f"must be distinct class ids in [0, {num_classes})"
+                      f"; got {v!r}.")
+
+
+def _validate_hinton_data(rc, info) -> None:
+  """`data.jitter` / `omit_classes` / `keep_classes` and the `evaluation`
+  section."""
+  d = rc.data
+  if isinstance(d.jitter, bool) or not isinstance(d.jitter, int) or (
+      d.jitter < 0):
+    raise ConfigError("data.jitter", f"must be an int >= 0; got {d.jitter!r}.")
+  if d.jitter and not info.in_memory:
+    raise ConfigError("data.jitter", f"dataset {d.name!r} is streamed; "
+                      "jitter is for in-memory datasets (MNIST / CIFAR).")
+  k = rc.model.num_classes
+  _class_ids("data.omit_classes", d.omit_classes, k)
+  _class_ids("data.keep_classes", d.keep_classes, k)
+  if d.omit_classes and d.keep_classes:
+    raise ConfigError("data.keep_classes", "give omit_classes or "
+                      "keep_classes, not both.")
+  if (d.omit_classes or d.keep_classes) and not info.in_memory:
+    raise ConfigError("data.omit_classes" if d.omit_classes else
+                      "data.keep_classes", f"dataset {d.name!r} is streamed; "
+                      "class subsets are for in-memory datasets.")
+  if len(d.omit_classes) >= k:
+    raise ConfigError("data.omit_classes", "omits every class.")
+  ev = evaluation(rc)
+  _class_ids("evaluation.bias_shift_classes", ev.bias_shift_classes, k)
+  g = ev.bias_shift_grid
+  if not (isinstance(g, tuple) and len(g) == 3 and all(
+      isinstance(x, (int, float)) and not isinstance(x, bool) for x in g)
+          and g[0] <= 0 <= g[1] and g[2] > 0
+          and (g[1] - g[0]) / g[2] <= 100_000):
+    raise ConfigError("evaluation.bias_shift_grid", "must be (lowest <= 0, "
+                      "highest >= 0, step > 0) with at most 100000 steps; got "
+                      f"{g!r}.")
 
 
 def _validate_teacher(rc, t, check_paths: bool) -> None:
@@ -260,4 +338,5 @@ def debug(c) -> None:
 
 config_lib.register_task("classify", config_lib.TaskSchema(
     data=DataConfig, model=ModelConfig, teacher=TeacherConfig,
-    validate=validate, debug=debug))
+    validate=validate, debug=debug,
+    extra={"evaluation": EvaluationConfig}))

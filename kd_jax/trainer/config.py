@@ -378,7 +378,7 @@ def _validate_optimizer(rc: RunConfig) -> None:
          _is_num(o.learning_rate) and o.learning_rate > 0, "> 0")
   _check("optimizer.momentum", o.momentum,
          _is_num(o.momentum) and 0 <= o.momentum < 1, "in [0, 1)")
-  for key in ("weight_decay", "warmup_epochs", "grad_clip"):
+  for key in ("weight_decay", "warmup_epochs", "grad_clip", "max_norm"):
     v = getattr(o, key)
     _check(f"optimizer.{key}", v, _is_num(v) and v >= 0, ">= 0")
   _check("optimizer.warmup_steps", o.warmup_steps,
@@ -386,6 +386,9 @@ def _validate_optimizer(rc: RunConfig) -> None:
   _check("optimizer.decay_factor", o.decay_factor,
          _is_num(o.decay_factor) and o.decay_factor > 0, "> 0")
   if optim_lib.split_gradients(o):
+    if o.max_norm:
+      raise ConfigError("optimizer.max_norm", f"{o.name!r} takes split "
+                        "gradients; max-norm is for the other optimizers.")
     if not rc.distill:
       raise ConfigError("optimizer.name", f"{o.name!r} takes separate task "
                         "and distillation gradients: it needs mode 'distill' "

@@ -24,6 +24,7 @@ from kd_jax.data import augment as augment_lib
 from kd_jax.data import pipeline as pipeline_lib
 from kd_jax.data import sources as sources_lib
 from kd_jax.data import views as views_lib
+from kd_jax.data import subsets as subsets_lib
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import classify_config
 from kd_jax.trainer.errors import ConfigError
@@ -151,6 +152,7 @@ class Data:
       return views_lib.model_views(student=self.student_view,
                                    teacher=self.teacher_view)
     return views_lib.make_view(self.student_view)
+  jitter: Optional[int] = None     # random translation (`data.jitter`)
 
   def eval_batches(self):
     if isinstance(self.eval_pipe, pipeline_lib.InMemoryPipeline):
@@ -201,6 +203,9 @@ def load_data(rc: Any) -> Data:
     kw = dict(data_dir=d.data_dir or None, cache_dir=d.cache_dir or None)
     tr = sources_lib.load_arrays(d.name, info.train_split, **kw)
     ev = sources_lib.load_arrays(d.name, info.eval_split, **kw)
+  if d.omit_classes or d.keep_classes:  # a transfer set without classes
+    tr = subsets_lib.transfer_set(tr[0], tr[1], omit=d.omit_classes or None,
+                                  keep=d.keep_classes or None)[:2]
   if d.train_subset:
     take = np.arange(d.train_subset)
     if d.subset == "random":  # N examples drawn with the run's seed
@@ -222,7 +227,7 @@ def load_data(rc: Any) -> Data:
       ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
       shuffle=False, drop_remainder=False, with_index=False, mean=mean,
       std=std)
-  augment = classify_config.augments(rc)
+  augment = bool(d.augment) and bool(info.crop_padding or info.flip)
   views = dict(d.views or {})
   sv, tv = views.get("student"), views.get("teacher")
   raw = tuple(tr[0].shape[1:])
@@ -233,7 +238,7 @@ def load_data(rc: Any) -> Data:
               flip=info.flip and augment, student_view=sv, teacher_view=tv,
               teacher_shape=(views_lib.view_output_shape(tv, raw)
                              if tv is not None else raw),
-              distill=bool(rc.distill))
+              distill=bool(rc.distill), jitter=int(d.jitter) or None)
 
 
 def _normalization(rc: Any, info):
@@ -325,7 +330,7 @@ def _augment(data: Data, rng, epoch, batch, separate_teacher_view: bool,
       key, batch, mean=data.mean, std=data.std,
       crop_padding=data.crop_padding, flip=data.flip,
       separate_teacher_view=separate_teacher_view and views is None,
-      strong_augment=strong)
+      strong_augment=strong, jitter=data.jitter)
   if views is not None:
     out = views(out, jax.random.fold_in(key, VIEW_TAG))
   return out
