@@ -284,6 +284,8 @@ def table(rows, tokens_per_step):
            "compiled peak MiB (temp) | tokens/s | vs kd_jax (time) | note |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    if "skip" in r and r["skip"].startswith("("):
+      continue
     if "skip" in r:
       lines.append(f"| {r['workload']} | {r['side']} | – | – | – | – | – | – "
                    f"| not run: {r['skip']} |")

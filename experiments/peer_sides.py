@@ -288,7 +288,10 @@ def _easydel_step(spec: Spec, workload: str, kd_loss: bool):
     return functools.partial(gfn.gkd_step, beta=spec.beta, temperature=1.0)
   kw = dict(temperature=t, alpha=a)
   if workload == "fused":
-    kw["logits_chunk_size"] = spec.chunk_size  # EasyDeL's own chunked loss
+    # EasyDeL's own chunked loss: its chunk is sequence positions of every
+    # row (it pads the sequence to a multiple of it); the same tokens per
+    # chunk as kd_jax's `chunk_size` (flattened tokens)
+    kw["logits_chunk_size"] = max(1, spec.chunk_size // spec.tokens.shape[0])
   if workload == "intermediate":
     kw.update(alpha=1.0, hidden_state_weight=a, hidden_state_layers=(-1,))
   return functools.partial(dfn.distillation_step, **kw)
