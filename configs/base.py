@@ -10,9 +10,12 @@ against its range. Command-line overrides use the same keys, e.g.
 Keys (both tasks):
 
 * `task`: `'classify'` (images, the default) or `'lm'` (language models).
-* `mode`: `'train'` (supervised: a teacher, or a student alone), `'distill'`
-  (student from frozen teachers) or `'seed_experiment'` (several phases over
-  several seeds, see `configs/mnist_seed.py`, `configs/lm_jane_austen.py`).
+* `mode`: `'train'` (supervised: a teacher, or a student alone; images
+  also with teacher-free distiller terms, self-distillation: `byot`,
+  `cskd`, `tfkd`), `'distill'` (student from frozen teachers) or
+  `'seed_experiment'` (several phases over several seeds, see
+  `configs/mnist_seed.py`, `configs/lm_jane_austen.py`; chains and
+  ensembles: `configs/mnist_takd.py`, `configs/cifar100_ban.py`).
 * `seed`: init / dropout / shuffling seed.
 * `debug`: tiny data, 2 steps, small evaluations -- what CI runs for every
   config; see `kd_jax.trainer.apply_debug`.

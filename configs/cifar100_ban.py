@@ -2,13 +2,15 @@
 
     python -m experiments.main --config=configs/cifar100_ban.py:wrn_40_2 \\
         --workdir=workdirs/cifar100/ban_wrn_40_2
-    python -m experiments.paired_gains --workdir=workdirs/cifar100/ban_wrn_40_2 \\
-        --a=gen1 --b=gen0
 
-A recipe sketch for after the new trainer lands (`notes/selfkd.md`): the
-generations run today as a seed experiment, the ensemble of generations
-(`seed_experiment.ensembles`, BANE) needs the evaluation the trainer does not
-have yet (`kd_jax.distillers.ban.make_ensemble_eval_step`).
+Not run here (4 CIFAR-100 trainings of 240 epochs per seed). The
+generations are phases of a seed experiment; the ensemble of generations
+1..3 (BANE) is `seed_experiment.ensembles.bane_3`: after each seed's
+phases, their last checkpoints are evaluated together on the test set (mean
+of the softmax probabilities, `kd_jax.trainer.evaluate_ensemble` with
+`kd_jax.distillers.ban.make_ensemble_eval_step`) and reported as a row.
+`results.md` compares every generation with the previous one and BANE with
+the last generation (`seed_experiment.comparisons`, paired over seeds).
 
 Config string `<model>[-<objective>]` -- any zoo network (the paper used
 DenseNets and Wide-ResNets: the zoo's `wrn_40_2` is the default),
@@ -48,7 +50,8 @@ def get_config(spec: str = "wrn_40_2"):
       phases, order=gens, distill_from=distill_from, student_phase="gen0",
       seeds=(0,),
       comparisons=tuple((f"gen{g}", f"gen{g - 1}")
-                        for g in range(1, GENERATIONS + 1)),
+                        for g in range(1, GENERATIONS + 1))
+      + ((f"bane_{GENERATIONS}", f"gen{GENERATIONS}"),),
       ensembles={f"bane_{GENERATIONS}": gens[1:]})
   c.report.paper.source = ("Born-Again Networks (Furlanello et al., ICML "
                            "2018); no official code; recipe: kd_jax's "

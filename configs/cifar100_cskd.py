@@ -3,10 +3,13 @@
     python -m experiments.main --config=configs/cifar100_cskd.py:resnet18_cifar \\
         --workdir=workdirs/cifar100/cskd_resnet18_cifar
 
-Runs once the trainer feeds same-class pairs (`data.same_class_pairs`, a
-new key: `InMemoryPipeline(same_class_pairs=True)`), runs the student on
-`batch['image_pair']` for distillers declaring `views = ('pair',)` and
-accepts teacher-free terms in mode 'train' (`notes/selfkd.md`).
+No teacher (mode 'train' with the teacher-free `cskd` term). The `cskd`
+distiller declares the `'pair'` view, so the trainer builds the training
+pipeline with a same-class partner per example
+(`InMemoryPipeline(same_class_pairs=True)`, drawn per (seed, epoch,
+example)), sends the partners' indices with the anchors', gathers and
+augments the partners on device (their own crop / flip keys) and runs the
+student on them (train mode, no gradient) every step.
 
 Config string: the network (`resnet18_cifar` = the authors'
 `CIFAR_ResNet18`, the README's command). Recipe of alinlab/cs-kd (README
@@ -33,7 +36,6 @@ def get_config(model: str = "resnet18_cifar"):
   c = base.cifar100_recipe(base.base_config(), lr=0.1)
   c.mode = "train"  # no teacher: the partner view is the target
   c.model.name = model
-  c.data.same_class_pairs = True
   c.optimizer.weight_decay = 1e-4
   c.optimizer.decay_epochs = (101, 151)
   c.train.batch_size = 128

@@ -2,17 +2,18 @@
 
     python -m experiments.main --config=configs/cifar100_takd.py \\
         --workdir=workdirs/cifar100/takd_resnet110-resnet20-resnet8
-    python -m experiments.paired_gains \\
-        --workdir=workdirs/cifar100/takd_resnet110-resnet20-resnet8 \\
-        --a=student_takd --b=student_direct
 
-A config sketch (not run here: 5 CIFAR-100 trainings of 240 epochs per
-seed). Config string `<teacher>-<assistant>-<student>`, default the chain of
-the authors' README example for CIFAR-100 (imirzadeh/Teacher-Assistant-
+Not run here (5 CIFAR-100 trainings of 240 epochs per seed). Config
+string `<teacher>-<assistant>-<student>`, default the chain of the
+authors' README example for CIFAR-100 (imirzadeh/Teacher-Assistant-
 Knowledge-Distillation, "3.2 'resnet 110' as teacher, 'resnet20' as TA,
 'resnet8' as student on CIFAR100"). Phases: `teacher` (alone), `ta` (from
 the teacher), `student_takd` (from the TA), `student_direct` (from the
 teacher), `student` (alone); the teacher is shared by the seeds.
+`results.md` gives each student row's paired gain over the student alone
+and the TAKD-vs-direct comparison (`seed_experiment.comparisons`), with
+95% intervals over the seeds; the assistant's row has no gain (another
+network).
 
 Every hop uses the zoo's CIFAR-100 KD recipe (`configs/chains.py`:
 0.1·CE + 0.9·KD at T = 4, SGD 0.05, 240 epochs), so the rows compare with

@@ -212,7 +212,10 @@ def main(argv):
   except (trainer.KDError, sources.DatasetNotFoundError) as e:
     status = getattr(e, "exit_status", 2)
     print(f"error: {e}", file=sys.stderr, flush=True)
-    if multi:
+    if multi or isinstance(e, trainer.StorageError):
+      # A failed write can leave Orbax's background threads posting to a
+      # closed event loop at interpreter shutdown (tracebacks after the one
+      # line); the last good checkpoint is already final, nothing is pending.
       _exit_now(status)
     sys.exit(status)
   except Exception:  # pylint: disable=broad-except

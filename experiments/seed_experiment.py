@@ -34,9 +34,19 @@ Results: one row per phase -- the task's metrics (`Task.metrics`: top-1
 accuracy, held-out perplexity per split) after the final evaluation and at
 the best one, mean ± std over seeds -- with, for distillation phases, the
 paired gain over ``seed_experiment.student_phase`` (same seed; > 0 =
-distillation helps) and its 95% t-interval, the paired gains of the phase
-pairs in ``seed_experiment.comparisons`` (e.g. a method against plain
-KD), and wall time and throughput per phase. Printed, and saved as ``results.md`` / ``results.json``.
+distillation helps) and its 95% t-interval (none for a phase whose network
+is not the student phase's, e.g. a TAKD assistant: "n/a (other
+network)"), the paired gains of the phase (or ensemble) pairs in
+``seed_experiment.comparisons`` (e.g. a method against plain KD), and wall
+time and throughput per phase. A phase's own metrics (BYOT's exits) get
+columns too. Printed, and saved as ``results.md`` / ``results.json``.
+
+``seed_experiment.ensembles = {name: (phase, ...)}`` (Born-Again
+Networks' BANE): after each seed's phases, the ensemble of those phases'
+last checkpoints (one architecture; mean of the softmax probabilities) is
+evaluated on the test set (`kd_jax.trainer.evaluate_ensemble`, into
+``<workdir>/seed<k>/<name>``; nothing is trained, so it always reruns) and
+reported as a row (``mode`` 'ensemble', 'last' metrics only).
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ from kd_jax.trainer import loop
 from kd_jax.trainer import workdir as workdir_lib
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
-         "student_phase", "scale", "comparisons")
+         "student_phase", "scale", "comparisons", "ensembles")
 _COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
 
 
@@ -137,22 +147,36 @@ def validate(config) -> None:
     if p not in phases:
       raise trainer.ConfigError("seed_experiment.shared_phases",
                                 f"unknown phase {p!r}; phases: {phases}.")
+  ensembles = dict(se.get("ensembles", None) or {})
+  for name, members in ensembles.items():
+    key = f"seed_experiment.ensembles.{name}"
+    if name in phases:
+      raise trainer.ConfigError(key, f"{name!r} is a phase's name too.")
+    if not members or any(p not in phases for p in members):
+      raise trainer.ConfigError(key, f"{tuple(members)!r}: expected phases "
+                                f"of {phases}.")
+  rows = phases + list(ensembles)
   for pair in se.get("comparisons", ()) or ():
-    if len(pair) != 2 or any(p not in phases for p in pair):
+    if len(pair) != 2 or any(p not in rows for p in pair):
       raise trainer.ConfigError("seed_experiment.comparisons",
                                 f"{pair!r}: expected (phase, phase) of "
-                                f"{phases}.")
+                                f"{rows}.")
   student = se.get("student_phase", "")
   if student and student not in phases:
     raise trainer.ConfigError("seed_experiment.student_phase",
                               f"unknown phase {student!r}; phases: {phases}.")
+  rcs = {}
   for p in phases:
     pc = phase_config(config, p, tuple(se.seeds)[0])
     try:
-      trainer.parse(pc, check_paths=p not in se.distill_from)
+      rcs[p] = trainer.parse(pc, check_paths=p not in se.distill_from)
     except trainer.ConfigError as e:
       raise trainer.ConfigError(f"seed_experiment.phases.{p}.{e.key}",
                                 str(e).split(": ", 1)[1]) from None
+  for name, members in ensembles.items():
+    from kd_jax.trainer import ensemble  # pylint: disable=g-import-not-at-top
+    ensemble.check_members([rcs[p] for p in members], members,
+                           f"seed_experiment.ensembles.{name}")
 
 
 # ---------------------------------------------------------------------------
@@ -290,9 +314,9 @@ def _headline(rep: Dict[str, Any], metrics) -> str:
   for m in metrics:
     if not m.table or rep.get(f"last_{m.key}") is None:
       continue
-    last, best = rep[f"last_{m.key}"], rep[f"best_{m.key}"]
-    parts.append(f"{m.label} last {m.scale * last:.2f}, best "
-                 f"{m.scale * best:.2f}")
+    last, best = rep[f"last_{m.key}"], rep.get(f"best_{m.key}")
+    parts.append(f"{m.label} last {m.scale * last:.2f}" + (
+        f", best {m.scale * best:.2f}" if best is not None else ""))
   return "; ".join(parts) + f", {rep['wall_s']:.1f} s"
 
 
@@ -321,6 +345,24 @@ def _run_phase(config, workdir, p, seed, seeds, reused):
   return rep, False
 
 
+def _run_ensemble(config, workdir, name, seed, seeds):
+  """Evaluates ensemble `name` of `seed` (its members' last checkpoints)
+  into `<workdir>/seed<k>/<name>`; returns its report."""
+  se = config.seed_experiment
+  members = tuple(se.ensembles[name])
+  cfgs, wds = [], []
+  for p in members:
+    src = seeds[0] if p in se.shared_phases else seed
+    wds.append(os.path.join(workdir, f"seed{src}", p))
+    cfgs.append(phase_config(config, p, src))
+  say(f"[seed {seed}] {name}: ensemble of {', '.join(members)}")
+  rep = trainer.evaluate_ensemble(cfgs, wds, os.path.join(
+      workdir, f"seed{seed}", name), key=f"seed_experiment.ensembles.{name}")
+  rep["members"] = list(members)
+  say(f"[seed {seed}] {name}: " + _headline(rep, _metrics(config)))
+  return rep
+
+
 def _model_name(section) -> str:
   m = section.get("model", section)
   return str(m.get("name", "") or m.get("preset", "") or m.get("hf_dir", ""))
@@ -344,7 +386,9 @@ def _run(config, workdir: str) -> Dict[str, Any]:
   seeds = [int(s) for s in se.seeds]
   phases = phase_order(config)
   t0 = time.perf_counter()
-  reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in phases}
+  ensembles = list(dict(se.get("ensembles", None) or {}))
+  reports: Dict[str, List[Dict[str, Any]]] = {p: [] for p in
+                                              phases + ensembles}
   reused: Dict[Any, bool] = {}
   for seed in seeds:
     for p in phases:
@@ -352,6 +396,8 @@ def _run(config, workdir: str) -> Dict[str, Any]:
       src_seed = seeds[0] if p in se.shared_phases else seed
       reused[(p, src_seed)] = was_reused
       reports[p].append(rep)
+    for name in ensembles:
+      reports[name].append(_run_ensemble(config, workdir, name, seed, seeds))
   path = os.path.join(workdir, "results.json")
   if is_main():
     results = summarize(config, reports)
@@ -404,11 +450,15 @@ def paired_interval(diffs) -> Dict[str, Any]:
 
 
 def _metrics(config) -> Tuple[loop.Metric, ...]:
-  """The task's metrics (from the first phase's parsed config)."""
-  p = phase_order(config)[0]
-  rc = trainer.parse(phase_config(config, p, tuple(
-      config.seed_experiment.seeds)[0]), check_paths=False)
-  return loop.TASKS[rc.task].metrics(rc)
+  """The task's metrics: those of every phase (the first phase's first; a
+  phase may add its own, e.g. BYOT's exits)."""
+  out: Dict[str, loop.Metric] = {}
+  seed = tuple(config.seed_experiment.seeds)[0]
+  for p in phase_order(config):
+    rc = trainer.parse(phase_config(config, p, seed), check_paths=False)
+    for m in loop.TASKS[rc.task].metrics(rc):
+      out.setdefault(m.key, m)
+  return tuple(out.values())
 
 
 def _rates(reps) -> Dict[str, List[Any]]:
@@ -428,6 +478,8 @@ def summarize(config, reports) -> Dict[str, Any]:
     ph = {f"{w}_{m.key}": [r.get(f"{w}_{m.key}") for r in uniq]
           for m in metrics for w in ("last", "best")}
     ph.update(_rates(uniq))
+    if "members" in uniq[0]:  # an ensemble
+      ph["members"] = uniq[0]["members"]
     ph.update(mode=uniq[0]["mode"], model=uniq[0]["model"],
               teacher=uniq[0].get("teacher"),
               model_params=uniq[0].get("model_params"),
@@ -440,6 +492,8 @@ def summarize(config, reports) -> Dict[str, Any]:
   student = se.get("student_phase", "")
   if student in out["phases"]:
     for p in [q for q in reports if q in se.distill_from]:
+      if out["phases"][p]["model"] != out["phases"][student]["model"]:
+        continue  # another network (a TAKD assistant): no gain
       out["gains"][p] = _gains(out["phases"][p], out["phases"][student],
                                metrics)
   out["comparisons"] = {
@@ -456,8 +510,10 @@ def _gains(ph_a, ph_b, metrics) -> Dict[str, Any]:
     if not m.gain:
       continue
     for w in ("last", "best"):
-      a = np.asarray(ph_a[f"{w}_{m.key}"], np.float64)
-      b = np.asarray(ph_b[f"{w}_{m.key}"], np.float64)
+      a, b = ph_a.get(f"{w}_{m.key}"), ph_b.get(f"{w}_{m.key}")
+      if a is None or b is None or None in a or None in b:
+        continue  # (an ensemble has no 'best')
+      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
       diff = (a - b) if m.higher else (b - a)
       out[f"{w}_{m.key}"] = dict(paired_interval(m.scale * diff),
                                  per_seed=diff.tolist())
@@ -470,6 +526,14 @@ def _fmt_gain(g) -> str:
   if g["ci95"] is None:
     return f"{g['mean']:+.2f}"
   return f"{g['mean']:+.2f} [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]"
+
+
+def _fmt_values(values, scale: float) -> str:
+  """mean ± std over seeds; 'n/a' when a run has no such value."""
+  values = list(values or [])
+  if not values or any(v is None for v in values):
+    return "n/a"
+  return metrics_io.fmt_mean_std(values, scale=scale)
 
 
 def _fmt_rate(v) -> str:
@@ -500,12 +564,18 @@ def format_markdown(config, results) -> str:
     model = v["model"] + (f" ({v['model_params'] / 1e6:.2f}M)"
                           if v.get("model_params") else "")
     model += f" <- {v['teacher']}" if v.get("teacher") else ""
+    model += (f" x{len(v['members'])} ({', '.join(v['members'])})"
+              if v.get("members") else "")
     row = [p + shared, v["mode"], model]
     for m in shown:
-      row += [metrics_io.fmt_mean_std(v[f"{w}_{m.key}"], scale=m.scale)
+      row += [_fmt_values(v.get(f"{w}_{m.key}"), m.scale)
               for w in ("last", "best")]
     g = results["gains"].get(p, {})
-    if gain:
+    student = ph.get(se.get("student_phase", ""))
+    if gain and p in se.distill_from and student and (
+        v["model"] != student["model"]):
+      row += ["n/a (other network)"] * 2
+    elif gain:
       row += [_fmt_gain(g.get(f"{w}_{gain.key}")) for w in ("last", "best")]
     rows.append(row)
   lines.append(metrics_io.markdown_table(header, rows))

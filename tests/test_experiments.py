@@ -54,20 +54,23 @@ def _all_configs():
   # Logit methods with their own trainer hooks: MLKD (strong view), CTKD
   # (steps_per_epoch for its schedule), DOT (optimizer, split gradients).
   specs += [(f"cifar100_{m}", "vgg13-vgg8") for m in ("mlkd", "ctkd", "dot")]
-  # Tf-KD's baseline and Tf-KD_self (KD from a copy of the same network);
-  # its teacher-free `reg` variant waits for the trainer (PENDING below).
-  specs += [("cifar100_tfkd", "base-shufflenetv2"),
+  # Self-distillation (teacher-free terms in mode 'train'): BYOT (exits
+  # evaluated), CS-KD (same-class pairs), Tf-KD_reg; Tf-KD's baseline and
+  # Tf-KD_self (KD from a copy of the same network).
+  specs += [("cifar100_byot", "resnet18_cifar"),
+            ("cifar100_cskd", "resnet18_cifar"),
+            ("cifar100_tfkd", "reg-shufflenetv2"),
+            ("cifar100_tfkd", "base-shufflenetv2"),
             ("cifar100_tfkd", "self-shufflenetv2")]
   return specs
 
 
-# Configs the trainer cannot run yet (teacher-free distiller terms in mode
-# 'train', the same-class pair view, multi-exit evaluation: notes/selfkd.md);
-# their terms and recipes are tested in tests/test_self_distillation.py.
-PENDING_TRAINER = {"cifar100_byot", "cifar100_cskd"}
-# Seed-experiment chains (validated and debug-run in
-# tests/test_self_distillation.py) and their helper module.
-CHAINS = {"mnist_takd", "cifar100_takd", "cifar100_ban", "chains"}
+# Seed experiments: every phase of each is dry-run below
+# (`test_seed_experiment_phases_dry_run`); the main job runs in debug mode
+# (`test_seed_experiment_debug`), the MNIST TAKD chain in
+# tests/test_self_distillation.py (slow).
+SEED_EXPERIMENTS = ("mnist_seed", "mnist_takd", "cifar100_takd",
+                    "cifar100_ban")
 
 
 def _feature_methods():
@@ -95,9 +98,9 @@ def _debug(mod, arg=None, **overrides):
 def test_every_config_file_is_covered():
   files = {os.path.basename(f)[:-3]
            for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-  files -= {"__init__", "base", "recipes", "mnist_seed", "feature_methods",
+  files -= {"__init__", "base", "recipes", "feature_methods", "chains",
             "lm_jane_austen"}  # (LM: tests/test_lm_trainer.py)
-  files -= PENDING_TRAINER | CHAINS
+  files -= set(SEED_EXPERIMENTS)
   assert files == {m for m, _ in _all_configs()}
 
 
@@ -106,16 +109,59 @@ def test_every_config_file_is_covered():
 def test_config_dry_run(mod, arg, tmp_path):
   c = _debug(mod, arg)
   out = trainer.train_and_evaluate(c, str(tmp_path), dry_run=True)
-  assert out["dry_run"] and out["num_params"] > 0
-  expected = {"ce", "loss", "top1", "kd_factor"}
-  if c.mode == "distill":
-    expected |= set(c.loss.terms.keys())
-    if any("distiller" in t for t in c.loss.terms.values()):
-      assert out["num_distiller_params"] >= 0
-  assert set(out["metrics"]) == expected
-  assert set(out["eval_metrics"]) == {"loss", "top1", "top5", "count"}
+  _check_dry_run(c, out)
   if not mod.startswith("mnist"):
     assert c.report.paper.source and c.report.paper.metric
+
+
+# BYOT's exits on ResNet18 (4 stages): 3 shallow exits, its own classifier
+# (exit 4) and their ensemble.
+_BYOT_EXITS = {f"byot/top1_exit{i}" for i in (1, 2, 3, 4)} | {
+    "byot/top1_ensemble"}
+
+
+def _check_dry_run(c, out):
+  assert out["dry_run"] and out["num_params"] > 0
+  # (`nonfinite`: the step's NaN/inf flag, `train.on_nonfinite`.)
+  expected = {"ce", "loss", "top1", "kd_factor", "nonfinite"} | set(
+      c.loss.terms.keys())
+  if any("distiller" in t for t in c.loss.terms.values()):
+    assert out["num_distiller_params"] >= 0
+  assert set(out["metrics"]) == expected
+  eval_expected = {"loss", "top1", "top5", "count"}
+  if "byot" in c.loss.terms and c.model.name == "resnet18_cifar":
+    eval_expected |= _BYOT_EXITS
+  assert set(out["eval_metrics"]) == eval_expected
+
+
+def _seed_experiment_phases():
+  from experiments import seed_experiment
+  out = []
+  for mod in SEED_EXPERIMENTS:
+    c = _config(mod)
+    seen = []
+    for p in seed_experiment.phase_order(c):
+      pc = seed_experiment.phase_config(c, p, 0).to_dict()
+      pc.pop("report")
+      if pc not in seen:  # (BAN's generations are one config)
+        seen.append(pc)
+        out.append((mod, p))
+  return out
+
+
+@pytest.mark.parametrize("mod,phase", _seed_experiment_phases(),
+                         ids=[f"{m}:{p}" for m, p in _seed_experiment_phases()])
+def test_seed_experiment_phases_dry_run(mod, phase, tmp_path):
+  """Every distinct phase of every seed-experiment config, as the seed
+  experiment builds it (debug: a random teacher stands in for the teacher
+  phase's checkpoint)."""
+  from experiments import seed_experiment
+  c = _config(mod)
+  c.debug = True
+  seed_experiment.validate(trainer.apply_debug(c))
+  pc = seed_experiment.phase_config(c, phase, 0)
+  out = trainer.train_and_evaluate(pc, str(tmp_path), dry_run=True)
+  _check_dry_run(pc, out)
 
 
 def _real_run_specs():

@@ -24,9 +24,11 @@ import pytest
 
 from kd_jax import distillers as D
 from kd_jax import train
+from kd_jax import trainer
 from kd_jax.distillers import ban
 from kd_jax.distillers import byot
 from kd_jax.distillers import tfkd
+from kd_jax.trainer import classify_config
 
 B, K = 6, 5
 
@@ -466,7 +468,11 @@ def test_byot_config_splits_the_loss_like_the_reference():
 
 def test_cskd_config_recipe():
   c = _config("cskd")
-  assert c.mode == "train" and c.data.same_class_pairs
+  assert c.mode == "train"
+  # The 'pair' view makes the trainer pair same-class examples.
+  c.debug = True  # (batch sizes for the tests' 8 devices)
+  assert classify_config.same_class_pairs(trainer.parse(
+      trainer.apply_debug(c)))
   assert c.loss.ce_weight == 1.0 and c.loss.terms.cskd.weight == 1.0
   # adjust_learning_rate runs after each epoch: epoch 100 (0-based) still
   # trains at 0.1, the decay applies from epoch 101 (and 151).
@@ -481,30 +487,8 @@ def test_teacher_free_distillers_declare_it(name):
 
 # ------------------------------------------------- TAKD on MNIST (CLI) --
 
-def test_paired_gains_between_phases():
-  from experiments import paired_gains
-  res = {"phases": {
-      "a": {"shared_across_seeds": False, "last_top1": [0.91, 0.93, 0.92],
-            "best_top1": [0.92, 0.93, 0.94]},
-      "b": {"shared_across_seeds": False, "last_top1": [0.90, 0.90, 0.93],
-            "best_top1": [0.92, 0.91, 0.92]},
-      "t": {"shared_across_seeds": True, "last_top1": [0.99],
-            "best_top1": [0.99]}}}
-  g = paired_gains.paired_gains(res, "a", "b")
-  d = np.array([1.0, 3.0, -1.0])
-  np.testing.assert_allclose(g["last"]["diffs"], d, atol=1e-9)
-  half = 4.303 * d.std(ddof=1) / np.sqrt(3)  # t_{0.975, 2}
-  np.testing.assert_allclose(g["last"]["ci95"], [1 - half, 1 + half])
-  assert "+1.00" in paired_gains.format_gains(g, "a", "b")
-  with pytest.raises(ValueError, match="shared across seeds"):
-    paired_gains.paired_gains(res, "a", "t")
-  with pytest.raises(ValueError, match="unknown phase"):
-    paired_gains.paired_gains(res, "a", "nope")
-
-
 @pytest.mark.slow
 def test_mnist_takd_debug_run(tmp_path):
-  from experiments import paired_gains
   from experiments import seed_experiment
   c = importlib.import_module("configs.mnist_takd").get_config()
   c.debug = True
@@ -514,8 +498,9 @@ def test_mnist_takd_debug_run(tmp_path):
   assert ph["ta"]["teacher"] == ph["student_direct"]["teacher"] == (
       "cnn_teacher")
   assert ph["student_takd"]["teacher"] == "mlp_teacher"
-  g = paired_gains.paired_gains(res, "student_takd", "student_direct")
+  assert set(res["gains"]) == {"student_takd", "student_direct"}
+  g = res["comparisons"]["student_takd vs student_direct"]
   np.testing.assert_allclose(
-      g["last"]["diffs"], 100 * (np.asarray(ph["student_takd"]["last_top1"])
-                                 - np.asarray(ph["student_direct"][
-                                     "last_top1"])))
+      g["last_top1"]["per_seed"],
+      np.asarray(ph["student_takd"]["last_top1"])
+      - np.asarray(ph["student_direct"]["last_top1"]))

@@ -129,7 +129,12 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
     on the host, e.g. by the ImageNet pipeline) is only normalized;
   * `strong_augment(key, images[1, H, W, C])`: a strong view of the same
     (un-augmented) images, keys `fold_in(k_i, 2)`, as `batch['image_strong']`
-    (weak/strong pairs, e.g. MLKD).
+    (weak/strong pairs, e.g. MLKD);
+  * `batch['image_pair']` (same-class partners, CS-KD) is augmented like
+    `image` with keys `fold_in(k_i, 3)` of the *anchor* `i`: a partner is a
+    slot of its own (the authors' loader transforms every slot
+    independently), so a partner that is also an anchor of the batch does
+    not share the anchor's crop.
 
   Without augmentation (`crop_padding` falsy, `flip=False`, no strong view)
   `rng` is unused and may be `None`, and `index` is not needed.
@@ -160,6 +165,11 @@ def augment_batch(rng: Optional[jax.Array], batch: Dict[str, jax.Array], *,
     tkeys = (None if keys is None
              else jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
     out["teacher_image"] = view(tkeys, images)
+  if "image_pair" in batch:
+    _check_images(batch["image_pair"], "batch['image_pair']")
+    pkeys = (None if keys is None
+             else jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys))
+    out["image_pair"] = view(pkeys, batch["image_pair"])
   if strong_augment is not None:
     skeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys)
     strong = jax.vmap(lambda k, x: strong_augment(k, x[None])[0])(skeys, images)

@@ -7,8 +7,9 @@ hand it to `kd_jax.train.parallel.DataParallel.compile`:
   `step(state, teacher_variables, batch) -> (state, metrics)`: frozen
   teacher forward (inference mode, `stop_gradient`), student forward, the
   objective, the gradient and the optax update -- one XLA program.
-* `make_train_step(apply, tx)` -> `step(state, batch)`: supervised training
-  (the teachers are trained with the same engine).
+* `make_train_step(apply, tx)` -> `step(state, batch)`: training without a
+  teacher -- supervised (the teachers are trained with the same engine) or
+  with teacher-free distiller terms (self-distillation: BYOT, CS-KD, Tf-KD).
 * `make_eval_step(apply)` -> `step(variables_or_state, batch) -> metrics`
   (`loss`, `top1`, `top5`, `count`; honours an optional `batch['mask']`).
 * `make_dml_step(student_applies, objective, tx)` -> `step(states, batch)`:
@@ -143,7 +144,10 @@ def teacher_forward(teacher_apply, teacher_variables, x, *,
 
 
 STRONG_IMAGE_KEY = "image_strong"
-SUPPORTED_VIEWS = ("strong",)
+PAIR_IMAGE_KEY = "image_pair"
+SUPPORTED_VIEWS = ("strong", "pair")
+# Views the teacher runs on (precomputed teacher logits cannot provide them).
+TEACHER_VIEWS = ("strong",)
 
 
 def _student_views(student_apply, trainable, batch_stats, updates, xs, rngs):
@@ -184,6 +188,7 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
     raise ValueError(f"distillers declare unsupported input views {unknown}; "
                      f"supported: {SUPPORTED_VIEWS}.")
   strong = "strong" in views
+  pair = "pair" in views
   if objective.warmup_epochs and steps_per_epoch is None:
     raise ValueError(
         f"the objective has warmup_epochs={objective.warmup_epochs}; pass "
@@ -208,6 +213,11 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
       xs = batch[STRONG_IMAGE_KEY]
       ts_logits, _ = teacher_fn(teacher_variables, xs, batch)
       rngs_strong = stream_rngs(dkey, rng_streams, offset=len(rng_streams))
+    if pair:
+      _check_batch(batch, (PAIR_IMAGE_KEY,))
+      xp = batch[PAIR_IMAGE_KEY]
+      rngs_pair = stream_rngs(dkey, rng_streams,
+                              offset=2 * len(rng_streams))
 
     def loss_fn(trainable):
       variables = student_variables(trainable["student"], state.batch_stats)
@@ -219,6 +229,12 @@ def _make_step(student_apply, teacher_fn, objective: Objective,
                                            state.batch_stats, updates, xs,
                                            rngs_strong)
         view_inputs = {"strong": (s_strong.astype(jnp.float32), ts_logits)}
+      if pair:  # CS-KD: same-class partners, no gradient (torch.no_grad)
+        s_pair, updates = _student_views(student_apply, trainable,
+                                         state.batch_stats, updates, xp,
+                                         rngs_pair)
+        view_inputs = {**(view_inputs or {}), "pair": (
+            jax.lax.stop_gradient(s_pair.astype(jnp.float32)), None)}
       loss, aux = objective(
           logits, labels, teacher_logits=t_logits, student_features=feats,
           teacher_features=t_feats, epoch=epoch,
@@ -278,9 +294,10 @@ def _check_teachers(teacher_apply, objective: Objective, multi_teacher: str,
     # (`Term(features=...)`) average over the teachers' features.
     objective = dataclasses.replace(objective, teacher_weights=teacher_weights)
 
-  if teacher_apply is None and objective.views:
+  teacher_views = [v for v in objective.views if v in TEACHER_VIEWS]
+  if teacher_apply is None and teacher_views:
     raise ValueError(
-        f"distillers declaring input views {objective.views} need a teacher "
+        f"distillers declaring input views {teacher_views} need a teacher "
         "apply function (precomputed teacher logits exist for one view only).")
   return objective, teacher_weights
 
@@ -350,7 +367,8 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
   `batch['image_strong']` as well, run the student (train mode, BatchNorm
   statistics continuing from the weak forward) and the teacher on it, and
   hand the distiller `inputs.views['strong'] = (student_logits,
-  teacher_logits)`.
+  teacher_logits)`. `views = ('pair',)` (CS-KD) runs the student alone on
+  `batch['image_pair']` (see `make_train_step`).
 
   The teacher variables are an argument (not constants baked into the
   program); the teacher runs in inference mode, outside the differentiated
@@ -371,27 +389,42 @@ def make_distill_step(student_apply, teacher_apply, objective: Objective,
 def make_train_step(apply_fn, tx: optax.GradientTransformation, *,
                     objective: Optional[Objective] = None,
                     axis_name: Optional[str] = None,
+                    steps_per_epoch: Optional[int] = None,
                     image_key: str = "image", label_key: str = "label",
                     preprocess: Optional[Callable[[Batch], Batch]] = None,
                     rng_streams: Sequence[str] = ("dropout",),
                     on_nonfinite: str = "stop"):
-  """Supervised step `step(state, batch) -> (state, metrics)`.
+  """Step without a teacher, `step(state, batch) -> (state, metrics)`.
 
-  `objective` defaults to plain cross-entropy (`Objective(ce_weight=1)`);
-  it must not contain KD terms. Metrics: `ce`, `loss`, `top1`, `kd_factor`.
+  `objective` defaults to plain cross-entropy (`Objective(ce_weight=1)`).
+  Its terms may only be teacher-free distillers (`needs_teacher = False`:
+  BYOT, CS-KD, Tf-KD_reg), whose params and state are trained as in
+  `make_distill_step`; one declaring `views = ('pair',)` (CS-KD) makes the
+  step run the student (train mode, BatchNorm statistics continuing from
+  the anchors' forward, no gradient) on `batch['image_pair']` and hand the
+  logits over as `inputs.views['pair'] = (logits, None)`. Metrics: `ce`,
+  `loss`, `top1`, `kd_factor` and one per term.
   """
   objective = objective if objective is not None else Objective()
-  if objective.terms:
+  need_teacher = [t.label for t in objective.terms
+                  if not (t.is_distiller
+                          and not getattr(t.distiller, "needs_teacher", True))]
+  if need_teacher:
     raise ValueError(
-        "`make_train_step` takes an objective without KD terms; got "
-        f"{[t.label for t in objective.terms]} (use `make_distill_step`).")
+        "`make_train_step` takes an objective without KD terms (only "
+        f"teacher-free distillers); got {need_teacher} (use "
+        "`make_distill_step`).")
+  teacher_views = [v for v in objective.views if v in TEACHER_VIEWS]
+  if teacher_views:
+    raise ValueError(f"input views {teacher_views} need a teacher; use "
+                     "`make_distill_step`.")
 
   def teacher_fn(teacher_variables, x, batch):
     return None, None
 
   inner = _make_step(apply_fn, teacher_fn, objective, tx,
                      axis_name=axis_name, image_key=image_key,
-                     label_key=label_key, steps_per_epoch=None,
+                     label_key=label_key, steps_per_epoch=steps_per_epoch,
                      preprocess=preprocess, rng_streams=tuple(rng_streams),
                      on_nonfinite=on_nonfinite)
 

@@ -11,7 +11,8 @@ checkpoints) <- `kd_jax.distillers` (the methods) <- `kd_jax.trainer`:
 * the tasks: `classify` (images: `feeds`, `programs`) and `lm` (language
   models: `lm_data`); `teachers` (restoring them), `placement` (config ->
   the engine's mesh / pmap placement), `checkpointing` (resume with
-  fallback), `reporting` (timers, progress, train records).
+  fallback), `reporting` (timers, progress, train records), `ensemble`
+  (the test-set ensemble of finished runs: Born-Again generations).
 
     from kd_jax import trainer
     report = trainer.train_and_evaluate(config, workdir)
@@ -33,6 +34,7 @@ from kd_jax.trainer.config import RunConfig
 from kd_jax.trainer.config import apply_debug
 from kd_jax.trainer.config import build_objective
 from kd_jax.trainer.config import parse
+from kd_jax.trainer.ensemble import evaluate_ensemble
 from kd_jax.trainer.errors import ConfigError
 from kd_jax.trainer.errors import KDError
 from kd_jax.trainer.errors import NonFiniteError
@@ -83,4 +85,4 @@ __all__ = ["CheckpointRestoreError", "ConfigError", "KDError",
            "NonFiniteError", "Preempted", "RunConfig", "StorageError",
            "WorkdirLocked",
            "apply_debug", "build_objective", "clear_program_cache",
-           "make_task", "parse", "train_and_evaluate"]
+           "evaluate_ensemble", "make_task", "parse", "train_and_evaluate"]

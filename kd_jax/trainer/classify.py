@@ -18,7 +18,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-from typing import Any, Dict, List
+import re
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -83,11 +84,54 @@ def teacher_variables(rc, t, module, image_shape, rng, placement, *,
 
 def _weighted_eval(metrics_list: List[Dict[str, np.ndarray]]
                    ) -> Dict[str, float]:
+  """`count`-weighted means over eval batches of every metric (`loss`,
+  `top1`, `top5`, a distiller's `'<label>/<name>'`)."""
   tot = sum(float(m["count"]) for m in metrics_list)
   out = {k: sum(float(m[k]) * float(m["count"]) for m in metrics_list)
-            / max(tot, 1.0) for k in ("loss", "top1", "top5")}
+            / max(tot, 1.0) for k in metrics_list[0] if k != "count"}
   out["count"] = tot
   return out
+
+
+_EXIT = re.compile(r"^(.+)/top1_exit(\d+)$")
+_DISTILLER_METRICS: Dict[str, Tuple[loop.Metric, ...]] = {}
+
+
+def distiller_metrics(rc) -> Tuple[loop.Metric, ...]:
+  """The metrics of distiller terms that evaluate themselves (BYOT: every
+  exit's top-1 `'<label>/top1_exit<i>'`, the last one the student's own,
+  and `'<label>/top1_ensemble'`); () without such terms. Traced once per
+  model / loss (shapes only)."""
+  reg = distillers_lib.registry()
+  if not any(t.kind == "distiller" and callable(getattr(
+      reg[t.name], "eval_sums", None)) for t in rc.loss.terms):
+    return ()
+  info = sources_lib.dataset_info(rc.data.name)
+  shape = info.image_shape or (rc.data.image_size, rc.data.image_size, 3)
+  key = json.dumps([dataclasses.asdict(rc.model), shape,
+                    [dataclasses.asdict(t) for t in rc.loss.terms]],
+                   sort_keys=True, default=str)
+  if key not in _DISTILLER_METRICS:
+    student, _ = create_models(dataclasses.replace(rc, teachers=()))
+    objective = terms_lib.build_objective(rc.loss)
+    names = sorted(  # per term: its exits shallow to deep, then the rest
+        programs_lib.distiller_eval_names(student, objective, shape),
+        key=lambda n: (n.split("/")[0], *(
+            (0, int(m.group(2))) if (m := _EXIT.match(n)) else (1, 0)), n))
+    deepest = max((int(m.group(2)) for m in map(_EXIT.match, names) if m),
+                  default=0)
+    out = []
+    for n in names:
+      label, _, what = n.partition("/")
+      m = _EXIT.match(n)
+      text = (f"{label} exit {m.group(2)} top-1 %" if m else
+              f"{label} {what.replace('top1_', '')} top-1 %"
+              if what.startswith("top1_") else n)
+      # The deepest exit is the student's own classifier: the top-1 column.
+      out.append(loop.Metric(n, text, True, 100.0 if "top1" in what else 1.0,
+                             table=not (m and int(m.group(2)) == deepest)))
+    _DISTILLER_METRICS[key] = tuple(out)
+  return _DISTILLER_METRICS[key]
 
 
 class _MockMetadataFilter(logging.Filter):
@@ -104,10 +148,10 @@ class ClassifyTask(loop.Task):
 
   @classmethod
   def metrics(cls, rc):
-    del rc
     return (loop.Metric("top1", "top-1 %", True, 100.0, gain=True),
             loop.Metric("top5", "top-5 %", True, 100.0, table=False),
-            loop.Metric("loss", "eval loss", False, table=False))
+            loop.Metric("loss", "eval loss", False, table=False),
+            *distiller_metrics(rc))
 
   def __init__(self, rc, workdir: str, *, dry_run: bool = False):
     self.rc, self.workdir, self.dry_run = rc, workdir, dry_run

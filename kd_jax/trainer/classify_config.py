@@ -60,6 +60,13 @@ class TeacherConfig:
   sharding: Any = "replicated"
 
 
+def same_class_pairs(rc) -> bool:
+  """Whether the train batches carry a same-class partner per example
+  (`image_pair`, `label_pair`, `pair_index`): a distiller term declares the
+  `'pair'` view (CS-KD)."""
+  return "pair" in terms_lib.term_views(rc.loss.terms)
+
+
 def augments(rc) -> bool:
   info = sources_lib.dataset_info(rc.data.name)
   return bool(rc.data.augment) and bool(info.crop_padding or info.flip)
@@ -139,6 +146,11 @@ def _validate_loss(rc) -> None:
   if lo.fused_head:
     raise ConfigError("loss.fused_head", "a fused head loss is for language "
                       "models (task 'lm').")
+  views = terms_lib.term_views(lo.terms)
+  if "pair" in views and not sources_lib.dataset_info(rc.data.name).in_memory:
+    raise ConfigError(f"loss.terms.{views['pair']}", "same-class pairs "
+                      "(CS-KD) need an in-memory dataset (MNIST / CIFAR); "
+                      f"{rc.data.name!r} is streamed.")
   if not rc.distill:
     return
   if not lo.terms:

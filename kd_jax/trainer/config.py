@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import jax
 import ml_collections
 
+from kd_jax import distillers as distillers_lib
 from kd_jax.train import optim as optim_lib
 from kd_jax.train import placement as placement_lib
 from kd_jax.train import sharding as sharding_lib
@@ -469,10 +470,13 @@ def _validate_loss(rc: RunConfig) -> None:
          lo.multi_teacher in MULTI_TEACHER, f"one of {MULTI_TEACHER}")
   _check("loss.chunk_size", lo.chunk_size, _is_int(lo.chunk_size)
          and lo.chunk_size >= 1, "an int >= 1")
-  if rc.mode == "train" and lo.terms:
+  need = [t.label for t in lo.terms if not terms_lib.teacher_free(t)]
+  if rc.mode == "train" and need:
     raise ConfigError(
-        "loss.terms", f"mode 'train' is supervised training; got KD terms "
-        f"{[t.label for t in lo.terms]} (use mode 'distill').")
+        "loss.terms", f"mode 'train' is supervised training (or "
+        f"self-distillation with teacher-free distillers: "
+        f"{', '.join(_teacher_free_methods())}); got KD terms {need} that "
+        "need a teacher (use mode 'distill').")
   if rc.distill and not rc.teachers:
     raise ConfigError("teacher", "mode 'distill' needs a teacher section "
                       "(`teacher`, or `teachers.<label>` for several).")
@@ -483,6 +487,12 @@ def _validate_loss(rc: RunConfig) -> None:
   if rc.teachers and not sum(weights) > 0:
     raise ConfigError("teachers", "the teachers' weights must have a positive "
                       "sum.")
+
+
+def _teacher_free_methods():
+  reg = distillers_lib.registry()
+  return sorted(n for n, cls in reg.items()
+                if not getattr(cls, "needs_teacher", True))
 
 
 def _validate_mesh(rc: RunConfig) -> None:

@@ -43,20 +43,35 @@ class InMemoryFeed:
     return np.stack([self.pipe.local_indices(*divmod(step + j, spe))
                      for j in range(n)])
 
+  def _pair_indices(self, step: int, n: int) -> Optional[np.ndarray]:
+    """Same-class partners `[n, local_batch]` (None without pairs)."""
+    if not self.pipe.same_class_pairs:
+      return None
+    spe = self.steps_per_epoch
+    return np.stack([self.pipe.local_pair_indices(*divmod(step + j, spe))
+                     for j in range(n)])
+
   def chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
-    """Stacked `[n, local_batch, ...]` batches of global steps [step, step+n)."""
-    return self.pipe.batch_at(self._indices(step, n))
+    """Stacked `[n, local_batch, ...]` batches of global steps [step, step+n)
+    (with the partners' `image_pair` / `label_pair` / `pair_index` when the
+    pipeline pairs same-class examples)."""
+    return self.pipe.batch_at(self._indices(step, n),
+                              self._pair_indices(step, n))
 
   def batch(self, step: int) -> Dict[str, np.ndarray]:
     return self.pipe.get_batch(*divmod(step, self.steps_per_epoch))
 
   def index_chunk(self, step: int, n: int) -> Dict[str, np.ndarray]:
-    """Only the example indices `[n, local_batch]` (data on device)."""
-    return {"index": self._indices(step, n).astype(np.int32)}
+    """Only the example indices `[n, local_batch]` (data on device), and the
+    partners' `pair_index` with same-class pairs."""
+    out = {"index": self._indices(step, n).astype(np.int32)}
+    pair = self._pair_indices(step, n)
+    if pair is not None:
+      out["pair_index"] = pair.astype(np.int32)
+    return out
 
   def index_batch(self, step: int) -> Dict[str, np.ndarray]:
-    return {"index": self.pipe.local_indices(
-        *divmod(step, self.steps_per_epoch)).astype(np.int32)}
+    return {k: v[0] for k, v in self.index_chunk(step, 1).items()}
 
   def close(self):
     pass
@@ -172,7 +187,8 @@ def load_data(rc: Any) -> Data:
                                  f"{tr[0].shape[0]} training examples.")
   train = pipeline_lib.InMemoryPipeline(
       tr[0], tr[1], global_batch_size=bs, seed=rc.seed, shuffle=True,
-      drop_remainder=True, with_index=True, mean=info.mean, std=info.std)
+      drop_remainder=True, with_index=True, mean=info.mean, std=info.std,
+      same_class_pairs=classify_config.same_class_pairs(rc))
   evalp = pipeline_lib.InMemoryPipeline(
       ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
       shuffle=False, drop_remainder=False, with_index=False, mean=info.mean,
@@ -289,9 +305,14 @@ def make_step_batch(data: Data, *, steps_per_epoch: int, teacher_apply,
 
   def step_batch(state, consts, batch):
     if "data" in consts:
-      idx = batch["index"]
-      batch = {"image": consts["data"]["image"][idx],
-               "label": consts["data"]["label"][idx], "index": idx}
+      idx, data_ = batch["index"], consts["data"]
+      out = {"image": data_["image"][idx], "label": data_["label"][idx],
+             "index": idx}
+      if "pair_index" in batch:  # same-class partners (CS-KD)
+        pidx = batch["pair_index"]
+        out.update(image_pair=data_["image"][pidx],
+                   label_pair=data_["label"][pidx], pair_index=pidx)
+      batch = out
     batch = preprocess(state, batch)
     tv = consts.get("teacher")
     if precomputed_logits:

@@ -26,6 +26,8 @@ from kd_jax import distillers as distillers_lib
 from kd_jax.models import lm as lm_models
 from kd_jax.train import create_train_state
 from kd_jax.train import lm_steps
+from kd_jax.train import mesh_losses
+from kd_jax.train import sharding as sharding_lib
 from kd_jax.train import objectives as objectives_lib
 from kd_jax.train import optim
 from kd_jax.train import steps as steps_lib
@@ -47,7 +49,8 @@ def build_model(spec, rc, key: str, features=()):
   variables = None
   if spec.hf_dir:
     try:
-      model, variables, _ = lm_models.load_hf_folder(spec.hf_dir, dtype=dtype)
+      model, variables, _ = lm_models.load_hf_folder(
+          spec.hf_dir, dtype=dtype, scan_layers=spec.scan_layers)
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError(f"{key}.hf_dir", str(e)) from None
   else:
@@ -58,7 +61,8 @@ def build_model(spec, rc, key: str, features=()):
       cfg = lm_models.preset_config(spec.preset, **kw)
     except (TypeError, ValueError) as e:
       raise ConfigError(f"{key}.overrides", str(e)) from None
-    model = lm_models.Transformer(cfg, dtype=dtype, remat=spec.remat)
+    model = lm_models.Transformer(cfg, dtype=dtype, remat=spec.remat,
+                                  scan_layers=spec.scan_layers)
   if features:
     model = model.clone(capture=tuple(features))
   try:
@@ -160,11 +164,17 @@ class LMTask(loop.Task):
     rc, p = self.rc, self.placement
     fused = None
     if rc.loss.fused_head:
+      # On a mesh each device computes the head loss of its own tokens
+      # (plain jit would gather the scanned tokens: `mesh_losses`).
+      loss = (mesh_losses.shard_fused_loss(p.mesh)
+              if isinstance(p, sharding_lib.MeshParallel)
+              and p.num_devices > 1 else None)
       fused = lm_steps.FusedHead(
           functools.partial(lm_models.head_kernel,
                             config=self.student.config),
           functools.partial(lm_models.head_kernel,
-                            config=self.teacher.config), rc.loss.chunk_size)
+                            config=self.teacher.config), rc.loss.chunk_size,
+          loss)
     teacher = None if (rc.teacher is None or rc.teacher.precompute) else (
         self.teacher)
     step = lm_steps.make_lm_step(

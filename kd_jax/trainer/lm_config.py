@@ -66,6 +66,7 @@ class LMModelConfig:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dtype: str = "bfloat16"
   remat: bool = False
+  scan_layers: bool = False  # the blocks as one nn.scan (stacked params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class LMTeacherConfig:
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dtype: str = "bfloat16"
   remat: bool = False
+  scan_layers: bool = False
   checkpoint: str = ""      # an LM run's workdir (its checkpoints)
   precompute: bool = False  # top-k cache of the training sequences
   topk: int = 32
@@ -183,6 +185,10 @@ def _validate_generation(rc) -> None:
 
 def _validate_loss(rc) -> None:
   lo, g = rc.loss, rc.section("generation")
+  if not rc.distill and lo.terms:
+    raise ConfigError("loss.terms", "task 'lm' in mode 'train' takes no "
+                      f"terms; got {[s.label for s in lo.terms]} (teacher-free "
+                      "distillers are image methods).")
   if rc.distill and not lo.terms and not g.seq_kd:
     raise ConfigError("loss.terms", "mode 'distill' needs a KD term (e.g. "
                       "{'forward_kl': {'weight': 0.5}}) or the teacher's "

@@ -20,6 +20,7 @@ from kd_jax.data import augment as augment_lib
 from kd_jax.train import objectives as objectives_lib
 from kd_jax.train import optim
 from kd_jax.train import state as state_lib
+from kd_jax.train import step_utils
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import feeds as feeds_lib
 
@@ -162,8 +163,7 @@ def build_programs(spec: ProgramSpec, cache_key: Optional[str]) -> Programs:
     init = StudentInit(s.student, s.tx, s.data.image_shape)
   train_step = _train_step(s)
   eval_pre = feeds_lib.eval_preprocess(s.data)
-  eval_step = steps_lib.make_eval_step(s.student, axis_name=s.placement.axis_name,
-                                       preprocess=eval_pre)
+  eval_step = _eval_step(s, eval_pre)
   teacher_eval = None
   if s.rc.distill:
     teacher_eval = [s.placement.compile(
@@ -211,10 +211,11 @@ def _train_step(s: ProgramSpec) -> Callable:
         axis_name=s.placement.axis_name, steps_per_epoch=s.steps_per_epoch,
         split_gradients=optim.split_gradients(s.rc.optimizer),
         on_nonfinite=s.rc.train.on_nonfinite, **_multi_teacher(s))
-  else:
+  else:  # supervised, or teacher-free distillers (self-distillation)
     inner_train = steps_lib.make_train_step(
         s.student, s.tx, objective=s.objective,
         axis_name=s.placement.axis_name,
+        steps_per_epoch=s.steps_per_epoch if s.objective.terms else None,
         on_nonfinite=s.rc.train.on_nonfinite)
 
   def train_step(st, consts, batch):
@@ -224,6 +225,85 @@ def _train_step(s: ProgramSpec) -> Callable:
     return inner(st, tv, batch)
 
   return train_step
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+def eval_terms(objective) -> Tuple[Any, ...]:
+  """Distiller terms with evaluation metrics of their own (`eval_sums`:
+  BYOT's exits and their ensemble)."""
+  return tuple(t for t in objective.distiller_terms
+               if callable(getattr(t.distiller, "eval_sums", None)))
+
+
+def _distiller_eval_sums(terms, dparams, dstate, logits, feats, labels,
+                         mask):
+  """`{'<label>/<metric>': masked sum}` of every term's `eval_sums`."""
+  sums = {}
+  for t in terms:
+    out = t.distiller.eval_sums(dparams[t.label], dstate[t.label], logits,
+                                feats, labels, mask)
+    sums.update({f"{t.label}/{k}": v for k, v in out.items()})
+  return sums
+
+
+def _eval_step(s: ProgramSpec, preprocess: Callable) -> Callable:
+  """`eval_step(state, batch) -> metrics`: the engine's (`loss`, `top1`,
+  `top5`, `count`) plus, for distiller terms with `eval_sums` (BYOT), their
+  metrics as `'<label>/<name>'` (e.g. `byot/top1_exit1`), averaged over the
+  unmasked examples like the others."""
+  axis = s.placement.axis_name
+  base = steps_lib.make_eval_step(s.student, axis_name=axis,
+                                  preprocess=preprocess)
+  terms = eval_terms(s.objective)
+  if not terms:
+    return base
+  apply = step_utils.as_student_apply(s.student)
+
+  def eval_step(state, batch):
+    out = dict(base(state, batch))
+    b = preprocess(batch)
+    logits, feats, _ = step_utils.split_apply_output(
+        apply(state.variables, b["image"], train=False))
+    labels = b["label"]
+    mask = b.get("mask")
+    m = (jnp.ones(labels.shape, jnp.float32) if mask is None
+         else mask.astype(jnp.float32))
+    sums = _distiller_eval_sums(terms, state.distiller_params,
+                                state.distiller_state,
+                                logits.astype(jnp.float32), feats, labels, m)
+    count = jnp.sum(m)
+    if axis is not None:
+      sums, count = jax.lax.psum((sums, count), axis)
+    out.update({k: v / jnp.maximum(count, 1.0) for k, v in sums.items()})
+    return out
+
+  return eval_step
+
+
+def distiller_eval_names(student, objective, image_shape) -> Tuple[str, ...]:
+  """The `'<label>/<name>'` metrics `_eval_step` adds (traced on shapes
+  only: the student, its distillers' init and `eval_sums`)."""
+  terms = eval_terms(objective)
+  if not terms:
+    return ()
+  x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  labels = jnp.zeros((2,), jnp.int32)
+
+  def names(rng):
+    v = student.init({"params": rng, "dropout": rng}, x, train=False)
+    dp, ds = distillers_lib.init_distillers(
+        objective, rng, student_apply=student, teacher_apply=None,
+        student_variables=v, teacher_variables=None,
+        batch={"image": x, "label": labels})
+    logits, feats, _ = step_utils.split_apply_output(
+        step_utils.as_student_apply(student)(v, x, train=False))
+    return _distiller_eval_sums(terms, dp, ds, logits.astype(jnp.float32),
+                                feats, labels, jnp.ones((2,), jnp.float32))
+
+  return tuple(jax.eval_shape(names, jax.random.key(0)))
 
 
 # ---------------------------------------------------------------------------

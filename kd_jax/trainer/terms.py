@@ -51,6 +51,24 @@ class TermSpec:
                                warmup=self.warmup, **self.kwargs)
 
 
+def teacher_free(spec: TermSpec) -> bool:
+  """Whether a term needs no teacher: a distiller whose method declares
+  `needs_teacher = False` (self-distillation: BYOT, CS-KD, Tf-KD_reg)."""
+  return spec.kind == "distiller" and not getattr(
+      distillers_lib.registry()[spec.name], "needs_teacher", True)
+
+
+def term_views(specs: Sequence[TermSpec]) -> Mapping[str, str]:
+  """{input view: label of the first term declaring it} of the distiller
+  terms (`Distiller.views`: `'strong'`, `'pair'`), from their classes."""
+  out = {}
+  for spec in specs:
+    if spec.kind == "distiller":
+      for v in getattr(distillers_lib.registry()[spec.name], "views", ()):
+        out.setdefault(v, spec.label)
+  return out
+
+
 def _plain(v):
   if hasattr(v, "to_dict"):
     return v.to_dict()

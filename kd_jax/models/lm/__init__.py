@@ -8,6 +8,8 @@
 * `save_hf_folder` / `to_hf` / `config_to_hf`: export to a Hugging Face
   folder that transformers loads unchanged.
 * `head_kernel`: the head kernel ``[D, V]`` for fused head losses.
+* `stack_layers` / `unstack_layers`: parameters of ``scan_layers=True`` <->
+  one subtree per block.
 """
 
 from kd_jax.models.lm.config import LMConfig
@@ -26,6 +28,8 @@ from kd_jax.models.lm.hf import from_hf
 from kd_jax.models.lm.hf import load_hf_folder
 from kd_jax.models.lm.hf import load_tokenizer
 from kd_jax.models.lm.hf import read_safetensors
+from kd_jax.models.lm.layout import stack_layers
+from kd_jax.models.lm.layout import unstack_layers
 from kd_jax.models.lm.model import Transformer
 from kd_jax.models.lm.model import cache_length
 from kd_jax.models.lm.model import head_kernel
@@ -39,5 +43,5 @@ __all__ = [
     "from_hf", "generate", "head_kernel",
     "init_cache", "load_hf_folder", "load_tokenizer", "make_generate_fn",
     "preset_config", "read_safetensors", "save_hf_folder", "to_hf",
-    "rope_cos_sin", "rope_inv_freq",
+    "rope_cos_sin", "rope_inv_freq", "stack_layers", "unstack_layers",
 ]

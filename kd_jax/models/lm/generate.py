@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models.lm.model import head_kernel
 from kd_jax.models.lm.model import init_cache
 
 Array = jax.Array
@@ -250,13 +251,25 @@ def make_generate_fn(model, *, max_new_tokens: int, temperature: float = 0.0,
   return fn
 
 
+def _head(model, variables, hidden):
+  """The model's head on ``hidden`` ``[B, D]``: the same product as its
+  ``lm_head`` Dense / tied ``embed.attend`` (both operands in the compute
+  dtype)."""
+  kernel = head_kernel(variables, model.config)
+  return jnp.dot(hidden.astype(model.dtype), kernel.astype(model.dtype))
+
+
 def _prefill(model, variables, prompt, positions, prompt_mask, total):
-  """Last-position logits ``[B, V]`` of the prompt and the filled cache."""
-  cache = init_cache(model.config, prompt.shape[0], total, model.dtype)
-  logits, feats = model.apply(variables, prompt, train=False, cache=cache,
-                              positions=positions,
-                              attention_mask=prompt_mask)
-  return logits[:, -1], feats["cache"]
+  """Last-position logits ``[B, V]`` of the prompt and the filled cache.
+
+  The prompt runs without the head: only the last position's logits are
+  needed (the head over all T positions would be a ``[B, T, V]`` array)."""
+  cache = init_cache(model.config, prompt.shape[0], total, model.dtype,
+                     getattr(model, "scan_layers", False))
+  _, feats = model.apply(variables, prompt, train=False, cache=cache,
+                         positions=positions, attention_mask=prompt_mask,
+                         logits=False)
+  return _head(model, variables, feats["hidden"][:, -1]), feats["cache"]
 
 
 def _decode(model, variables, tok, cache, positions):

@@ -26,6 +26,7 @@ import numpy as np
 
 from kd_jax.models.lm.config import LMConfig
 from kd_jax.models.lm.config import config_from_hf
+from kd_jax.models.lm.layout import stack_layers
 from kd_jax.models.lm.model import Transformer
 
 # Buffers older checkpoints carry that hold no parameters.
@@ -122,13 +123,15 @@ def _check_keys(c: LMConfig, state: dict, specs) -> None:
 
 
 def from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
-            dtype=jnp.bfloat16):
+            dtype=jnp.bfloat16, scan_layers: bool = False):
   """``(Transformer, variables)`` from an HF config dict and a state dict.
 
   Args:
     hf_config: the ``config.json`` dictionary (Llama or Qwen2).
     state_dict: ``{name: numpy array}`` (any float dtype; stored as float32).
     dtype: the compute dtype of the returned model.
+    scan_layers: return a ``Transformer(scan_layers=True)`` with its
+      blocks' parameters stacked (`kd_jax.models.lm.layout.stack_layers`).
   """
   config = config_from_hf(hf_config)
   state = _normalize_keys(state_dict)
@@ -141,7 +144,10 @@ def from_hf(hf_config: Mapping[str, Any], state_dict: Mapping[str, Any], *,
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = jnp.asarray(value, jnp.float32)
-  return Transformer(config, dtype=dtype), {"params": params}
+  if scan_layers:
+    params = stack_layers(params, config.num_layers)
+  return (Transformer(config, dtype=dtype, scan_layers=scan_layers),
+          {"params": params})
 
 
 def load_tokenizer(path: str, *, vocab_size: Optional[int] = None):
@@ -209,7 +215,8 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def load_hf_folder(path: str, *, dtype=jnp.bfloat16):
+def load_hf_folder(path: str, *, dtype=jnp.bfloat16,
+                   scan_layers: bool = False):
   """``(model, variables, tokenizer or None)`` from a checkpoint folder."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
@@ -223,7 +230,8 @@ def load_hf_folder(path: str, *, dtype=jnp.bfloat16):
   state: dict = {}
   for f in files:
     state.update(read_safetensors(f))
-  model, variables = from_hf(hf_config, state, dtype=dtype)
+  model, variables = from_hf(hf_config, state, dtype=dtype,
+                             scan_layers=scan_layers)
   tok_path = os.path.join(path, "tokenizer.json")
   tokenizer = None
   if os.path.isfile(tok_path):

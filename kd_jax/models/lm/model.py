@@ -246,6 +246,36 @@ class DecoderBlock(nn.Module):
     return h, new_cache, captured
 
 
+class _ScannedBlock(DecoderBlock):
+  """`DecoderBlock` in ``nn.scan``'s form: carry ``h``, outputs ``(h, cache)``."""
+
+  @nn.compact
+  def __call__(self, h, ctx, layer_cache=None):
+    h, new_cache, captured = DecoderBlock.__call__(self, h, ctx, layer_cache)
+    return h, (h, new_cache, captured)
+
+
+def scanned_blocks(config: LMConfig, dtype, remat: bool, h, ctx, cache,
+                   name: str = "layers", capture: bool = False):
+  """All blocks as one ``nn.scan`` (call inside a compact method).
+
+  Parameters are stacked along a leading ``'layers'`` logical axis (path
+  ``layers/self_attn/q_proj/kernel`` ``[L, D, H, Dh]``), the KV cache is
+  ``{"k": [L, B, S, KVH, Dh], "v": ...}``. Returns ``(h, stages [L, B, T,
+  D], new cache layers or None, captured q/k/v stacked [L, ...] or
+  None)``.
+  """
+  block = nn.remat(_ScannedBlock, prevent_cse=False) if remat else \
+      _ScannedBlock
+  scan = nn.scan(block, variable_axes={"params": 0},
+                 split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+                 length=config.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  h, (stages, new_layers, captured) = scan(config, dtype, capture,
+                                           name=name)(h, ctx, cache)
+  return h, stages, new_layers, captured
+
+
 class Transformer(nn.Module):
   """Llama / Qwen2 decoder; see the module docstring for the contract.
 
@@ -260,11 +290,17 @@ class Transformer(nn.Module):
       Hugging Face's ``output_hidden_states`` before the final norm) and
       ``'attention'`` (``features["attention"]``: per block ``{"q", "k",
       "v"}``, see `Attention`).
+    scan_layers: run the blocks as one ``nn.scan`` (`scanned_blocks`):
+      one compiled block body instead of ``num_layers`` copies (compile
+      time, memory planning at 32-80 layers), same values. Parameters are
+      stacked (`kd_jax.models.lm.layout` converts between the layouts) and
+      so is the KV cache (``init_cache(..., scan_layers=True)``).
   """
   config: LMConfig
   dtype: Any = jnp.bfloat16
   remat: bool = False
   capture: Tuple[str, ...] = ()
+  scan_layers: bool = False
 
   def _check_tokens(self, tokens, cache):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -315,15 +351,24 @@ class Transformer(nn.Module):
     if unknown:
       raise ValueError(f"capture: unknown features {sorted(unknown)}; valid: "
                        f"{CAPTURE}.")
-    embedded, stages, new_layers, attention = h, [], [], []
-    block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
-    for i in range(c.num_layers):
-      layer_cache = None if cache is None else cache["layers"][i]
-      h, new, captured = block(c, self.dtype, "attention" in self.capture,
-                               name=f"layers_{i}")(h, ctx, layer_cache)
-      stages.append(h)
-      new_layers.append(new)
-      attention.append(captured)
+    embedded, qkv = h, "attention" in self.capture
+    if self.scan_layers:
+      h, stacked, new_layers, captured = scanned_blocks(
+          c, self.dtype, self.remat, h, ctx,
+          None if cache is None else cache["layers"], capture=qkv)
+      stages = [stacked[i] for i in range(c.num_layers)]
+      attention = [None if captured is None else jax.tree.map(
+          lambda x, i=i: x[i], captured) for i in range(c.num_layers)]
+    else:
+      stages, new_layers, attention = [], [], []
+      block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+      for i in range(c.num_layers):
+        layer_cache = None if cache is None else cache["layers"][i]
+        h, new, captured = block(c, self.dtype, qkv, name=f"layers_{i}")(
+            h, ctx, layer_cache)
+        stages.append(h)
+        new_layers.append(new)
+        attention.append(captured)
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(h)
     features = {"hidden": h, "stages": stages}
     if "hidden_states" in self.capture:
@@ -346,19 +391,25 @@ class Transformer(nn.Module):
 
 
 def init_cache(config: LMConfig, batch_size: int, max_length: int,
-               dtype=jnp.bfloat16) -> dict:
+               dtype=jnp.bfloat16, scan_layers: bool = False) -> dict:
   """An empty KV cache for `max_length` positions (index 0).
 
   Layout: ``{"index": int32 scalar, "mask": bool [B, S] (slots holding a
-  real token), "layers": [{"k": [B, S, KVH, Dh], "v": ...}] * num_layers}``.
+  real token), "layers": [{"k": [B, S, KVH, Dh], "v": ...}] * num_layers}``;
+  with `scan_layers` (a ``Transformer(scan_layers=True)``) ``"layers"`` is
+  one ``{"k": [L, B, S, KVH, Dh], "v": ...}``.
   """
   if max_length > config.max_position_embeddings:
     raise ValueError(f"sequence length {max_length} exceeds the model's "
                      f"max_position_embeddings "
                      f"{config.max_position_embeddings}")
   shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(config.num_layers)]
+  if scan_layers:
+    shape = (config.num_layers,) + shape
+    layers = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  else:
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+              for _ in range(config.num_layers)]
   return {"index": jnp.zeros((), jnp.int32),
           "mask": jnp.zeros((batch_size, max_length), bool),
           "layers": layers}
@@ -366,7 +417,10 @@ def init_cache(config: LMConfig, batch_size: int, max_length: int,
 
 def cache_length(cache: dict) -> int:
   """Number of positions a cache holds (static)."""
-  return int(np.shape(cache["layers"][0]["k"])[1]) if cache["layers"] else 0
+  layers = cache["layers"]
+  if isinstance(layers, dict):  # stacked (scan_layers)
+    return int(np.shape(layers["k"])[2])
+  return int(np.shape(layers[0]["k"])[1]) if layers else 0
 
 
 def head_kernel(variables, config: LMConfig) -> Array:
