@@ -298,8 +298,19 @@ def table(rows, tokens_per_step):
   return "\n".join(lines)
 
 
+def no_persistent_cache():
+  """EasyDeL's ``ejit`` (ejkernel) turns on JAX's persistent compilation
+  cache when its functions are defined; off, so that compile times are
+  compiles and every run measures the same thing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  cc.reset_cache()
+
+
 def run_workload(spec, workload, names, cache, report, args):
   sides = build_sides(spec, workload, names, cache)
+  no_persistent_cache()
   ready = {n: s for n, s in sides.items() if not isinstance(s, str)}
   rows = [{"workload": workload, "side": n, "skip": s}
           for n, s in sides.items() if isinstance(s, str)]
