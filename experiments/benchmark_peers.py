@@ -92,6 +92,8 @@ def parse(argv):
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=5, help="timed steps per round")
   p.add_argument("--out", default=os.path.join(REPO, "workdirs", "peers"))
+  p.add_argument("--hlo", action="store_true",
+                 help="also write each step's optimized HLO to OUT/hlo")
   return p.parse_args(argv)
 
 
@@ -281,19 +283,21 @@ def _mib(n):
 
 def table(rows, tokens_per_step):
   lines = ["| workload | library | steady ms/step | CPU ms/step | compile s | "
-           "compiled peak MiB (temp) | tokens/s | vs kd_jax (time) | note |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "compiled peak MiB (temp) | XLA GFLOP / GB accessed | tokens/s | "
+           "vs kd_jax (time) | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "skip" in r and r["skip"].startswith("("):
       continue
     if "skip" in r:
       lines.append(f"| {r['workload']} | {r['side']} | – | – | – | – | – | – "
-                   f"| not run: {r['skip']} |")
+                   f"| – | not run: {r['skip']} |")
       continue
     lines.append(
         f"| {r['workload']} | {r['side']} | {r['wall'] * 1e3:.1f} | "
         f"{r['cpu'] * 1e3:.1f} | {r['compile']:.2f} | {_mib(r['peak'])} "
-        f"({_mib(r['temp'])}) | {tokens_per_step / r['wall']:,.0f} | "
+        f"({_mib(r['temp'])}) | {r.get('flops', 0) / 1e9:.2f} / "
+        f"{r.get('bytes', 0) / 1e9:.2f} | {tokens_per_step / r['wall']:,.0f} | "
         f"{r.get('ratio', float('nan')):.2f}× | {r['note']} |")
   return "\n".join(lines)
 
@@ -308,7 +312,18 @@ def no_persistent_cache():
   cc.reset_cache()
 
 
+def dump_hlo(out, workload, name, programs):
+  """The optimized HLO of each program of the step, for reading why."""
+  d = os.path.join(out, "hlo")
+  os.makedirs(d, exist_ok=True)
+  slug = name.replace(" + ", "+").replace(" ", "_")
+  for i, c in enumerate(programs):
+    with open(os.path.join(d, f"{workload}.{slug}.{i}.txt"), "w") as fh:
+      fh.write(c.as_text())
+
+
 def run_workload(spec, workload, names, cache, report, args):
+  from experiments import peer_sides as ps  # pylint: disable=g-import-not-at-top
   sides = build_sides(spec, workload, names, cache)
   no_persistent_cache()
   ready = {n: s for n, s in sides.items() if not isinstance(s, str)}
@@ -318,10 +333,13 @@ def run_workload(spec, workload, names, cache, report, args):
   timed = time_sides(ready, args.rounds, args.steps)
   for n, side in ready.items():
     wall, cpu = timed[n]
+    programs = side.compiled()
+    if args.hlo:
+      dump_hlo(args.out, workload, n, programs)
     rows.append({"workload": workload, "side": n, "wall": wall, "cpu": cpu,
                  "compile": sum(first[n]) - WARMUP * wall,
-                 "first_calls": first[n], **side.memory(),
-                 "note": side.note})
+                 "first_calls": first[n], **ps.memory_of(*programs),
+                 **ps.cost_of(*programs), "note": side.note})
   base = next((r["wall"] for r in rows if r["side"] == "kd_jax"
                and "wall" in r), None)
   for r in rows:
@@ -395,7 +413,10 @@ def main(argv=None):
   py = ensure_venv(args.venv)
   if args.setup:
     return 0
-  env = dict(os.environ, PYTHONPATH=REPO)
+  # EasyDeL's ejit points JAX's persistent compilation cache at
+  # ~/.cache/ejkernel-cache; off from the start (compile times are compiles)
+  env = dict(os.environ, PYTHONPATH=REPO,
+             JAX_ENABLE_COMPILATION_CACHE="false")
   return subprocess.call([py, "-m", "experiments.benchmark_peers",
                           *(sys.argv[1:] if argv is None else argv)],
                          cwd=REPO, env=env)

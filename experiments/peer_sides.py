@@ -3,7 +3,8 @@ kd_jax, tunix and EasyDeL on the same teacher / student / batch / loss.
 
 Each builder returns a `Side` (``run()``: one step on the fixed batch,
 returning the loss; ``logits(tokens)``: the student's current logits;
-``memory()``: XLA's `memory_analysis()` of the compiled step program(s)) or
+``compiled()``: the compiled program(s) of one step, for XLA's
+`memory_analysis()` / `cost_analysis()` / HLO text) or
 raises `Unsupported` with the reason. Only `experiments/benchmark_peers.py`
 imports this module, inside the peers' virtual environment.
 """
@@ -53,8 +54,11 @@ class Side:
   name: str
   run: Callable[[], Any]
   logits: Callable[[np.ndarray], np.ndarray]
-  memory: Callable[[], Dict[str, int]]
+  compiled: Callable[[], list]
   note: str = ""
+
+  def memory(self) -> Dict[str, int]:
+    return memory_of(*self.compiled())
 
 
 def memory_of(*compiled) -> Dict[str, int]:
@@ -69,6 +73,18 @@ def memory_of(*compiled) -> Dict[str, int]:
             - m.alias_size_in_bytes + m.temp_size_in_bytes)
     out["temp"] = max(out["temp"], int(m.temp_size_in_bytes))
     out["peak"] = max(out["peak"], int(peak))
+  return out
+
+
+def cost_of(*compiled) -> Dict[str, float]:
+  """XLA's `cost_analysis()` summed over the programs of one step:
+  ``flops`` and ``bytes`` (bytes accessed)."""
+  out = {"flops": 0.0, "bytes": 0.0}
+  for c in compiled:
+    cost = c.cost_analysis()
+    for d in (cost if isinstance(cost, (list, tuple)) else [cost]):
+      out["flops"] += float((d or {}).get("flops", 0.0))
+      out["bytes"] += float((d or {}).get("bytes accessed", 0.0))
   return out
 
 
@@ -131,11 +147,11 @@ def kd_jax_side(spec: Spec, workload: str) -> Side:
     return np.asarray(s_model.apply({"params": box["state"].params},
                                     jnp.asarray(tok))[0])
 
-  def memory():
-    return memory_of(step.lower(box["state"], t_vars, batch).compile())
+  def compiled():
+    return [step.lower(box["state"], t_vars, batch).compile()]
 
   note = "fused head" if fused else ""
-  return Side("kd_jax", run, logits, memory, note)
+  return Side("kd_jax", run, logits, compiled, note)
 
 
 # --------------------------------------------------------------------------
@@ -223,7 +239,7 @@ def tunix_side(spec: Spec, workload: str, kd_loss: bool = False) -> Side:
     nnx.pop(model, nnx.Intermediate)  # features sown by a feature strategy
     return out
 
-  def memory():
+  def compiled():
     ex = trainer._prepare_inputs(example)  # pylint: disable=protected-access
     inputs = tk.next_token_inputs(example)
     t_prog = strategy._teacher_forward_fn.lower(  # pylint: disable=protected-access
@@ -231,11 +247,11 @@ def tunix_side(spec: Spec, workload: str, kd_loss: bool = False) -> Side:
     s_prog = nnx.jit(trainer.create_train_step_fn(),
                      donate_argnames=("optimizer",)).lower(
                          trainer.model, trainer.optimizer, ex).compile()
-    return memory_of(t_prog, s_prog)
+    return [t_prog, s_prog]
 
   name = "tunix + kd_jax loss" if kd_loss else "tunix"
   note = "AttentionTransferStrategy" if workload == "intermediate" else ""
-  return Side(name, run, logits, memory, note)
+  return Side(name, run, logits, compiled, note)
 
 
 def tunix_projection_params(spec: Spec) -> int:
@@ -329,13 +345,13 @@ def easydel_side(spec: Spec, workload: str, kd_loss: bool = False,
                                attention_mask=jnp.ones(tok.shape, jnp.int32))
     return np.asarray(out.logits)
 
-  def memory():
+  def compiled():
     with mesh:
-      return memory_of(step.lower(box["state"], batch, t_state).compile())
+      return [step.lower(box["state"], batch, t_state).compile()]
 
   name = "EasyDeL + kd_jax loss" if kd_loss else "EasyDeL"
   note = {"fused": "logits_chunk_size", "jsd": "gkd_step (teacher-forced)",
           "intermediate": "hidden_state_weight"}.get(workload, "")
   if kd_loss and workload == "fused":
     note = "fused_head_divergence"
-  return Side(name, run, logits, memory, note)
+  return Side(name, run, logits, compiled, note)
