@@ -71,9 +71,18 @@ Language models (`lm_config()`): `data` = a prepared text dataset
 (`experiments/prepare_corpus.py`): `data_dir`, `name`, `version`,
 `train_sequences` / `eval_sequences` (first N, 0 = all), `eval_splits`;
 `model` / teacher = `preset` (+ `overrides`) or `hf_dir`, `dtype`, `remat`
-(+ the teacher's `topk` / `cache_dir` for `precompute`); `generation` =
-`max_new_tokens` (0: train on the data), `lmbda`, `seq_kd`, `temperature`,
-`top_k`, `top_p` (Seq-KD / on-policy GKD, TRL's names; docs/lm.md).
+(+ the teacher's `topk` / `cache_dir` for `precompute`; the student's
+`init_checkpoint`: an LM run's workdir whose newest parameters start it);
+`generation` = `max_new_tokens` (0: train on the data; > 0: the loss covers
+the last `max_new_tokens` positions), `lmbda`, `seq_kd`, `temperature`,
+`top_k`, `top_p` (Seq-KD / on-policy GKD, TRL's names: `temperature` is the
+sampling temperature only; GKD's loss temperature is its `js_divergence`
+term's, default 1 as TRL); `minillm` = MiniLLM's procedure (`enabled`,
+`num_rollouts`, `chunk_size`, `pt`, `pt_positions`, and the authors'
+`teacher_mixed_alpha`, `reward_scaling`, `cliprange_reward`, `gamma`,
+`length_norm`, `whiten`, `cliprange`, `single_step_reg`, `lm_coef`,
+`kd_ratio`, `ppo_epochs`; `train.batch_size` is its PPO minibatch and
+`train.num_steps` counts its optimizer updates). docs/lm.md.
 """
 
 import ml_collections
@@ -283,6 +292,7 @@ def lm_config() -> ml_collections.ConfigDict:
       "version": "1.0.0", "train_sequences": 0, "eval_sequences": 0,
       "eval_splits": ("validation", "test")})
   c.model = lm_model()
+  c.model.init_checkpoint = ""  # an LM run's workdir: start from its params
   c.teacher = lm_model()
   c.teacher.checkpoint = ""
   c.teacher.precompute = False  # top-k cache of the training sequences
@@ -294,6 +304,15 @@ def lm_config() -> ml_collections.ConfigDict:
   c.generation = ml_collections.ConfigDict({
       "max_new_tokens": 0, "lmbda": 0.0, "seq_kd": False,
       "temperature": 0.9, "top_k": 0, "top_p": 0.0})
+  # MiniLLM (Gu et al., ICLR 2024): the authors' names and script values;
+  # the sizes (num_rollouts, chunk_size) are a small run's.
+  c.minillm = ml_collections.ConfigDict({
+      "enabled": False, "num_rollouts": 64, "chunk_size": 0, "pt": True,
+      "pt_positions": "all", "teacher_mixed_alpha": 0.2,
+      "reward_scaling": 0.5, "cliprange_reward": 100.0, "gamma": 0.95,
+      "length_norm": True, "whiten": True, "cliprange": 0.2,
+      "single_step_reg": True, "lm_coef": 1.0, "kd_ratio": 0.5,
+      "ppo_epochs": 4})
   c.loss = ml_collections.ConfigDict({
       "ce_weight": 1.0, "terms": ml_collections.ConfigDict(),
       "fused_head": False, "chunk_size": 1024})

@@ -145,7 +145,10 @@ def parse_flags(argv):
       _fail(_unknown_key_message(e.flagname, argv))
     _fail(str(e))
   except flags.Error as e:
-    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    if "Error whilst parsing config file" in str(e) and len(lines) > 1:
+      _fail(f"--config: cannot load {spec!r}: {lines[-1]}")  # get_config's
+    _fail(lines[0] if lines else type(e).__name__)
   except Exception as e:  # pylint: disable=broad-except  (config file errors)
     for a in argv[1:]:
       if a.startswith("--config."):

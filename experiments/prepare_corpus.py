@@ -7,9 +7,9 @@ licensed). About 4.0 M characters, 6 novels. Install it with either
 
   apt-get install --no-install-recommends r-cran-janeaustenr
       # -> /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb (pulls in R)
-  apt-get download r-cran-janeaustenr
-      # -> ./r-cran-janeaustenr_*.deb; this script reads the .deb directly,
-      #    no R needed
+  (cd DATA_DIR && apt-get download r-cran-janeaustenr)
+      # -> DATA_DIR/r-cran-janeaustenr_*.deb; this script finds it in
+      #    --data_dir and reads the .deb directly, no R needed
 
 Splits are whole novels (held-out text is a book the model never saw):
 train = Emma, Mansfield Park, Pride and Prejudice, Sense and Sensibility;
@@ -25,10 +25,15 @@ Output: ``<data_dir>/<name>/1.0.0/`` -- a TFDS ``array_record`` dataset
 ``kd_jax.data.text.load_tfds_tokens``) + ``tokenizer.json`` (byte-level BPE
 trained on the train split) + ``kd_jax_text.json`` (metadata).
 
-Usage:
-  python experiments/prepare_corpus.py --data_dir ~/tensorflow_datasets \
-      [--source /usr/lib/R/site-library/janeaustenr | FILE.deb] \
-      [--vocab_size 4096] [--seq_len 128] [--pre_tokenizer metaspace]
+Usage (the LM main job's dataset, configs/lm_jane_austen.py)::
+
+  mkdir -p workdirs/lm_data && (cd workdirs/lm_data && apt-get download r-cran-janeaustenr)
+  python experiments/prepare_corpus.py --data_dir workdirs/lm_data \
+      --name jane_austen_v2048_s64 --vocab_size 2048 --seq_len 64
+
+(``--source``: the package directory, its ``Rdata.rdb`` or the ``.deb``;
+default: the ``.deb`` in ``--data_dir``, else the installed package;
+``--pre_tokenizer metaspace`` for a SentencePiece-style tokenizer).
 """
 
 from __future__ import annotations
@@ -132,15 +137,30 @@ def lines_to_document(lines) -> str:
   return "\n".join(paragraphs)
 
 
-def austen_novels(source: str) -> dict:
-  """``{TITLE: text}`` of the six novels from the package (dir/.rdb/.deb)."""
+DEB_PATTERN = "r-cran-janeaustenr_*.deb"
+
+
+def find_source(data_dir: str) -> str:
+  """The package to read: the newest ``r-cran-janeaustenr_*.deb`` in
+  `data_dir` (where the documented ``apt-get download`` puts it), else the
+  installed package's directory."""
+  import glob  # pylint: disable=g-import-not-at-top
+  debs = sorted(glob.glob(os.path.join(data_dir, DEB_PATTERN)))
+  return debs[-1] if debs else DEFAULT_SOURCE
+
+
+def austen_novels(source: str, data_dir: str = "DATA_DIR") -> dict:
+  """``{TITLE: text}`` of the six novels from the package (dir/.rdb/.deb;
+  a directory without ``data/Rdata.rdb`` is searched for the .deb)."""
   if os.path.isdir(source):
-    source = os.path.join(source, "data", "Rdata.rdb")
+    rdb = os.path.join(source, "data", "Rdata.rdb")
+    source = rdb if os.path.exists(rdb) else find_source(source)
   if not os.path.exists(source):
     raise FileNotFoundError(
-        f"{source} not found: install the corpus with `apt-get install "
-        "--no-install-recommends r-cran-janeaustenr` or `apt-get download "
-        "r-cran-janeaustenr` and pass --source FILE.deb")
+        f"{source} not found: download the corpus into the data folder "
+        f"with `mkdir -p {data_dir} && (cd {data_dir} && apt-get download "
+        "r-cran-janeaustenr)` (or `apt-get install --no-install-recommends "
+        "r-cran-janeaustenr`, which pulls in R), or pass --source FILE.deb")
   if source.endswith(".deb"):
     rdb = _deb_member(source, RDB_IN_PACKAGE)
   else:
@@ -208,7 +228,8 @@ def _split_docs(args) -> tuple:
     splits = text_lib.split_documents(
         docs, {"train": 0.8, "validation": 0.1, "test": 0.1}, seed=args.seed)
     return splits, "plain text files", {"source": "plain text files"}
-  novels = austen_novels(args.source)
+  novels = austen_novels(args.source or find_source(args.data_dir),
+                         args.data_dir)
   splits = {s: [novels[t] for t in titles]
             for s, titles in AUSTEN_SPLITS.items()}
   meta = {"source": "Debian r-cran-janeaustenr (CRAN janeaustenr)",
@@ -221,8 +242,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--data_dir", required=True)
   p.add_argument("--name", default="jane_austen")
-  p.add_argument("--source", default=DEFAULT_SOURCE,
-                 help="janeaustenr package dir, its Rdata.rdb or the .deb")
+  p.add_argument("--source", default=None,
+                 help="janeaustenr package dir, its Rdata.rdb or the .deb "
+                 "(default: the .deb in --data_dir, else "
+                 f"{DEFAULT_SOURCE})")
   p.add_argument("--text_files", nargs="*", default=None)
   p.add_argument("--train_files", nargs="*", default=None)
   p.add_argument("--validation_files", nargs="*", default=None)

@@ -15,6 +15,10 @@ own workdir ``<workdir>/seed<k>/<phase>``:
   phase named in ``seed_experiment.distill_from`` gets its teacher phase's
   workdir as ``teacher.checkpoint`` (same seed, or the first seed's when the
   teacher phase is in ``seed_experiment.shared_phases``, trained once);
+* a phase named in ``seed_experiment.init_from`` starts its student from
+  the final parameters of another phase (``model.init_checkpoint`` = that
+  phase's workdir, same seed unless shared; language models: on-policy
+  methods continue a supervised student, as their papers do);
 * ``seed_experiment.scale`` (language models) multiplies every phase's
   model widths, steps and training sequences (`lm_config.scale`).
 
@@ -34,12 +38,14 @@ Results: one row per phase -- the task's metrics (`Task.metrics`: top-1
 accuracy, held-out perplexity per split) after the final evaluation and at
 the best one, mean ± std over seeds -- with, for distillation phases, the
 paired gain over ``seed_experiment.student_phase`` (same seed; > 0 =
-distillation helps) and its 95% t-interval (none for a phase whose network
-is not the student phase's, e.g. a TAKD assistant: "n/a (other
-network)"), the paired gains of the phase (or ensemble) pairs in
-``seed_experiment.comparisons`` (e.g. a method against plain KD), and wall
-time and throughput per phase. A phase's own metrics (BYOT's exits) get
-columns too. Printed, and saved as ``results.md`` / ``results.json``.
+distillation helps; ``seed_experiment.baselines.<phase>`` names another
+baseline phase, e.g. the student continued for the same budget) and its
+95% t-interval (none for a phase whose network is not the student phase's,
+e.g. a TAKD assistant: "n/a (other network)"), the paired gains of the
+phase (or ensemble) pairs in ``seed_experiment.comparisons`` (e.g. a method
+against plain KD), and wall time and throughput per phase. A phase's own
+metrics (BYOT's exits) get columns too. Printed, and saved as
+``results.md`` / ``results.json``.
 
 ``seed_experiment.ensembles = {name: (phase, ...)}`` (Born-Again
 Networks' BANE): after each seed's phases, the ensemble of those phases'
@@ -68,7 +74,8 @@ from kd_jax.trainer import loop
 from kd_jax.trainer import workdir as workdir_lib
 
 _KEYS = ("seeds", "phases", "order", "distill_from", "shared_phases",
-         "student_phase", "scale", "comparisons", "ensembles")
+         "student_phase", "scale", "comparisons", "ensembles", "init_from",
+         "baselines")
 _COSMETIC = (("train", "progress_bar"),)  # keys that do not change results
 
 
@@ -135,14 +142,17 @@ def validate(config) -> None:
     if p not in se.phases:
       raise trainer.ConfigError("seed_experiment.order", f"unknown phase "
                                 f"{p!r}; phases: {sorted(se.phases.keys())}.")
-  for d, t in se.distill_from.items():
-    if d not in phases:
-      raise trainer.ConfigError(f"seed_experiment.distill_from.{d}",
-                                f"unknown phase {d!r}; phases: {phases}.")
-    if t not in phases or phases.index(t) > phases.index(d):
-      raise trainer.ConfigError(
-          f"seed_experiment.distill_from.{d}",
-          f"teacher phase {t!r} must be a phase listed before {d!r}.")
+  for key in ("distill_from", "init_from", "baselines"):
+    for d, t in (se.get(key, None) or {}).items():
+      if d not in phases:
+        raise trainer.ConfigError(f"seed_experiment.{key}.{d}",
+                                  f"unknown phase {d!r}; phases: {phases}.")
+      if t not in phases or phases.index(t) > phases.index(d):
+        what = {"distill_from": "teacher", "init_from": "source",
+                "baselines": "baseline"}[key]
+        raise trainer.ConfigError(
+            f"seed_experiment.{key}.{d}",
+            f"{what} phase {t!r} must be a phase listed before {d!r}.")
   for p in se.get("shared_phases", ()):
     if p not in phases:
       raise trainer.ConfigError("seed_experiment.shared_phases",
@@ -169,7 +179,8 @@ def validate(config) -> None:
   for p in phases:
     pc = phase_config(config, p, tuple(se.seeds)[0])
     try:
-      rcs[p] = trainer.parse(pc, check_paths=p not in se.distill_from)
+      rcs[p] = trainer.parse(pc, check_paths=p not in se.distill_from
+                             and p not in _init_from(se))
     except trainer.ConfigError as e:
       raise trainer.ConfigError(f"seed_experiment.phases.{p}.{e.key}",
                                 str(e).split(": ", 1)[1]) from None
@@ -210,9 +221,10 @@ def _comparable(cfg_json):
   return d
 
 
-def reuse_decision(wd: str, pc, deps_reused: bool):
+def reuse_decision(wd: str, pc, deps_reused):
   """(reuse, why-not): a finished phase is reused only when its stored
-  config equals the current one and the phases it depends on were reused.
+  config equals the current one and the phases it depends on were reused
+  (`deps_reused`: True, or False / the name of the one that was not).
   `why-not` is None for a fresh or an interrupted-but-current phase (which
   then runs / resumes from its checkpoint in place), else the reason its
   old workdir is stale."""
@@ -227,8 +239,9 @@ def reuse_decision(wd: str, pc, deps_reused: bool):
   if diff:
     return False, "its config changed (" + "; ".join(diff[:3]) + (
         "; ..." if len(diff) > 3 else "") + ")"
-  if not deps_reused:
-    return False, "its teacher phase was run again"
+  if deps_reused is not True:
+    return False, (deps_reused if isinstance(deps_reused, str) else
+                   "its teacher phase") + " was run again"
   return finished, None
 
 
@@ -306,7 +319,21 @@ def phase_inputs(config, workdir, p, seed, seeds, reused):
     t_seed = seeds[0] if t in se.shared_phases else seed
     pc.teacher.checkpoint = os.path.join(workdir, f"seed{t_seed}", t)
     deps_ok = reused.get((t, t_seed), False)
+  if p in _init_from(se):
+    s = _init_from(se)[p]
+    s_seed = seeds[0] if s in se.shared_phases else seed
+    pc.model.init_checkpoint = os.path.join(workdir, f"seed{s_seed}", s)
+    if deps_ok and not reused.get((s, s_seed), False):
+      deps_ok = f"the phase it starts from ({s})"
   return wd, pc, deps_ok
+
+
+def _init_from(se) -> Dict[str, str]:
+  return dict(se.get("init_from", None) or {})
+
+
+def _baselines(se) -> Dict[str, str]:
+  return dict(se.get("baselines", None) or {})
 
 
 def _headline(rep: Dict[str, Any], metrics) -> str:
@@ -488,18 +515,36 @@ def summarize(config, reports) -> Dict[str, Any]:
               wall_s=[r["wall_s"] for r in uniq],
               train_s=[r["train_s"] for r in uniq],
               cache_s=[r.get("cache_s", 0.0) or 0.0 for r in uniq])
+    for k in _BUDGET:  # language models: what each phase trained on
+      if uniq[0].get(k) is not None:
+        ph[k] = uniq[0][k]
+    if p in _init_from(se):
+      ph["init_from"] = _init_from(se)[p]
     out["phases"][p] = ph
   student = se.get("student_phase", "")
-  if student in out["phases"]:
-    for p in [q for q in reports if q in se.distill_from]:
-      if out["phases"][p]["model"] != out["phases"][student]["model"]:
+  for p in reports:
+    base = _baselines(se).get(p, student if p in se.distill_from else "")
+    if base in out["phases"]:
+      if p not in _baselines(se) and (
+          out["phases"][p]["model"] != out["phases"][base]["model"]):
         continue  # another network (a TAKD assistant): no gain
-      out["gains"][p] = _gains(out["phases"][p], out["phases"][student],
+      out["gains"][p] = _gains(out["phases"][p], out["phases"][base],
                                metrics)
+      if p in _baselines(se):
+        out["gains"][p]["vs"] = base
   out["comparisons"] = {
       f"{a} vs {b}": _gains(out["phases"][a], out["phases"][b], metrics)
       for a, b in (se.get("comparisons", ()) or ())}
   return out
+
+
+_BUDGET = ("loss_tokens", "teacher_tokens", "generated_tokens")
+_BUDGET_NOTE = (" Budget columns (language models): loss tokens = the "
+                "target positions the loss sees over the phase (the tokens "
+                "of tokens/s); teacher tokens = tokens the teacher processes "
+                "(forward passes and its share of sampling; expected under "
+                "GKD's coin); sampled tokens = generated tokens; 'starts "
+                "from' = the phase whose final student it continues.")
 
 
 def _gains(ph_a, ph_b, metrics) -> Dict[str, Any]:
@@ -558,6 +603,9 @@ def format_markdown(config, results) -> str:
     header += [f"{m.label} last", f"{m.label} best"]
   if gain:
     header += [f"gain {gain.label} last", f"gain {gain.label} best"]
+  vs = bool(_baselines(se)) and gain
+  if vs:
+    header.append("gain vs")
   rows = []
   for p, v in ph.items():
     shared = " (1 run, shared)" if v["shared_across_seeds"] else ""
@@ -577,6 +625,8 @@ def format_markdown(config, results) -> str:
       row += ["n/a (other network)"] * 2
     elif gain:
       row += [_fmt_gain(g.get(f"{w}_{gain.key}")) for w in ("last", "best")]
+    if vs:
+      row.append(g.get("vs", se.get("student_phase", "")) if g else "")
     rows.append(row)
   lines.append(metrics_io.markdown_table(header, rows))
   if results.get("comparisons") and gain:
@@ -589,19 +639,24 @@ def format_markdown(config, results) -> str:
          for k, g in results["comparisons"].items()]))
   unit = "tokens" if any("tokens_per_sec" in v for v in ph.values()) else (
       "examples")
+  budget = any("loss_tokens" in v for v in ph.values())
   lines += ["", f"Per phase (mean over runs): wall time includes data "
             "loading, compilation, evaluation, checkpoints (and a teacher's "
             f"top-k cache); {unit}/s = trained {unit} / train-loop time "
             "(incl. compilation) and steady-state (after the first compiled "
-            "call).", ""]
+            "call)." + (_BUDGET_NOTE if budget else ""), ""]
   prow = [[p, v["mode"], f"{v['epochs']:.3g}", v["steps"], len(v["wall_s"]),
            f"{np.mean(v['wall_s']):.1f}", f"{np.mean(v['cache_s']):.1f}",
            _fmt_rate(v.get(f"{unit}_per_sec", [])),
            _fmt_rate(v.get(f"steady_{unit}_per_sec", []))]
+          + ([v.get("init_from", "")] + [_fmt_rate([v.get(k)])
+                                         for k in _BUDGET] if budget else [])
           for p, v in ph.items()]
   lines.append(metrics_io.markdown_table(
       ["phase", "mode", "epochs", "steps", "runs", "wall s", "cache s",
-       f"{unit}/s", f"steady {unit}/s"], prow))
+       f"{unit}/s", f"steady {unit}/s"]
+      + (["starts from", "loss tokens", "teacher tokens", "sampled tokens"]
+         if budget else []), prow))
   if "total_wall_s" in results:
     lines += ["", f"Total wall time: {results['total_wall_s']:.1f} s"]
   return "\n".join(lines)

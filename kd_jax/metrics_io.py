@@ -156,7 +156,8 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: str, *,
     axes[1].plot(x, [100 * v for v in y], "s--", label="eval top-5")
   axes[1].set_xlabel("epoch")
   axes[1].set_ylabel("accuracy (%)")
-  axes[1].legend(fontsize=8)
+  if axes[1].get_legend_handles_labels()[0]:  # (MiniLLM: no accuracy)
+    axes[1].legend(fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()

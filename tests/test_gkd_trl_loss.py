@@ -114,3 +114,43 @@ def test_empty_completion_is_zero_like_trl():
   labels[:] = -100
   assert np_trl_compute_loss(s, t, labels, 0.5) == 0.0
   assert kd_jax_gkd_loss(s, t, labels, 0.5) == 0.0
+
+
+def _bigram(variables, tokens, train=False, rngs=None):
+  del train, rngs
+  return variables["params"]["W"][tokens], {}
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_gkd_step_default_is_trl_compute_loss(beta):
+  """`make_gkd_step`'s defaults: the JSD at T = 1 (TRL's loss) on the
+  completion positions; ``lmbda = 0`` trains on the data completions, so
+  the step's loss is TRL's ``compute_loss`` with the prompt labels at
+  -100. TRL's sampling ``temperature`` is refused with the reason."""
+  import jax
+  import optax
+  from kd_jax.train import create_train_state
+  from kd_jax.train import lm_steps
+  v, b, length, prompt = 11, 3, 9, 4
+  rng = np.random.default_rng(3)
+  ws, wt = 2.0 * rng.standard_normal((2, v, v))
+  tokens = rng.integers(0, v, (b, length))
+  step = jax.jit(lm_steps.make_gkd_step(
+      _bigram, lambda tv, x: _bigram(tv, x), optax.sgd(0.0),
+      student_generate=lambda *a: None, prompt_len=prompt, lmbda=0.0,
+      beta=beta))
+  state = create_train_state({"params": {"W": jnp.asarray(ws, jnp.float32)}},
+                             optax.sgd(0.0), rng=jax.random.key(0))
+  _, metrics = step(state, {"params": {"W": jnp.asarray(wt, jnp.float32)}},
+                    {"tokens": jnp.asarray(tokens, jnp.int32)})
+  labels = tokens.copy()
+  labels[:, :prompt] = -100
+  want = np_trl_compute_loss(ws[tokens], wt[tokens], labels, beta)
+  np.testing.assert_allclose(float(metrics["js_divergence"]), want,
+                             rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+  with pytest.raises(ValueError, match="sampling temperature.*"
+                     "loss_temperature"):
+    lm_steps.make_gkd_step(_bigram, _bigram, optax.sgd(0.0),
+                           student_generate=None, prompt_len=prompt,
+                           temperature=0.9)

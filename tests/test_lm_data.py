@@ -224,6 +224,26 @@ def test_austen_from_deb_and_missing_source(tmp_path):
                          "--source", str(tmp_path / "nope.rdb")])
 
 
+def test_prepare_finds_the_deb_in_the_data_folder(tmp_path, capsys):
+  """The documented command: the .deb downloaded into --data_dir, no
+  --source; the dataset lands where the LM configs read it. Without the
+  .deb the error gives the download command for that folder."""
+  data = tmp_path / "lm_data"
+  data.mkdir()
+  if not os.path.exists(prepare_corpus.DEFAULT_SOURCE):  # not installed
+    with pytest.raises(SystemExit, match=f"mkdir -p {data} && \\(cd {data} "
+                       "&& apt-get download r-cran-janeaustenr\\)"):
+      prepare_corpus.main(["--data_dir", str(data), "--name", "ja_v300_s16",
+                           "--vocab_size", "300", "--seq_len", "16"])
+  _deb(data, _rdb([v * 30 for v in NOVELS.values()]))
+  prepare_corpus.main(["--data_dir", str(data), "--name", "ja_v300_s16",
+                       "--vocab_size", "300", "--seq_len", "16"])
+  meta = json.loads((data / "ja_v300_s16" / "1.0.0" /
+                     text.METADATA_FILE).read_text())
+  assert meta["seq_len"] == 16 and meta["vocab_size"] == 300
+  assert "Debian r-cran-janeaustenr" in meta["source"]
+
+
 def test_topk_cache_round_trip_and_zip(tmp_path):
   import ml_dtypes
   n, length, k = 6, 5, 4

@@ -50,6 +50,11 @@ _MODES = {
     "gkd": {"loss": {"ce_weight": 0.0, "terms": {"js_divergence": _JSD}},
             "generation": {"max_new_tokens": 4, "lmbda": 0.5,
                            "temperature": 0.9}},
+    # One outer step = 8 rollouts, ppo_epochs 1 -> U = 2 updates of 4.
+    "minillm": {"loss": {"ce_weight": 1.0, "terms": {}},
+                "generation": {"max_new_tokens": 4, "temperature": 1.0},
+                "minillm": {"enabled": True, "num_rollouts": 8,
+                            "ppo_epochs": 1, "chunk_size": 4}},
     "seq_kd": {"loss": {"ce_weight": 1.0, "terms": {}},
                "generation": {"max_new_tokens": 4, "seq_kd": True}},
     "topk": {"loss": {"ce_weight": 0.5, "terms": {"topk_kd": {
@@ -206,6 +211,18 @@ def test_gkd_on_policy_generation_on_mesh_equals_one_device(
                **{"generation.lmbda": 1.0, "teacher.sharding": "fsdp"})
   recs = _train_records(str(tmp_path / "mesh"))
   assert all(r["on_policy"] == 1.0 for r in recs)
+
+
+@pytest.mark.slow
+def test_minillm_on_mesh_equals_one_device(corpus, teacher, tmp_path):  # noqa: F811
+  """MiniLLM's outer steps (teacher-mixed sampling in chunks, the PPO
+  minibatch gathers, advantages whitened over the global minibatch) on the
+  mesh, rollouts FSDP-sharded: equal to the one-device run."""
+  _, got, _ = _one_vs_mesh(corpus, tmp_path, "minillm", teacher,
+                           **{"teacher.sharding": "fsdp"})
+  assert got["steps_per_call"] == 2
+  recs = _train_records(str(tmp_path / "mesh"))
+  assert all(abs(r["pg_loss"]) < 10 and r["reward"] != 0 for r in recs)
 
 
 def test_intermediate_layers_on_mesh_equal_one_device(corpus, teacher,  # noqa: F811

@@ -201,7 +201,7 @@ def test_gkd_step_matches_numpy(lmbda, seq_kd):
       bigram_apply, teacher_apply, optax.sgd(1.0),
       student_generate=greedy_bigram_generate(L),
       teacher_generate=greedy_bigram_generate(L), prompt_len=prompt_len,
-      lmbda=lmbda, beta=beta, temperature=temperature, seq_kd=seq_kd,
+      lmbda=lmbda, beta=beta, loss_temperature=temperature, seq_kd=seq_kd,
       eos_id=None))
   state = _state(w)
   new_state, metrics = step(state, {"params": {"W": jnp.asarray(wt)}},

@@ -18,6 +18,7 @@ import pytest
 from kd_jax import trainer
 from kd_jax.data import text
 from kd_jax.trainer import ConfigError
+from kd_jax.trainer import lm as trainer_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, VOCAB = 16, 300
@@ -309,8 +310,11 @@ def test_main_job_config_validates_and_scales(corpus):
   from experiments import seed_experiment as se_lib
   c = importlib.import_module("configs.lm_jane_austen").get_config()
   c.data.data_dir, c.data.name = corpus, "toy"
-  c.seed_experiment.phases.gkd_on_policy.generation.max_new_tokens = 4
-  se_lib.validate(c)  # the toy sequences have 16 tokens
+  stage_b = ("student_continued", "gkd_off_policy", "gkd_on_policy",
+             "minillm")
+  for p in stage_b:  # the toy sequences have 16 tokens
+    c.seed_experiment.phases[p].generation.max_new_tokens = 4
+  se_lib.validate(c)
   assert se_lib.phase_order(c)[0] == "teacher"
   base = se_lib.phase_config(c, "forward_kl", 0)
   c.seed_experiment.scale = 2.0
@@ -319,6 +323,19 @@ def test_main_job_config_validates_and_scales(corpus):
   assert big.data.train_sequences == 2 * base.data.train_sequences
   assert big.teacher.overrides.hidden_size == 2 * 128  # llama_1m: D=128
   assert se_lib.phase_config(c, "teacher", 0).data.train_sequences == 0
+  # MiniLLM's steps stay whole outer steps (U = 4 x 32 / 16 = 8 updates).
+  c.seed_experiment.scale = 0.25
+  m = se_lib.phase_config(c, "minillm", 0)
+  assert (m.train.num_steps, m.train.eval_every_steps) == (32, 8)
+  se_lib.validate(c)
+  # Stage B: every row the same loss tokens (32 rows x 4 continuation
+  # positions here) per update, starting from the supervised student.
+  c.seed_experiment.scale = 1.0
+  for p in stage_b:
+    rc = trainer.parse(se_lib.phase_config(c, p, 0), check_paths=False)
+    task_budget = trainer_lm.budget(rc)
+    assert task_budget["loss"] == 32 * 4, p
+    assert c.seed_experiment.init_from[p] == "student"
 
 
 def test_unknown_keys_are_refused_with_the_closest_name(corpus):

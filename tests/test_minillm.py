@@ -506,3 +506,37 @@ def test_update_fn_with_transformers():
                        params)
   assert min(jax.tree.leaves(moved)) > 0
   assert all(np.isfinite(float(x)) for x in metrics.values())
+
+
+def test_update_fn_flags_and_skips_nonfinite_updates():
+  """`on_nonfinite`: a NaN reward (here a NaN teacher) gives a NaN loss;
+  each update's ``nonfinite`` flag is 1, ``'skip_update'`` leaves the
+  parameters and the optimizer state as they were, ``'stop'`` only flags;
+  per-update metrics have shape [U]."""
+  import optax
+  v, p, r, n = 7, 2, 3, 4
+  s_apply = lambda params, x: params["W"][x]
+  t_apply = lambda tv, x: tv["W"][x]
+  fixed = jnp.asarray(np.random.default_rng(0).integers(2, v, (n, r)))
+  generate = lambda params, tv, prompts, key: jnp.concatenate(
+      [prompts, fixed[:prompts.shape[0]]], 1)
+  rng = np.random.default_rng(1)
+  params = {"W": f32(rng.standard_normal((v, v)))}
+  tokens = jnp.asarray(rng.integers(2, v, (n, p + r)))
+  cfg = M.MiniLLMConfig(teacher_mixed_alpha=None, ppo_epochs=2)
+  tx = optax.adam(1e-2)
+  for mode, teacher in (("skip_update", np.nan), ("stop", np.nan),
+                        ("skip_update", 1.0)):
+    tv = {"W": f32(np.full((v, v), teacher) * rng.standard_normal((v, v)))}
+    step = jax.jit(M.make_update_fn(
+        s_apply, t_apply, generate, tx, cfg, prompt_len=p, batch_size=2,
+        eos_id=EOS, per_update_metrics=True, on_nonfinite=mode))
+    new, opt, m = step(params, tx.init(params), tv, {"tokens": tokens},
+                       jax.random.key(0))
+    assert m["nonfinite"].shape == m["pg_loss"].shape == (4,)
+    bad = np.isnan(teacher)
+    np.testing.assert_array_equal(m["nonfinite"], [float(bad)] * 4)
+    same = np.array_equal(new["W"], params["W"])
+    assert same == (bad and mode == "skip_update"), (mode, teacher)
+    if same:
+      assert int(opt[0].count) == 0

@@ -328,7 +328,9 @@ def minillm_loss(student_logits, teacher_logits, rollout: Rollout,
 def make_update_fn(student_apply, teacher_apply, generate, tx,
                    config: MiniLLMConfig, *, prompt_len: int,
                    batch_size: int, chunk_size: Optional[int] = None,
-                   eos_id: Optional[int] = None, axis_name=None):
+                   eos_id: Optional[int] = None, axis_name=None,
+                   per_update_metrics: bool = False,
+                   on_nonfinite: Optional[str] = None):
   """One MiniLLM outer step -- a rollout and its PPO updates -- as a pure
   function (jit it; no host loop).
 
@@ -336,7 +338,9 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
   opt_state, metrics)`` with ``batch = {"tokens": int [N, L]}`` (the
   prompts are ``tokens[:, :prompt_len]``; N = the authors'
   ``num_rollouts``) and optionally ``"pt_tokens": int [U, b', L']``, one
-  plain-text batch per update (``U = ppo_epochs * (N // batch_size)``).
+  plain-text batch per update (``U = ppo_epochs * (N // batch_size)``),
+  with an optional bool ``"pt_mask"`` ``[U, b', L']`` (which tokens are
+  pre-training *targets*, as the LM steps' ``mask``; default all).
 
   1. Rollout, in chunks of `chunk_size` rows (``lax.map``; default all N):
      ``generate(params, teacher_variables, prompts, key) -> [n, L]``
@@ -360,14 +364,25 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
     chunk_size: rollout chunk rows (``--chunk-size``), dividing N.
     axis_name: data-parallel axis (``pmap``): gradients and metrics are
       averaged over it, advantages whitened over the global minibatch.
+    per_update_metrics: metrics of shape ``[U]`` (each update's; the
+      rollout's repeated) instead of their means.
+    on_nonfinite: None, or ``'stop'`` / ``'skip_update'`` (as the engine's
+      `kd_jax.train.step_utils.nonfinite_guard`): a ``nonfinite`` metric
+      per update (NaN / inf loss or gradients) and, with
+      ``'skip_update'``, such updates leave parameters and optimizer state
+      as they were.
 
   Returns:
     The step function; its metrics are the updates' means of
     `minillm_loss`'s terms plus the rollout's `rollout_metrics` (means over
     the chunks).
   """
+  if on_nonfinite not in (None, "stop", "skip_update"):
+    raise ValueError(f"on_nonfinite must be None, 'stop' or 'skip_update'; "
+                     f"got {on_nonfinite!r}")
   spec = _StepSpec(student_apply, teacher_apply, generate, tx, config,
-                   prompt_len, batch_size, chunk_size, eos_id, axis_name)
+                   prompt_len, batch_size, chunk_size, eos_id, axis_name,
+                   on_nonfinite)
 
   def step(params, opt_state, tv, batch, rng):
     k_gen, k_order = jax.random.split(rng)
@@ -380,11 +395,22 @@ def make_update_fn(student_apply, teacher_apply, generate, tx,
       raise ValueError(f"pt_tokens needs one batch per update: "
                        f"{order.shape[0]} (ppo_epochs x N // batch_size), "
                        f"got {pt.shape[0]}")
+    pt_mask = batch.get("pt_mask")
+    if pt_mask is not None and (pt is None or pt_mask.shape != pt.shape):
+      raise ValueError(f"pt_mask must have pt_tokens' shape "
+                       f"{None if pt is None else tuple(pt.shape)}; got "
+                       f"{tuple(pt_mask.shape)}")
     update = functools.partial(_ppo_update, spec, tv, rollout)
     (params, opt_state), ms = jax.lax.scan(update, (params, opt_state),
-                                           (order, pt))
-    metrics = {k: jnp.mean(v) for k, v in ms.items()}
-    metrics.update({k: jnp.mean(v) for k, v in roll_metrics.items()})
+                                           (order, pt, pt_mask))
+    u = order.shape[0]
+    if per_update_metrics:
+      metrics = dict(ms)
+      metrics.update({k: jnp.broadcast_to(jnp.mean(v), (u,))
+                      for k, v in roll_metrics.items()})
+    else:
+      metrics = {k: jnp.mean(v) for k, v in ms.items()}
+      metrics.update({k: jnp.mean(v) for k, v in roll_metrics.items()})
     if axis_name is not None:
       metrics = jax.lax.pmean(metrics, axis_name)
     return params, opt_state, metrics
@@ -403,6 +429,7 @@ class _StepSpec(NamedTuple):
   chunk_size: Optional[int]
   eos_id: Optional[int]
   axis_name: Any
+  on_nonfinite: Optional[str] = None
 
 
 def _rollout(spec: _StepSpec, params, tv, tokens, key):
@@ -436,7 +463,7 @@ def _ppo_update(spec: _StepSpec, tv, rollout: Rollout, carry, xs):
   minibatch (and the pt batch), `minillm_loss`, the optimizer."""
   import optax  # pylint: disable=g-import-not-at-top
   params, opt_state = carry
-  idx, pt_tokens = xs
+  idx, pt_tokens, pt_mask = xs
   mb = select(rollout, idx)
   t_mb = jax.lax.stop_gradient(spec.teacher_apply(tv, mb.tokens[:, :-1]))
   pt_t = None
@@ -446,8 +473,10 @@ def _ppo_update(spec: _StepSpec, tv, rollout: Rollout, carry, xs):
   def loss_fn(p):
     pt_batch = None
     if pt_tokens is not None:
+      where = (jnp.ones(pt_tokens[:, 1:].shape, bool) if pt_mask is None
+               else pt_mask[:, 1:].astype(bool))
       pt_batch = (spec.student_apply(p, pt_tokens[:, :-1]), pt_t,
-                  pt_tokens[:, 1:], jnp.ones(pt_tokens[:, 1:].shape, bool))
+                  pt_tokens[:, 1:], where)
     return minillm_loss(spec.student_apply(p, mb.tokens[:, :-1]), t_mb, mb,
                         spec.config, prompt_len=spec.prompt_len, pt=pt_batch,
                         axis_name=spec.axis_name)
@@ -455,5 +484,15 @@ def _ppo_update(spec: _StepSpec, tv, rollout: Rollout, carry, xs):
   grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
   if spec.axis_name is not None:
     grads, metrics = jax.lax.pmean((grads, metrics), spec.axis_name)
-  updates, opt_state = spec.tx.update(grads, opt_state, params)
-  return (optax.apply_updates(params, updates), opt_state), metrics
+  updates, new_opt = spec.tx.update(grads, opt_state, params)
+  new = optax.apply_updates(params, updates)
+  if spec.on_nonfinite is not None:
+    finite = (jnp.isfinite(metrics["tot_loss"])
+              & jnp.isfinite(optax.global_norm(grads)))
+    metrics = dict(metrics, nonfinite=jnp.logical_not(finite).astype(
+        jnp.float32))
+    if spec.on_nonfinite == "skip_update":
+      keep = lambda a, b: jax.tree.map(  # noqa: E731
+          lambda x, y: jnp.where(finite, x, y), a, b)
+      new, new_opt = keep(new, params), keep(new_opt, opt_state)
+  return (new, new_opt), metrics

@@ -453,21 +453,35 @@ def make_gkd_step(student_apply, teacher_apply, tx, *,
                   student_generate: Callable, prompt_len: int,
                   teacher_generate: Optional[Callable] = None,
                   lmbda: float = 0.5, beta: float = 0.5,
-                  temperature: float = 0.9, seq_kd: bool = False,
+                  loss_temperature: float = 1.0, seq_kd: bool = False,
                   eos_id: Optional[int] = None,
                   vocab_size: Optional[int] = None,
                   axis_name: Optional[str] = None,
-                  rng_streams: Sequence[str] = ("dropout",)):
-  """On-policy GKD with TRL ``GKDTrainer``'s ``lmbda, beta, temperature,
-  seq_kd``: `Generation` + ``js_divergence(beta, temperature)`` on the
-  completion tokens, no NLL term."""
-  _check_divergence("js_divergence", temperature, beta)
+                  rng_streams: Sequence[str] = ("dropout",),
+                  temperature: Optional[float] = None):
+  """On-policy GKD with TRL ``GKDTrainer``'s ``lmbda, beta, seq_kd``:
+  `Generation` + ``js_divergence(beta)`` on the completion tokens, no NLL
+  term.
+
+  TRL's ``temperature`` (0.9) is the *sampling* temperature: it belongs to
+  the generate functions (``lm.make_generate_fn(temperature=0.9)``), and
+  TRL computes ``generalized_jsd_loss`` at temperature 1. The loss
+  temperature here is `loss_temperature` (default 1, TRL's); passing
+  `temperature` is an error that says so.
+  """
+  if temperature is not None:
+    raise ValueError("temperature is TRL's sampling temperature: give it to "
+                     "student_generate / teacher_generate (lm.make_generate_fn"
+                     "(temperature=...)); the loss temperature is "
+                     "loss_temperature (TRL: 1)")
+  _check_divergence("js_divergence", loss_temperature, beta)
   if not 0.0 <= lmbda <= 1.0:
     raise ValueError(f"lmbda must be in [0, 1], got {lmbda}")
   if seq_kd and teacher_generate is None:
     raise ValueError("seq_kd=True needs teacher_generate")
   obj = _objective(0.0, 1.0, divergence="js_divergence",
-                   temperature=temperature, beta=beta, vocab_size=vocab_size)
+                   temperature=loss_temperature, beta=beta,
+                   vocab_size=vocab_size)
   gen = Generation(prompt_len, lmbda=lmbda, seq_kd=seq_kd, eos_id=eos_id,
                    student_generate=student_generate,
                    teacher_generate=teacher_generate)

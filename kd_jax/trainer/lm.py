@@ -7,13 +7,19 @@ restored into its placement), the token-level `Objective`
 (`terms.build_objective`), the optimizer (`kd_jax.train.optim`), and the
 engine's one LM step (`kd_jax.train.lm_steps.make_lm_step`) with the run's
 options: `generation` (Seq-KD / on-policy GKD), the teacher's top-k cache
-(``teacher.precompute``) or the fused head loss (``loss.fused_head``).
+(``teacher.precompute``) or the fused head loss (``loss.fused_head``);
+or, with ``minillm.enabled``, MiniLLM's outer steps (`lm_minillm`: one call
+= rollouts + U optimizer updates; the loop's steps count the updates).
+``model.init_checkpoint`` starts the student from another run's newest
+parameters. ``units['tokens']`` and the report's ``loss_tokens`` /
+``teacher_tokens`` / ``generated_tokens`` are the run's budget (`budget`).
 Held-out perplexity :math:`\\exp(\\sum \\mathrm{nll} / \\sum n)` of every
 ``data.eval_splits`` split is the evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Dict, List, Optional
 
@@ -23,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import distillers as distillers_lib
+from kd_jax import logs
 from kd_jax.models import lm as lm_models
+from kd_jax.train import checkpoints as ckpt_lib
 from kd_jax.train import create_train_state
 from kd_jax.train import lm_steps
 from kd_jax.train import mesh_losses
@@ -32,7 +40,9 @@ from kd_jax.train import objectives as objectives_lib
 from kd_jax.train import optim
 from kd_jax.train import steps as steps_lib
 from kd_jax.trainer import config as config_lib
+from kd_jax.trainer import lm_config
 from kd_jax.trainer import lm_data
+from kd_jax.trainer import lm_minillm
 from kd_jax.trainer import loop
 from kd_jax.trainer import placement as placement_lib
 from kd_jax.trainer import teachers as teachers_lib
@@ -109,6 +119,24 @@ def _generation(rc, student, teacher) -> Optional[lm_steps.Generation]:
       teacher_generate=gen_fn(teacher) if g.seq_kd else None)
 
 
+def budget(rc) -> Dict[str, float]:
+  """Per optimizer step: ``loss`` (target tokens the loss sees: every
+  position, or the completion positions when text is generated),
+  ``teacher`` (tokens the teacher processes: its forward, its generation;
+  expected values under GKD's coin) and ``generated`` (sampled tokens)."""
+  if rc.section("minillm").enabled:
+    return lm_minillm.budget(rc)
+  g, b, length = rc.section("generation"), rc.train.batch_size, (
+      rc.data.seq_len - 1)
+  new = g.max_new_tokens
+  has_teacher = rc.teacher is not None and not rc.teacher.precompute
+  teacher = b * length if has_teacher and rc.loss.terms else 0.0
+  gen_teacher = (1 - g.lmbda) * g.seq_kd if new else 0.0
+  teacher += gen_teacher * b * length
+  return {"loss": b * (new or length), "teacher": teacher,
+          "generated": (g.lmbda + gen_teacher) * b * new}
+
+
 def _features(rc) -> tuple:
   """What the models' features must hold for the run's distiller terms
   (their `lm_features`)."""
@@ -147,10 +175,18 @@ class LMTask(loop.Task):
       placement_lib.check_rules(rc, self.placement, None, [jax.eval_shape(
           lambda: init_variables(self.teacher, 0))])
     tokens = lm_data.source(rc, "train", rc.data.train_sequences)
-    self.steps_per_epoch = max(1, len(tokens) // rc.train.batch_size)
+    self.minillm = rc.section("minillm").enabled
+    if self.minillm:
+      u = lm_config.minillm_updates(rc)
+      spc = -(-rc.train.steps_per_call // u) * u  # whole outer steps
+      self.rc = rc = dataclasses.replace(rc, train=dataclasses.replace(
+          rc.train, steps_per_call=spc))
+      self.steps_per_epoch = lm_minillm.steps_per_epoch(rc, len(tokens))
+    else:
+      self.steps_per_epoch = max(1, len(tokens) // rc.train.batch_size)
     self.total_steps = config_lib.total_steps(rc, self.steps_per_epoch)
-    length = rc.data.seq_len - 1
-    self.units = {"tokens": rc.train.batch_size * length,
+    self.budget = budget(rc)
+    self.units = {"tokens": self.budget["loss"],
                   "examples": rc.train.batch_size}
     self.tx, self.schedule = optim.make_optimizer(
         rc.optimizer, steps_per_epoch=self.steps_per_epoch,
@@ -162,6 +198,15 @@ class LMTask(loop.Task):
 
   def _programs(self):
     rc, p = self.rc, self.placement
+    if self.minillm:
+      step = lm_minillm.make_step(rc, self.student, self.teacher, self.tx)
+      fn = lambda state, consts, batch: step(  # noqa: E731
+          state, consts["teacher"], batch)
+      self.single = p.compile(fn)
+      self.multi = p.compile(steps_lib.make_multi_step(fn), stacked=True)
+      self.eval_fn = p.compile(lm_steps.make_lm_eval_step(
+          self.student, axis_name=p.axis_name), donate_state=False)
+      return
     fused = None
     if rc.loss.fused_head:
       # On a mesh each device computes the head loss of its own tokens
@@ -200,12 +245,26 @@ class LMTask(loop.Task):
     rc = self.rc
     s_vars = (self._s_vars if self._s_vars is not None
               else init_variables(self.student, rc.seed))
+    if rc.model.init_checkpoint:
+      s_vars = self._init_from_checkpoint(s_vars)
     state = create_train_state(s_vars, self.tx,
                                rng=jax.random.key(rc.seed + 1))
     if self.objective.distiller_terms:
       state = self._init_distillers(state)
     placement_lib.check_rules(rc, self.placement, state, [])
     return state
+
+  def _init_from_checkpoint(self, s_vars):
+    """The student's parameters from an LM run's newest checkpoint (its
+    architecture checked against `model` from the metadata)."""
+    abstract = jax.eval_shape(lambda: s_vars)
+    with logs.quiet_absl("Metadata file does not exist"):
+      try:
+        return ckpt_lib.load_teacher_variables(
+            teachers_lib.checkpoint_dir(self.rc.model.init_checkpoint),
+            abstract)
+      except (ckpt_lib.CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ConfigError("model.init_checkpoint", str(e)) from None
 
   def _init_distillers(self, state):
     """The distillers' params / state from the first batch through both
@@ -242,7 +301,10 @@ class LMTask(loop.Task):
     rc, p = self.rc, self.placement
     consts, info = {}, {"model_params": self.student.config.num_params,
                         "seq_len": rc.data.seq_len,
-                        "tokens_per_step": self.units["tokens"]}
+                        "tokens_per_step": self.units["tokens"],
+                        "init_checkpoint": rc.model.init_checkpoint or None}
+    info.update({f"{k}_tokens": v * self.total_steps
+                 for k, v in self.budget.items()})
     tv = None
     if self.teacher is not None:
       tv = self.teacher_variables()
@@ -250,8 +312,12 @@ class LMTask(loop.Task):
       if not rc.teacher.precompute:
         consts["teacher"] = tv
       clock.tick("teacher_ready")
-    self.ds, cache = lm_data.train_dataset(rc, self.teacher, tv, p)
-    info.update(cache)
+    if self.minillm:
+      self.ds = lm_minillm.Feed(rc, lm_data.source(
+          rc, "train", rc.data.train_sequences))
+    else:
+      self.ds, cache = lm_data.train_dataset(rc, self.teacher, tv, p)
+      info.update(cache)
     self.eval_batches = {s: [lm_data.shard(p, b)
                              for b in lm_data.eval_batches(rc, s)]
                          for s in rc.data.eval_splits}
@@ -262,6 +328,10 @@ class LMTask(loop.Task):
     return consts, info
 
   def call(self, step: int, n: int):
+    if self.minillm:
+      batch, stacked = self.ds.batch(step, n)
+      fn = self.multi if stacked else self.single
+      return fn, lm_data.shard(self.placement, batch, stacked=stacked)
     if n == 1 and self.rc.train.steps_per_call == 1:
       return self.single, lm_data.shard(self.placement, self.ds[step])
     rows = [self.ds[s] for s in range(step, step + n)]

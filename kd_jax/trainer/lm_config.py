@@ -11,11 +11,27 @@
   of the training sequences once (in ``cache_dir``, default
   ``<teacher>/topk_cache``); the loss terms are then top-k losses
   (``topk_kd``).
+* ``model.init_checkpoint``: an LM run's workdir whose newest checkpoint's
+  parameters start the student (a fresh optimizer; on-policy GKD and
+  MiniLLM start from a supervised student, as their papers do).
 * ``generation``: completions generated inside the step after a prompt of
   ``seq_len - max_new_tokens`` tokens (0: off, train on the data): by the
   teacher (``seq_kd``: Seq-KD) and/or, with probability ``lmbda``, by the
   student (on-policy GKD, TRL's names), sampled at ``temperature`` with
-  optional ``top_k`` / ``top_p``.
+  optional ``top_k`` / ``top_p``. With ``lmbda = 0`` and no ``seq_kd`` the
+  loss covers the data's completion positions (supervised KD / SFT on the
+  same positions). GKD's loss temperature is its ``js_divergence`` term's
+  ``temperature`` (default 1, TRL's: sampling only uses ``temperature``).
+* ``minillm`` (``enabled``): MiniLLM (`kd_jax.distillers.minillm`, the
+  authors' names): each call is one outer step -- ``num_rollouts``
+  teacher-mixed samples of the prompts, then ``ppo_epochs`` passes of
+  ``train.batch_size``-row minibatch updates (U = ppo_epochs x num_rollouts
+  / batch_size optimizer steps; ``train.num_steps``, the LR schedule and
+  checkpoints count those updates) with a pre-training batch of
+  ``train.batch_size`` training sequences per update (``pt``). The student
+  samples ``generation.max_new_tokens`` tokens at
+  ``generation.temperature`` (the authors' ``--temperature``: the
+  log-probabilities and the single-step term use it too).
 
 Token KD is an objective like every other: ``loss.terms.forward_kl =
 {'weight': 0.5, 'temperature': 1.0}`` (``reverse_kl``, ``js_divergence``
@@ -31,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Mapping, Optional, Tuple
 
 from kd_jax.trainer import config as config_lib
@@ -67,6 +84,9 @@ class LMModelConfig:
   dtype: str = "bfloat16"
   remat: bool = False
   scan_layers: bool = False  # the blocks as one nn.scan (stacked params)
+  # An LM run's workdir: its newest checkpoint's parameters start the
+  # student (fresh optimizer state, step 0).
+  init_checkpoint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +118,59 @@ class GenerationConfig:
   top_p: float = 0.0
 
 
-def read_metadata(folder: str, key: str = "data") -> dict:
+@dataclasses.dataclass(frozen=True)
+class MiniLLMSection:
+  """`config.minillm`: MiniLLM's procedure (`kd_jax.distillers.minillm`,
+  the authors' names; defaults = their training scripts' values except the
+  sizes)."""
+  enabled: bool = False
+  num_rollouts: int = 64      # prompts sampled per outer step
+  chunk_size: int = 0         # rollout rows per generation chunk (0: all)
+  pt: bool = True             # the pre-training term (False: *_no_pt)
+  pt_positions: str = "all"   # 'all' | 'completion' (positions >= prompt)
+  teacher_mixed_alpha: float = 0.2  # 0: sample from the student alone
+  reward_scaling: float = 0.5
+  cliprange_reward: float = 100.0   # 0: no clipping
+  gamma: float = 0.95
+  length_norm: bool = True
+  whiten: bool = True
+  cliprange: float = 0.2
+  single_step_reg: bool = True
+  lm_coef: float = 1.0
+  kd_ratio: float = 0.5
+  ppo_epochs: int = 4
+
+
+def prepare_command(data_dir: str, name: str) -> str:
+  """The command that prepares dataset `name` in `data_dir`: Jane Austen
+  (the .deb downloaded into the data folder) for ``jane_austen*`` names,
+  the sizes read from a ``*_v<vocab>_s<seq_len>`` suffix."""
+  m = re.search(r"_v(\d+)_s(\d+)$", name)
+  sizes = (f" --vocab_size {m.group(1)} --seq_len {m.group(2)}" if m else
+           " --vocab_size V --seq_len L")
+  cmd = (f"python experiments/prepare_corpus.py --data_dir {data_dir} "
+         f"--name {name}{sizes}")
+  if name.startswith("jane_austen"):
+    return (f"mkdir -p {data_dir} && (cd {data_dir} && apt-get download "
+            f"r-cran-janeaustenr) && {cmd}")
+  return cmd + " --text_files FILE ..."
+
+
+def read_metadata(folder: str, key: str = "data", *,
+                  data_dir: str = "", name: str = "") -> dict:
   """The prepared dataset's ``kd_jax_text.json`` (a `ConfigError` naming
-  the folder when it is missing)."""
+  the folder and the command that prepares it when it is missing)."""
   from kd_jax.data import text as text_lib  # pylint: disable=g-import-not-at-top
   path = os.path.join(folder, text_lib.METADATA_FILE)
+  how = ("prepare it with `" + prepare_command(data_dir, name)
+         + "` (docs/lm.md)"
+         if name else "prepare it with experiments/prepare_corpus.py "
+         "(docs/lm.md)")
   if not os.path.isdir(folder):
-    raise ConfigError(key, f"data folder {folder!r} not found; prepare it "
-                      "with experiments/prepare_corpus.py (see docs/lm.md).")
+    raise ConfigError(key, f"data folder {folder!r} not found; {how}.")
   if not os.path.isfile(path):
     raise ConfigError(key, f"{folder!r} is not a prepared text dataset (no "
-                      f"{text_lib.METADATA_FILE}); prepare it with "
-                      "experiments/prepare_corpus.py.")
+                      f"{text_lib.METADATA_FILE}); {how}.")
   with open(path) as f:
     return json.load(f)
 
@@ -120,7 +181,8 @@ def _validate_data(rc):
     v = getattr(d, key)
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
       raise ConfigError(f"data.{key}", f"must be an int >= 0; got {v!r}.")
-  meta = read_metadata(d.folder, "data.data_dir")
+  meta = read_metadata(d.folder, "data.data_dir", data_dir=d.data_dir,
+                       name=d.name)
   splits = tuple(d.eval_splits)
   for s in ("train",) + splits:
     if s not in meta.get("splits", {}):
@@ -189,6 +251,8 @@ def _validate_loss(rc) -> None:
     raise ConfigError("loss.terms", "task 'lm' in mode 'train' takes no "
                       f"terms; got {[s.label for s in lo.terms]} (teacher-free "
                       "distillers are image methods).")
+  if rc.section("minillm").enabled:
+    return  # MiniLLM's loss is its own (_validate_minillm)
   if rc.distill and not lo.terms and not g.seq_kd:
     raise ConfigError("loss.terms", "mode 'distill' needs a KD term (e.g. "
                       "{'forward_kl': {'weight': 0.5}}) or the teacher's "
@@ -217,12 +281,103 @@ def _validate_loss(rc) -> None:
                          token_level=True)
 
 
+def _validate_init(rc, check_paths: bool) -> None:
+  path = rc.model.init_checkpoint
+  if not path:
+    return
+  if rc.model.hf_dir:
+    raise ConfigError("model.init_checkpoint", "give model.hf_dir or "
+                      "model.init_checkpoint, not both.")
+  if check_paths and not os.path.exists(path):
+    raise ConfigError("model.init_checkpoint",
+                      f"path {path!r} does not exist.")
+
+
+def minillm_config(rc):
+  """The run's `kd_jax.distillers.minillm.MiniLLMConfig` (`ConfigError`
+  naming the key of a bad value)."""
+  from kd_jax.distillers import minillm  # pylint: disable=g-import-not-at-top
+  m, g = rc.section("minillm"), rc.section("generation")
+  kw = {f.name: getattr(m, f.name) for f in dataclasses.fields(
+      minillm.MiniLLMConfig) if hasattr(m, f.name)}
+  kw["temperature"] = g.temperature
+  kw["teacher_mixed_alpha"] = m.teacher_mixed_alpha or None  # 0: none
+  kw["cliprange_reward"] = m.cliprange_reward or None        # 0: none
+  for k in ("teacher_mixed_alpha", "reward_scaling", "cliprange_reward",
+            "gamma", "cliprange", "lm_coef", "kd_ratio"):
+    if kw[k] is not None:
+      config_lib.check_number(f"minillm.{k}", kw[k])
+  try:
+    return minillm.MiniLLMConfig(**kw)
+  except ValueError as e:
+    key, _, msg = str(e).partition(" ")
+    raise ConfigError(key, msg + ".") from None
+
+
+def minillm_updates(rc) -> int:
+  """U: optimizer updates of one MiniLLM outer step (= one call)."""
+  m = rc.section("minillm")
+  return m.ppo_epochs * (m.num_rollouts // rc.train.batch_size)
+
+
+def _validate_minillm(rc) -> None:
+  m, g, tr = rc.section("minillm"), rc.section("generation"), rc.train
+  if not m.enabled:
+    return
+  why = [(rc.mode != "distill", "mode", "needs mode 'distill'"),
+         (bool(rc.loss.terms) or rc.loss.fused_head, "loss.terms",
+          "MiniLLM's loss is its own (policy gradient + single-step reverse "
+          "KL + minillm.lm_coef x the pre-training term): leave loss.terms "
+          "empty and loss.fused_head off"),
+         (not g.max_new_tokens, "generation.max_new_tokens",
+          "MiniLLM samples responses: set max_new_tokens > 0"),
+         (g.lmbda > 0 or g.seq_kd, "generation", "lmbda / seq_kd are GKD's "
+          "and Seq-KD's; MiniLLM samples from the (teacher-mixed) student "
+          "itself"),
+         (g.top_k > 0 or 0 < g.top_p < 1, "generation.top_k",
+          "MiniLLM's losses take the full vocabulary: top_k / top_p must be "
+          "0 (the authors' scripts: top_k=0, top_p=1)"),
+         (tr.parallel == "pmap", "train.parallel", "MiniLLM runs on a mesh "
+          "('none' / 'jit'), not 'pmap'"),
+         (any(t.precompute for t in rc.teachers), "teacher.precompute",
+          "MiniLLM needs the teacher itself (rewards on sampled text), not "
+          "a top-k cache")]
+  for bad, key, msg in why:
+    if bad:
+      raise ConfigError(key, f"minillm.enabled: {msg}.")
+  config_lib.check_positive_int("minillm.num_rollouts", m.num_rollouts)
+  if m.num_rollouts % tr.batch_size:
+    raise ConfigError("minillm.num_rollouts", f"{m.num_rollouts} must be a "
+                      f"multiple of train.batch_size {tr.batch_size} (the "
+                      "PPO minibatch).")
+  c = m.chunk_size
+  if not isinstance(c, int) or c < 0 or (c and m.num_rollouts % c):
+    raise ConfigError("minillm.chunk_size", f"must be 0 (all rollouts at "
+                      f"once) or divide num_rollouts {m.num_rollouts}; got "
+                      f"{c!r}.")
+  if m.pt_positions not in ("all", "completion"):
+    raise ConfigError("minillm.pt_positions", f"must be 'all' or "
+                      f"'completion'; got {m.pt_positions!r}.")
+  minillm_config(rc)
+  u = minillm_updates(rc)
+  for key, v in (("train.num_steps", tr.num_steps),
+                 ("train.eval_every_steps", tr.eval_every_steps),
+                 ("checkpoint.every_steps", rc.checkpoint.every_steps)):
+    if v % u:
+      raise ConfigError(key, f"{v} is not a multiple of {u}, the updates of "
+                        f"one MiniLLM outer step (ppo_epochs {m.ppo_epochs} "
+                        f"x num_rollouts {m.num_rollouts} / batch_size "
+                        f"{tr.batch_size}).")
+
+
 def validate(rc, check_paths: bool):
   rc = dataclasses.replace(rc, data=_validate_data(rc))
   _validate_model("model", rc.model, teacher=False)
+  _validate_init(rc, check_paths)
   _validate_teachers(rc, check_paths)
   _validate_generation(rc)
   _validate_loss(rc)
+  _validate_minillm(rc)
   return rc
 
 
@@ -233,6 +388,9 @@ def debug(c) -> None:
   c.data.train_sequences = 16
   c.data.eval_sequences = 8
   c.train.eval_every_steps = 2
+  m = c.get("minillm", None)
+  if m is not None and m.get("enabled", False):
+    m.num_rollouts, m.ppo_epochs, m.chunk_size = c.train.batch_size, 1, 0
 
 
 def scaled_model(model: dict, scale: float) -> dict:
@@ -260,9 +418,16 @@ def scale(d: dict, factor: float) -> dict:
     if d.get(sec):
       d[sec] = scaled_model(d[sec], factor)
   tr = d["train"] = dict(d.get("train", {}))
+  m = d.get("minillm") or {}
+  u = 1  # a MiniLLM phase's steps stay whole outer steps of U updates
+  if m.get("enabled"):
+    u = (m.get("ppo_epochs", MiniLLMSection.ppo_epochs)
+         * (m.get("num_rollouts", MiniLLMSection.num_rollouts)
+            // max(1, tr.get("batch_size", 1))))
   for k in ("num_steps", "eval_every_steps", "log_every_steps"):
     if tr.get(k):
-      tr[k] = max(1, int(round(tr[k] * factor)))
+      q = u if k != "log_every_steps" else 1
+      tr[k] = max(q, int(round(tr[k] * factor / q)) * q)
   data = d["data"] = dict(d.get("data", {}))
   if data.get("train_sequences"):
     data["train_sequences"] = int(round(data["train_sequences"] * factor))
@@ -272,4 +437,4 @@ def scale(d: dict, factor: float) -> dict:
 config_lib.register_task("lm", config_lib.TaskSchema(
     data=TextDataConfig, model=LMModelConfig, teacher=LMTeacherConfig,
     validate=validate, debug=debug, scale=scale,
-    extra={"generation": GenerationConfig}))
+    extra={"generation": GenerationConfig, "minillm": MiniLLMSection}))
