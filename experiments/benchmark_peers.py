@@ -37,15 +37,22 @@ their second call: the optimizer's step counter changes sharding / weak
 type after the first donated call), XLA's compiled peak (arguments + outputs - aliased + temporaries;
 for tunix the larger of its two programs), tokens / s = B * S / steady.
 
+XLA GFLOP / GB = `cost_analysis()` of the same programs (flops, bytes
+accessed): equal work with unequal time points at how XLA ran it (``--hlo``
+writes each program's optimized HLO to ``OUT/hlo`` to read why).
+
 The peers pin other versions than kd_jax's environment (EasyDeL 0.3.0:
 jax 0.9.x, flax 0.12.3), so everything -- kd_jax included, ``pip install
 -e .`` -- runs in one virtual environment this script creates
-(``--venv``, default ``workdirs/peers_venv``) and re-runs itself in.
+(``--venv``, default ``workdirs/peers_venv``, ~3 GB) and re-runs itself in,
+with JAX's persistent compilation cache off (EasyDeL's ``ejit`` turns it
+on).
 
-Usage (one command, from the repository root; the first run installs the
-peers, ~5 min):
-  python -m experiments.benchmark_peers [--workloads forward_kl,jsd,fused,intermediate]
-      [--batch 32 --seq 64 --vocab 2048] [--rounds 5 --steps 5] [--out workdirs/peers]
+Usage (one command from a fresh clone, repository root, Python >= 3.11 with
+``venv``; the first run installs the peers: ~2.5 min from a local wheel
+mirror, then ~14 min for the default table on 2 loaded cores):
+  python3 -m experiments.benchmark_peers [--workloads forward_kl,jsd,fused,intermediate]
+      [--batch 32 --seq 64 --vocab 2048] [--rounds 5 --steps 5] [--out workdirs/peers] [--hlo]
 """
 
 from __future__ import annotations

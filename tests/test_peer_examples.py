@@ -4,7 +4,8 @@
 The peers are not dependencies of kd_jax: these tests skip unless they are
 installed, i.e. they run in the environment `experiments/benchmark_peers.py
 --setup` creates (``workdirs/peers_venv/bin/python -m pytest -q
-tests/test_peer_examples.py``), never in CI. The references are the peers'
+tests/test_peer_examples.py``; the tunix ones also after ``pip install -e
+'.[tunix]'``), not in CI (the extra would downgrade transformers there). The references are the peers'
 own losses (tunix ``LogitStrategy``, EasyDeL ``distillation_step``) and
 float64 NumPy.
 """
