@@ -358,6 +358,8 @@ def make_lm_step(student_apply, teacher_apply, objective: Objective, tx, *,
       variables = student_variables(trainable["student"], state.batch_stats)
       out = student_fn(variables, inputs, train=True, rngs=rngs)
       logits, feats, updates = step_utils.split_apply_output(out)
+      if logits is not None:  # its cotangent summed once (XLA:CPU)
+        logits = step_utils.gradient_boundary(logits)
       if loss_of is not None:
         loss, metrics = loss_of(feats, variables, t_out, targets, tmask)
         return loss, (metrics, updates, state.distiller_state)
