@@ -138,6 +138,95 @@ def test_error_counter_against_numpy():
                              deltas)
 
 
+def _phase_val(size, **data):
+  c = _phase(train_subset=0, **data)
+  c.evaluation.bias_shift_classes = (3,)
+  c.evaluation.validation_size = size
+  return c
+
+
+def test_validation_split_is_held_out_before_the_classes_go():
+  """`evaluation.validation_size`: N examples of the full training split
+  (3s included), the same on every load and for every seed, disjoint from
+  the transfer set, which is the rest minus the 3s, in order; off (0) the
+  data is what it was."""
+  full = feeds.load_data(trainer.parse(_phase(train_subset=0)))
+  assert full.val_pipe is None and full.val_batches() is None
+  x, y = np.asarray(full.train.images), np.asarray(full.train.labels)
+  rows = {r.tobytes(): i for i, r in enumerate(x)}
+  assert len(rows) == len(x)  # (mock images are distinct: rows name them)
+
+  def load(seed=0):
+    c = _phase_val(40, omit_classes=(3,))
+    c.seed = seed
+    d = feeds.load_data(trainer.parse(c))
+    vb = list(d.val_batches())
+    vx = np.concatenate([b["image"] for b in vb])
+    vy = np.concatenate([b["label"] for b in vb])
+    return d, vx, vy
+
+  d, vx, vy = load()
+  val_idx = np.asarray([rows[r.tobytes()] for r in vx])
+  assert len(val_idx) == 40 and len(set(val_idx)) == 40
+  np.testing.assert_array_equal(vy, y[val_idx])
+  assert (vy == 3).sum() == round(40 * (y == 3).mean())  # stratified, has 3s
+  rest = np.setdiff1d(np.arange(len(y)), val_idx)
+  rest = rest[y[rest] != 3]
+  np.testing.assert_array_equal(np.asarray(d.train.images), x[rest])
+  np.testing.assert_array_equal(np.asarray(d.train.labels), y[rest])
+  for seed in (0, 5):  # deterministic, and not tied to the run's seed
+    d2, vx2, vy2 = load(seed)
+    np.testing.assert_array_equal(vx2, vx)
+    np.testing.assert_array_equal(np.asarray(d2.train.labels), y[rest])
+  with pytest.raises(trainer.ConfigError, match=r"evaluation\.validation_"
+                     r"size: 256 leaves none of the 256 training"):
+    feeds.load_data(trainer.parse(_phase_val(256)))
+
+
+def test_validation_chosen_shift_against_numpy():
+  """`shift_val`: the grid's argmin (ties to the smallest |shift|) of the
+  errors on the validation logits; `errors_shifted_val` /
+  `errors_on_shifted_val`: the TEST errors with it -- a float64 NumPy
+  brute force over the same logits."""
+  model = _Linear()
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(500, 3, 3, 1)).astype(np.float32)
+  y = rng.integers(0, 4, size=500)
+  v = model.init(jax.random.key(3), jnp.asarray(x[:1]))
+  z = np.asarray(model.apply(v, jnp.asarray(x))[0], np.float64)
+  ev = classify_config.EvaluationConfig(
+      bias_shift_classes=(2,), bias_shift_grid=(-3.0, 3.0, 0.5),
+      validation_size=200)
+  counter = error_counts.ErrorCounter(model, ev, lambda b: b)
+  batches = lambda lo, hi: [  # noqa: E731
+      {"image": x[i:min(i + 64, hi)], "label": y[i:min(i + 64, hi)]}
+      for i in range(lo, hi, 64)]
+  out = counter(v, batches(200, 500), batches(0, 200))
+  assert "shift_val" not in counter(v, batches(200, 500))
+  deltas = np.arange(-6, 7) * 0.5
+
+  def errs(d, sl):
+    zz = z[sl].copy()
+    zz[:, 2] += d
+    wrong = zz.argmax(-1) != y[sl]
+    return wrong.sum(), (wrong & (y[sl] == 2)).sum()
+
+  val, test = slice(0, 200), slice(200, 500)
+  order = lambda tab: min(range(len(deltas)), key=lambda i: (  # noqa: E731
+      tab[i][0], abs(deltas[i]), deltas[i]))
+  bv = order([errs(d, val) for d in deltas])
+  bt = order([errs(d, test) for d in deltas])
+  assert deltas[bv] != deltas[bt]  # (the data tell the two choices apart)
+  assert out["shift_val"] == pytest.approx(deltas[bv])
+  assert (out["errors_shifted_val"], out["errors_on_shifted_val"]) == errs(
+      deltas[bv], test)
+  assert out["shift"] == pytest.approx(deltas[bt])
+  assert out["errors_shifted_val"] >= out["errors_shifted"]
+  names = [m.key for m in error_counts.metrics(ev)]
+  assert names[-3:] == ["shift_val", "errors_shifted_val",
+                        "errors_on_shifted_val"]
+
+
 @pytest.mark.parametrize("key,value,pattern", [
     ("data.normalization", "none", r"data\.normalization: must be 'dataset' or"),
     ("data.jitter", -1, r"data\.jitter: must be an int >= 0"),
@@ -149,6 +238,14 @@ def test_error_counter_against_numpy():
      r"evaluation\.bias_shift_grid: must be \(lowest <= 0"),
     ("evaluation.bias_shift_classes", (11,),
      r"evaluation\.bias_shift_classes: must be distinct"),
+    ("evaluation.validation_size", -5,
+     r"evaluation\.validation_size: must be an int >= 0"),
+    ("evaluation.validation_size", True,
+     r"evaluation\.validation_size: must be an int >= 0"),
+    ("evaluation.validation_size", 1.5,
+     r"evaluation\.validation_size: must be an int >= 0"),
+    ("evaluation.validation_size", 10,
+     r"evaluation\.validation_size: needs evaluation\.bias_shift_classes"),
 ])
 def test_bad_values_name_the_key(key, value, pattern):
   c = _phase(omit_classes=(3,))
@@ -180,6 +277,10 @@ def test_debug_config_end_to_end(tmp_path):
     r = phases[p]
     assert np.all(np.asarray(r["last_errors_shifted"])
                   <= np.asarray(r["last_errors"]))
+    # The shift chosen on the held-out split never beats the test-chosen
+    # one on the test set.
+    assert np.all(np.asarray(r["last_errors_shifted_val"])
+                  >= np.asarray(r["last_errors_shifted"]))
   assert "w30_T3 vs student_w30" in (wd / "results.md").read_text()
   # The paper-vs-ours table reads the same phases' reports.
   from experiments import hinton2015_report
@@ -187,6 +288,8 @@ def test_debug_config_end_to_end(tmp_path):
   assert set(ph) == set(phases)
   text = "\n".join(hinton2015_report.table(ph))
   assert "| distilled (T=20) vs student alone | 146 − 74 = 72 |" in text
+  assert "| omit3 | bias shift of 3, chosen on validation |" in text
+  assert "| keep78: shift chosen on test vs on validation |" in text
   d = phases["distill"]["last_errors"][0] - phases["student"]["last_errors"][0]
   assert f"| distill | {phases['distill']['last_errors'][0]:.1f} ± 0.0 |" in text
   assert f"{-d:+.1f} (n=1)" in text

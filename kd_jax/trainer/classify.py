@@ -310,7 +310,8 @@ class ClassifyTask(loop.Task):
     out = self._evaluate(self.progs.evaluate, state)
     if self.error_counter is not None:  # `evaluation`: counts, bias shift
       out.update(self.error_counter(self.placement.fetch(state.variables),
-                                    self.data.eval_batches()))
+                                    self.data.eval_batches(),
+                                    self.data.val_batches()))
     return out
 
   def best_checkpoint(self):

@@ -15,7 +15,13 @@ classify task adds them to its metrics when ``evaluation.error_counts`` or
 * ``shift``: the bias shift of ``bias_shift_classes`` with the fewest test
   errors on the grid ``bias_shift_grid = (lowest, highest, step)`` (ties:
   the smallest ``|shift|``, so a shift that changes nothing stays 0);
-  ``errors_shifted`` / ``errors_on_shifted``: the errors with it.
+  ``errors_shifted`` / ``errors_on_shifted``: the errors with it;
+* with ``validation_size`` (examples held out of the training split before
+  the transfer set drops classes, `kd_jax.trainer.feeds.load_data`): the
+  shift chosen the same way on the student's logits of that validation
+  split, ``shift_val``, and the TEST errors with it,
+  ``errors_shifted_val`` / ``errors_on_shifted_val`` -- a choice that never
+  looks at the test set, next to the paper's test-chosen one.
 """
 
 from __future__ import annotations
@@ -54,6 +60,13 @@ def metrics(ev) -> Tuple[loop.Metric, ...]:
             loop.Metric("errors_on_shifted",
                         "errors on the shifted classes after the shift",
                         False)]
+  if ev.bias_shift_classes and ev.validation_size:
+    out += [loop.Metric("shift_val", "bias shift chosen on validation",
+                        False),
+            loop.Metric("errors_shifted_val",
+                        "errors after the validation-chosen shift", False),
+            loop.Metric("errors_on_shifted_val", "errors on the shifted "
+                        "classes after the validation-chosen shift", False)]
   return tuple(out)
 
 
@@ -77,26 +90,43 @@ class ErrorCounter:
 
     self._logits = jax.jit(logits_fn)
 
-  def __call__(self, variables, eval_batches) -> Dict[str, float]:
+  def _gather(self, variables, batches) -> Tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the unmasked examples of `batches`."""
     zs, ys = [], []
-    for b in eval_batches:
+    for b in batches:
       z = np.asarray(self._logits(variables, {"image": b["image"]}))
       y = np.asarray(b["label"])
       keep = (np.ones(len(y), bool) if b.get("mask") is None
               else np.asarray(b["mask"]).astype(bool))
       zs.append(z[keep])
       ys.append(y[keep])
-    z, y = np.concatenate(zs), np.concatenate(ys)
+    return np.concatenate(zs), np.concatenate(ys)
+
+  def __call__(self, variables, eval_batches, val_batches=None
+               ) -> Dict[str, float]:
+    """`val_batches`: the validation split's (un-normalized) batches, for
+    the `*_val` results (None: not reported)."""
+    z, y = self._gather(variables, eval_batches)
     out = {"errors": float(np.sum(np.argmax(z, -1) != y))}
     cls = tuple(self.ev.bias_shift_classes)
     if not cls:
       return out
     on = np.isin(y, cls)
     deltas = shift_grid(self.ev.bias_shift_grid)
+
+    def test_errors(delta):  # (errors, errors on `cls`) with `delta`
+      wrong = np.argmax(np.asarray(
+          bias_shift_lib.shift_logits(z, cls, delta)), -1) != y
+      return float(np.sum(wrong)), float(np.sum(wrong & on))
+
     delta, errors = bias_shift_lib.choose_bias_shift(z, y, cls, deltas)
-    shifted = np.argmax(np.asarray(
-        bias_shift_lib.shift_logits(z, cls, delta)), -1)
     out.update(errors_on=float(np.sum((np.argmax(z, -1) != y) & on)),
                shift=float(delta), errors_shifted=float(errors),
-               errors_on_shifted=float(np.sum((shifted != y) & on)))
+               errors_on_shifted=test_errors(delta)[1])
+    if val_batches is not None:
+      zv, yv = self._gather(variables, val_batches)
+      delta_v, _ = bias_shift_lib.choose_bias_shift(zv, yv, cls, deltas)
+      out["shift_val"] = float(delta_v)
+      out["errors_shifted_val"], out["errors_on_shifted_val"] = (
+          test_errors(delta_v))
     return out

@@ -137,6 +137,9 @@ class Data:
   teacher_view: Any = None
   teacher_shape: Optional[Tuple[int, int, int]] = None
   distill: bool = False
+  # `evaluation.validation_size`: the held-out part of the training split
+  # (an un-shuffled InMemoryPipeline like `eval_pipe`; None: off).
+  val_pipe: Any = None
 
   @property
   def has_views(self) -> bool:
@@ -163,6 +166,13 @@ class Data:
       yield from it
     finally:
       it.close()
+
+  def val_batches(self):
+    """The validation split's batches (`evaluation.validation_size`;
+    None when off)."""
+    if self.val_pipe is None:
+      return None
+    return self.val_pipe.epoch(0)
 
   def first_batch(self) -> Dict[str, np.ndarray]:
     """The first train batch without a host-made teacher view."""
@@ -203,6 +213,15 @@ def load_data(rc: Any) -> Data:
     kw = dict(data_dir=d.data_dir or None, cache_dir=d.cache_dir or None)
     tr = sources_lib.load_arrays(d.name, info.train_split, **kw)
     ev = sources_lib.load_arrays(d.name, info.eval_split, **kw)
+  val = None
+  vs = classify_config.evaluation(rc).validation_size
+  if vs:  # held out BEFORE the classes are removed: it holds them all
+    if vs >= tr[1].shape[0]:
+      raise ConfigError("evaluation.validation_size", f"{vs} leaves none of "
+                        f"the {tr[1].shape[0]} training examples to train on.")
+    keep_idx, val_idx = subsets_lib.split_validation(tr[1], vs, seed=0)
+    val = (tr[0][val_idx], tr[1][val_idx])
+    tr = (tr[0][keep_idx], tr[1][keep_idx])
   if d.omit_classes or d.keep_classes:  # a transfer set without classes
     tr = subsets_lib.transfer_set(tr[0], tr[1], omit=d.omit_classes or None,
                                   keep=d.keep_classes or None)[:2]
@@ -227,6 +246,10 @@ def load_data(rc: Any) -> Data:
       ev[0], ev[1], global_batch_size=rc.train.eval_batch_size, seed=0,
       shuffle=False, drop_remainder=False, with_index=False, mean=mean,
       std=std)
+  valp = None if val is None else pipeline_lib.InMemoryPipeline(
+      val[0], val[1], global_batch_size=rc.train.eval_batch_size, seed=0,
+      shuffle=False, drop_remainder=False, with_index=False, mean=mean,
+      std=std)
   augment = bool(d.augment) and bool(info.crop_padding or info.flip)
   views = dict(d.views or {})
   sv, tv = views.get("student"), views.get("teacher")
@@ -238,7 +261,8 @@ def load_data(rc: Any) -> Data:
               flip=info.flip and augment, student_view=sv, teacher_view=tv,
               teacher_shape=(views_lib.view_output_shape(tv, raw)
                              if tv is not None else raw),
-              distill=bool(rc.distill), jitter=int(d.jitter) or None)
+              distill=bool(rc.distill), jitter=int(d.jitter) or None,
+              val_pipe=valp)
 
 
 def _normalization(rc: Any, info):
