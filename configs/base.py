@@ -87,7 +87,14 @@ classes -- a transfer set; the test set stays whole); `model` / teacher =
 counts: `errors`), `bias_shift_classes` (also report `errors_on` these
 classes and the shift of their output biases that minimizes the test
 errors: `shift`, `errors_shifted`, `errors_on_shifted`), `bias_shift_grid`
-((lowest, highest, step) of the shifts tried; default (-15, 15, 0.1)).
+((lowest, highest, step) of the shifts tried; default (-15, 15, 0.1)),
+`validation_size` (int, 0 = off; needs `bias_shift_classes`, in-memory
+data: hold out this many examples of the training split -- stratified,
+seed 0, the same for every seed and phase, taken BEFORE `omit_classes` /
+`keep_classes`, so it contains the classes the transfer set lacks --, train
+on the rest, and also report the shift chosen on that split, `shift_val`,
+with the TEST errors under it, `errors_shifted_val`,
+`errors_on_shifted_val`; debug runs hold out at most 16).
 None of these keys is in `base_config()`: their defaults change nothing,
 and configs that do not use them store the same `config.json` as before
 (`configs/hinton2015.py` uses them all); `model` / teacher = `name`, `num_classes`, `dtype` (+
