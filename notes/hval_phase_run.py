@@ -1,7 +1,8 @@
-"""One phase (omit3 / keep78) of configs/hinton2015.py for one seed, distilled from an
-already trained teacher workdir (the seed experiment would retrain a teacher
-whose stored config predates a key rename; the phase config is otherwise
-exactly `seed_experiment.phase_config(get_config('only=<phase>'), <phase>, k)`).
+"""One phase (omit3 / keep78) of configs/hinton2015.py for one seed,
+distilled from an already trained teacher workdir (the seed experiment
+would retrain a teacher whose stored config predates a key rename; the
+phase config is otherwise exactly
+`seed_experiment.phase_config(get_config('only=<phase>'), <phase>, k)`).
 
     TFDS_DATA_DIR=... PYTHONPATH=$PWD nice -n 5 python notes/hval_phase_run.py \
         <teacher workdir> <out workdir> <seed> <phase>
