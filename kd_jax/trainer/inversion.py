@@ -138,6 +138,10 @@ def validate(rc, check_paths: bool):
   if any(v is not None for v in dict(rc.data.views or {}).values()):
     raise ConfigError("data.views", "task 'deepinversion' synthesizes the "
                       "teacher's input directly; give no views.")
+  if s.adi_weight and not rc.model.init_checkpoint and not rc.debug:
+    raise ConfigError("model.init_checkpoint", "deepinversion.adi_weight > 0 "
+                      "competes with a trained student: give its run's "
+                      "workdir (a seed experiment's init_from).")
   # pylint: disable=protected-access
   classify_config._validate_data(rc)
   classify_config._validate_teacher(rc, rc.teacher, check_paths)
@@ -145,10 +149,6 @@ def validate(rc, check_paths: bool):
     raise ConfigError("data.name", "task 'deepinversion' needs a dataset of "
                       f"fixed image size (MNIST / CIFAR); got "
                       f"{rc.data.name!r}.")
-  if s.adi_weight and not rc.model.init_checkpoint and not rc.debug:
-    raise ConfigError("model.init_checkpoint", "deepinversion.adi_weight > 0 "
-                      "competes with a trained student: give its run's "
-                      "workdir (a seed experiment's init_from).")
   return rc
 
 
@@ -194,7 +194,8 @@ class DeepInversionTask(loop.Task):
     self.shape = shape = _image_shape(rc)
     self.placement = placement_lib.make_placement(
         rc, student, [teacher], jnp.zeros((1,) + shape, jnp.float32))
-    self.rng, teacher_rng = jax.random.split(jax.random.key(int(rc.seed)))
+    self.rng, teacher_rng, student_rng = jax.random.split(
+        jax.random.key(int(rc.seed)), 3)
     self.tx, self.schedule = optim.make_optimizer(
         rc.optimizer, steps_per_epoch=self.total_steps,
         total_steps=self.total_steps)
@@ -203,7 +204,7 @@ class DeepInversionTask(loop.Task):
         rc, rc.teacher, teacher, shape, teacher_rng, self.placement,
         abstract=abstract)
     self.student = student if s.adi_weight else None
-    self.student_vars = (self._student_variables(student, teacher_rng)
+    self.student_vars = (self._student_variables(student, student_rng)
                          if s.adi_weight else None)
     self.targets = di.cycling_targets(rc.train.batch_size,
                                       rc.teacher.num_classes)
@@ -222,6 +223,8 @@ class DeepInversionTask(loop.Task):
     init = lambda r: programs_lib.init_variables(  # noqa: E731
         student, r, self.shape)
     path = self.rc.model.init_checkpoint
+    if not path and self.dry_run:
+      return jax.eval_shape(init, rng)
     if not path:
       logging.warning("debug run: ADI competes with a randomly initialized "
                       "student (no model.init_checkpoint).")
