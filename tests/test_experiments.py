@@ -57,6 +57,8 @@ def _all_configs():
   # Self-distillation (teacher-free terms in mode 'train'): BYOT (exits
   # evaluated), CS-KD (same-class pairs), Tf-KD_reg; Tf-KD's baseline and
   # Tf-KD_self (KD from a copy of the same network).
+  specs += [("deepinversion_cifar100", t) for t in ("resnet56", "resnet110",
+                                                    "resnet32x4")]
   specs += [("cifar100_byot", "resnet18_cifar"),
             ("cifar100_cskd", "resnet18_cifar"),
             ("cifar100_tfkd", "reg-shufflenetv2"),
