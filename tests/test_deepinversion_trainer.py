@@ -230,3 +230,20 @@ def test_cli_bad_value_exits_with_one_line(tmp_path):
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and "deepinversion.jitter: must be an int" in (
       lines[0]), out.stderr
+
+
+def test_section_to_method_config():
+  """The section's keys reach `DeepInversionConfig`; `clip` = the [0, 1]
+  pixel range in MNIST's normalized units ((x - 0.1307) / 0.3081)."""
+  from kd_jax.trainer import inversion  # pylint: disable=g-import-not-at-top
+  c = di_config(clip=True, flip=True, jitter=3, first_bn_multiplier=10.0,
+                adi_weight=0.5)
+  cfg = inversion.inversion_config(trainer.parse(c))
+  assert (cfg.flip, cfg.jitter, cfg.first_bn_multiplier, cfg.adi_weight) == (
+      True, 3, 10.0, 0.5)
+  (lo,), (hi,) = cfg.clip_range
+  assert lo == pytest.approx(-0.1307 / 0.3081)
+  assert hi == pytest.approx((1 - 0.1307) / 0.3081)
+  c.data.normalization = "unit"
+  (lo,), (hi,) = inversion.inversion_config(trainer.parse(c)).clip_range
+  assert (lo, hi) == (0.0, 1.0)

@@ -138,7 +138,8 @@ def validate(rc, check_paths: bool):
   if any(v is not None for v in dict(rc.data.views or {}).values()):
     raise ConfigError("data.views", "task 'deepinversion' synthesizes the "
                       "teacher's input directly; give no views.")
-  if s.adi_weight and not rc.model.init_checkpoint and not rc.debug:
+  if (check_paths and s.adi_weight and not rc.model.init_checkpoint
+      and not rc.debug):
     raise ConfigError("model.init_checkpoint", "deepinversion.adi_weight > 0 "
                       "competes with a trained student: give its run's "
                       "workdir (a seed experiment's init_from).")
