@@ -140,7 +140,7 @@ def _final_tree(workdir):
     return step, c.restore(os.path.join(ck, str(step), "state"))
 
 
-@pytest.mark.slow  # (52 s at load 12: three processes compiling the step)
+@pytest.mark.slow  # (27-52 s at load 8-12: three processes compiling)
 def test_kill_and_resume_is_bit_identical(tmp_path):
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
   args = lambda wd: [sys.executable, "-c", _RUN, wd]  # noqa: E731
