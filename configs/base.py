@@ -9,7 +9,9 @@ against its range. Command-line overrides use the same keys, e.g.
 
 Keys (both tasks):
 
-* `task`: `'classify'` (images, the default) or `'lm'` (language models).
+* `task`: `'classify'` (images, the default) or `'lm'` (language models);
+  the data-free image tasks `'dafl'` (section `dafl`, `configs/dafl_mnist.py`)
+  and `'deepinversion'` (below).
 * `mode`: `'train'` (supervised: a teacher, or a student alone; images
   also with teacher-free distiller terms, self-distillation: `byot`,
   `cskd`, `tfkd`), `'distill'` (student from frozen teachers) or
@@ -99,6 +101,20 @@ None of these keys is in `base_config()`: their defaults change nothing,
 and configs that do not use them store the same `config.json` as before
 (`configs/hinton2015.py` uses them all); `model` / teacher = `name`, `num_classes`, `dtype` (+
 the teacher's `checkpoint_format`: 'orbax' | 'torch').
+
+DeepInversion (`task='deepinversion'`, mode 'distill',
+`kd_jax/trainer/inversion.py`; `configs/deepinversion_mnist.py`,
+`configs/deepinversion_cifar100.py`): a batch of `train.batch_size` images
+optimized for `train.num_steps` iterations by `optimizer` (the authors':
+adam, 0.05) against the frozen `teacher`; `data.name` gives only the shape
+and normalization (no image is read); `model` is the Adaptive DeepInversion
+competitor (+ `init_checkpoint`: a trained run's workdir). Section
+`deepinversion` (defaults: the authors' CIFAR-10 settings): `bn_weight` (10),
+`first_bn_multiplier` (1), `tv_l2_weight` (2.5e-5), `tv_l1_weight` (0),
+`l2_weight` (0), `ce_weight` (1), `adi_weight` (0 = off; > 0 needs `model`),
+`adi_temperature` (3), `jitter` (2), `flip` (False), `clip` (False: pixels
+clipped to the normalized [0, 1] range), `spatial_only` (True: BN layers
+with 4-D inputs), `grid_rows` (10).
 
 Language models (`lm_config()`): `data` = a prepared text dataset
 (`experiments/prepare_corpus.py`): `data_dir`, `name`, `version`,

@@ -620,7 +620,8 @@ def format_markdown(config, results) -> str:
   se = config.seed_experiment
   metrics = [loop.Metric(**m) for m in results["metrics"]]
   shown = [m for m in metrics if m.table]
-  gain = next((m for m in metrics if m.gain), None)
+  gain = (next((m for m in metrics if m.gain), None)
+          if se.get("student_phase", "") else None)  # (no baseline: no gain)
   ph = results["phases"]
   lines = [f"Seeds {results['seeds']}: mean ± std over seeds (ddof=0); "
            "'last' = after the final evaluation, 'best' = at the evaluation "

@@ -57,6 +57,8 @@ def _all_configs():
   # Self-distillation (teacher-free terms in mode 'train'): BYOT (exits
   # evaluated), CS-KD (same-class pairs), Tf-KD_reg; Tf-KD's baseline and
   # Tf-KD_self (KD from a copy of the same network).
+  specs += [("deepinversion_cifar100", t) for t in ("resnet56", "resnet110",
+                                                    "resnet32x4")]
   specs += [("cifar100_byot", "resnet18_cifar"),
             ("cifar100_cskd", "resnet18_cifar"),
             ("cifar100_tfkd", "reg-shufflenetv2"),
@@ -71,7 +73,7 @@ def _all_configs():
 # tests/test_self_distillation.py (slow).
 SEED_EXPERIMENTS = ("mnist_seed", "mnist_takd", "cifar100_takd",
                     "cifar100_ban", "lopez_paz_mnist", "dafl_mnist",
-                    "hinton2015")
+                    "hinton2015", "deepinversion_mnist")
 
 
 def _feature_methods():
@@ -124,6 +126,12 @@ _BYOT_EXITS = {f"byot/top1_exit{i}" for i in (1, 2, 3, 4)} | {
 
 
 def _check_dry_run(c, out):
+  if c.get("task", "classify") == "deepinversion":  # (tests/test_deepinv...)
+    adi = {"competition"} if c.deepinversion.get("adi_weight", 0) else set()
+    assert set(out["metrics"]) == {"ce", "bn", "tv_l2", "tv_l1", "l2",
+                                   "teacher_top1", "loss", "nonfinite"} | adi
+    assert out["images"][0] == 8  # (debug: batch 8)
+    return
   assert out["dry_run"] and out["num_params"] > 0
   if c.get("task", "classify") == "dafl":  # (tests/test_datafree_trainer.py)
     assert set(out["metrics"]) == {"one_hot", "entropy", "activation",

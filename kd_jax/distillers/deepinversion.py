@@ -62,7 +62,8 @@ PyTree = Any
 
 __all__ = ["DeepInversionConfig", "InversionState", "bn_statistics",
            "inversion_loss", "init_inversion", "make_inversion_step",
-           "synthesize", "cycling_targets"]
+           "synthesize", "cycling_targets", "evaluate_images",
+           "inversion_checkpoint_tree", "inversion_from_tree"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +189,39 @@ def inversion_loss(x, targets, teacher_apply, teacher_variables,
     metrics["competition"] = comp
   metrics["loss"] = total
   return total, metrics
+
+
+def evaluate_images(images, targets, teacher_apply, teacher_variables,
+                    cfg: DeepInversionConfig, student_apply=None,
+                    student_variables=None):
+  """The loss terms and accuracies of the (un-jittered) batch `images`:
+  `inversion_loss`'s metrics (``teacher_top1``: the teacher's top-1 against
+  `targets`; ``competition`` with ADI) plus ``student_top1`` when a student
+  is given (what ADI drives down)."""
+  _, m = inversion_loss(images, targets, teacher_apply, teacher_variables,
+                        cfg, student_apply, student_variables)
+  if student_apply is not None:
+    s_logits, _ = steps_lib.as_teacher_apply(student_apply)(student_variables,
+                                                            images)
+    m["student_top1"] = jnp.mean((jnp.argmax(s_logits, -1) == targets)
+                                 .astype(jnp.float32))
+  return m
+
+
+def inversion_checkpoint_tree(state: InversionState) -> dict:
+  """The saved tree of a state: its fields, the PRNG key as key data."""
+  tree = {f: getattr(state, f) for f in ("images", "opt_state", "step",
+                                         "best_images", "best_loss")}
+  tree["rng"] = jax.random.key_data(state.rng)
+  return tree
+
+
+def inversion_from_tree(tree, impl) -> InversionState:
+  """Inverse of `inversion_checkpoint_tree` (`impl`: the key's
+  `jax.random.key_impl`)."""
+  d = dict(tree)
+  d["rng"] = jax.random.wrap_key_data(jnp.asarray(d["rng"]), impl=impl)
+  return InversionState(**d)
 
 
 def init_inversion(rng, shape, tx: optax.GradientTransformation,

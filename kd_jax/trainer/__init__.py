@@ -10,7 +10,8 @@ checkpoints) <- `kd_jax.distillers` (the methods) <- `kd_jax.trainer`:
   progress, report, several processes) and the `Task` protocol it drives;
 * the tasks: `classify` (images: `feeds`, `programs`), `lm` (language
   models: `lm_data`) and `dafl` (`data_free`: a generator trained beside
-  the student, no training data); `teachers` (restoring them), `placement` (config ->
+  the student, no training data), `deepinversion` (`inversion`: images
+  synthesized from a teacher's BatchNorm statistics); `teachers` (restoring them), `placement` (config ->
   the engine's mesh / pmap placement), `checkpointing` (resume with
   fallback), `reporting` (timers, progress, train records), `ensemble`
   (the test-set ensemble of finished runs: Born-Again generations).
@@ -26,6 +27,7 @@ import ml_collections
 from kd_jax.trainer import classify  # noqa: F401  (registers 'classify')
 from kd_jax.trainer import classify_config  # noqa: F401
 from kd_jax.trainer import data_free  # noqa: F401  (registers 'dafl')
+from kd_jax.trainer import inversion  # noqa: F401  (registers 'deepinversion')
 from kd_jax.trainer import lm  # noqa: F401  (registers 'lm')
 from kd_jax.trainer import lm_config  # noqa: F401
 from kd_jax.trainer import loop
