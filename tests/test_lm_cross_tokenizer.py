@@ -348,6 +348,7 @@ def test_bits_per_byte_against_an_independent_computation(
   assert wd
 
 
+@pytest.mark.slow  # ~40 s at load 10 (passed in the merge-time full run)
 def test_resume_matches_an_uninterrupted_on_policy_run(
     corpora, meta_teacher, tmp_path):
   wd, _ = meta_teacher
