@@ -363,3 +363,23 @@ config_lib.register_task("classify", config_lib.TaskSchema(
     data=DataConfig, model=ModelConfig, teacher=TeacherConfig,
     validate=validate, debug=debug,
     extra={"evaluation": EvaluationConfig}))
+
+
+def check_frozen_teacher_task(rc, task: str, what: str) -> None:
+  """The shape of a task that trains no student from data against a
+  frozen teacher (DAFL, DeepInversion): mode 'distill', one teacher, the
+  task's own losses, one device, `on_nonfinite='stop'` (one line each)."""
+  if rc.mode != "distill":
+    raise ConfigError("mode", f"task {task!r} {what} a frozen teacher: mode "
+                      f"must be 'distill'; got {rc.mode!r}.")
+  if len(rc.teachers) != 1:
+    raise ConfigError("teachers", f"task {task!r} takes one teacher.")
+  if rc.loss.terms:
+    raise ConfigError("loss.terms", f"task {task!r} has its own losses (the "
+                      f"{task} section's weights); give no loss terms.")
+  if rc.train.parallel != "none":
+    raise ConfigError("train.parallel", f"task {task!r} runs on one device "
+                      f"(train.parallel='none'); got {rc.train.parallel!r}.")
+  if rc.train.on_nonfinite != "stop":
+    raise ConfigError("train.on_nonfinite", f"task {task!r} supports 'stop' "
+                      "only.")

@@ -85,20 +85,8 @@ def _generator_spec(s: DAFLSection) -> optim.OptimizerSpec:
 def validate(rc, check_paths: bool):
   """The classification checks of data / model / teacher, then DAFL's."""
   s = rc.section("dafl")
-  if rc.mode != "distill":
-    raise ConfigError("mode", "task 'dafl' distils a student from a frozen "
-                      f"teacher: mode must be 'distill'; got {rc.mode!r}.")
-  if len(rc.teachers) != 1:
-    raise ConfigError("teachers", "task 'dafl' takes one teacher.")
-  if rc.loss.terms:
-    raise ConfigError("loss.terms", "task 'dafl' has its own losses (the "
-                      "dafl section's weights); give no loss terms.")
-  if rc.train.parallel != "none":
-    raise ConfigError("train.parallel", "task 'dafl' runs on one device "
-                      f"(train.parallel='none'); got {rc.train.parallel!r}.")
-  if rc.train.on_nonfinite != "stop":
-    raise ConfigError("train.on_nonfinite", "task 'dafl' supports 'stop' "
-                      "only.")
+  classify_config.check_frozen_teacher_task(rc, "dafl",
+                                           "distils a student from")
   try:
     dafl_config(rc)
   except (TypeError, ValueError) as e:

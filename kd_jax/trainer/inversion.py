@@ -103,22 +103,7 @@ def inversion_config(rc) -> di.DeepInversionConfig:
 def validate(rc, check_paths: bool):
   """The classification checks of data / teacher, then DeepInversion's."""
   s = rc.section("deepinversion")
-  if rc.mode != "distill":
-    raise ConfigError("mode", "task 'deepinversion' inverts a frozen "
-                      f"teacher: mode must be 'distill'; got {rc.mode!r}.")
-  if len(rc.teachers) != 1:
-    raise ConfigError("teachers", "task 'deepinversion' takes one teacher.")
-  if rc.loss.terms:
-    raise ConfigError("loss.terms", "task 'deepinversion' has its own losses "
-                      "(the deepinversion section's weights); give no loss "
-                      "terms.")
-  if rc.train.parallel != "none":
-    raise ConfigError("train.parallel", "task 'deepinversion' runs on one "
-                      f"device (train.parallel='none'); got "
-                      f"{rc.train.parallel!r}.")
-  if rc.train.on_nonfinite != "stop":
-    raise ConfigError("train.on_nonfinite", "task 'deepinversion' supports "
-                      "'stop' only.")
+  classify_config.check_frozen_teacher_task(rc, "deepinversion", "inverts")
   if not rc.train.num_steps:
     raise ConfigError("train.num_steps", "task 'deepinversion' runs "
                       "train.num_steps inversion iterations; give it (> 0).")

@@ -48,6 +48,7 @@ from kd_jax.data import align
 from kd_jax.data import text as text_lib
 from kd_jax.train import lm_cross_steps
 from kd_jax.trainer import lm_data
+from kd_jax.trainer import lm_metadata
 from kd_jax.trainer.errors import ConfigError
 
 MATCHED_BY = ("bytes", "piece")
@@ -77,9 +78,8 @@ def specs(rc):
 def teacher_data(rc) -> TeacherData:
   t = rc.teacher
   if t.data_name:
-    from kd_jax.trainer import lm_config  # pylint: disable=g-import-not-at-top
     folder = os.path.join(rc.data.data_dir, t.data_name, rc.data.version)
-    meta = lm_config.read_metadata(folder, "teacher.data_name")
+    meta = lm_metadata.read_metadata(folder, "teacher.data_name")
     return TeacherData(folder, int(meta["vocab_size"]), int(meta["seq_len"]))
   tok = _load(t.tokenizer, "teacher.tokenizer")
   return TeacherData(t.tokenizer, tok.get_vocab_size(with_added_tokens=True),

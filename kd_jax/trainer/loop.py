@@ -20,6 +20,7 @@ the loop changes for a new task (docs/architecture.md shows a sketch).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import io
@@ -66,7 +67,7 @@ class Metric:
   digits: int = 2      # decimals in the tables (after `scale`)
 
 
-class Task:
+class Task(abc.ABC):
   """What the loop needs from a kind of training.
 
   Attributes (set by `__init__(rc, workdir, dry_run=False)`):
@@ -93,8 +94,9 @@ class Task:
   units: Mapping[str, float]
 
   @classmethod
+  @abc.abstractmethod
   def metrics(cls, rc: RunConfig) -> Tuple[Metric, ...]:
-    raise NotImplementedError
+    """The results a seed experiment tabulates (the first picks the best)."""
 
   def title(self) -> str:
     t = f" <- {', '.join(self.teacher_names())}" if self.rc.distill else ""
@@ -111,8 +113,9 @@ class Task:
     return [str(getattr(t, "name", "") or getattr(t, "preset", "")
                 or getattr(t, "hf_dir", "")) for t in self.rc.teachers]
 
+  @abc.abstractmethod
   def init_state(self):
-    raise NotImplementedError
+    """The host state (a `TrainState`, or a pytree with `step` and `rng`)."""
 
   def constants(self, clock) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     del clock
@@ -122,11 +125,13 @@ class Task:
     del writer
     return state, {}
 
+  @abc.abstractmethod
   def call(self, step: int, n: int):
-    raise NotImplementedError
+    """(compiled function, device batch of steps ``[step, step + n)``)."""
 
+  @abc.abstractmethod
   def evaluate(self, state, consts) -> Dict[str, float]:
-    raise NotImplementedError
+    """Eval metrics (floats) of `state`."""
 
   def summary(self, evals: List[Dict[str, Any]]) -> Dict[str, Any]:
     """`last_<key>` / `best_<key>` of every metric (the best evaluation by
