@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import plan_scale_programs as P
-from experiments.plan_scale import PAIRS
-from experiments.plan_scale import mesh_spec
+from experiments.plan_scale_configs import PAIRS
+from experiments.plan_scale_configs import mesh_spec
 from kd_jax.train import create_train_state
 from kd_jax.train import sharding as S
 

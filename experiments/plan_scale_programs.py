@@ -18,11 +18,11 @@ import numpy as np
 import optax
 
 from experiments import hlo_stats as hlo_lib
-from experiments.plan_scale import HF_CONFIGS
-from experiments.plan_scale import HLO_STATS_VERSION
-from experiments.plan_scale import PAIRS
-from experiments.plan_scale import mesh_spec
-from experiments.plan_scale import row_key
+from experiments.plan_scale_configs import HF_CONFIGS
+from experiments.plan_scale_configs import HLO_STATS_VERSION
+from experiments.plan_scale_configs import PAIRS
+from experiments.plan_scale_configs import mesh_spec
+from experiments.plan_scale_configs import row_key
 from kd_jax.models import lm
 from kd_jax.train import create_train_state
 from kd_jax.train import lm_steps
