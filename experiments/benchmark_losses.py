@@ -226,6 +226,37 @@ def torch_losses() -> Dict[str, Callable]:
 CLOCK = time.perf_counter
 """Per-call clock: wall time, or `time.process_time` with `--clock cpu`."""
 CPU_PER_WALL: List[float] = []  # last time_interleaved: median CPU/wall per fn
+SETTLE_S = 0.015
+"""Untimed calls of a cell, for at least this long, before its timed block.
+
+PyTorch's OpenMP worker threads busy-wait after every parallel region
+(libgomp's default spin: ~5 ms of one core on the 2-core VM of
+docs/performance.md, longer in wall time when it shares the core), and a
+jitted JAX call that starts inside that window runs its two-thread kernels on
+one free core (1.5-2x slower). Keeping the machine busy with the next cell's
+own untimed calls until the spin is over gives each side the machine as it
+would have it in a process of its own. (Idling instead is worse: on this VM
+the first ~20 ms of work after an idle gap of >= 20 ms run up to 2x slower.)
+"""
+BLOCK = 3
+"""Timed calls per block (`--block`), after the untimed `SETTLE_S`."""
+
+
+def torch_only_row(name: str, shape: str, med: List[float]) -> Dict:
+  """Prints the table row of a `--torch-only` cell; returns its record."""
+  row = [name, shape, "-", "-", "-", "-", f"{med[0] * 1e6:.0f}",
+         f"{med[1] * 1e6:.0f}", "-", "-"]
+  print("| " + " | ".join(row) + " |", flush=True)
+  return {"loss": name, "shape": shape, "torch_fwd": med[0],
+          "torch_fwd_bwd": med[1]}
+
+
+def protocol() -> str:
+  """The timing protocol in words, for the table headers."""
+  if SETTLE_S <= 0:
+    return "cells interleaved call by call"
+  return (f"cells interleaved in blocks (>= {SETTLE_S * 1e3:.0f} ms of "
+          f"untimed calls, then {BLOCK} timed calls)")
 
 
 def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
@@ -233,12 +264,15 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
                      max_cell_s: float) -> List[float]:
   """Median seconds per call of each `fn` (each must block until done).
 
-  The functions are called alternately (one call each per round, in a new
-  random order every round, so no cell always follows the same one), so a
-  change in background load affects all of them alike: on a shared machine
-  the *ratios* stay meaningful even when absolute times drift. Runs at least
-  `min_runs` rounds and `budget_s` seconds, except that slow cells (large
-  token-level sizes) stop after 3 rounds once `max_cell_s` has passed.
+  The functions are timed in rounds, each visiting every function once in a
+  new random order (no cell always follows the same one), so a change in
+  background load affects all of them alike: on a shared machine the
+  *ratios* stay meaningful even when absolute times drift. A visit is a
+  block: untimed calls for at least `SETTLE_S` (the previous block's runtime
+  parks its spinning threads, this one's wake up), then `BLOCK` timed calls
+  back to back, as in a process that runs only this function. Runs at least `min_runs` rounds and `budget_s` seconds, except
+  that slow cells (large token-level sizes) stop after 3 rounds once
+  `max_cell_s` has passed.
   """
   for fn in fns:
     for i in range(warmup):
@@ -260,11 +294,17 @@ def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
       break
     shuffle(order)
     for i in order:
-      w0, c0 = time.perf_counter(), time.process_time()
-      fns[i]()
-      w, c = time.perf_counter() - w0, time.process_time() - c0
-      times[i].append(c if CLOCK is time.process_time else w)
-      ratios[i].append(c / max(w, 1e-9))
+      if SETTLE_S > 0:
+        t0 = time.perf_counter()
+        fns[i]()
+        while time.perf_counter() - t0 < SETTLE_S:
+          fns[i]()
+      for _ in range(max(1, BLOCK)):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fns[i]()
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        times[i].append(c if CLOCK is time.process_time else w)
+        ratios[i].append(c / max(w, 1e-9))
     rounds += 1
   CPU_PER_WALL[:] = [statistics.median(r) for r in ratios]
   return [statistics.median(ts) for ts in times]
@@ -479,6 +519,10 @@ def main(argv=None):
                       help="comma-separated subset of " + ",".join(ALL_LOSSES))
   parser.add_argument("--torch", action="store_true",
                       help="also time straightforward PyTorch eager versions")
+  parser.add_argument("--torch-only", action="store_true",
+                      help="time only the PyTorch side (implies --torch; "
+                      "--processes --separate pairs such processes with "
+                      "JAX-only ones)")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch.set_num_threads (default: torch's choice)")
   parser.add_argument("--before", default=None, metavar="CHECKOUT",
@@ -495,6 +539,12 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--min-runs", type=int, default=20)
   parser.add_argument("--max-runs", type=int, default=500)
+  parser.add_argument("--settle-ms", type=float, default=15.0,
+                      help="ms of untimed calls before each block of timed "
+                      "calls, longer than PyTorch's OpenMP spin-wait (0: "
+                      "per-call interleaving, the old protocol)")
+  parser.add_argument("--block", type=int, default=3,
+                      help="timed calls per block (after one untimed call)")
   parser.add_argument("--budget", type=float, default=1.0,
                       help="seconds of timed calls per cell beyond min-runs")
   parser.add_argument("--max-cell-seconds", type=float, default=30.0,
@@ -516,6 +566,11 @@ def main(argv=None):
   parser.add_argument("--processes", type=int, default=0, metavar="N",
                       help="the logit table in N fresh processes and the "
                       "spread across them")
+  parser.add_argument("--separate", action="store_true",
+                      help="--processes with --torch: each of the N is a pair "
+                      "of fresh processes, one timing only kd_jax and one "
+                      "only PyTorch (neither runtime's threads beside the "
+                      "other's)")
   parser.add_argument("--order", choices=["shuffled", "fixed"],
                       default="shuffled", help="--processes: loss order")
   parser.add_argument("--shuffle-losses", type=int, metavar="SEED",
@@ -528,6 +583,17 @@ def main(argv=None):
   args = parser.parse_args(argv)
   global CLOCK  # pylint: disable=global-statement
   CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+  args.torch = args.torch or args.torch_only
+  global SETTLE_S, BLOCK  # pylint: disable=global-statement
+  SETTLE_S, BLOCK = max(0.0, args.settle_ms) / 1e3, max(1, args.block)
+  if args.settle_ms <= 0:
+    BLOCK = 1
+  if args.torch_only and (args.tokens or args.features is not None
+                          or args.before):
+    parser.error("--torch-only applies to the logit table only (not with "
+                 "--tokens, --features or --before)")
+  if args.separate and not (args.processes and args.torch):
+    parser.error("--separate needs --processes N and --torch")
   if args.tokens:
     return run_token_benchmark(args)
   if args.features is not None:
@@ -550,7 +616,8 @@ def main(argv=None):
       from experiments import benchmark_spread
     except ImportError:  # run as a script without the repository on sys.path
       import benchmark_spread  # pytype: disable=import-error
-    benchmark_spread.run(argv, args.processes, shuffle=args.order == "shuffled")
+    benchmark_spread.run(argv, args.processes, shuffle=args.order == "shuffled",
+                         separate=args.separate)
     return
   if args.shuffle_losses is not None:
     random.Random(args.shuffle_losses).shuffle(names)
@@ -584,11 +651,10 @@ def run_logits(names: List[str], args) -> List[dict]:
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
         + (f" | torch {torch.__version__} threads={torch.get_num_threads()}"
            if args.torch else ""))
-  print("# median of >= %d calls (>= 3 for cells slower than %.0f s) after "
-        "%d warm-up calls, jax and torch "
-        "interleaved call by call; GB/s = bytes of both logits / time; "
+  print("# median of >= %d rounds (>= 3 for cells slower than %.0f s) after "
+        "%d warm-up calls; %s; GB/s = bytes of both logits / time; "
         "ratio = torch time / jax time"
-        % (args.min_runs, args.max_cell_seconds, args.warmup))
+        % (args.min_runs, args.max_cell_seconds, args.warmup, protocol()))
   cols = ["loss", "shape", "jax fwd µs", "GB/s", "jax fwd+bwd µs", "GB/s"]
   if jb is not None:
     cols += ["before fwd+bwd µs", "after speed-up"]
@@ -629,6 +695,8 @@ def run_logits(names: List[str], args) -> List[dict]:
                     max_cell_s=args.max_cell_seconds)
       cells = [lambda: fwd(s, t, y).block_until_ready(),
                lambda: jax.block_until_ready(fwd_bwd(s, t, y))]
+      if args.torch_only:
+        cells = []
       if jb is not None:
         # Two executables of each side, compiled in the orders before/after
         # and after/before (geometric means reported): on this VM the
@@ -656,6 +724,9 @@ def run_logits(names: List[str], args) -> List[dict]:
 
         cells += [torch_fwd, torch_fwd_bwd]
       med = time_interleaved(cells, **timing)
+      if args.torch_only:
+        records.append(torch_only_row(name, shape_str, med))
+        continue
       t_fwd, t_bwd = med[0], med[1]
       row = [name, shape_str, f"{t_fwd * 1e6:.0f}", f"{gbytes / t_fwd:.2f}",
              f"{t_bwd * 1e6:.0f}", f"{gbytes / t_bwd:.2f}"]

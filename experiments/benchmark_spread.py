@@ -61,6 +61,8 @@ def child_argv(argv: Sequence[str], json_path: str,
     if a in ("--processes", "--order", "--json", "--shuffle-losses"):
       skip = True
       continue
+    if a == "--separate":
+      continue
     if a.split("=", 1)[0] in ("--processes", "--order", "--json",
                                "--shuffle-losses"):
       continue
@@ -101,9 +103,44 @@ def run_child(script: str, argv: List[str]) -> Dict:
   return data
 
 
+def separate_argvs(cargv: List[str]) -> tuple:
+  """(kd_jax-only, PyTorch-only) argv of one `--separate` pair."""
+  jax_only = [a for a in cargv if a not in ("--torch", "--torch-only")]
+  json_at = cargv.index("--json") + 1
+  torch_only = list(cargv)
+  torch_only[json_at] = cargv[json_at][:-len(".json")] + "_torch.json"
+  return jax_only, torch_only + ["--torch-only"]
+
+
+def run_pair(script: str, cargv: List[str], torch_first: bool) -> Dict:
+  """One `--separate` pair: kd_jax and PyTorch each in a fresh process.
+
+  Returns the kd_jax process's data with the PyTorch timings merged into its
+  records (and the PyTorch process's load / other-CPU figures beside).
+  """
+  jax_argv, torch_argv = separate_argvs(cargv)
+  if torch_first:
+    tdata = run_child(script, torch_argv)
+    data = run_child(script, jax_argv)
+  else:
+    data = run_child(script, jax_argv)
+    tdata = run_child(script, torch_argv)
+  by_cell = {(r["loss"], r["shape"]): r for r in tdata["records"]}
+  for r in data["records"]:
+    t = by_cell[(r["loss"], r["shape"])]
+    r.update(torch_fwd=t["torch_fwd"], torch_fwd_bwd=t["torch_fwd_bwd"])
+  data.update(torch_load=tdata["load"], torch_others_pct=tdata["others_pct"],
+              wall=data["wall"] + tdata["wall"])
+  return data
+
+
 def run(argv: Optional[Sequence[str]], n: int, *, shuffle: bool,
-        script: Optional[str] = None) -> List[Dict]:
-  """Runs N fresh processes of the benchmark and prints the spread tables."""
+        script: Optional[str] = None, separate: bool = False) -> List[Dict]:
+  """Runs N fresh processes of the benchmark and prints the spread tables.
+
+  With `separate`, each of the N is a pair of processes (kd_jax only, then
+  PyTorch only, the order alternating from pair to pair).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   script = script or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                   "benchmark_losses.py")
@@ -112,17 +149,27 @@ def run(argv: Optional[Sequence[str]], n: int, *, shuffle: bool,
     for i in range(n):
       cargv = child_argv(argv, os.path.join(tmp, f"p{i}.json"),
                          i if shuffle else None)
-      data = run_child(script, cargv)
+      data = (run_pair(script, cargv, torch_first=i % 2 == 1) if separate
+              else run_child(script, cargv))
       procs.append(data)
       if i == 0:
         print(data["stdout"].splitlines()[0])   # the child's header line
-      others = ("?" if data["others_pct"] is None
-                else f"{data['others_pct']:.0f}%")
+        if separate:
+          print("# --separate: each 'process' below is a pair of fresh "
+                "processes, kd_jax only and PyTorch only (PyTorch first in "
+                "the even-numbered pairs)")
+      others = _pct(data["others_pct"])
+      if separate:
+        others += f" (PyTorch's process: {_pct(data['torch_others_pct'])})"
       print(f"# process {i + 1}/{n}: load {data['load']:.2f} at start, other "
             f"jobs' CPU {others} of the machine, {data['wall']:.0f} s; order "
             f"{','.join(data['order'])}", flush=True)
   print_spread(procs)
   return procs
+
+
+def _pct(x: Optional[float]) -> str:
+  return "?" if x is None else f"{x:.0f}%"
 
 
 def _fmt(xs: List[float], scale: float = 1e6, fmt: str = "{:.0f}") -> str:
