@@ -105,3 +105,74 @@ def test_two_fresh_processes_end_to_end(capsys):
   # Summary rows (min / median / max) and the per-process rows (µs, CPU/wall).
   assert len(rows) == 4 and all(r.rstrip().endswith("|") for r in rows)
   assert sum(" / " in r for r in rows) == 2
+
+
+def test_blocks_settle_with_untimed_calls_then_time_block_calls(monkeypatch):
+  """Each visit: untimed calls for >= SETTLE_S, then BLOCK timed calls."""
+  log = []
+  fns = [lambda: log.append("a"), lambda: log.append("b")]
+  monkeypatch.setattr(benchmark_losses, "SETTLE_S", 0.002)
+  monkeypatch.setattr(benchmark_losses, "BLOCK", 3)
+  med = benchmark_losses.time_interleaved(
+      fns, warmup=1, min_runs=4, max_runs=4, budget_s=0, max_cell_s=60)
+  assert len(med) == 2 and all(m >= 0 for m in med)
+  body = "".join(log[2:])           # after one warm-up call each
+  runs = [body[0]]                  # collapse into blocks of one function
+  for ch in body[1:]:
+    if ch == runs[-1][-1]:
+      runs[-1] += ch
+    else:
+      runs.append(ch)
+  # 4 rounds x 2 functions = 8 visits (two visits of the same function can
+  # meet at a round boundary and merge into one run).
+  assert body.count("a") >= 4 * 4 and body.count("b") >= 4 * 4
+  assert all(len(r) >= 4 for r in runs)  # >= 1 untimed + 3 timed
+
+
+def test_settle_zero_is_the_old_call_by_call_protocol(monkeypatch):
+  log = []
+  fns = [lambda: log.append("a"), lambda: log.append("b")]
+  monkeypatch.setattr(benchmark_losses, "SETTLE_S", 0.0)
+  monkeypatch.setattr(benchmark_losses, "BLOCK", 1)
+  benchmark_losses.time_interleaved(
+      fns, warmup=1, min_runs=5, max_runs=5, budget_s=0, max_cell_s=60)
+  assert log[2:].count("a") == 5 and log[2:].count("b") == 5
+  assert "cells interleaved call by call" == benchmark_losses.protocol()
+
+
+def test_torch_only_needs_the_logit_table(capsys):
+  with pytest.raises(SystemExit):
+    benchmark_losses.main(["--torch-only", "--tokens"])
+  assert "--torch-only applies to the logit table" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    benchmark_losses.main(["--separate", "--processes", "2"])
+  assert "--separate needs --processes N and --torch" in (
+      capsys.readouterr().err)
+
+
+def test_separate_pair_times_each_side_in_its_own_process(monkeypatch):
+  from experiments import benchmark_spread  # pylint: disable=g-import-not-at-top
+  cargv = ["--torch", "--sizes", "8x4", "--json", "/tmp/p0.json"]
+  jax_argv, torch_argv = benchmark_spread.separate_argvs(cargv)
+  assert jax_argv == ["--sizes", "8x4", "--json", "/tmp/p0.json"]
+  assert torch_argv == ["--torch", "--sizes", "8x4", "--json",
+                        "/tmp/p0_torch.json", "--torch-only"]
+  calls = []
+
+  def fake_child(script, argv):
+    calls.append(argv)
+    rec = {"loss": "tv", "shape": "8x4"}
+    if "--torch-only" in argv:
+      rec.update(torch_fwd=1.0, torch_fwd_bwd=2.0)
+      return {"records": [rec], "load": 0.5, "others_pct": 3.0, "wall": 2.0}
+    rec.update(jax_fwd=0.5, jax_fwd_bwd=1.0, jax_cpu_wall=1.9)
+    return {"records": [rec], "load": 0.1, "others_pct": 0.0, "wall": 1.0,
+            "order": ["tv"]}
+
+  monkeypatch.setattr(benchmark_spread, "run_child", fake_child)
+  data = benchmark_spread.run_pair("x.py", cargv, torch_first=True)
+  assert "--torch-only" in calls[0] and "--torch-only" not in calls[1]
+  assert data["records"] == [{"loss": "tv", "shape": "8x4", "jax_fwd": 0.5,
+                              "jax_fwd_bwd": 1.0, "jax_cpu_wall": 1.9,
+                              "torch_fwd": 1.0, "torch_fwd_bwd": 2.0}]
+  assert data["wall"] == 3.0 and data["torch_others_pct"] == 3.0
