@@ -566,6 +566,12 @@ def main(argv=None):
   parser.add_argument("--processes", type=int, default=0, metavar="N",
                       help="the logit table in N fresh processes and the "
                       "spread across them")
+  parser.add_argument("--sync-dispatch", action="store_true",
+                      help="run each JAX call on the calling thread "
+                      "(jax_cpu_enable_async_dispatch=False): without the "
+                      "hand-off to XLA's client thread, ~75 µs per call on "
+                      "the 2-core VM of docs/performance.md, which dominates "
+                      "small shapes")
   parser.add_argument("--separate", action="store_true",
                       help="--processes with --torch: each of the N is a pair "
                       "of fresh processes, one timing only kd_jax and one "
@@ -584,6 +590,8 @@ def main(argv=None):
   global CLOCK  # pylint: disable=global-statement
   CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
   args.torch = args.torch or args.torch_only
+  if args.sync_dispatch:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   global SETTLE_S, BLOCK  # pylint: disable=global-statement
   SETTLE_S, BLOCK = max(0.0, args.settle_ms) / 1e3, max(1, args.block)
   if args.settle_ms <= 0:
@@ -647,7 +655,8 @@ def run_logits(names: List[str], args) -> List[dict]:
         f"backend={jax.default_backend()} devices={jax.devices()} | "
         f"{platform.processor() or platform.machine()} "
         f"cpus={os.cpu_count()} (this process: {len(os.sched_getaffinity(0))})"
-        f" | dtype={args.dtype} | clock={args.clock} | load avg "
+        f" | dtype={args.dtype} | clock={args.clock} | dispatch="
+        f"{'sync' if args.sync_dispatch else 'async'} | load avg "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
         + (f" | torch {torch.__version__} threads={torch.get_num_threads()}"
            if args.torch else ""))

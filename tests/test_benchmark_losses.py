@@ -176,3 +176,18 @@ def test_separate_pair_times_each_side_in_its_own_process(monkeypatch):
                               "jax_fwd_bwd": 1.0, "jax_cpu_wall": 1.9,
                               "torch_fwd": 1.0, "torch_fwd_bwd": 2.0}]
   assert data["wall"] == 3.0 and data["torch_others_pct"] == 3.0
+
+
+def test_sync_dispatch_flag_runs_jax_calls_on_the_calling_thread(capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    benchmark_losses.main([
+        "--sizes", "4x16", "--losses", "tv", "--sync-dispatch", "--warmup",
+        "1", "--min-runs", "2", "--budget", "0", "--max-runs", "2",
+        "--settle-ms", "0"])
+    assert jax.config.values["jax_cpu_enable_async_dispatch"] is False
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", True)
+  out = capsys.readouterr().out
+  assert "dispatch=sync" in out and "cells interleaved call by call" in out
+  assert any(l.startswith("| tv | 4x16 |") for l in out.splitlines())
