@@ -191,3 +191,19 @@ def test_sync_dispatch_flag_runs_jax_calls_on_the_calling_thread(capsys):
   out = capsys.readouterr().out
   assert "dispatch=sync" in out and "cells interleaved call by call" in out
   assert any(l.startswith("| tv | 4x16 |") for l in out.splitlines())
+
+
+def test_diagnose_spin_prints_the_thread_table(capsys):
+  pytest.importorskip("torch")
+  from experiments import diagnose_spin  # pylint: disable=g-import-not-at-top
+  diagnose_spin.main(["--calls", "2"])
+  out = capsys.readouterr().out
+  spins = [l for l in out.splitlines() if l.startswith("# PyTorch's worker")]
+  assert len(spins) == 3 and all(float(l.split(": ")[1].split()[0]) >= 0
+                                 for l in spins)
+  rows = [l for l in out.splitlines() if l.startswith(("| call by call |",
+                                                       "| blocks |"))]
+  assert len(rows) == 2
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and "xla:" in cells[2]
