@@ -38,8 +38,6 @@ import json
 import os
 import platform
 import random
-import statistics
-import time
 from typing import Callable, Dict, List, Optional
 
 import jax
@@ -47,6 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import losses
+
+try:  # pylint: disable=g-import-not-at-top
+  from experiments import bench_timing
+  from experiments import benchmark_features as features_bench
+except ImportError:  # run as a script without the repository on sys.path
+  import bench_timing  # pytype: disable=import-error
+  import benchmark_features as features_bench  # pytype: disable=import-error
 
 DEFAULT_SIZES = "256x100,1024x1000,8x512x32000"
 ALL_LOSSES = ("kd", "kd_std", "dkd", "dist", "ofa", "forward_kl",
@@ -218,30 +223,6 @@ def torch_losses() -> Dict[str, Callable]:
   }
 
 
-# ---------------------------------------------------------------------------
-# Timing.
-# ---------------------------------------------------------------------------
-
-
-CLOCK = time.perf_counter
-"""Per-call clock: wall time, or `time.process_time` with `--clock cpu`."""
-CPU_PER_WALL: List[float] = []  # last time_interleaved: median CPU/wall per fn
-SETTLE_S = 0.015
-"""Untimed calls of a cell, for at least this long, before its timed block.
-
-PyTorch's OpenMP worker threads busy-wait after every parallel region
-(libgomp's default spin: ~5 ms of one core on the 2-core VM of
-docs/performance.md, longer in wall time when it shares the core), and a
-jitted JAX call that starts inside that window runs its two-thread kernels on
-one free core (1.5-2x slower). Keeping the machine busy with the next cell's
-own untimed calls until the spin is over gives each side the machine as it
-would have it in a process of its own. (Idling instead is worse: on this VM
-the first ~20 ms of work after an idle gap of >= 20 ms run up to 2x slower.)
-"""
-BLOCK = 3
-"""Timed calls per block (`--block`), after the untimed `SETTLE_S`."""
-
-
 def torch_only_row(name: str, shape: str, med: List[float]) -> Dict:
   """Prints the table row of a `--torch-only` cell; returns its record."""
   row = [name, shape, "-", "-", "-", "-", f"{med[0] * 1e6:.0f}",
@@ -249,251 +230,6 @@ def torch_only_row(name: str, shape: str, med: List[float]) -> Dict:
   print("| " + " | ".join(row) + " |", flush=True)
   return {"loss": name, "shape": shape, "torch_fwd": med[0],
           "torch_fwd_bwd": med[1]}
-
-
-def protocol() -> str:
-  """The timing protocol in words, for the table headers."""
-  if SETTLE_S <= 0:
-    return "cells interleaved call by call"
-  return (f"cells interleaved in blocks (>= {SETTLE_S * 1e3:.0f} ms of "
-          f"untimed calls, then {BLOCK} timed calls)")
-
-
-def time_interleaved(fns: List[Callable[[], None]], *, warmup: int,
-                     min_runs: int, max_runs: int, budget_s: float,
-                     max_cell_s: float) -> List[float]:
-  """Median seconds per call of each `fn` (each must block until done).
-
-  The functions are timed in rounds, each visiting every function once in a
-  new random order (no cell always follows the same one), so a change in
-  background load affects all of them alike: on a shared machine the
-  *ratios* stay meaningful even when absolute times drift. A visit is a
-  block: untimed calls for at least `SETTLE_S` (the previous block's runtime
-  parks its spinning threads, this one's wake up), then `BLOCK` timed calls
-  back to back, as in a process that runs only this function. Runs at least `min_runs` rounds and `budget_s` seconds, except
-  that slow cells (large token-level sizes) stop after 3 rounds once
-  `max_cell_s` has passed.
-  """
-  for fn in fns:
-    for i in range(warmup):
-      t0 = time.perf_counter()
-      fn()
-      if i >= 1 and time.perf_counter() - t0 > 0.5:
-        break  # slow cell: compiled and warm after 2 calls
-  times: List[List[float]] = [[] for _ in fns]
-  ratios: List[List[float]] = [[] for _ in fns]
-  start = time.perf_counter()
-  rounds = 0
-  order = list(range(len(fns)))
-  shuffle = random.Random(0).shuffle
-  while rounds < max_runs:
-    elapsed = time.perf_counter() - start
-    if rounds >= min_runs and elapsed >= budget_s:
-      break
-    if rounds >= 3 and elapsed >= max_cell_s:
-      break
-    shuffle(order)
-    for i in order:
-      if SETTLE_S > 0:
-        t0 = time.perf_counter()
-        fns[i]()
-        while time.perf_counter() - t0 < SETTLE_S:
-          fns[i]()
-      for _ in range(max(1, BLOCK)):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fns[i]()
-        w, c = time.perf_counter() - w0, time.process_time() - c0
-        times[i].append(c if CLOCK is time.process_time else w)
-        ratios[i].append(c / max(w, 1e-9))
-    rounds += 1
-  CPU_PER_WALL[:] = [statistics.median(r) for r in ratios]
-  return [statistics.median(ts) for ts in times]
-
-
-# ---------------------------------------------------------------------------
-# Feature / relation losses (`--features`): CIFAR-ResNet-sized features at
-# batch 64 (a [64, 16, 16, 128] / [64, 8, 8, 256] stage, [64, 256]
-# embeddings); torch versions follow RepDistiller (`distiller_zoo/*.py`) on
-# NCHW copies of the same arrays.
-# ---------------------------------------------------------------------------
-
-FEATURE_SHAPES = {  # name -> (student shape, teacher shape), NHWC / [B, D]
-    "fitnet": ((64, 8, 8, 256), (64, 8, 8, 256)),
-    "at": ((64, 16, 16, 128), (64, 16, 16, 128)),
-    "nst": ((64, 8, 8, 256), (64, 8, 8, 256)),
-    "ft": ((64, 8, 8, 256), (64, 8, 8, 256)),
-    "vid": ((64, 8, 8, 256), (64, 8, 8, 256)),
-    "hcl": ((64, 8, 8, 256), (64, 8, 8, 256)),
-    "sp": ((64, 8, 8, 256), (64, 8, 8, 256)),
-    "pkt": ((64, 256), (64, 256)),
-    "rkd": ((64, 256), (64, 256)),
-    "cc": ((64, 256), (64, 256)),
-}
-
-
-def jax_feature_losses(losses=losses) -> Dict[str, Callable]:  # pylint: disable=redefined-outer-name
-  """name -> f(student, teacher, log_scale) -> scalar (`losses`: as above)."""
-  return {
-      "fitnet": lambda s, t, ls: losses.fitnet_loss(s, t),
-      "at": lambda s, t, ls: losses.at_loss(s, t),
-      "nst": lambda s, t, ls: losses.nst_loss(s, t),
-      "ft": lambda s, t, ls: losses.ft_loss(s, t),
-      "vid": lambda s, t, ls: losses.vid_loss(s, t, ls),
-      "hcl": lambda s, t, ls: losses.hcl_loss([s], [t]),
-      "sp": lambda s, t, ls: losses.sp_loss(s, t),
-      "pkt": lambda s, t, ls: losses.pkt_loss(s, t),
-      "rkd": lambda s, t, ls: losses.rkd_loss(s, t),
-      "cc": lambda s, t, ls: losses.cc_loss(s, t),
-  }
-
-
-def torch_feature_losses() -> Dict[str, Callable]:
-  """The same losses in PyTorch eager, NCHW inputs (RepDistiller code)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-
-  def at(f, p=2):
-    return F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
-
-  def nst(s, t):
-    s = F.normalize(s.view(s.shape[0], s.shape[1], -1), dim=2)
-    t = F.normalize(t.view(t.shape[0], t.shape[1], -1), dim=2)
-    k = lambda a, b: torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
-    return k(t, t) + k(s, s) - 2 * k(s, t)
-
-  def vid(s, t, ls, eps=1e-5):
-    var = F.softplus(ls) + eps
-    var = var.view(1, -1, 1, 1)
-    return torch.mean(0.5 * ((s - t) ** 2 / var + torch.log(var)))
-
-  def hcl(s, t):
-    loss = F.mse_loss(s, t, reduction="mean")
-    cnt, tot = 1.0, 1.0
-    for l in (4, 2, 1):
-      if l >= s.shape[2]:
-        continue
-      cnt /= 2.0
-      loss = loss + F.mse_loss(F.adaptive_avg_pool2d(s, (l, l)),
-                               F.adaptive_avg_pool2d(t, (l, l))) * cnt
-      tot += cnt
-    return loss / tot
-
-  def sp(s, t):
-    b = s.shape[0]
-    gs = F.normalize(torch.mm(s.view(b, -1), s.view(b, -1).t()))
-    gt = F.normalize(torch.mm(t.view(b, -1), t.view(b, -1).t()))
-    return ((gt - gs) ** 2).view(-1, 1).sum(0)[0] / (b * b)
-
-  def pkt(s, t, eps=1e-7):
-    def probs(f):
-      f = f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + eps)
-      f[f != f] = 0
-      m = (torch.mm(f, f.transpose(0, 1)) + 1.0) / 2.0
-      return m / torch.sum(m, dim=1, keepdim=True)
-    ps, pt = probs(s), probs(t)
-    return torch.mean(pt * torch.log((pt + eps) / (ps + eps)))
-
-  def rkd(s, t, wd=25.0, wa=50.0):
-    def pdist(e, eps=1e-12):
-      sq = e.pow(2).sum(dim=1)
-      prod = e @ e.t()
-      res = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * prod).clamp(min=eps)
-      res = res.sqrt().clone()
-      res[range(len(e)), range(len(e))] = 0
-      return res
-
-    def angle(e):
-      d = e.unsqueeze(0) - e.unsqueeze(1)
-      n = F.normalize(d, p=2, dim=2)
-      return torch.bmm(n, n.transpose(1, 2)).view(-1)
-
-    with torch.no_grad():
-      td = pdist(t)
-      td = td / td[td > 0].mean()
-      ta = angle(t)
-    d = pdist(s)
-    d = d / d[d > 0].mean()
-    return (wd * F.smooth_l1_loss(d, td)
-            + wa * F.smooth_l1_loss(angle(s), ta))
-
-  def cc(s, t):
-    delta = torch.abs(s - t)
-    return torch.mean((delta[:-1] * delta[1:]).sum(1))
-
-  return {
-      "fitnet": lambda s, t, ls: F.mse_loss(s, t),
-      "at": lambda s, t, ls: (at(s) - at(t)).pow(2).mean(),
-      "nst": lambda s, t, ls: nst(s, t),
-      "ft": lambda s, t, ls: (at(s) - at(t)).abs().mean(),
-      "vid": vid,
-      "hcl": lambda s, t, ls: hcl(s, t),
-      "sp": lambda s, t, ls: sp(s, t),
-      "pkt": lambda s, t, ls: pkt(s, t),
-      "rkd": lambda s, t, ls: rkd(s, t),
-      "cc": lambda s, t, ls: cc(s, t),
-  }
-
-
-def run_features(names: List[str], args) -> None:
-  """Prints the feature / relation loss table (fwd and fwd+bwd, µs)."""
-  jl = jax_feature_losses()
-  jb = jax_feature_losses(load_before_losses(args.before)) if args.before else None
-  tl = torch_feature_losses() if args.torch else None
-  if args.torch:
-    import torch  # pylint: disable=g-import-not-at-top
-  print("\n## feature / relation losses (float32; gradient w.r.t. the "
-        "student input; ratio = torch time / jax time)\n")
-  cols = ["loss", "student shape", "jax fwd µs", "jax fwd+bwd µs"]
-  if jb is not None:
-    cols += ["before fwd+bwd µs", "after speed-up"]
-  if tl is not None:
-    cols += ["torch fwd µs", "torch fwd+bwd µs", "fwd ratio",
-             "fwd+bwd ratio"]
-  print("| " + " | ".join(cols) + " |")
-  print("|" + "|".join(["---"] * len(cols)) + "|")
-  rng = np.random.default_rng(0)
-  timing = dict(warmup=args.warmup, min_runs=args.min_runs,
-                max_runs=args.max_runs, budget_s=args.budget,
-                max_cell_s=args.max_cell_seconds)
-  for name in names:
-    s_shape, t_shape = FEATURE_SHAPES[name]
-    s_np = rng.standard_normal(s_shape, dtype=np.float32)
-    t_np = rng.standard_normal(t_shape, dtype=np.float32)
-    ls_np = rng.standard_normal((s_shape[-1],), dtype=np.float32)
-    s, t, ls = jnp.asarray(s_np), jnp.asarray(t_np), jnp.asarray(ls_np)
-    f = jl[name]
-    fwd = jax.jit(f)
-    fwd_bwd = jax.jit(jax.value_and_grad(f))
-    cells = [lambda: fwd(s, t, ls).block_until_ready(),
-             lambda: jax.block_until_ready(fwd_bwd(s, t, ls))]
-    if jb is not None:
-      before_bwd = jax.jit(jax.value_and_grad(jb[name]))
-      cells.append(lambda: jax.block_until_ready(before_bwd(s, t, ls)))
-    nj = len(cells)
-    if tl is not None:
-      nchw = lambda a: (torch.from_numpy(np.ascontiguousarray(
-          a.transpose(0, 3, 1, 2))) if a.ndim == 4 else torch.from_numpy(a))
-      ts_, tt_, tls = nchw(s_np), nchw(t_np), torch.from_numpy(ls_np)
-      g = tl[name]
-
-      def torch_fwd(g=g):
-        with torch.no_grad():
-          g(ts_, tt_, tls)
-
-      def torch_fwd_bwd(g=g):
-        x = ts_.detach().requires_grad_(True)
-        torch.autograd.grad(g(x, tt_, tls), x)
-
-      cells += [torch_fwd, torch_fwd_bwd]
-    med = time_interleaved(cells, **timing)
-    row = [name, "x".join(map(str, s_shape)), f"{med[0] * 1e6:.0f}",
-           f"{med[1] * 1e6:.0f}"]
-    if jb is not None:
-      row += [f"{med[2] * 1e6:.0f}", f"{med[2] / med[1]:.2f}x"]
-    if tl is not None:
-      row += [f"{med[nj] * 1e6:.0f}", f"{med[nj + 1] * 1e6:.0f}",
-              f"{med[nj] / med[0]:.2f}x", f"{med[nj + 1] / med[1]:.2f}x"]
-    print("| " + " | ".join(row) + " |", flush=True)
 
 
 def mem_available_bytes() -> Optional[int]:
@@ -510,7 +246,8 @@ def parse_sizes(text: str):
           for item in text.split(",") if item.strip()]
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of this script (see the module docstring)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default=DEFAULT_SIZES,
                       help="comma-separated logits shapes like 1024x1000 or "
@@ -582,20 +319,20 @@ def main(argv=None):
   parser.add_argument("--shuffle-losses", type=int, metavar="SEED",
                       help=argparse.SUPPRESS)
   parser.add_argument("--json", metavar="PATH", help="also write the cells")
-  parser.add_argument("--features", nargs="?", const=",".join(FEATURE_SHAPES),
+  parser.add_argument("--features", nargs="?", const=",".join(features_bench.FEATURE_SHAPES),
                       default=None, help="only the feature / relation loss "
                       "table (optionally a comma-separated subset of "
-                      + ",".join(FEATURE_SHAPES) + ")")
+                      + ",".join(features_bench.FEATURE_SHAPES) + ")")
+  return parser
+
+
+def main(argv=None):
+  parser = build_parser()
   args = parser.parse_args(argv)
-  global CLOCK  # pylint: disable=global-statement
-  CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
   args.torch = args.torch or args.torch_only
   if args.sync_dispatch:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-  global SETTLE_S, BLOCK  # pylint: disable=global-statement
-  SETTLE_S, BLOCK = max(0.0, args.settle_ms) / 1e3, max(1, args.block)
-  if args.settle_ms <= 0:
-    BLOCK = 1
+  bench_timing.configure(args.clock, args.settle_ms, args.block)
   if args.torch_only and (args.tokens or args.features is not None
                           or args.before):
     parser.error("--torch-only applies to the logit table only (not with "
@@ -605,15 +342,7 @@ def main(argv=None):
   if args.tokens:
     return run_token_benchmark(args)
   if args.features is not None:
-    feats = [n.strip() for n in args.features.split(",") if n.strip()]
-    if bad := sorted(set(feats) - set(FEATURE_SHAPES)):
-      parser.error(f"unknown --features {bad}; choose from "
-                   f"{tuple(FEATURE_SHAPES)}")
-    if args.torch and args.torch_threads:
-      import torch  # pylint: disable=g-import-not-at-top
-      torch.set_num_threads(args.torch_threads)
-    run_features(feats, args)
-    return
+    return main_features(parser, args)
 
   names = [n.strip() for n in args.losses.split(",") if n.strip()]
   unknown = sorted(set(names) - set(ALL_LOSSES))
@@ -635,22 +364,24 @@ def main(argv=None):
       json.dump({"order": names, "records": records}, f)
 
 
-def run_logits(names: List[str], args) -> List[dict]:
-  """Prints the logit-loss table; returns its cells as dicts (seconds)."""
-  sizes = parse_sizes(args.sizes)
-  jdtype = jnp.dtype(args.dtype)
-  itemsize = jdtype.itemsize
-
-  jl = jax_losses()
-  jb = jax_losses(load_before_losses(args.before)) if args.before else None
-  tl = None
-  if args.torch:
+def main_features(parser: argparse.ArgumentParser, args) -> None:
+  """`--features`: the feature / relation loss table."""
+  feats = [n.strip() for n in args.features.split(",") if n.strip()]
+  if bad := sorted(set(feats) - set(features_bench.FEATURE_SHAPES)):
+    parser.error(f"unknown --features {bad}; choose from "
+                 f"{tuple(features_bench.FEATURE_SHAPES)}")
+  if args.torch and args.torch_threads:
     import torch  # pylint: disable=g-import-not-at-top
-    tl = torch_losses()
-    tdtype = getattr(torch, args.dtype)
-    if args.torch_threads:
-      torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(args.torch_threads)
+  features_bench.run_features(
+      feats, args, load_before_losses(args.before) if args.before else None)
 
+
+def print_logits_header(args, with_before: bool) -> None:
+  """The run's header lines and the table's column names."""
+  torch = None
+  if args.torch:
+    import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
   print(f"# kd_jax loss benchmark | jax {jax.__version__} "
         f"backend={jax.default_backend()} devices={jax.devices()} | "
         f"{platform.processor() or platform.machine()} "
@@ -659,22 +390,98 @@ def run_logits(names: List[str], args) -> List[dict]:
         f"{'sync' if args.sync_dispatch else 'async'} | load avg "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
         + (f" | torch {torch.__version__} threads={torch.get_num_threads()}"
-           if args.torch else ""))
+           if torch is not None else ""))
   print("# median of >= %d rounds (>= 3 for cells slower than %.0f s) after "
         "%d warm-up calls; %s; GB/s = bytes of both logits / time; "
         "ratio = torch time / jax time"
-        % (args.min_runs, args.max_cell_seconds, args.warmup, protocol()))
+        % (args.min_runs, args.max_cell_seconds, args.warmup,
+           bench_timing.protocol()))
   cols = ["loss", "shape", "jax fwd µs", "GB/s", "jax fwd+bwd µs", "GB/s"]
-  if jb is not None:
+  if with_before:
     cols += ["before fwd+bwd µs", "after speed-up"]
   if args.torch:
     cols += ["torch fwd µs", "torch fwd+bwd µs", "fwd ratio", "fwd+bwd ratio"]
   print("| " + " | ".join(cols) + " |")
   print("|" + "|".join(["---"] * len(cols)) + "|")
 
+
+def logit_cells(f, fb, g, jax_args, torch_args, jax_side: bool) -> List:
+  """The timed cells of one loss: kd_jax fwd and fwd+bwd (if `jax_side`),
+  the `--before` executables (if `fb`), PyTorch fwd and fwd+bwd (if `g`)."""
+  cells = []
+  fwd_bwd = jax.jit(jax.value_and_grad(f))
+  if jax_side:
+    fwd = jax.jit(f)
+    cells += [lambda: fwd(*jax_args).block_until_ready(),
+              lambda: jax.block_until_ready(fwd_bwd(*jax_args))]
+  if fb is not None:
+    # Two executables of each side, compiled in the orders before/after
+    # and after/before (geometric means reported): on this VM the
+    # executable compiled second ran up to 1.3x faster for identical code.
+    before_1 = jax.jit(jax.value_and_grad(lambda *a: fb(*a)))
+    after_2 = jax.jit(jax.value_and_grad(lambda *a: f(*a)))
+    before_2 = jax.jit(jax.value_and_grad(lambda *a: fb(*a)))
+    for exe in (before_1, fwd_bwd, after_2, before_2):
+      jax.block_until_ready(exe(*jax_args))
+    cells += [lambda e=e: jax.block_until_ready(e(*jax_args))
+              for e in (after_2, before_1, before_2)]
+  if g is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    ts, tt, ty = torch_args
+
+    def torch_fwd():
+      with torch.no_grad():
+        g(ts, tt, ty)
+
+    def torch_fwd_bwd():
+      x = ts.detach().requires_grad_(True)
+      torch.autograd.grad(g(x, tt, ty), x)
+
+    cells += [torch_fwd, torch_fwd_bwd]
+  return cells
+
+
+def logit_record(name: str, shape: str, med: List[float], gbytes: float,
+                 with_before: bool, with_torch: bool) -> Dict:
+  """Prints one row of the logit table; returns its record (seconds)."""
+  t_fwd, t_bwd = med[0], med[1]
+  row = [name, shape, f"{t_fwd * 1e6:.0f}", f"{gbytes / t_fwd:.2f}",
+         f"{t_bwd * 1e6:.0f}", f"{gbytes / t_bwd:.2f}"]
+  nj = 5 if with_before else 2
+  if with_before:
+    t_after = (med[1] * med[2]) ** 0.5
+    t_before = (med[3] * med[4]) ** 0.5
+    row[4:6] = [f"{t_after * 1e6:.0f}", f"{gbytes / t_after:.2f}"]
+    row += [f"{t_before * 1e6:.0f}", f"{t_before / t_after:.2f}x"]
+    t_bwd = t_after
+  record = {"loss": name, "shape": shape, "jax_fwd": t_fwd,
+            "jax_fwd_bwd": t_bwd, "jax_cpu_wall": bench_timing.CPU_PER_WALL[1]}
+  if with_torch:
+    tt_fwd, tt_bwd = med[nj], med[nj + 1]
+    row += [f"{tt_fwd * 1e6:.0f}", f"{tt_bwd * 1e6:.0f}",
+            f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
+    record.update(torch_fwd=tt_fwd, torch_fwd_bwd=tt_bwd)
+  print("| " + " | ".join(row) + " |", flush=True)
+  return record
+
+
+def run_logits(names: List[str], args) -> List[dict]:
+  """Prints the logit-loss table; returns its cells as dicts (seconds)."""
+  jdtype = jnp.dtype(args.dtype)
+  jl = jax_losses()
+  jb = jax_losses(load_before_losses(args.before)) if args.before else None
+  tl = torch_losses() if args.torch else None
+  if args.torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
+  print_logits_header(args, jb is not None)
+  timing = dict(warmup=args.warmup, min_runs=args.min_runs,
+                max_runs=args.max_runs, budget_s=args.budget,
+                max_cell_s=args.max_cell_seconds)
   records = []
   rng = np.random.default_rng(0)
-  for shape in sizes:
+  for shape in parse_sizes(args.sizes):
     nbytes_one = int(np.prod(shape)) * 4
     avail = mem_available_bytes()
     if avail is not None and args.mem_factor * nbytes_one > avail:
@@ -685,76 +492,26 @@ def run_logits(names: List[str], args) -> List[dict]:
     s_np = (3.0 * rng.standard_normal(shape, dtype=np.float32))
     t_np = (3.0 * rng.standard_normal(shape, dtype=np.float32))
     y_np = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
-    s = jnp.asarray(s_np, jdtype)
-    t = jnp.asarray(t_np, jdtype)
-    y = jnp.asarray(y_np)
-    gbytes = 2 * int(np.prod(shape)) * itemsize / 1e9
-    shape_str = "x".join(map(str, shape))
+    jax_args = (jnp.asarray(s_np, jdtype), jnp.asarray(t_np, jdtype),
+                jnp.asarray(y_np))
+    torch_args = None
     if tl is not None:
-      ts = torch.from_numpy(s_np).to(tdtype)
-      tt = torch.from_numpy(t_np).to(tdtype)
-      ty = torch.from_numpy(y_np.astype(np.int64))
-
+      torch_args = (torch.from_numpy(s_np).to(getattr(torch, args.dtype)),
+                    torch.from_numpy(t_np).to(getattr(torch, args.dtype)),
+                    torch.from_numpy(y_np.astype(np.int64)))
+    gbytes = 2 * int(np.prod(shape)) * jdtype.itemsize / 1e9
+    shape_str = "x".join(map(str, shape))
     for name in names:
-      f = jl[name]
-      fwd = jax.jit(f)
-      fwd_bwd = jax.jit(jax.value_and_grad(f))
-      timing = dict(warmup=args.warmup, min_runs=args.min_runs,
-                    max_runs=args.max_runs, budget_s=args.budget,
-                    max_cell_s=args.max_cell_seconds)
-      cells = [lambda: fwd(s, t, y).block_until_ready(),
-               lambda: jax.block_until_ready(fwd_bwd(s, t, y))]
-      if args.torch_only:
-        cells = []
-      if jb is not None:
-        # Two executables of each side, compiled in the orders before/after
-        # and after/before (geometric means reported): on this VM the
-        # executable compiled second ran up to 1.3x faster for identical code.
-        fb = jb[name]
-        before_1 = jax.jit(jax.value_and_grad(lambda *a, fb=fb: fb(*a)))
-        after_2 = jax.jit(jax.value_and_grad(lambda *a, f=f: f(*a)))
-        before_2 = jax.jit(jax.value_and_grad(lambda *a, fb=fb: fb(*a)))
-        for exe in (before_1, fwd_bwd, after_2, before_2):
-          jax.block_until_ready(exe(s, t, y))
-        cells += [lambda e=e: jax.block_until_ready(e(s, t, y))
-                  for e in (after_2, before_1, before_2)]
-      nj = len(cells)
-      if tl is not None:
-        g = tl[name]
-
-        def torch_fwd(g=g):
-          with torch.no_grad():
-            g(ts, tt, ty)
-
-        def torch_fwd_bwd(g=g):
-          x = ts.detach().requires_grad_(True)
-          loss = g(x, tt, ty)
-          torch.autograd.grad(loss, x)
-
-        cells += [torch_fwd, torch_fwd_bwd]
-      med = time_interleaved(cells, **timing)
+      cells = logit_cells(jl[name], jb[name] if jb else None,
+                          tl[name] if tl else None, jax_args, torch_args,
+                          jax_side=not args.torch_only)
+      med = bench_timing.time_interleaved(cells, **timing)
       if args.torch_only:
         records.append(torch_only_row(name, shape_str, med))
-        continue
-      t_fwd, t_bwd = med[0], med[1]
-      row = [name, shape_str, f"{t_fwd * 1e6:.0f}", f"{gbytes / t_fwd:.2f}",
-             f"{t_bwd * 1e6:.0f}", f"{gbytes / t_bwd:.2f}"]
-      if jb is not None:
-        t_after = (med[1] * med[2]) ** 0.5
-        t_before = (med[3] * med[4]) ** 0.5
-        row[4:6] = [f"{t_after * 1e6:.0f}", f"{gbytes / t_after:.2f}"]
-        row += [f"{t_before * 1e6:.0f}", f"{t_before / t_after:.2f}x"]
-        t_bwd = t_after
-      if tl is not None:
-        tt_fwd, tt_bwd = med[nj], med[nj + 1]
-        row += [f"{tt_fwd * 1e6:.0f}", f"{tt_bwd * 1e6:.0f}",
-                f"{tt_fwd / t_fwd:.2f}x", f"{tt_bwd / t_bwd:.2f}x"]
-      print("| " + " | ".join(row) + " |", flush=True)
-      records.append({"loss": name, "shape": shape_str, "jax_fwd": t_fwd,
-                      "jax_fwd_bwd": t_bwd, "jax_cpu_wall": CPU_PER_WALL[1]})
-      if tl is not None:
-        records[-1].update(torch_fwd=tt_fwd, torch_fwd_bwd=tt_bwd)
-    del s, t, y
+      else:
+        records.append(logit_record(name, shape_str, med, gbytes,
+                                    jb is not None, tl is not None))
+    del jax_args, torch_args
   return records
 
 
@@ -864,7 +621,7 @@ def run_token_benchmark(args) -> None:
         names.append(name)
         cells.append(cell)
         values.append(cell)
-    med = time_interleaved(cells, warmup=2, min_runs=args.min_runs,
+    med = bench_timing.time_interleaved(cells, warmup=2, min_runs=args.min_runs,
                            max_runs=args.max_runs, budget_s=args.budget,
                            max_cell_s=args.max_cell_seconds)
     base = med[names.index("kd_jax materialized")]

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from experiments import bench_timing
 from experiments import benchmark_losses
 
 from kd_jax import losses
@@ -111,9 +112,9 @@ def test_blocks_settle_with_untimed_calls_then_time_block_calls(monkeypatch):
   """Each visit: untimed calls for >= SETTLE_S, then BLOCK timed calls."""
   log = []
   fns = [lambda: log.append("a"), lambda: log.append("b")]
-  monkeypatch.setattr(benchmark_losses, "SETTLE_S", 0.002)
-  monkeypatch.setattr(benchmark_losses, "BLOCK", 3)
-  med = benchmark_losses.time_interleaved(
+  monkeypatch.setattr(bench_timing, "SETTLE_S", 0.002)
+  monkeypatch.setattr(bench_timing, "BLOCK", 3)
+  med = bench_timing.time_interleaved(
       fns, warmup=1, min_runs=4, max_runs=4, budget_s=0, max_cell_s=60)
   assert len(med) == 2 and all(m >= 0 for m in med)
   body = "".join(log[2:])           # after one warm-up call each
@@ -132,12 +133,12 @@ def test_blocks_settle_with_untimed_calls_then_time_block_calls(monkeypatch):
 def test_settle_zero_is_the_old_call_by_call_protocol(monkeypatch):
   log = []
   fns = [lambda: log.append("a"), lambda: log.append("b")]
-  monkeypatch.setattr(benchmark_losses, "SETTLE_S", 0.0)
-  monkeypatch.setattr(benchmark_losses, "BLOCK", 1)
-  benchmark_losses.time_interleaved(
+  monkeypatch.setattr(bench_timing, "SETTLE_S", 0.0)
+  monkeypatch.setattr(bench_timing, "BLOCK", 1)
+  bench_timing.time_interleaved(
       fns, warmup=1, min_runs=5, max_runs=5, budget_s=0, max_cell_s=60)
   assert log[2:].count("a") == 5 and log[2:].count("b") == 5
-  assert "cells interleaved call by call" == benchmark_losses.protocol()
+  assert "cells interleaved call by call" == bench_timing.protocol()
 
 
 def test_torch_only_needs_the_logit_table(capsys):
@@ -207,3 +208,15 @@ def test_diagnose_spin_prints_the_thread_table(capsys):
   for row in rows:
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0 and "xla:" in cells[2]
+
+
+def test_feature_table_and_unknown_feature(capsys):
+  benchmark_losses.main(["--features", "fitnet", "--warmup", "1",
+                         "--min-runs", "2", "--budget", "0", "--max-runs", "2",
+                         "--settle-ms", "0"])
+  out = capsys.readouterr().out
+  rows = [l for l in out.splitlines() if l.startswith("| fitnet |")]
+  assert len(rows) == 1 and len(rows[0].strip("|").split("|")) == 4
+  with pytest.raises(SystemExit):
+    benchmark_losses.main(["--features", "fitnett"])
+  assert "unknown --features ['fitnett']" in capsys.readouterr().err
