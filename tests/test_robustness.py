@@ -362,3 +362,28 @@ def test_a_failing_process_ends_the_other_in_bounded_time(tmp_path):
   assert "exceeds the 4 training examples" in outs[1][1]
   assert procs[0].returncode != 0, outs[0][1][-2000:]
   assert elapsed < 150, elapsed
+
+
+def test_closed_loop_reports_from_other_threads_are_dropped():
+  """The hook behind test_write_limit_is_one_line's "no traceback": only
+  "Event loop is closed" from a non-main thread is dropped."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  from experiments import main as entry  # pylint: disable=g-import-not-at-top
+  passed = []
+  hook = entry.closed_loop_filter(passed.append)
+
+  def report(exc):
+    hook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                               exc_traceback=None, err_msg=None, object=None))
+
+  closed = RuntimeError("Event loop is closed")
+  other = ValueError("something else")
+  for exc in (closed, other, RuntimeError("another runtime error")):
+    t = threading.Thread(target=report, args=(exc,))
+    t.start()
+    t.join()
+  report(closed)  # the main thread's own report is kept
+  assert [u.exc_value for u in passed] == [
+      other, passed[1].exc_value, closed]
+  assert str(passed[1].exc_value) == "another runtime error"
