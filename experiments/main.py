@@ -50,7 +50,6 @@ import difflib
 import importlib.util
 import os
 import sys
-import threading
 
 
 from absl import app
@@ -80,33 +79,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _fail(msg: str, status: int = 2):
   print(f"error: {msg}", file=sys.stderr, flush=True)
   sys.exit(status)
-
-
-def closed_loop_filter(previous):
-  """An unraisable hook that drops "RuntimeError: Event loop is closed"
-  reported from a thread other than the main one, and passes every other
-  report to `previous`.
-
-  When a checkpoint write fails (full disk, file-size limit), Orbax's save
-  ends its asyncio loop while TensorStore writes are still completing; their
-  completion callbacks, run on TensorStore's threads, then post to the closed
-  loop, and the error is reported as "unraisable" (`sys.unraisablehook`): a
-  bare traceback beside the run's one-line error. Nothing is lost (the last
-  good checkpoint is final).
-  """
-
-  def hook(unraisable):
-    if (unraisable.exc_type is RuntimeError
-        and str(unraisable.exc_value) == "Event loop is closed"
-        and threading.current_thread() is not threading.main_thread()):
-      return
-    previous(unraisable)
-
-  return hook
-
-
-def _quiet_closed_loop_callbacks() -> None:
-  sys.unraisablehook = closed_loop_filter(sys.unraisablehook)
 
 
 def _exit_now(status: int):
@@ -221,7 +193,6 @@ def main(argv):
   # and before JAX starts a backend: see kd_jax/xla_flags.py.
   from kd_jax import xla_flags  # pylint: disable=g-import-not-at-top
   xla_flags.use_fast_cpu_flags()
-  _quiet_closed_loop_callbacks()
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:

@@ -365,13 +365,14 @@ def test_a_failing_process_ends_the_other_in_bounded_time(tmp_path):
 
 
 def test_closed_loop_reports_from_other_threads_are_dropped():
-  """The hook behind test_write_limit_is_one_line's "no traceback": only
-  "Event loop is closed" from a non-main thread is dropped."""
+  """The hook behind test_write_limit_is_one_line's "no traceback" (every
+  CheckpointManager installs it once): only "Event loop is closed" from a
+  non-main thread is dropped."""
   import threading  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
-  from experiments import main as entry  # pylint: disable=g-import-not-at-top
+  from kd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   passed = []
-  hook = entry.closed_loop_filter(passed.append)
+  hook = checkpoints.closed_loop_filter(passed.append)
 
   def report(exc):
     hook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
@@ -387,3 +388,12 @@ def test_closed_loop_reports_from_other_threads_are_dropped():
   assert [u.exc_value for u in passed] == [
       other, passed[1].exc_value, closed]
   assert str(passed[1].exc_value) == "another runtime error"
+  before = sys.unraisablehook
+  try:
+    checkpoints.install_closed_loop_filter()
+    installed = sys.unraisablehook
+    checkpoints.install_closed_loop_filter()
+    assert sys.unraisablehook is installed  # once, not stacked
+    assert getattr(installed, "kd_jax_closed_loop_filter", False)
+  finally:
+    sys.unraisablehook = before

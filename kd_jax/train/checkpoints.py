@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
@@ -36,6 +38,38 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 PyTree = Any
+
+
+def closed_loop_filter(previous):
+  """An unraisable hook that drops "RuntimeError: Event loop is closed"
+  reported from a thread other than the main one and passes every other
+  report to `previous`.
+
+  When a checkpoint write or read fails (full disk, file-size limit, a
+  damaged array file), Orbax ends its asyncio loop while TensorStore
+  operations are still completing; their completion callbacks, run on
+  TensorStore's threads, then post to the closed loop, and Python reports the
+  error as "unraisable": a bare traceback beside the run's own one-line
+  error or fallback warning. Nothing is lost (the last good checkpoint is
+  final, the failed one is skipped).
+  """
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and threading.current_thread() is not threading.main_thread()):
+      return
+    previous(unraisable)
+
+  hook.kd_jax_closed_loop_filter = True
+  return hook
+
+
+def install_closed_loop_filter() -> None:
+  """`sys.unraisablehook = closed_loop_filter(sys.unraisablehook)`, once."""
+  if not getattr(sys.unraisablehook, "kd_jax_closed_loop_filter", False):
+    sys.unraisablehook = closed_loop_filter(sys.unraisablehook)
+
 
 STATE_ITEM = "state"
 DATA_ITEM = "data"
@@ -245,6 +279,7 @@ class CheckpointManager:
         # Orbax persists metrics (<step>/metrics/) only when best_fn is set.
         best_fn=score, best_mode="max",
     )
+    install_closed_loop_filter()  # (see closed_loop_filter)
     self._mgr = ocp.CheckpointManager(
         self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM))
 
